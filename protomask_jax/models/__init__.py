@@ -1,0 +1,1 @@
+"""Flax models: ResNet backbones and the ProtoMask network."""
