@@ -1,0 +1,502 @@
+"""TFRecord files without TensorFlow: framing, CRCs, offset indexes and `tf.train.Example`.
+
+A record on disk is ``uint64 length | masked crc32c(length) | data | masked crc32c(data)``
+(little endian), the framing TensorFlow's own reader checks. Beside every shard we keep an
+offset index (``<shard>.index``: little-endian uint64 pairs ``(offset, length)``, one per
+record, ``offset`` pointing at the record's length field) so the grain pipeline can read any
+record in O(1) without scanning the shard.
+
+Nothing here imports jax or torch: both sides of the project use this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import struct
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import google_crc32c
+import numpy as np
+from tensorflow_datasets.proto import tf_example_pb2
+
+SCHEMA_VERSION = 1
+INDEX_SUFFIX = ".index"
+TMP_SUFFIX = ".tmp"
+DATASET_INFO = "dataset_info.json"
+
+_HEADER = struct.Struct("<QI")  # length, masked crc of length
+_FOOTER = struct.Struct("<I")  # masked crc of data
+_MASK_DELTA = 0xA282EAD8
+
+
+class RecordError(ValueError):
+    """A record file is missing, truncated, corrupt or does not follow the schema."""
+
+
+def masked_crc32c(data: bytes) -> int:
+    """The CRC32-C of ``data``, rotated and offset as TFRecord framing requires."""
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def frame_record(data: bytes) -> bytes:
+    """Returns ``data`` framed as one TFRecord (header, payload, footer)."""
+    length = struct.pack("<Q", len(data))
+    return (
+        length
+        + struct.pack("<I", masked_crc32c(length))
+        + data
+        + _FOOTER.pack(masked_crc32c(data))
+    )
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    """``{split}-{index:05d}-of-{count:05d}.tfrecord``."""
+    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def write_shard(path: str | os.PathLike, records: Iterable[bytes]) -> int:
+    """Writes one complete shard and its offset index, atomically.
+
+    Both files are written under a temporary name first; the index is renamed into place
+    before the shard, so a visible ``.tfrecord`` always has its index and is complete.
+
+    Args:
+      path: final path of the shard (``.../train-00000-of-00004.tfrecord``).
+      records: serialized payloads (e.g. ``tf.train.Example`` bytes).
+
+    Returns:
+      The number of records written.
+    """
+    path = Path(path)
+    tmp_shard = path.with_name(path.name + TMP_SUFFIX)
+    tmp_index = path.with_name(path.name + INDEX_SUFFIX + TMP_SUFFIX)
+    offsets = []
+    offset = 0
+    with open(tmp_shard, "wb") as f:
+        for data in records:
+            framed = frame_record(data)
+            f.write(framed)
+            offsets.append((offset, len(data)))
+            offset += len(framed)
+        f.flush()
+        os.fsync(f.fileno())
+    index = np.asarray(offsets, dtype="<u8").reshape(-1, 2)
+    with open(tmp_index, "wb") as f:
+        f.write(index.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_index, path.with_name(path.name + INDEX_SUFFIX))
+    os.replace(tmp_shard, path)
+    return len(offsets)
+
+
+def build_index(path: str | os.PathLike) -> np.ndarray:
+    """Scans a shard (e.g. one written by TensorFlow) and returns its ``[N, 2]`` index.
+
+    Raises:
+      RecordError: on a truncated record or a bad length CRC, naming file and offset.
+    """
+    path = Path(path)
+    offsets = []
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        offset = 0
+        while offset < size:
+            header = f.read(_HEADER.size)
+            if len(header) < _HEADER.size:
+                raise RecordError(f"{path}: truncated record header at byte offset {offset}.")
+            length, length_crc = _HEADER.unpack(header)
+            if masked_crc32c(header[:8]) != length_crc:
+                raise RecordError(f"{path}: bad length CRC at byte offset {offset}.")
+            if offset + _HEADER.size + length + _FOOTER.size > size:
+                raise RecordError(
+                    f"{path}: record at byte offset {offset} claims {length} bytes but the "
+                    "file ends first (truncated shard; re-run the export to rewrite it)."
+                )
+            offsets.append((offset, length))
+            offset += _HEADER.size + length + _FOOTER.size
+            f.seek(offset)
+    return np.asarray(offsets, dtype=np.uint64).reshape(-1, 2)
+
+
+def read_index(path: str | os.PathLike) -> np.ndarray:
+    """Reads ``<shard>.index`` as a ``[N, 2]`` uint64 array of (offset, length)."""
+    index_path = Path(str(path) + INDEX_SUFFIX)
+    if not index_path.exists():
+        raise RecordError(
+            f"{index_path}: offset index missing for shard {path}. Rebuild it with "
+            "`python -m protomask_jax.data.records --reindex <shard>` or re-run the export."
+        )
+    raw = index_path.read_bytes()
+    if len(raw) % 16:
+        raise RecordError(f"{index_path}: size {len(raw)} is not a multiple of 16 bytes.")
+    return np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
+
+
+class ShardedRecords(Sequence):
+    """Random access to the records of several shards through their offset indexes.
+
+    ``records[i]`` returns the payload bytes of the i-th record (shards concatenated in the
+    given order) after checking both CRCs. Files are opened lazily per process, so an
+    instance can be pickled into grain worker processes.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike],
+        verify_crc: bool = True,
+        indexes: Sequence[np.ndarray] | None = None,
+    ):
+        self.paths = [str(p) for p in paths]
+        self.verify_crc = verify_crc
+        if indexes is None:
+            indexes = [read_index(p) for p in self.paths]
+        self._counts = np.array([len(ix) for ix in indexes], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(self._counts)])
+        self._index = (
+            np.concatenate(indexes) if indexes else np.zeros((0, 2), np.uint64)
+        ).astype(np.int64)
+        self._files: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def locate(self, i: int) -> tuple[str, int]:
+        """Returns (shard path, byte offset) of record ``i``, for messages."""
+        shard = int(np.searchsorted(self._starts, i, side="right") - 1)
+        return self.paths[shard], int(self._index[i, 0])
+
+    def __getitem__(self, i: int) -> bytes:  # type: ignore[override]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"record {i} out of range for {n} records")
+        i %= n
+        shard = int(np.searchsorted(self._starts, i, side="right") - 1)
+        offset, length = (int(v) for v in self._index[i])
+        f = self._files.get(shard)
+        if f is None:
+            f = self._files[shard] = open(self.paths[shard], "rb")  # noqa: SIM115
+        f.seek(offset)
+        raw = f.read(_HEADER.size + length + _FOOTER.size)
+        where = f"{self.paths[shard]} at byte offset {offset} (record {i - self._starts[shard]})"
+        if len(raw) != _HEADER.size + length + _FOOTER.size:
+            raise RecordError(f"{where}: truncated record; re-run the export for this shard.")
+        stored_length, length_crc = _HEADER.unpack_from(raw)
+        data = raw[_HEADER.size : _HEADER.size + length]
+        if stored_length != length:
+            raise RecordError(
+                f"{where}: length {stored_length} does not match the index ({length}); the "
+                "shard and its .index disagree, re-run the export for this shard."
+            )
+        if self.verify_crc:
+            (data_crc,) = _FOOTER.unpack_from(raw, _HEADER.size + length)
+            if masked_crc32c(raw[:8]) != length_crc or masked_crc32c(data) != data_crc:
+                raise RecordError(
+                    f"{where}: CRC mismatch, the record is corrupt. Re-run the export for "
+                    "this shard (complete shards are skipped), or set "
+                    "input.skip_bad_records=True to skip it."
+                )
+        return data
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_files"] = {}
+        return state
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def iter_records(path: str | os.PathLike, verify_crc: bool = True) -> Iterable[bytes]:
+    """Yields the payloads of a shard sequentially (no index needed)."""
+    reader = ShardedRecords([path], verify_crc, indexes=[build_index(path)])
+    try:
+        for i in range(len(reader)):
+            yield reader[i]
+    finally:
+        reader.close()
+
+
+# ----------------------------------------------------------------------- tf.train.Example
+
+
+def encode_example(features: dict[str, Any]) -> bytes:
+    """Serializes a dict to a ``tf.train.Example``.
+
+    Value types: ``bytes``/``str`` or a list of them → bytes_list; integer scalars or
+    integer arrays → int64_list; float scalars or float arrays → float_list. ``None`` and
+    empty lists are skipped (absent optional features).
+    """
+    example = tf_example_pb2.Example()
+    for key, value in features.items():
+        if value is None:
+            continue
+        feature = example.features.feature[key]
+        if isinstance(value, (bytes, str)):
+            value = [value]
+        if isinstance(value, list) and value and isinstance(value[0], (bytes, str)):
+            feature.bytes_list.value.extend(
+                v.encode() if isinstance(v, str) else v for v in value
+            )
+            continue
+        array = np.asarray(value)
+        if array.size == 0:
+            del example.features.feature[key]
+            continue
+        if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
+            feature.int64_list.value.extend(array.astype(np.int64).ravel().tolist())
+        elif np.issubdtype(array.dtype, np.floating):
+            feature.float_list.value.extend(array.astype(np.float32).ravel().tolist())
+        else:
+            raise TypeError(f"feature {key!r}: unsupported value type {array.dtype}")
+    return example.SerializeToString()
+
+
+def parse_example(data: bytes) -> dict[str, Any]:
+    """Parses ``tf.train.Example`` bytes into ``{key: list[bytes] | int64[] | float32[]}``."""
+    example = tf_example_pb2.Example()
+    example.ParseFromString(data)
+    out: dict[str, Any] = {}
+    for key, feature in example.features.feature.items():
+        kind = feature.WhichOneof("kind")
+        if kind == "bytes_list":
+            out[key] = list(feature.bytes_list.value)
+        elif kind == "int64_list":
+            out[key] = np.asarray(feature.int64_list.value, dtype=np.int64)
+        elif kind == "float_list":
+            out[key] = np.asarray(feature.float_list.value, dtype=np.float32)
+        else:
+            out[key] = []
+    return out
+
+
+# ------------------------------------------------------------------- the image record
+
+
+@dataclasses.dataclass
+class ImageRecord:
+    """One image with its masks, as stored (schema version 1, see docs/design.md).
+
+    Attributes:
+      image_id: unique id within the dataset.
+      image_bytes: the encoded image file.
+      image_format: ``"jpeg"`` or ``"png"``.
+      height, width: decoded size in pixels.
+      filename: path relative to the dataset root.
+      label: class index (single-label) or the sorted positive classes (multi-label).
+      boxes: ``[N, 4]`` float32 normalised yxyx, half-open pixel edges, largest mask first.
+      areas: ``[N]`` float32 fractions of the image.
+      mask_pngs: N encoded 1-bit PNG masks at ``height x width``.
+      part_map_png, decisive_parts, object_mask_png, keypoints: optional ground truth.
+    """
+
+    image_id: int
+    image_bytes: bytes
+    image_format: str
+    height: int
+    width: int
+    filename: str
+    label: int | np.ndarray
+    boxes: np.ndarray
+    areas: np.ndarray
+    mask_pngs: list[bytes]
+    part_map_png: bytes | None = None
+    decisive_parts: np.ndarray | None = None
+    object_mask_png: bytes | None = None
+    keypoints: np.ndarray | None = None
+
+    @property
+    def num_masks(self) -> int:
+        return len(self.boxes)
+
+    def to_bytes(self) -> bytes:
+        return encode_example(
+            {
+                "image/encoded": self.image_bytes,
+                "image/format": self.image_format,
+                "image/height": self.height,
+                "image/width": self.width,
+                "image/id": self.image_id,
+                "image/filename": self.filename,
+                "image/label": np.atleast_1d(np.asarray(self.label, dtype=np.int64)),
+                "masks/count": len(self.boxes),
+                "masks/boxes": np.asarray(self.boxes, np.float32).reshape(-1),
+                "masks/areas": np.asarray(self.areas, np.float32).reshape(-1),
+                "masks/encoded": list(self.mask_pngs),
+                "gt/part_map": self.part_map_png,
+                "gt/decisive_parts": self.decisive_parts,
+                "gt/object_mask": self.object_mask_png,
+                "gt/keypoints": None if self.keypoints is None else self.keypoints.reshape(-1),
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "record") -> ImageRecord:
+        """Parses and validates one record; ``where`` names it in error messages."""
+        f = parse_example(data)
+        required = ("image/encoded", "image/id", "image/label", "masks/count", "masks/boxes")
+        missing = [k for k in required if k not in f]
+        if missing:
+            raise RecordError(f"{where}: missing feature(s) {missing}; not a protomask record.")
+        count = int(f["masks/count"][0])
+        image_id = int(f["image/id"][0])
+        boxes = f["masks/boxes"].reshape(-1, 4)
+        if count < 1:
+            raise RecordError(f"{where} (image id {image_id}): zero masks.")
+        if len(boxes) != count:
+            raise RecordError(
+                f"{where} (image id {image_id}): masks/count={count} but {len(boxes)} boxes."
+            )
+        if (
+            not np.all(np.isfinite(boxes))
+            or np.any(boxes < 0.0)
+            or np.any(boxes > 1.0)
+            or np.any(boxes[:, 2:] <= boxes[:, :2])
+        ):
+            raise RecordError(
+                f"{where} (image id {image_id}): a box lies outside the image or is empty "
+                f"(boxes are normalised yxyx in [0, 1]): {boxes.tolist()}"
+            )
+        label = f["image/label"]
+        keypoints = f.get("gt/keypoints")
+        return cls(
+            image_id=image_id,
+            image_bytes=f["image/encoded"][0],
+            image_format=f.get("image/format", [b"jpeg"])[0].decode(),
+            height=int(f["image/height"][0]) if "image/height" in f else 0,
+            width=int(f["image/width"][0]) if "image/width" in f else 0,
+            filename=f.get("image/filename", [b""])[0].decode(),
+            label=int(label[0]) if len(label) == 1 else label,
+            boxes=boxes,
+            areas=f.get("masks/areas", np.zeros(count, np.float32)),
+            mask_pngs=list(f.get("masks/encoded", [])),
+            part_map_png=f["gt/part_map"][0] if f.get("gt/part_map") else None,
+            decisive_parts=f.get("gt/decisive_parts"),
+            object_mask_png=f["gt/object_mask"][0] if f.get("gt/object_mask") else None,
+            keypoints=None if keypoints is None else keypoints.reshape(-1, 3),
+        )
+
+
+def encode_mask_png(mask: np.ndarray) -> bytes:
+    """Losslessly encodes a boolean ``[H, W]`` mask as a 1-bit PNG."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(mask, dtype=bool)).save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()
+
+
+def decode_mask_png(data: bytes) -> np.ndarray:
+    """Decodes a mask PNG to a boolean ``[H, W]`` array."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("L")) > 0
+
+
+def encode_label_map_png(label_map: np.ndarray) -> bytes:
+    """Losslessly encodes a uint8 ``[H, W]`` label map as a greyscale PNG."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(label_map, dtype=np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_label_map_png(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image, dtype=np.uint8)
+
+
+def decode_image(data: bytes, where: str = "record") -> np.ndarray:
+    """Decodes an image file to ``uint8 [H, W, 3]`` RGB (grey and RGBA converted)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise RecordError(f"{where}: image bytes cannot be decoded ({e}).") from e
+
+
+# ------------------------------------------------------------------ directory helpers
+
+
+def list_shards(records_dir: str | os.PathLike, split: str) -> list[Path]:
+    """The complete shards of ``split`` in ``records_dir``, sorted; errors if none exist."""
+    records_dir = Path(records_dir)
+    shards = sorted(records_dir.glob(f"{split}-*-of-*.tfrecord"))
+    if not shards:
+        raise RecordError(
+            f"{records_dir}: no '{split}' shards found. Run "
+            "`python -m segmentation.export --config <config>` first (it writes to "
+            "config.dataset.records_dir)."
+        )
+    count = int(shards[0].name.rsplit("-of-", 1)[1].split(".")[0])
+    if len(shards) != count:
+        present = {int(p.name.split("-")[-3]) for p in shards}
+        missing = sorted(set(range(count)) - present)
+        raise RecordError(
+            f"{records_dir}: split '{split}' has {len(shards)} of {count} shards; missing "
+            f"shard indices {missing[:10]}{'...' if len(missing) > 10 else ''}. Finish the "
+            "export (re-running it skips complete shards)."
+        )
+    return shards
+
+
+def load_dataset_info(records_dir: str | os.PathLike) -> dict[str, Any]:
+    """Reads ``dataset_info.json`` and checks its schema version."""
+    path = Path(records_dir) / DATASET_INFO
+    if not path.exists():
+        raise RecordError(
+            f"{path} not found. Run `python -m segmentation.export --config <config>` first."
+        )
+    info = json.loads(path.read_text())
+    if info.get("schema_version") != SCHEMA_VERSION:
+        raise RecordError(
+            f"{path}: schema version {info.get('schema_version')} but this code reads "
+            f"version {SCHEMA_VERSION}; re-export the dataset."
+        )
+    return info
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
+    """Writes JSON to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _main(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Inspect or re-index TFRecord shards.")
+    parser.add_argument("--reindex", nargs="+", help="shards whose .index to rebuild")
+    parser.add_argument("--verify", nargs="+", help="shards whose records to CRC-check")
+    args = parser.parse_args(argv)
+    for shard in args.reindex or []:
+        index = build_index(shard)
+        Path(shard + INDEX_SUFFIX).write_bytes(index.astype("<u8").tobytes())
+        print(f"{shard}: {len(index)} records indexed")
+    for shard in args.verify or []:
+        reader = ShardedRecords([shard])
+        for i in range(len(reader)):
+            reader[i]
+        print(f"{shard}: {len(reader)} records, CRCs ok")
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1:])
