@@ -13,16 +13,19 @@ Conventions (the evaluation driver must follow them):
   ``winning_view [N, P]`` int (view index ``k``; with cyclic padding view ``k`` shows mask
   ``k % num_masks``), ``last_layer [C, P]`` the last-layer weight ``W``.
 * Masks live in one common ``R x R`` frame of the whole image: ``masks [N, Kmax, R, R]``
-  (bool or {0, 1}; slots ``>= num_masks[n]`` are ignored), ``object_masks [N, R, R]``,
+  (bool or {0, 1}; slots ``>= num_masks[n]`` are ignored), largest first as in the records.
+  ``num_masks[n]`` must count the masks the model's views showed: ``min(masks/count,
+  input.num_views)`` when an image has more masks than views. ``object_masks [N, R, R]``,
   ``part_map [N, R, R]`` (0 background, ``p + 1`` part ``p``).
 * ``keypoints [N, Q, 3]``: ``(y, x, visible)`` with ``y, x`` normalised to ``[0, 1]`` of the
   frame, row ``q`` = part id ``q``. A keypoint counts when ``visible > 0`` and ``y, x >= 0``;
   it lies on pixel ``(min(floor(y R), R - 1), min(floor(x R), R - 1))``.
-* Scales follow the reference: accuracies, F1, sparsity, VLC, overlaps, IoU and consistency are
-  percentages; Intra/Inter PD, IOR, OIRR and NPR are raw values; the explanation size is a count.
+* Scales follow the reference: accuracies, F1, sparsity, VLC, overlaps, IoU, part consistency
+  and faithfulness are percentages; Intra/Inter PD, IOR, OIRR and NPR are raw values, mask
+  consistency a fraction, the global explanation size a count.
 
 The heavy pixel metrics have ``*_per_image`` / ``*_per_map`` forms so a driver can compute them
-batch by batch and average at the end (the scalar forms are ``100 * mean`` of those).
+batch by batch and average at the end (each scalar form says how it reduces them).
 """
 
 from __future__ import annotations
@@ -399,7 +402,8 @@ def explanation_masks(
     Args:
         winning_view: int ``[N, P]``.
         masks: ``[N, Kmax, R, R]`` bool/{0, 1}, the image's masks in the common frame.
-        num_masks: int ``[N]``, ``1 <= num_masks[n] <= Kmax``.
+        num_masks: int ``[N]``, ``1 <= num_masks[n] <= Kmax``: the masks the views showed
+            (``min(masks/count, num_views)``).
         prototype_ids: int ``[N, k]``, e.g. :func:`top_prototypes`.
 
     Returns:
@@ -1021,7 +1025,8 @@ def faithfulness_per_image(
         labels: int ``[N]``.
         winning_view: int ``[N, P]``.
         masks: ``[N, Kmax, R, R]``.
-        num_masks: int ``[N]``.
+        num_masks: int ``[N]``, the masks the views showed (``min(masks/count, num_views)``):
+            the chance level draws from these.
         decisive_masks: ``G [N, R, R]`` (:func:`decisive_part_masks`).
         k: prototypes per image.
 
@@ -1035,9 +1040,8 @@ def faithfulness_per_image(
     masks = _binary(masks)
     decisive = _binary(decisive_masks)
     num_masks = _checked_num_masks(num_masks, masks)
-    logits = _logits_2d(logits)
-    predictions = np.argmax(logits, axis=1)
-    labels = _labels_1d(labels, logits.shape[0])
+    predictions = predict_labels(logits)
+    labels = _labels_1d(labels, predictions.shape[0])
     contributions = similarities * weights[predictions]
     chosen = explanation_masks(winning_view, masks, num_masks, _top_indices(contributions, k))
     chosen_overlap = _fraction_on(chosen, decisive)
