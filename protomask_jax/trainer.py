@@ -616,3 +616,118 @@ def final_evaluation(ctx: RunContext, state, last_phase: str) -> dict[str, Any]:
         int(jax.device_get(state.step)), {"test/accuracy": results["test_accuracy"]}, "test"
     )
     return results
+
+
+# ========================================================================== inference
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    """A trained model restored from a workdir, ready for evaluation and explanations.
+
+    Attributes:
+      config: the config it was trained with (the one passed in).
+      graphdef: the model's graph definition.
+      state: the restored :class:`~protomask_jax.steps.TrainState`.
+      meta: the checkpoint metadata (phase, step, push gallery, kept prototypes, ...).
+      mesh: the device mesh the state lives on.
+      step_config: static step settings (view size, dtype, ...).
+      spec: the host pipeline spec.
+      checkpoint: which checkpoint was restored (``best_<phase>`` or ``checkpoints``) and step.
+    """
+
+    config: Any
+    graphdef: Any
+    state: steps_lib.TrainState
+    meta: dict[str, Any]
+    mesh: Any
+    step_config: steps_lib.StepConfig
+    spec: pipeline.PipelineSpec
+    checkpoint: str
+
+    def eval_fn(self, return_views: bool = False):
+        """A jitted ``(params, batch_stats, constants, batch) -> ProtoMaskOutput``."""
+        return jax.jit(
+            steps_lib.make_eval_step(self.graphdef, self.step_config, return_views=return_views),
+            in_shardings=(None, None, None, _batch_shardings(self.mesh, self.spec)),
+        )
+
+    def device_batches(self, stream) -> Iterator[dict[str, jax.Array]]:
+        """Global device batches of a host stream (see ``data/pipeline.py``)."""
+        return _device_batches(stream, self.mesh, self.config.input.prefetch)
+
+
+def restore_trained(config, workdir: str | Path, which: str = "best") -> TrainedModel:
+    """Restores the model a finished (or stopped) run left in ``workdir``.
+
+    Args:
+      config: the run's config.
+      workdir: the run's output folder.
+      which: ``"best"`` — the best-on-validation checkpoint of the last phase that has one
+        (what the run's test accuracy reports), falling back to the latest; ``"latest"``.
+
+    Returns:
+      A :class:`TrainedModel`.
+    """
+    workdir = Path(workdir)
+    mesh = sharding_lib.make_mesh(config)
+    manager = ckpt.manager(workdir / "checkpoints", max_to_keep=None)
+    latest = manager.latest_step()
+    if latest is None:
+        raise FileNotFoundError(
+            f"{workdir / 'checkpoints'} holds no checkpoint; train first with "
+            f"`python -m protomask_jax.train --config <config> --workdir {workdir}`."
+        )
+    meta = ckpt.latest_meta(manager, latest)
+    source_manager, step, source = manager, latest, "checkpoints"
+    if which == "best":
+        for phase_name in (phases_lib.PRUNE_FINETUNE, phases_lib.FINETUNE, phases_lib.JOINT):
+            best_dir = workdir / f"best_{phase_name}"
+            if not best_dir.exists():
+                continue
+            best_manager = ckpt.manager(best_dir, max_to_keep=1, best=True)
+            if best_manager.best_step() is not None:
+                source_manager, step = best_manager, best_manager.best_step()
+                meta = ckpt.latest_meta(best_manager, step)
+                source = f"best_{phase_name}"
+                break
+    elif which != "latest":
+        raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+    # Only the phase's optimizer *structure* matters for restoring, not its step counts.
+    plan = phases_lib.plan_phases(config, 1, pruned=True)
+    phase = next((p for p in plan if p.name == meta["phase"]), plan[-1])
+    graphdef = model_lib.split_model(
+        nnx.eval_shape(
+            lambda: model_lib.build_model(config, config.dataset.num_classes, nnx.Rngs(params=0))
+        )
+    )[0]
+    ctx = RunContext(
+        config=config,
+        workdir=workdir,
+        mesh=mesh,
+        spec=pipeline.PipelineSpec.from_config(config),
+        train_records=None,
+        train_indices=np.zeros(0, np.int64),
+        val_indices=np.zeros(0, np.int64),
+        class_weights=None,
+        graphdef=graphdef,
+        step_config=steps_lib.StepConfig.from_config(
+            config, max_prototypes_per_class=config.model.prototypes_per_class
+        ),
+        steps_per_epoch=1,
+        writer=None,
+        manager=manager,
+        meta={},
+    )
+    abstract = _abstract_train_state(ctx, phase, meta["num_prototypes"])
+    state = ckpt.restore_state(source_manager, step, abstract)
+    return TrainedModel(
+        config=config,
+        graphdef=graphdef,
+        state=state,
+        meta=meta,
+        mesh=mesh,
+        step_config=ctx.step_config,
+        spec=ctx.spec,
+        checkpoint=f"{source} step {step}",
+    )
