@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -273,8 +272,3 @@ def image_format(data: bytes) -> str | None:
         return "jpeg"
     return None
 
-
-def describe(source: Source) -> str:
-    """One line naming the source, its root and its split sizes, for logs."""
-    sizes = ", ".join(f"{s} {len(source.entries(s))}" for s in source.splits())
-    return f"{source.name} at {os.fspath(source.root)} ({len(source.class_names)} classes; {sizes})"

@@ -131,7 +131,8 @@ RELAXED = dict(points_per_side=4, pred_iou_thresh=-100.0, stability_score_thresh
 
 
 @pytest.mark.torch
-def test_sam_returns_the_generator_masks_for_the_rgb_image(tiny_sam_model, monkeypatch):
+def test_sam_returns_the_generator_masks_for_the_rgb_image(tiny_sam_model, monkeypatch,
+                                                             torch_single_thread):
     from segment_anything import SamAutomaticMaskGenerator
 
     rng = np.random.default_rng(1)
@@ -212,7 +213,7 @@ def test_sam_device_resolution():
 
 
 @pytest.mark.torch
-def test_sam_with_crops_and_no_mask_returns_none(tiny_sam_model):
+def test_sam_with_crops_and_no_mask_returns_none(tiny_sam_model, torch_single_thread):
     # The reference's thresholds reject every mask of a random SAM; with crop layers
     # segment-anything 1.0 then fails inside its cross-crop de-duplication (IndexError on an
     # empty tensor). The segmenter reports "no masks" instead, so the export falls back.
