@@ -38,6 +38,7 @@ import io
 import json
 import math
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -328,7 +329,7 @@ def _png_bytes(array: np.ndarray) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
@@ -402,8 +403,10 @@ def generate(
                 rendered = render_image(rng, spec, image_size)
                 image_file = f"images/{image_id:05d}.png"
                 part_map_file = f"part_maps/{image_id:05d}.png"
-                (root / image_file).write_bytes(_png_bytes(rendered.image))
-                (root / part_map_file).write_bytes(_png_bytes(rendered.part_map))
+                # Atomic writes: export processes sharing a fresh root all generate it, and
+                # one may read a file another is rewriting (same bytes, never half-written).
+                _write_atomic(root / image_file, _png_bytes(rendered.image))
+                _write_atomic(root / part_map_file, _png_bytes(rendered.part_map))
                 images.append(dict(
                     id=image_id, split=split, label=label, image=image_file,
                     part_map=part_map_file,

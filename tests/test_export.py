@@ -391,3 +391,26 @@ def test_cli_bad_config_key_lists_the_valid_keys(tmp_path):
     assert run.returncode != 0
     assert ("config.segmentation has no key 'methd'; valid keys: device, grid, max_masks, "
             "method, min_box_px, sam, shards, skip_background, slic.") in run.stderr
+
+
+def test_two_processes_on_a_fresh_parts_world(tmp_path):
+    """Both processes generate the (missing) dataset at once, then split the export."""
+    def cli(records_dir: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "segmentation.export", "--config", "configs/demo.py",
+                f"--config.dataset.root={tmp_path / 'dataset'}",
+                f"--config.dataset.records_dir={records_dir}",
+                "--config.dataset.num_classes=4", "--config.dataset.synthetic.num_classes=4",
+                "--config.dataset.synthetic.image_size=64",
+                "--config.dataset.synthetic.train_per_class=12",
+                "--config.dataset.synthetic.test_per_class=2", *extra]
+
+    processes = [subprocess.Popen(cli(tmp_path / "sharded", "--num_shards", "2",
+                                      "--shard_index", str(i)),
+                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for i in (0, 1)]
+    for process in processes:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr.decode()
+    subprocess.run(cli(tmp_path / "single"), cwd=REPO, capture_output=True, check=True)
+    assert _files(tmp_path / "sharded") == _files(tmp_path / "single")
+    assert not list((tmp_path / "dataset").rglob("*.tmp"))
