@@ -247,7 +247,7 @@ def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     """torch's MaxPool2d(3, stride=2, padding=1): padded cells are -inf, never selected."""
     return jax.lax.reduce_window(
         x,
-        jnp.array(-jnp.inf, x.dtype),
+        -jnp.inf,
         jax.lax.max,
         window_dimensions=(1, 3, 3, 1),
         window_strides=(1, 2, 2, 1),
