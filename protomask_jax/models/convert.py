@@ -344,8 +344,12 @@ def protomask_state_from_torch(
     last_layer = _check_shape(
         state_dict, "last_layer.weight", (num_classes, num_prototypes), problems
     )
-    consumed |= {"add_on_layers.0.weight", "add_on_layers.0.bias", "prototype_vectors"}
-    consumed.add("last_layer.weight")
+    consumed |= {
+        "add_on_layers.0.weight",
+        "add_on_layers.0.bias",
+        "prototype_vectors",
+        "last_layer.weight",
+    }
     class_weights = None
     if "classification_loss_fn.weight" in state_dict:
         class_weights = _check_shape(
