@@ -28,13 +28,13 @@ def get_config():
     c.input.eval_batch_size = 64
     c.model.backbone = "resnet_tiny"
     c.model.prototype_dim = 64
-    c.model.prototypes_per_class = 2
+    c.model.prototypes_per_class = 3
     c.model.compute_dtype = "float32"
-    c.train.joint_epochs = 20
+    c.train.joint_epochs = 40
     c.train.finetune_epochs = 3
     c.train.backbone_lr = 1e-3
     c.train.accumulate_steps = 1
-    c.train.lr_step_epochs = 10
-    c.train.eval_every_epochs = 5
+    c.train.lr_step_epochs = 20
+    c.train.eval_every_epochs = 10
     c.train.log_every_steps = 10
     return common.finalize(c)

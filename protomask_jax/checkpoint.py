@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+log = logging.getLogger(__name__)
+
 STATE = "state"
 META = "meta"
 
@@ -134,6 +136,6 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 
 
 def log_restored(step: int, meta: dict[str, Any]) -> None:
-    logging.info(
+    log.info(
         "resuming from step %d (phase %s, epoch %s)", step, meta.get("phase"), meta.get("epoch")
     )

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+log = logging.getLogger(__name__)
+
 DATA = "data"
 MODEL = "model"
 
@@ -39,8 +41,8 @@ def maybe_initialize_distributed() -> None:
         try:
             jax.distributed.initialize()
         except (RuntimeError, ValueError) as e:  # already initialised or single host
-            logging.info("jax.distributed.initialize() skipped: %s", e)
-    logging.info(
+            log.info("jax.distributed.initialize() skipped: %s", e)
+    log.info(
         "process %d of %d, %d local / %d global devices",
         jax.process_index(),
         jax.process_count(),

@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
         raise app.UsageError("--config is required, e.g. --config configs/demo.py")
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required, e.g. --workdir workdirs/demo")
-    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("protomask_jax").setLevel(logging.INFO)
     from protomask_jax import config_checks, trainer
 
     try:

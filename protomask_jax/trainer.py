@@ -36,6 +36,8 @@ from protomask_jax.logs import MetricsWriter, ProgressBar
 from protomask_jax.models import convert
 from protomask_jax.models import protomask as model_lib
 
+log = logging.getLogger(__name__)
+
 
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite; the message names the step and the last checkpoint."""
@@ -229,7 +231,7 @@ def push_prototypes(ctx: RunContext, state: steps_lib.TrainState):
         jnp.asarray(result.prototypes), params["prototypes"][...].sharding
     )
     params["prototypes"].set_value(new_prototypes)
-    logging.info(
+    log.info(
         "push: %d prototypes projected in %.1f s (%d without an image of their class)",
         len(result.distance),
         time.perf_counter() - start,
@@ -264,7 +266,7 @@ def prune_prototypes(ctx: RunContext, state: steps_lib.TrainState) -> tuple[Any,
     )
     params = model_lib.prune(jax.device_get(state.params), keep)
     constants = model_lib.prune(jax.device_get(state.constants), keep)
-    logging.info("prune: kept %d of %d prototypes", len(keep), num_prototypes)
+    log.info("prune: kept %d of %d prototypes", len(keep), num_prototypes)
     return (params, state.batch_stats, constants), keep
 
 
@@ -286,7 +288,7 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+        log.warning("SIGTERM received: saving a checkpoint and stopping.")
         self.requested = True
 
     def __exit__(self, *exc):

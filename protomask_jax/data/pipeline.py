@@ -32,6 +32,8 @@ import numpy as np
 from protomask_jax.data import records as records_lib
 from protomask_jax.data import views as views_lib
 
+log = logging.getLogger(__name__)
+
 Batch = dict[str, np.ndarray]
 
 
@@ -183,7 +185,7 @@ class _Decode:
         except records_lib.RecordError as e:
             if not self.spec.skip_bad_records:
                 raise
-            logging.warning("skipping bad record: %s", e)
+            log.warning("skipping bad record: %s", e)
             bad = filler_example(self.spec)
             bad["image_id"] = np.int32(-2)  # counted as skipped by the consumer
             return bad

@@ -49,10 +49,7 @@ def frame_record(data: bytes) -> bytes:
     """Returns ``data`` framed as one TFRecord (header, payload, footer)."""
     length = struct.pack("<Q", len(data))
     return (
-        length
-        + struct.pack("<I", masked_crc32c(length))
-        + data
-        + _FOOTER.pack(masked_crc32c(data))
+        length + struct.pack("<I", masked_crc32c(length)) + data + _FOOTER.pack(masked_crc32c(data))
     )
 
 
@@ -161,9 +158,9 @@ class ShardedRecords(Sequence):
             indexes = [read_index(p) for p in self.paths]
         self._counts = np.array([len(ix) for ix in indexes], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(self._counts)])
-        self._index = (
-            np.concatenate(indexes) if indexes else np.zeros((0, 2), np.uint64)
-        ).astype(np.int64)
+        self._index = (np.concatenate(indexes) if indexes else np.zeros((0, 2), np.uint64)).astype(
+            np.int64
+        )
         self._files: dict[int, Any] = {}
 
     def __len__(self) -> int:
@@ -245,9 +242,7 @@ def encode_example(features: dict[str, Any]) -> bytes:
         if isinstance(value, (bytes, str)):
             value = [value]
         if isinstance(value, list) and value and isinstance(value[0], (bytes, str)):
-            feature.bytes_list.value.extend(
-                v.encode() if isinstance(v, str) else v for v in value
-            )
+            feature.bytes_list.value.extend(v.encode() if isinstance(v, str) else v for v in value)
             continue
         array = np.asarray(value)
         if array.size == 0:

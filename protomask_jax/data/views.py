@@ -133,8 +133,14 @@ class AugmentConfig:
           The corresponding AugmentConfig.
         """
         expected = (
-            "flip", "rotate_deg", "shear_deg", "perspective",
-            "brightness", "contrast", "saturation", "hue",
+            "flip",
+            "rotate_deg",
+            "shear_deg",
+            "perspective",
+            "brightness",
+            "contrast",
+            "saturation",
+            "hue",
         )
         missing = [k for k in expected if k not in augment]
         if missing:
@@ -268,9 +274,7 @@ class _ViewParams(NamedTuple):
     hue: jax.Array  # turns
 
 
-def _sample_params(
-    key: jax.Array, shape: tuple[int, int], augment: AugmentConfig
-) -> _ViewParams:
+def _sample_params(key: jax.Array, shape: tuple[int, int], augment: AugmentConfig) -> _ViewParams:
     """Draws every view's parameters independently (the reference samples per mask view)."""
     keys = jax.random.split(key, 10)
 
@@ -505,9 +509,7 @@ def fit_image_to_canvas(image: np.ndarray, canvas_size: int) -> np.ndarray:
     return canvas
 
 
-def fit_box_to_canvas(
-    boxes: np.ndarray, height: int, width: int, canvas_size: int
-) -> np.ndarray:
+def fit_box_to_canvas(boxes: np.ndarray, height: int, width: int, canvas_size: int) -> np.ndarray:
     """Maps image-normalised yxyx boxes ``[..., 4]`` to the canvas frame of
     :func:`fit_image_to_canvas` (uses the same rounded fitted size, so pixel edges agree).
 
@@ -524,9 +526,7 @@ def fit_box_to_canvas(
     return (np.asarray(boxes, np.float64) * scale).astype(np.float32)
 
 
-def canvas_box_to_image(
-    boxes: np.ndarray, height: int, width: int, canvas_size: int
-) -> np.ndarray:
+def canvas_box_to_image(boxes: np.ndarray, height: int, width: int, canvas_size: int) -> np.ndarray:
     """Inverse of :func:`fit_box_to_canvas`: canvas-normalised yxyx -> image-normalised.
 
     Args:
