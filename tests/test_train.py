@@ -1,0 +1,164 @@
+"""Training end to end on tiny exported records: outputs, exact resume, refusals, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import demo
+from protomask_jax import config_checks, trainer
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Command-line overrides that shrink the demo to the tiny fixture (4 classes, 24 train images).
+TINY_OVERRIDES = {
+    "dataset.num_classes": 4,
+    "input.canvas_size": 64,
+    "input.view_size": 32,
+    "input.num_views": 4,
+    "input.batch_size": 8,
+    "input.eval_batch_size": 8,
+    "input.validation_fraction": 0.25,
+    "model.backbone": "resnet_micro",
+    "model.prototype_dim": 8,
+    "model.prototypes_per_class": 2,
+    "train.joint_epochs": 2,
+    "train.finetune_epochs": 1,
+    "train.eval_every_epochs": 1,
+    "train.log_every_steps": 2,
+    "train.checkpoint_every_steps": 100,
+}
+
+
+def tiny_config(records_dir, **extra):
+    config = demo.get_config()
+    config.unlock()
+    config.dataset.records_dir = str(records_dir)
+    for dotted, value in {**TINY_OVERRIDES, **extra}.items():
+        section, key = dotted.split(".")
+        config[section][key] = value
+    config.lock()
+    return config
+
+
+def final_state_leaves(workdir):
+    manager = ocp.CheckpointManager(
+        Path(workdir).absolute() / "checkpoints", item_names=("state", "meta")
+    )
+    step = manager.latest_step()
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    )
+    manager.close()
+    return step, [np.asarray(x) for x in jax.tree.leaves(restored["state"])]
+
+
+def test_run_writes_outputs_and_resumes_bitwise(tiny_records, tmp_path):
+    config = tiny_config(tiny_records)
+    full = trainer.train_and_evaluate(config, tmp_path / "full")
+
+    # What a person and the later stages read.
+    workdir = tmp_path / "full"
+    assert 0.0 <= full["test_accuracy"] <= 1.0
+    assert json.loads((workdir / "results.json").read_text())["test_accuracy"] == full[
+        "test_accuracy"
+    ]
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert {"train/loss", "train/accuracy"} <= set().union(*rows)
+    assert any("val/accuracy" in row for row in rows)
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    push = json.loads((workdir / "push.json").read_text())
+    num_prototypes = 4 * 2
+    assert len(push["image_id"]) == num_prototypes
+    # every prototype was projected onto a training image of its own class
+    assert all(i >= 0 for i in push["image_id"]) and all(np.isfinite(push["distance"]))
+
+    # Stop mid-epoch (16 training images / batch 8 = 2 steps per epoch), then resume.
+    stopped = trainer.train_and_evaluate(config, tmp_path / "resumed", max_steps=3)
+    assert stopped == {"stopped_at_step": 3}
+    resumed = trainer.train_and_evaluate(config, tmp_path / "resumed")
+    assert resumed["test_accuracy"] == full["test_accuracy"]
+    step_a, leaves_a = final_state_leaves(tmp_path / "full")
+    step_b, leaves_b = final_state_leaves(tmp_path / "resumed")
+    assert step_a == step_b
+    assert len(leaves_a) == len(leaves_b)
+    for a, b in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_push_leaves_prototypes_on_training_views(tiny_records, tmp_path):
+    config = tiny_config(tiny_records, **{"train.finetune_epochs": 1})
+    trainer.train_and_evaluate(config, tmp_path)
+    trained = trainer.restore_trained(config, tmp_path, which="latest")
+    push = trained.meta["push"]
+    assert push is not None and trained.meta["pushed"]
+    # after push each prototype is (up to fine-tune, which freezes it) an embedding in (0, 1)^D
+    prototypes = np.asarray(trained.state.params["prototypes"][...])
+    assert prototypes.min() > 0.0 and prototypes.max() < 1.0
+
+
+def test_workdir_of_another_config_is_refused(tiny_records, tmp_path):
+    trainer.train_and_evaluate(tiny_config(tiny_records), tmp_path, max_steps=1)
+    other = tiny_config(tiny_records, **{"train.prototype_lr": 1e-2})
+    with pytest.raises(config_checks.ConfigError, match="train.prototype_lr"):
+        trainer.train_and_evaluate(other, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("input.num_views", 0, "input.num_views"),
+        ("train.backbone_lr", -1.0, "train.backbone_lr"),
+        ("model.backbone", "resnet7", "model.backbone"),
+        ("dataset.num_classes", 5, "dataset.num_classes"),
+    ],
+)
+def test_bad_values_are_refused_with_the_key(tiny_records, tmp_path, key, value, message):
+    with pytest.raises(config_checks.ConfigError, match=message):
+        trainer.train_and_evaluate(tiny_config(tiny_records, **{key: value}), tmp_path)
+
+
+def _cli(args, cwd=REPO):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.run(
+        [sys.executable, "-m", "protomask_jax.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_cli_trains_end_to_end(tiny_records, tmp_path):
+    overrides = [f"--config.{k}={v}" for k, v in TINY_OVERRIDES.items()]
+    result = _cli(
+        [
+            "--config",
+            "configs/demo.py",
+            "--workdir",
+            str(tmp_path / "run"),
+            f"--config.dataset.records_dir={tiny_records}",
+            *overrides,
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test accuracy:" in result.stdout
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert f"{results['test_accuracy']:.4f}" in result.stdout
+
+
+def test_cli_refuses_a_misspelt_key(tmp_path):
+    result = _cli(
+        ["--config", "configs/demo.py", "--workdir", str(tmp_path), "--config.input.num_view=3"]
+    )
+    assert result.returncode != 0
+    assert "num_views" in result.stderr  # the valid key is named
