@@ -19,6 +19,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m segmentation.export --config $(CONFIG)
+	$(PY) -m protomask_jax.train --config $(CONFIG) --workdir $(WORKDIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -13,6 +13,7 @@ import logging
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -31,6 +32,8 @@ def main(argv: list[str]) -> int:
         raise app.UsageError("--config is required, e.g. --config configs/demo.py")
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required, e.g. --workdir workdirs/demo")
+    # Our own progress at INFO; libraries (orbax, jax) only at WARNING and above.
+    absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("protomask_jax").setLevel(logging.INFO)
     from protomask_jax import config_checks, trainer
 
