@@ -54,7 +54,9 @@ def maybe_initialize_distributed() -> None:
 def make_mesh(config, devices: list | None = None) -> Mesh:
     """Builds the ``(data, model)`` mesh from ``config.mesh``.
 
-    ``config.mesh.data = -1`` takes every device not used by the model axis.
+    ``config.mesh.data = -1`` takes every device not used by the model axis; an explicit
+    ``data`` uses the first ``data * model`` devices (e.g. ``data=1`` for a one-device run
+    on a multi-device host).
     """
     devices = list(jax.devices() if devices is None else devices)
     model = int(config.mesh.model)
@@ -65,12 +67,12 @@ def make_mesh(config, devices: list | None = None) -> Mesh:
         )
     if data == -1:
         data = len(devices) // model
-    if data * model != len(devices):
+    if data < 1 or data * model > len(devices):
         raise ValueError(
-            f"config.mesh.data={config.mesh.data} x config.mesh.model={model} does not "
-            f"match the {len(devices)} available devices; use data=-1 to take them all."
+            f"config.mesh.data={config.mesh.data} x config.mesh.model={model} needs more "
+            f"than the {len(devices)} available devices; use data=-1 to take them all."
         )
-    grid = np.asarray(devices, dtype=object).reshape(data, model)
+    grid = np.asarray(devices[: data * model], dtype=object).reshape(data, model)
     return Mesh(grid, (DATA, MODEL))
 
 

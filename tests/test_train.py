@@ -35,6 +35,7 @@ TINY_OVERRIDES = {
     "train.eval_every_epochs": 1,
     "train.log_every_steps": 2,
     "train.checkpoint_every_steps": 100,
+    "mesh.data": 1,
 }
 
 
