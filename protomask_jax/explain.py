@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
@@ -459,7 +460,7 @@ def explanation_figure(
     axes[1, 0].text(
         0.0,
         0.84,
-        textwrap.fill(heading, 26) + "\n\n" + details,
+        textwrap.fill(heading, 26, break_on_hyphens=False) + "\n\n" + details,
         fontsize=9,
         va="top",
         transform=axes[1, 0].transAxes,
@@ -588,12 +589,15 @@ def explain(
     test_set = pipeline.RecordSet(records_dir, split)
     chosen = select_images(test_set, image_ids, num_images)
     outputs = evaluate_lib.run_model(trained, test_set, chosen, progress=progress)
+    out_dir = workdir / REPORT_DIR
+    index = out_dir / "index.html"
+    if jax.process_index() != 0:
+        return index  # every process joins the forward pass above; process 0 writes
     sources = prototype_sources(trained.meta, num_prototypes)
     pushed = any(s.image_id is not None for s in sources)
     train_images = RecordImages(pipeline.RecordSet(records_dir, "train")) if pushed else None
     test_images = RecordImages(test_set)
 
-    out_dir = workdir / REPORT_DIR
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
@@ -710,7 +714,8 @@ def explain(
                     overlay,
                     source_picture,
                     f"#{rank}: prototype {match.prototype}",
-                    textwrap.fill(class_names[own], 24) + f"\nsimilarity {match.similarity:.2f}\n"
+                    textwrap.fill(class_names[own], 24, break_on_hyphens=False)
+                    + f"\nsimilarity {match.similarity:.2f}\n"
                     f"x weight {match.weight:.2f} = {match.contribution:.2f}",
                 )
             )
@@ -722,7 +727,7 @@ def explain(
             fit_width(decoded.image, px["whole"]),
             f"predicted: {class_names[predicted]}",
             correct,
-            textwrap.fill(f"true: {class_names[true]}", 26)
+            textwrap.fill(f"true: {class_names[true]}", 26, break_on_hyphens=False)
             + f"\nprobability {100 * probability:.1f}%\ntest image {image_id}",
             figure_rows,
         )
@@ -783,7 +788,6 @@ def explain(
     generated = (
         f"generated {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} by protomask_jax.explain"
     )
-    index = out_dir / "index.html"
     index.write_text(html_lib.render(report, SIZES, generated), encoding="utf-8")
     return index
 
