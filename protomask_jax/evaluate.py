@@ -554,6 +554,16 @@ def compute_metrics(
 # ======================================================================== the driver
 
 
+def require_single_label(config) -> None:
+    """Evaluation and explanations are single-label (the host pipeline feeds the first label
+    of a multi-label record); refuse multi-label configs with a clear message."""
+    if config.dataset.multi_label:
+        raise config_checks.ConfigError(
+            "config.dataset.multi_label: evaluation and explanations support single-label "
+            "datasets only (the host pipeline feeds the first label of a multi-label record)."
+        )
+
+
 def evaluate(
     config,
     workdir: str | Path,
@@ -580,11 +590,7 @@ def evaluate(
     """
     from protomask_jax import trainer
 
-    if config.dataset.multi_label:
-        raise config_checks.ConfigError(
-            "config.dataset.multi_label: evaluate supports single-label datasets only (the "
-            "host pipeline feeds the first label of a multi-label record)."
-        )
+    require_single_label(config)
     workdir = Path(workdir)
     resolution = default_resolution() if resolution is None else int(resolution)
     if resolution < 4:

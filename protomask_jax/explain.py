@@ -574,6 +574,7 @@ def explain(
     """
     from protomask_jax import trainer
 
+    evaluate_lib.require_single_label(config)
     workdir = Path(workdir)
     records_dir = config.dataset.records_dir
     info = records_lib.load_dataset_info(records_dir)

@@ -340,3 +340,32 @@ def test_evaluate_command_line_prints_the_table_and_writes_eval_json(trained, tm
         assert line in completed.stdout
     accuracy = written["classification"]["top1_accuracy"]
     assert f"{accuracy:.2f}" in completed.stdout
+
+
+def test_multi_label_configs_are_refused_before_anything_runs(tmp_path):
+    from protomask_jax import config_checks
+
+    config = tiny_config(tmp_path / "no_records")
+    config.unlock()
+    config.dataset.multi_label = True
+    with pytest.raises(config_checks.ConfigError, match="single-label"):
+        evaluate.evaluate(config, tmp_path / "no_run")
+
+
+def test_table_shows_missing_values_as_na_and_skips_absent_groups():
+    results = {
+        "dataset": "d",
+        "split": "test",
+        "num_images": 3,
+        "num_prototypes": 4,
+        "checkpoint": "best_finetune step 7",
+        "resolution": 64,
+        "classification": {"top1_accuracy": 12.345, "macro_f1": 50.0},
+        "faithfulness": {"k": 3, "rate": 40.0, "chance_rate": 25.0, "rate_correct": None},
+    }
+    table = evaluate.format_table(results)
+    assert "top-1 accuracy" in table and "12.35 %" in table
+    assert "Explanation faithfulness (top-3" in table
+    (correct_line,) = [line for line in table.splitlines() if "correctly classified" in line]
+    assert correct_line.split()[-2:] == ["n/a", "%"]
+    assert "Compactness" not in table and "Ground truth" not in table
