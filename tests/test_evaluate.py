@@ -1,0 +1,371 @@
+"""Tests of the evaluation driver: pixel frame, keypoints, metrics on hand-built records, and
+eval.json of a tiny trained run against metrics computed from independently collected arrays."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _trained_run import (
+    independent_outputs,
+    results_json,
+    tiny_config,
+    trained_workdir,
+    write_config_file,
+)
+from PIL import Image
+
+from protomask_jax import evaluate, metrics
+from protomask_jax.data import pipeline
+from protomask_jax.data import records as records_lib
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------ pixel frame
+
+
+def test_to_frame_is_the_majority_of_each_pixel_block():
+    rng = np.random.default_rng(0)
+    mask = rng.random((80, 48)) < 0.45
+    frame = evaluate.to_frame(mask, 16)  # blocks of 5 x 3 = 15 pixels: never exactly half
+    block_fraction = mask.reshape(16, 5, 16, 3).mean(axis=(1, 3))
+    np.testing.assert_array_equal(frame, block_fraction > 0.5)
+    assert 0 < frame.sum() < frame.size
+
+
+def test_to_frame_keeps_a_mask_at_its_own_size():
+    mask = np.zeros((24, 24), bool)
+    mask[3:9, 5:20] = True
+    np.testing.assert_array_equal(evaluate.to_frame(mask, 24), mask)
+
+
+def test_part_keypoints_lie_on_the_part_even_when_its_centroid_does_not():
+    part_map = np.zeros((20, 30), np.uint8)
+    # Part 0: a U shape whose centroid (row ~11, col 15) lies in the empty middle.
+    part_map[4:18, 4:8] = 1
+    part_map[4:18, 22:26] = 1
+    part_map[14:18, 4:26] = 1
+    # Part 2: a 5 x 5 square at rows 1..5, cols 10..14: only its centre is 3 px deep.
+    part_map[1:6, 10:15] = 3
+    keypoints = evaluate.part_keypoints(part_map, num_parts=4)
+    assert keypoints.shape == (4, 3)
+    rows, cols = np.floor(keypoints[:, 0] * 20).astype(int), np.floor(keypoints[:, 1] * 30)
+    cols = cols.astype(int)
+    assert part_map[rows[0], cols[0]] == 1
+    centroid = np.argwhere(part_map == 1).mean(axis=0).round().astype(int)
+    assert part_map[tuple(centroid)] == 0  # the case the deepest pixel is for
+    np.testing.assert_allclose(keypoints[2], [3.5 / 20, 12.5 / 30, 1.0])
+    # Parts 1 and 3 are absent: invisible, padded with -1.
+    np.testing.assert_allclose(keypoints[[1, 3]], [[-1, -1, 0], [-1, -1, 0]])
+
+
+# ------------------------------------------------- metrics on hand-built records (24 px)
+
+SIZE = 24
+
+
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _rect(r0, r1, c0, c1) -> np.ndarray:
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[r0:r1, c0:c1] = True
+    return mask
+
+
+BODY = _rect(0, 12, 0, 24)  # part 0 (part map value 1), 288 px
+HEAD = _rect(12, 24, 0, 12)  # part 1 (value 2), 144 px
+HALF_ON_HEAD = _rect(12, 24, 6, 18)  # 72 px on the head, 72 on the background
+
+
+def _hand_records(directory: Path) -> pipeline.RecordSet:
+    part_map = np.zeros((SIZE, SIZE), np.uint8)
+    part_map[BODY] = 1
+    part_map[HEAD] = 2
+    images = [  # (masks, label, decisive part)
+        ([BODY, HEAD, HALF_ON_HEAD], 0, 1),
+        ([BODY, HEAD], 1, 0),
+    ]
+    payloads = []
+    for i, (masks, label, decisive) in enumerate(images):
+        boxes = np.array([metrics.mask_boxes(m) / SIZE for m in masks], np.float32)
+        payloads.append(
+            records_lib.ImageRecord(
+                image_id=10 + i,
+                image_bytes=_png(np.full((SIZE, SIZE, 3), 90, np.uint8)),
+                image_format="png",
+                height=SIZE,
+                width=SIZE,
+                filename=f"{i}.png",
+                label=label,
+                boxes=boxes,
+                areas=np.array([m.mean() for m in masks], np.float32),
+                mask_pngs=[records_lib.encode_mask_png(m) for m in masks],
+                part_map_png=records_lib.encode_label_map_png(part_map),
+                decisive_parts=np.array([decisive], np.int64),
+            ).to_bytes()
+        )
+    records_lib.write_shard(directory / records_lib.shard_name("test", 0, 1), payloads)
+    return pipeline.RecordSet(directory, "test")
+
+
+def test_compute_metrics_on_hand_built_records(tmp_path):
+    """Every number below is worked out by hand from the masks and scores in the comments."""
+    record_set = _hand_records(tmp_path)
+    # P = 4 prototypes, classes [0, 0, 1, 1]; W [C=2, P=4].
+    last_layer = np.array([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]], np.float32)
+    similarities = np.array([[3.0, 2.0, 1.0, 0.5], [1.0, 0.0, 2.0, 4.0]], np.float32)
+    # Image 0 (3 masks): views 1, 2, 3, 0 -> masks HEAD, HALF, BODY (3 % 3), BODY.
+    # Image 1 (2 masks): views 0, 1, 1, 2 -> masks BODY, HEAD, HEAD, BODY (2 % 2).
+    winning_view = np.array([[1, 2, 3, 0], [0, 1, 1, 2]], np.int32)
+    outputs = evaluate.EvalOutputs(
+        record_indices=np.arange(2),
+        image_ids=np.array([10, 11]),
+        labels=np.array([0, 1]),
+        logits=similarities @ last_layer.T,  # [5, 1.5] -> 0 (right); [1, 6] -> 1 (right)
+        min_distances=np.zeros((2, 4), np.float32),
+        similarities=similarities,
+        winning_view=winning_view,
+        num_masks=np.array([3, 2], np.int32),
+    )
+    arrays = evaluate.ModelArrays(
+        last_layer=last_layer,
+        prototypes=np.eye(4, 3, dtype=np.float32),
+        prototype_class=np.array([0, 0, 1, 1], np.int32),
+    )
+    results = evaluate.compute_metrics(
+        outputs, arrays, record_set, num_views=4, resolution=SIZE, num_parts=2, progress=False
+    )
+    assert results["classification"]["top1_accuracy"] == 100.0
+
+    # Faithfulness, top-3 by contribution to the predicted class:
+    # image 0 (decisive HEAD): prototypes 0 (3), 1 (2), 2 (0; tie with 3 -> lower index)
+    #   -> HEAD (fraction on head 1: hit), HALF (0.5: no hit), BODY (0) -> rate 1/3, overlap 1/2
+    #   chance: masks BODY 0, HEAD 1, HALF 0.5 -> rate 1/3, overlap 1/2
+    # image 1 (decisive BODY): prototypes 3 (4), 2 (2), 0 (0; tie with 1)
+    #   -> BODY (hit), HEAD (0), BODY (hit) -> rate 2/3, overlap 2/3; chance 1/2, 1/2
+    faithfulness = results["faithfulness"]
+    assert faithfulness["k"] == 3 and faithfulness["num_images"] == 2
+    assert faithfulness["rate"] == pytest.approx(100 * (1 / 3 + 2 / 3) / 2)
+    assert faithfulness["chance_rate"] == pytest.approx(100 * (1 / 3 + 1 / 2) / 2)
+    assert faithfulness["overlap"] == pytest.approx(100 * (1 / 2 + 2 / 3) / 2)
+    assert faithfulness["chance_overlap"] == pytest.approx(50.0)
+    assert faithfulness["rate_correct"] == pytest.approx(50.0)
+    assert faithfulness["num_correct"] == 2
+
+    # Top-4 prototypes by similarity: image 0 -> 0, 1, 2, 3 -> HEAD, HALF, BODY, BODY;
+    # image 1 -> 3, 2, 0, 1 -> BODY, HEAD, BODY, HEAD. Object = BODY | HEAD (432 px).
+    complexity = results["complexity"]
+    assert complexity["k"] == 4 and complexity["num_images"] == 2
+    # |S n G| / |G|: image 0 (144 + 72 + 288 + 288) / 432 / 4 = 11/24; image 1: 1/2.
+    assert complexity["object_overlap"] == pytest.approx(100 * (11 / 24 + 1 / 2) / 2)
+    # 1 - |S n G| / |S|: only HALF leaves the object (by half): (0.5 / 4) / 2.
+    assert complexity["background_overlap"] == pytest.approx(100 * 0.5 / 4 / 2)
+    # IOR of a binary map: [S n G nonempty] - [S \ G nonempty]: HALF 0, the rest 1.
+    assert complexity["ior"] == pytest.approx((3 / 4 + 1) / 2)
+    # Keypoints (deepest part pixels): body (5, 5), head (17, 5); HALF covers neither.
+    # Parts seen per prototype over its 2 top-4 sets: 0 {head, body} -> 1/2; 1 {head} -> 1/2;
+    # 2 {body, head} -> 1/2; 3 {body twice} -> 1 => mean 5/8.
+    assert complexity["part_consistency"] == pytest.approx(62.5)
+    assert complexity["num_images_with_keypoints"] == 2
+    # VLC: image 0 pairs of {HEAD, HALF, BODY, BODY}: 1 - IoU(HEAD, HALF) = 2/3, four pairs
+    # with BODY = 1, BODY-BODY = 0 -> 14/3 / 6 = 7/9; image 1 {BODY, HEAD} x 2 -> 4/6.
+    assert results["contrastivity"]["vlc"] == pytest.approx(100 * (7 / 9 + 2 / 3) / 2)
+
+
+def test_compute_metrics_without_ground_truth_reports_no_gt_groups(tmp_path):
+    record_set = _hand_records(tmp_path)
+    # Same records, but metrics that need no ground truth only: drop it by rewriting.
+    payloads = []
+    for i in range(len(record_set)):
+        record = records_lib.ImageRecord.from_bytes(record_set.reader[i])
+        record.part_map_png = None
+        record.decisive_parts = None
+        payloads.append(record.to_bytes())
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    records_lib.write_shard(bare / records_lib.shard_name("test", 0, 1), payloads)
+    outputs = evaluate.EvalOutputs(
+        record_indices=np.arange(2),
+        image_ids=np.array([10, 11]),
+        labels=np.array([0, 1]),
+        logits=np.array([[1.0, 0.0], [1.0, 0.0]], np.float32),
+        min_distances=np.zeros((2, 4), np.float32),
+        similarities=np.array([[3.0, 2.0, 1.0, 0.5], [1.0, 0.0, 2.0, 4.0]], np.float32),
+        winning_view=np.zeros((2, 4), np.int32),
+        num_masks=np.array([3, 2], np.int32),
+    )
+    arrays = evaluate.ModelArrays(
+        np.array([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]], np.float32),
+        np.eye(4, 3, dtype=np.float32),
+        np.array([0, 0, 1, 1], np.int32),
+    )
+    results = evaluate.compute_metrics(
+        outputs,
+        arrays,
+        pipeline.RecordSet(bare, "test"),
+        num_views=4,
+        resolution=SIZE,
+        num_parts=2,
+        progress=False,
+    )
+    assert "complexity" not in results and "faithfulness" not in results
+    assert results["classification"]["top1_accuracy"] == 50.0
+    # All four winning views are view 0 -> the same mask each time: VLC 0.
+    assert results["contrastivity"]["vlc"] == 0.0
+    assert results["compactness"]["global_explanation_size"] == 4
+
+
+# ------------------------------------------------------------------ tiny trained run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_records):
+    return tiny_records, trained_workdir(tmp_path_factory, tiny_records)
+
+
+@pytest.mark.slow
+def test_eval_json_matches_metrics_of_independently_collected_arrays(trained):
+    from protomask_jax import trainer
+
+    records_dir, workdir = trained
+    config = tiny_config(records_dir)
+    results = evaluate.evaluate(config, workdir, resolution=64, progress=False)
+    assert json.loads((workdir / "eval.json").read_text()) == results
+
+    # The same checkpoint the trainer reported: the same test accuracy.
+    run = results_json(workdir)
+    assert results["checkpoint"] == f"best_finetune step {run['best']['step']}"
+    assert results["classification"]["top1_accuracy"] == pytest.approx(100 * run["test_accuracy"])
+
+    # Arrays collected without the evaluation driver; masks decoded straight from the
+    # records (the images are 64 px, so the 64 px frame is the image itself).
+    test_set = pipeline.RecordSet(records_dir, "test")
+    restored = trainer.restore_trained(config, workdir)
+    independent = independent_outputs(restored, test_set)
+    eps = config.model.similarity_eps
+    distances = independent["min_distances"].astype(np.float64)
+    similarities = np.log((distances + 1) / (distances + eps))
+    logits, labels = independent["logits"], independent["labels"]
+    last_layer = np.asarray(restored.state.params["last_layer"][...]).T
+    prototypes = np.asarray(restored.state.params["prototypes"][...])
+    masks, decisive, objects = [], [], []
+    for i in range(len(test_set)):
+        record = records_lib.ImageRecord.from_bytes(test_set.reader[i])
+        assert (record.height, record.width) == (64, 64)
+        stack = np.zeros((4, 64, 64), bool)
+        for k in range(min(record.num_masks, 4)):
+            stack[k] = records_lib.decode_mask_png(record.mask_pngs[k])
+        masks.append(stack)
+        part_map = records_lib.decode_label_map_png(record.part_map_png)
+        objects.append(part_map > 0)
+        decisive.append(np.isin(part_map, np.asarray(record.decisive_parts) + 1))
+    masks, decisive, objects = np.stack(masks), np.stack(decisive), np.stack(objects)
+    num_masks = independent["num_masks"]
+
+    classification = results["classification"]
+    assert classification["top1_accuracy"] == pytest.approx(metrics.top1_accuracy(logits, labels))
+    assert classification["top3_accuracy"] == pytest.approx(metrics.topk_accuracy(logits, labels))
+    assert classification["macro_f1"] == pytest.approx(metrics.macro_f1(logits, labels))
+    assert classification["balanced_accuracy"] == pytest.approx(
+        metrics.balanced_accuracy(logits, labels)
+    )
+    assert results["compactness"]["negative_positive_ratio"] == pytest.approx(
+        metrics.negative_positive_reasoning_ratio(last_layer)
+    )
+    top5 = metrics.top_prototypes(similarities, 5)
+    explanations = metrics.explanation_masks(independent["winning_view"], masks, num_masks, top5)
+    contrastivity = results["contrastivity"]
+    assert contrastivity["vlc"] == pytest.approx(metrics.vlc(explanations))
+    assert contrastivity["inter_prototype_distance"] == pytest.approx(
+        metrics.inter_prototype_distance(prototypes, top5, labels, 4)
+    )
+    complexity = metrics.complexity(explanations, objects)
+    for name in ("object_overlap", "background_overlap", "iou", "ior"):
+        assert results["complexity"][name] == pytest.approx(complexity[name]), name
+    faithfulness = metrics.explanation_faithfulness(
+        similarities,
+        last_layer,
+        logits,
+        labels,
+        independent["winning_view"],
+        masks,
+        num_masks,
+        decisive,
+    )
+    for name in ("rate", "chance_rate", "overlap", "chance_overlap", "num_correct"):
+        assert results["faithfulness"][name] == pytest.approx(faithfulness[name]), name
+
+
+@pytest.mark.slow
+def test_evaluate_command_line_prints_the_table_and_writes_eval_json(trained, tmp_path):
+    records_dir, workdir = trained
+    config_file = write_config_file(tmp_path / "tiny_config.py", records_dir)
+    (workdir / "eval.json").unlink(missing_ok=True)
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    )
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "protomask_jax.evaluate",
+            f"--config={config_file}",
+            f"--workdir={workdir}",
+            "--resolution=32",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    written = json.loads((workdir / "eval.json").read_text())
+    assert written["resolution"] == 32 and written["config"] == str(config_file)
+    for line in ("top-1 accuracy", "explanations on the deciding part", "part consistency"):
+        assert line in completed.stdout
+    accuracy = written["classification"]["top1_accuracy"]
+    assert f"{accuracy:.2f}" in completed.stdout
+
+
+def test_multi_label_configs_are_refused_before_anything_runs(tmp_path):
+    from protomask_jax import config_checks
+
+    config = tiny_config(tmp_path / "no_records")
+    config.unlock()
+    config.dataset.multi_label = True
+    with pytest.raises(config_checks.ConfigError, match="single-label"):
+        evaluate.evaluate(config, tmp_path / "no_run")
+
+
+def test_table_shows_missing_values_as_na_and_skips_absent_groups():
+    results = {
+        "dataset": "d",
+        "split": "test",
+        "num_images": 3,
+        "num_prototypes": 4,
+        "checkpoint": "best_finetune step 7",
+        "resolution": 64,
+        "classification": {"top1_accuracy": 12.345, "macro_f1": 50.0},
+        "faithfulness": {"k": 3, "rate": 40.0, "chance_rate": 25.0, "rate_correct": None},
+    }
+    table = evaluate.format_table(results)
+    assert "top-1 accuracy" in table and "12.35 %" in table
+    assert "Explanation faithfulness (top-3" in table
+    (correct_line,) = [line for line in table.splitlines() if "correctly classified" in line]
+    assert correct_line.split()[-2:] == ["n/a", "%"]
+    assert "Compactness" not in table and "Ground truth" not in table

@@ -1,0 +1,274 @@
+"""Tests of the explanation report: picture helpers on hand-made inputs, the report of a tiny
+trained run (files, links, panels against an independent forward) and its screenshot."""
+
+from __future__ import annotations
+
+import html.parser
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from _trained_run import independent_outputs, tiny_config, trained_workdir, write_config_file
+from PIL import Image
+
+from protomask_jax import explain
+from protomask_jax.report import screenshot
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+def test_mask_overlay_outlines_the_mask_and_dims_the_rest():
+    image = np.full((30, 30, 3), 200, np.uint8)
+    mask = np.zeros((30, 30), bool)
+    mask[10:20, 10:20] = True
+    colour = (10, 20, 250)
+    out = explain.mask_overlay(image, mask, colour, width=30)  # same size: no resampling
+    assert out.shape == (30, 30, 3)
+    np.testing.assert_array_equal(out[10, 15], colour)  # on the mask's edge
+    np.testing.assert_array_equal(out[12, 15], colour)  # 3 px wide
+    np.testing.assert_array_equal(out[13:17, 13:17], 200)  # inside: the image itself
+    np.testing.assert_array_equal(out[9, 15], 255)  # a white halo just outside
+    assert (out[0:5, 0:5] < 200 * 0.6).all()  # the rest dimmed
+
+
+def test_mask_overlay_marks_a_vanishing_mask_by_its_box():
+    image = np.full((200, 200, 3), 100, np.uint8)
+    mask = np.zeros((200, 200), bool)
+    mask[50, 60] = True  # one pixel: gone after shrinking to 40 px
+    out = explain.mask_overlay(image, mask, (255, 0, 0), width=40, box=[0.2, 0.2, 0.4, 0.5])
+    # The box (rows 8..15, cols 8..19 at 40 px) stays bright; far away is dimmed.
+    np.testing.assert_array_equal(out[12, 14], 100)
+    np.testing.assert_array_equal(out[8, 14], (255, 0, 0))
+    assert out[30, 30, 0] < 100
+
+
+def test_view_crop_takes_the_box_and_stretches_it_to_a_square():
+    image = np.zeros((40, 80, 3), np.uint8)
+    image[10:20, 40:80] = 255  # the box below, exactly
+    crop = explain.view_crop(image, np.array([0.25, 0.5, 0.5, 1.0]), 16)
+    assert crop.shape == (16, 16, 3)
+    assert crop.min() == 255
+
+
+def test_top_contributions_rank_by_similarity_times_weight():
+    similarities = np.array([1.0, 4.0, 2.0, 2.0], np.float32)
+    last_layer = np.array([[0.5, -1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]], np.float32)
+    winning_view = np.array([0, 5, 3, 4])
+    matches = explain.top_contributions(similarities, last_layer, 0, winning_view, 3, 3)
+    # contributions to class 0: [0.5, -4, 2, 2] -> 2 (tie, lower index), 3, 0
+    assert [m.prototype for m in matches] == [2, 3, 0]
+    assert [m.contribution for m in matches] == [2.0, 2.0, 0.5]
+    assert [m.mask_index for m in matches] == [0, 1, 0]  # views 3, 4, 0 of 3 masks
+    assert matches[0].weight == 1.0 and matches[0].similarity == 2.0
+
+
+def test_select_images_round_robin_over_classes_and_explicit_ids():
+    fake = SimpleNamespace(
+        image_ids=np.array([15, 11, 12, 13, 14, 10]),
+        labels=np.array([1, 0, 0, 1, 2, 0]),
+        split="test",
+        records_dir="records",
+    )
+    chosen = explain.select_images(fake, None, 5)
+    # ids by class: 0 -> 10, 11, 12; 1 -> 13, 15; 2 -> 14. Round robin: 10, 13, 14, 11, 15.
+    np.testing.assert_array_equal(fake.image_ids[chosen], [10, 13, 14, 11, 15])
+    np.testing.assert_array_equal(explain.select_images(fake, [14, 10], 5), [4, 5])
+    with pytest.raises(ValueError, match=r"\[99\]"):
+        explain.select_images(fake, [14, 99], 5)
+
+
+def test_prototype_sources_follow_pruning_and_missing_push():
+    gallery = {
+        "image_id": [7, -1, 9, 3],
+        "mask_index": [0, -1, 2, 1],
+        "distance": [0.5, float("inf"), 0.25, 1.0],
+    }
+    pruned = explain.prototype_sources(
+        {"pushed": True, "push": gallery, "kept_prototypes": [3, 0, 1]}, 3
+    )
+    assert [(s.image_id, s.mask_index, s.distance) for s in pruned] == [
+        (3, 1, 1.0),
+        (7, 0, 0.5),
+        (None, None, None),  # no image of its class: never projected
+    ]
+    unpushed = explain.prototype_sources({"pushed": False, "push": None}, 2)
+    assert all(s.image_id is None for s in unpushed)
+
+
+def test_training_curves_plot_rows_and_refuse_an_empty_log(tmp_path):
+    rows = [
+        {"step": 5, "phase": "joint", "train/loss": 2.0, "train/accuracy": 0.3},
+        {"step": 10, "phase": "joint", "train/loss": 1.5, "train/accuracy": 0.5},
+        {"step": 10, "phase": "joint", "val/accuracy": 0.4},
+        {"step": 15, "phase": "finetune", "train/loss": 1.0, "train/accuracy": 0.7},
+    ]
+    path = tmp_path / "curves.png"
+    assert explain.plot_training_curves(rows, path)
+    picture = np.asarray(Image.open(path).convert("L"))
+    assert picture.shape[1] > 1000 and picture.std() > 10
+    assert not explain.plot_training_curves([{"step": 1, "val/accuracy": 0.5}], tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_class_colours_are_distinct():
+    for count in (3, 12, 50):
+        colours = explain.class_colours(count)
+        assert len(colours) == count == len(set(colours))
+
+
+# ------------------------------------------------------------------ tiny trained run
+
+
+class _Page(html.parser.HTMLParser):
+    """Collects the report's picture sources, links and tagged elements."""
+
+    def __init__(self):
+        super().__init__()
+        self.images: list[str] = []
+        self.links: list[str] = []
+        self.cards: dict[int, list[str]] = {}
+        self.panels: dict[int, list[int]] = {}
+        self._card = self._panel = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        classes = (attrs.get("class") or "").split()
+        if tag == "img":
+            self.images.append(attrs["src"])
+            if self._card is not None:
+                self.cards[self._card].append(attrs["src"])
+        if tag == "a":
+            self.links.append(attrs["href"])
+        if "card" in classes:
+            self._card = int(attrs["data-prototype"])
+            self.cards[self._card] = []
+        if "panel" in classes:
+            self._panel = int(attrs["data-image"])
+            self.panels[self._panel] = []
+        if "match" in classes:
+            self._card = None
+            self.panels[self._panel].append(int(attrs["data-prototype"]))
+
+    def handle_endtag(self, tag):
+        if tag == "section":
+            self._card = None
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, tiny_records):
+    """The tiny run, evaluated, and its report for two chosen test images."""
+    from protomask_jax import evaluate
+
+    workdir = trained_workdir(tmp_path_factory, tiny_records)
+    config = tiny_config(tiny_records)
+    evaluate.evaluate(config, workdir, resolution=32, progress=False)
+    image_ids = [27, 24]
+    index = explain.explain(config, workdir, image_ids=image_ids, top_k=3, progress=False)
+    return SimpleNamespace(
+        config=config, workdir=workdir, index=index, image_ids=image_ids, records=tiny_records
+    )
+
+
+@pytest.mark.slow
+def test_report_links_only_existing_files_and_shows_every_prototype_and_image(report):
+    from protomask_jax import trainer
+    from protomask_jax.data import pipeline
+
+    assert report.index == report.workdir / "report" / "index.html"
+    page = _Page()
+    page.feed(report.index.read_text())
+    root = report.index.parent
+    assert page.images and all((root / src).is_file() for src in page.images)
+    local = [href for href in page.links if not href.startswith("#")]
+    assert local and all((root / href).is_file() for href in local)
+    anchors = [href[1:] for href in page.links if href.startswith("#")]
+    text = report.index.read_text()
+    assert all(f'id="{anchor}"' in text for anchor in anchors)
+    assert "curves.png" in page.images
+
+    # Every prototype has its gallery card with its source picture and view crop (push ran).
+    restored = trainer.restore_trained(report.config, report.workdir)
+    num_prototypes = restored.state.params["prototypes"].shape[0]
+    assert sorted(page.cards) == list(range(num_prototypes))
+    for j, sources in page.cards.items():
+        assert sources == [f"prototypes/p{j:04d}_source.png", f"prototypes/p{j:04d}_view.png"]
+
+    # Every requested image has its panel, in the requested order, with the 3 prototypes of
+    # largest similarity x weight for the predicted class of an independent forward pass.
+    assert list(page.panels) == report.image_ids
+    test_set = pipeline.RecordSet(report.records, "test")
+    independent = independent_outputs(restored, test_set)
+    eps = report.config.model.similarity_eps
+    distances = independent["min_distances"].astype(np.float64)
+    similarities = np.log((distances + 1) / (distances + eps))
+    last_layer = np.asarray(restored.state.params["last_layer"][...]).T
+    for image_id, shown in page.panels.items():
+        n = int(np.flatnonzero(independent["image_ids"] == image_id)[0])
+        predicted = int(np.argmax(independent["logits"][n]))
+        contributions = similarities[n] * last_layer[predicted]
+        expected = sorted(range(num_prototypes), key=lambda j: (-contributions[j], j))[:3]
+        assert shown == expected
+        correct = predicted == independent["labels"][n]
+        assert f'class="panel {"right" if correct else "wrong"}" id="image-{image_id}"' in text
+
+    # The header carries the evaluation (eval.json) and the run.
+    assert "explanations on the deciding part" in text.lower()
+    assert report.config.model.backbone in text
+
+
+@pytest.mark.slow
+def test_explain_command_line_writes_the_report(report, tmp_path):
+    config_file = write_config_file(tmp_path / "tiny_config.py", report.records)
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    )
+    workdir = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(report.workdir, workdir, ignore=shutil.ignore_patterns("report"))
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "protomask_jax.explain",
+            f"--config={config_file}",
+            f"--workdir={workdir}",
+            "--num_images=2",
+            "--top_k=2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    index = workdir / "report" / "index.html"
+    assert f"report: {index.resolve()}" in completed.stdout
+    page = _Page()
+    page.feed(index.read_text())
+    # Round robin over the 4 classes: the lowest ids of classes 0 and 1.
+    assert len(page.panels) == 2 and all(len(rows) == 2 for rows in page.panels.values())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs /usr/bin/chromium")
+def test_screenshot_of_the_report_is_not_blank(report, tmp_path):
+    png = screenshot.screenshot(
+        report.index, tmp_path / "shot.png", width=1000, height=900, chromium="/usr/bin/chromium"
+    )
+    picture = np.asarray(Image.open(png).convert("RGB"))
+    assert picture.shape == (900, 1000, 3)
+    # A rendered page: the dark header band on top, a light page below, many colours.
+    assert picture[:40].mean() < 100 and picture[-200:].mean() > 150
+    assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 500
