@@ -7,7 +7,7 @@ STAMP := $(VENV)/.protomask-installed
 WORKDIR ?= workdirs/demo
 CONFIG ?= configs/demo.py
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test install lint bench clean screenshot
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,9 +20,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m segmentation.export --config $(CONFIG)
 	$(PY) -m protomask_jax.train --config $(CONFIG) --workdir $(WORKDIR)
+	$(PY) -m protomask_jax.evaluate --config $(CONFIG) --workdir $(WORKDIR)
+	$(PY) -m protomask_jax.explain --config $(CONFIG) --workdir $(WORKDIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Renders the demo's HTML report in headless Chromium (Debian: apt-get install chromium).
+screenshot: $(STAMP)
+	$(PY) -m protomask_jax.report.screenshot $(WORKDIR)/report/index.html docs/report_screenshot.png
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import sys
 from collections.abc import Sequence
@@ -750,7 +749,9 @@ def main(argv: list[str]) -> int:
         raise app.UsageError("--config is required, e.g. --config configs/demo.py")
     if not flags.FLAGS.workdir:
         raise app.UsageError("--workdir is required (the training run's output folder)")
-    logging.getLogger().setLevel(logging.INFO)
+    from protomask_jax.logs import setup_cli_logging
+
+    setup_cli_logging()
     try:
         results = evaluate(
             config,

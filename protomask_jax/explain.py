@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
-import logging
 import shutil
 import sys
 import textwrap
@@ -806,7 +805,9 @@ def main(argv: list[str]) -> int:
         raise app.UsageError("--config is required, e.g. --config configs/demo.py")
     if not flags.FLAGS.workdir:
         raise app.UsageError("--workdir is required (the training run's output folder)")
-    logging.getLogger().setLevel(logging.INFO)
+    from protomask_jax.logs import setup_cli_logging
+
+    setup_cli_logging()
     try:
         image_ids = [int(i) for i in flags.FLAGS.images if i.strip()]
     except ValueError:

@@ -106,3 +106,13 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def setup_cli_logging() -> None:
+    """Command-line tools: our own progress at INFO, libraries (orbax, jax) at WARNING."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("protomask_jax").setLevel(logging.INFO)

@@ -9,11 +9,9 @@ its latest checkpoint. See ``trainer.train_and_evaluate`` for what is written.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -32,10 +30,10 @@ def main(argv: list[str]) -> int:
         raise app.UsageError("--config is required, e.g. --config configs/demo.py")
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required, e.g. --workdir workdirs/demo")
-    # Our own progress at INFO; libraries (orbax, jax) only at WARNING and above.
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger("protomask_jax").setLevel(logging.INFO)
     from protomask_jax import config_checks, trainer
+    from protomask_jax.logs import setup_cli_logging
+
+    setup_cli_logging()
 
     try:
         results = trainer.train_and_evaluate(
