@@ -5,9 +5,9 @@ import json
 import jax
 import numpy as np
 import pytest
+from test_train import final_state_leaves, tiny_config
 
 from protomask_jax import sharding, trainer
-from tests.test_train import final_state_leaves, tiny_config
 
 pytestmark = pytest.mark.slow
 
