@@ -115,7 +115,7 @@ def run_model(
     """
     config = trained.config
     if record_indices is None:
-        record_indices = np.arange(len(record_set))
+        record_indices = record_set.good
     record_indices = np.asarray(record_indices, np.int64)
     if len(record_indices) == 0:
         raise ValueError(f"no images to evaluate in split '{record_set.split}'")
@@ -597,7 +597,9 @@ def evaluate(
     info = records_lib.load_dataset_info(config.dataset.records_dir)
     config_checks.check_dataset_info(config, info)
     trained = trainer.restore_trained(config, workdir, which=checkpoint)
-    record_set = pipeline.RecordSet(config.dataset.records_dir, split)
+    record_set = pipeline.RecordSet(
+        config.dataset.records_dir, split, skip_bad_records=config.input.skip_bad_records
+    )
     outputs = run_model(trained, record_set, progress=progress)
     arrays = model_arrays(trained)
     metrics = compute_metrics(

@@ -330,17 +330,18 @@ def select_images(
       int64 record indices.
     """
     ids = record_set.image_ids
+    good_ids = ids[record_set.good]
     if image_ids:
-        index_of_id = {int(i): n for n, i in enumerate(ids)}
+        index_of_id = {int(ids[n]): int(n) for n in record_set.good}
         missing = [i for i in image_ids if int(i) not in index_of_id]
         if missing:
             raise ValueError(
                 f"--images: ids {missing} are not in split '{record_set.split}' of "
-                f"{record_set.records_dir} (it holds ids {ids.min()}..{ids.max()}, "
-                f"e.g. {ids[:5].tolist()})"
+                f"{record_set.records_dir} (it holds ids {good_ids.min()}..{good_ids.max()}, "
+                f"e.g. {good_ids[:5].tolist()})"
             )
         return np.array([index_of_id[int(i)] for i in image_ids], np.int64)
-    order = np.argsort(ids, kind="stable")
+    order = record_set.good[np.argsort(ids[record_set.good], kind="stable")]
     labels = record_set.labels[order]
     # Position of each image within its class, then sort by (position, class).
     within = np.zeros(len(order), np.int64)
@@ -586,7 +587,8 @@ def explain(
     arrays = evaluate_lib.model_arrays(trained)
     num_prototypes = arrays.last_layer.shape[1]
     top_k = max(1, min(top_k, num_prototypes))
-    test_set = pipeline.RecordSet(records_dir, split)
+    skip = config.input.skip_bad_records
+    test_set = pipeline.RecordSet(records_dir, split, skip_bad_records=skip)
     chosen = select_images(test_set, image_ids, num_images)
     outputs = evaluate_lib.run_model(trained, test_set, chosen, progress=progress)
     out_dir = workdir / REPORT_DIR
@@ -595,7 +597,11 @@ def explain(
         return index  # every process joins the forward pass above; process 0 writes
     sources = prototype_sources(trained.meta, num_prototypes)
     pushed = any(s.image_id is not None for s in sources)
-    train_images = RecordImages(pipeline.RecordSet(records_dir, "train")) if pushed else None
+    train_images = (
+        RecordImages(pipeline.RecordSet(records_dir, "train", skip_bad_records=skip))
+        if pushed
+        else None
+    )
     test_images = RecordImages(test_set)
 
     if out_dir.exists():

@@ -31,6 +31,7 @@ def main(argv: list[str]) -> int:
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required, e.g. --workdir workdirs/demo")
     from protomask_jax import config_checks, trainer
+    from protomask_jax.data.records import RecordError
     from protomask_jax.logs import setup_cli_logging
 
     setup_cli_logging()
@@ -39,7 +40,7 @@ def main(argv: list[str]) -> int:
         results = trainer.train_and_evaluate(
             _CONFIG.value, _WORKDIR.value, max_steps=_MAX_STEPS.value
         )
-    except (config_checks.ConfigError, trainer.TrainingDiverged) as e:
+    except (config_checks.ConfigError, trainer.TrainingDiverged, RecordError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary(results))
@@ -62,6 +63,7 @@ def summary(results: dict) -> str:
         f"final-state test accuracy: {results['final']['accuracy']:.4f}",
         f"validation accuracy (best per phase): {json.dumps(results['best_val_accuracy'])}",
         f"prototypes: {results['num_prototypes']}",
+        f"bad records skipped: {json.dumps(results['skipped_records'])}",
         f"training time: {results['train_time_s'] / 60:.1f} min",
         f"outputs: {results['workdir']} (results.json, metrics.jsonl, push.json, "
         "tensorboard/, checkpoints/)",

@@ -301,6 +301,24 @@ def _host_metrics(pending: list[dict]) -> dict[str, float]:
     return {key: float(np.mean([m[key] for m in fetched])) for key in fetched[0]}
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _diverged(ctx: RunContext, what: str, step: int, phase, last_saved) -> TrainingDiverged:
+    where = (
+        f"the last good checkpoint is step {last_saved} in {ctx.manager.directory}"
+        if last_saved is not None
+        else "no checkpoint was saved yet"
+    )
+    return TrainingDiverged(
+        f"{what} at step {step} (phase {phase.name}, epoch {(step - 1) // ctx.steps_per_epoch}); "
+        f"nothing later was saved and {where}. Lower the learning rates (config.train.*_lr) "
+        "or check the records; rerunning the same command resumes from that checkpoint."
+    )
+
+
 def _meta(ctx: RunContext, step: int, phase: str, **updates) -> dict[str, Any]:
     ctx.meta.update(updates)
     ctx.meta.update(
@@ -368,16 +386,7 @@ def run_phase(
                 values = _host_metrics(pending)
                 pending = []
                 if not math.isfinite(values["loss"]):
-                    where = (
-                        f"the last good checkpoint is step {last_saved} in {ctx.manager.directory}"
-                        if last_saved is not None
-                        else "no checkpoint was saved yet"
-                    )
-                    raise TrainingDiverged(
-                        f"loss became {values['loss']} at step {step} (phase {phase.name}, "
-                        f"epoch {(step - 1) // spe}); nothing later was saved and {where}. "
-                        "Lower the learning rates (config.train.*_lr) or check the records."
-                    )
+                    raise _diverged(ctx, f"loss became {values['loss']}", step, phase, last_saved)
                 progress.set_metrics(values)
                 ctx.writer.write(step, {f"train/{k}": v for k, v in values.items()}, phase.name)
             if epoch_done:
@@ -406,14 +415,12 @@ def run_phase(
             checkpoint_due = step % config.train.checkpoint_every_steps == 0 or (
                 epoch_done and step == phase.end_step
             )
-            if pending and (checkpoint_due or stop.requested or step == max_steps):
-                values = _host_metrics(pending)
-                if not math.isfinite(values["loss"]):
-                    raise TrainingDiverged(
-                        f"loss became {values['loss']} at step {step} (phase {phase.name}); "
-                        f"the last good checkpoint is step {last_saved}."
-                    )
             if checkpoint_due or stop.requested or step == max_steps:
+                # Never save a state that has gone bad: the last checkpoint stays good.
+                if pending and not math.isfinite(_host_metrics(pending)["loss"]):
+                    raise _diverged(ctx, "the loss became NaN/inf", step, phase, last_saved)
+                if not bool(_all_finite(state.params)):
+                    raise _diverged(ctx, "parameters became NaN/inf", step, phase, last_saved)
                 _save(ctx, state, phase.name)
                 last_saved = step
             if stop.requested or step == max_steps:
@@ -460,10 +467,14 @@ def train_and_evaluate(config, workdir: str | Path, *, max_steps: int | None = N
     info = records_lib.load_dataset_info(records_dir)
     config_checks.check_dataset_info(config, info)
     num_classes = config.dataset.num_classes
-    train_records = pipeline.RecordSet(records_dir, "train")
-    train_indices, val_indices = pipeline.split_train_validation(
-        train_records.labels, config.input.validation_fraction, config.seed
+    train_records = pipeline.RecordSet(
+        records_dir, "train", skip_bad_records=config.input.skip_bad_records
     )
+    good = train_records.good
+    train_positions, val_positions = pipeline.split_train_validation(
+        train_records.labels[good], config.input.validation_fraction, config.seed
+    )
+    train_indices, val_indices = good[train_positions], good[val_positions]
     spec = pipeline.PipelineSpec.from_config(config)
     weights = pipeline.class_weights(train_records.labels[train_indices], num_classes)
 
@@ -593,13 +604,19 @@ def train_and_evaluate(config, workdir: str | Path, *, max_steps: int | None = N
 
 def final_evaluation(ctx: RunContext, state, last_phase: str) -> dict[str, Any]:
     """Test accuracy of the final state and of the best-on-validation checkpoint."""
-    test_records = pipeline.RecordSet(ctx.config.dataset.records_dir, "test")
-    test_indices = np.arange(len(test_records))
+    test_records = pipeline.RecordSet(
+        ctx.config.dataset.records_dir, "test", skip_bad_records=ctx.config.input.skip_bad_records
+    )
+    test_indices = test_records.good
     eval_fn = _make_eval_fn(ctx)
     results: dict[str, Any] = {
         "final": evaluate_indices(ctx, state, test_records, test_indices, eval_fn),
         "best_val_accuracy": dict(ctx.meta["best_val_accuracy"]),
         "num_prototypes": int(state.params["prototypes"].shape[0]),
+        "skipped_records": {
+            "train": len(ctx.train_records.skipped),
+            "test": len(test_records.skipped),
+        },
     }
     best_dir = ctx.workdir / f"best_{last_phase}"
     if best_dir.exists():

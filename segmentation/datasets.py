@@ -70,11 +70,13 @@ def _missing_file(path: Path, unpack: str, root_holds: str) -> SourceError:
     """
     return SourceError(
         f"{_where(path)} not found: {unpack} so that {path} exists, or set "
-        f"--config.dataset.root to the folder that holds {root_holds} (see {DOCS}).")
+        f"--config.dataset.root to the folder that holds {root_holds} (see {DOCS})."
+    )
 
 
-def _read_table(path: Path, columns: Sequence[Callable[[str], Any]], unpack: str,
-                root_holds: str) -> list[tuple[Any, ...]]:
+def _read_table(
+    path: Path, columns: Sequence[Callable[[str], Any]], unpack: str, root_holds: str
+) -> list[tuple[Any, ...]]:
     """Reads a whitespace-separated text file, one converter per column.
 
     The last column takes the rest of the line (CUB's part names contain spaces).
@@ -92,11 +94,14 @@ def _read_table(path: Path, columns: Sequence[Callable[[str], Any]], unpack: str
         try:
             if len(fields) != len(columns):
                 raise ValueError(f"{len(fields)} columns, expected {len(columns)}")
-            rows.append(tuple(convert(field) for convert, field in zip(columns, fields,
-                                                                       strict=True)))
+            rows.append(
+                tuple(convert(field) for convert, field in zip(columns, fields, strict=True))
+            )
         except ValueError as e:
-            raise SourceError(f"{path}:{line_number}: cannot parse {line!r} ({e}); the file "
-                              f"is damaged, {unpack} again.") from e
+            raise SourceError(
+                f"{path}:{line_number}: cannot parse {line!r} ({e}); the file "
+                f"is damaged, {unpack} again."
+            ) from e
     if not rows:
         raise SourceError(f"{path} is empty; the file is damaged, {unpack} again.")
     return rows
@@ -124,8 +129,10 @@ def _threshold_soft_mask(image_bytes: bytes, path: Path, size: tuple[int, int]) 
     except (UnidentifiedImageError, OSError) as e:
         raise SourceError(f"{path}: not a readable mask image ({e}).") from e
     if grey.shape != size:
-        raise SourceError(f"{path}: the mask is {grey.shape[0]}x{grey.shape[1]} (HxW) but its "
-                          f"image is {size[0]}x{size[1]}; the mask belongs to another image.")
+        raise SourceError(
+            f"{path}: the mask is {grey.shape[0]}x{grey.shape[1]} (HxW) but its "
+            f"image is {size[0]}x{size[1]}; the mask belongs to another image."
+        )
     return grey >= OBJECT_MASK_THRESHOLD
 
 
@@ -147,15 +154,16 @@ def _load_mat(path: Path, unpack: str, root_holds: str) -> dict[str, Any]:
     try:
         return scipy.io.loadmat(path, squeeze_me=True)
     except (ValueError, NotImplementedError, OSError) as e:
-        raise SourceError(f"{path}: not a readable MATLAB v5 file ({e}); {unpack} again."
-                          ) from e
+        raise SourceError(f"{path}: not a readable MATLAB v5 file ({e}); {unpack} again.") from e
 
 
 def _mat_field(mat: dict[str, Any], key: str, path: Path) -> np.ndarray:
     if key not in mat:
         found = sorted(k for k in mat if not k.startswith("__"))
-        raise SourceError(f"{path}: has no variable {key!r} (found {found}); it is not the "
-                          f"file the official archive ships (see {DOCS}).")
+        raise SourceError(
+            f"{path}: has no variable {key!r} (found {found}); it is not the "
+            f"file the official archive ships (see {DOCS})."
+        )
     return np.atleast_1d(mat[key])
 
 
@@ -174,8 +182,7 @@ class _LocalSource(Source):
             self._entries[split].append(SourceEntry(image_id, filename, label, key))
 
     def _boxes_for(self, entry: SourceEntry, pixel_yxyx: np.ndarray) -> np.ndarray:
-        height, width = _image_size(self._read_bytes(entry.filename),
-                                    self.root / entry.filename)
+        height, width = _image_size(self._read_bytes(entry.filename), self.root / entry.filename)
         return _normalised_boxes(pixel_yxyx, height, width)
 
 
@@ -183,8 +190,10 @@ class _LocalSource(Source):
 
 _CUB_ARCHIVE = "unpack CUB_200_2011.tgz"
 _CUB_HOLDS = "images.txt, classes.txt, ... (the CUB_200_2011 folder)"
-_CUB_LAYOUT = ("CUB_200_2011/ from CUB_200_2011.tgz: images.txt, image_class_labels.txt, "
-               "classes.txt, train_test_split.txt, bounding_boxes.txt, parts/, images/")
+_CUB_LAYOUT = (
+    "CUB_200_2011/ from CUB_200_2011.tgz: images.txt, image_class_labels.txt, "
+    "classes.txt, train_test_split.txt, bounding_boxes.txt, parts/, images/"
+)
 
 
 @register_source("cub200")
@@ -206,8 +215,7 @@ class Cub200Source(_LocalSource):
 
     def __init__(self, config: ml_collections.ConfigDict):
         root = _require_root(config, _CUB_LAYOUT)
-        if not (root / "images.txt").exists() and (root / "CUB_200_2011" / "images.txt"
-                                                   ).is_file():
+        if not (root / "images.txt").exists() and (root / "CUB_200_2011" / "images.txt").is_file():
             root = root / "CUB_200_2011"
         self.root = root
 
@@ -218,9 +226,10 @@ class Cub200Source(_LocalSource):
         labels = dict(table("image_class_labels.txt", int, int))
         is_train = dict(table("train_test_split.txt", int, int))
         classes = table("classes.txt", int, str)
-        boxes = {i: (y, x, y + h, x + w)
-                 for i, x, y, w, h in table("bounding_boxes.txt", int, float, float, float,
-                                            float)}
+        boxes = {
+            i: (y, x, y + h, x + w)
+            for i, x, y, w, h in table("bounding_boxes.txt", int, float, float, float, float)
+        }
         parts = table("parts/parts.txt", int, str)
         part_locs = table("parts/part_locs.txt", int, int, float, float, int)
         if not (root / "images").is_dir():
@@ -235,35 +244,44 @@ class Cub200Source(_LocalSource):
         self._part_locs = np.zeros((len(images), len(self.part_names), 3), np.float64)
         for cub_id, part_id, x, y, visible in part_locs:
             if cub_id not in row_of or not 1 <= part_id <= len(self.part_names):
-                raise SourceError(f"{root / 'parts/part_locs.txt'}: image {cub_id} / part "
-                                  f"{part_id} is not in images.txt / parts/parts.txt.")
+                raise SourceError(
+                    f"{root / 'parts/part_locs.txt'}: image {cub_id} / part "
+                    f"{part_id} is not in images.txt / parts/parts.txt."
+                )
             self._part_locs[row_of[cub_id], part_id - 1] = (x, y, visible)
 
         rows = []
         for row, (cub_id, relative) in enumerate(images):
-            for name, table_of in (("image_class_labels.txt", labels),
-                                   ("train_test_split.txt", is_train),
-                                   ("bounding_boxes.txt", boxes)):
+            for name, table_of in (
+                ("image_class_labels.txt", labels),
+                ("train_test_split.txt", is_train),
+                ("bounding_boxes.txt", boxes),
+            ):
                 if cub_id not in table_of:
-                    raise SourceError(f"{root / name}: no line for image {cub_id} "
-                                      f"({relative}); {_CUB_ARCHIVE} again.")
+                    raise SourceError(
+                        f"{root / name}: no line for image {cub_id} "
+                        f"({relative}); {_CUB_ARCHIVE} again."
+                    )
             label = labels[cub_id] - 1
             if not 0 <= label < len(self.class_names):
-                raise SourceError(f"{root / 'image_class_labels.txt'}: image {cub_id} has "
-                                  f"class {labels[cub_id]}, not in classes.txt.")
+                raise SourceError(
+                    f"{root / 'image_class_labels.txt'}: image {cub_id} has "
+                    f"class {labels[cub_id]}, not in classes.txt."
+                )
             split = "train" if is_train[cub_id] == 1 else "test"
             key = (relative, row, boxes[cub_id])
             rows.append((cub_id - 1, f"images/{relative}", label, split, key))
         self._set_entries(rows)
 
         self.segmentations_dir = next(
-            (d for d in (root / "segmentations", root.parent / "segmentations") if d.is_dir()),
-            None)
+            (d for d in (root / "segmentations", root.parent / "segmentations") if d.is_dir()), None
+        )
         if self.segmentations_dir is None and config.segmentation.method == "gt":
             raise SourceError(
                 f"segmentation.method='gt' uses CUB's bird masks, but neither "
                 f"{_where(root / 'segmentations')} nor {root.parent / 'segmentations'} "
-                f"exists: unpack segmentations.tgz inside or beside {root} (see {DOCS}).")
+                f"exists: unpack segmentations.tgz inside or beside {root} (see {DOCS})."
+            )
 
     @staticmethod
     def _names_by_id(rows: list[tuple[int, str]], path: Path) -> list[str]:
@@ -279,8 +297,7 @@ class Cub200Source(_LocalSource):
         x, y, visible = self._part_locs[row].T
         visible = visible > 0
         yx = np.clip(np.stack([y / height, x / width], axis=-1), 0.0, 1.0)
-        return np.concatenate([yx * visible[:, None], visible[:, None]], axis=-1
-                              ).astype(np.float32)
+        return np.concatenate([yx * visible[:, None], visible[:, None]], axis=-1).astype(np.float32)
 
     def object_mask(self, entry: SourceEntry, height: int, width: int) -> np.ndarray | None:
         """The bird mask, bool ``[H, W]``, or None when segmentations.tgz is not unpacked."""
@@ -294,7 +311,8 @@ class Cub200Source(_LocalSource):
             raise SourceError(
                 f"{_where(path)}: cannot read the bird mask of {entry.filename} ({e}); the "
                 f"masks in {self.segmentations_dir} are incomplete: unpack segmentations.tgz "
-                "again.") from e
+                "again."
+            ) from e
         return _threshold_soft_mask(data, path, (height, width))
 
     def object_boxes(self, entry: SourceEntry) -> np.ndarray:
@@ -306,17 +324,24 @@ class Cub200Source(_LocalSource):
         image_bytes = self._read_bytes(entry.filename)
         height, width = _image_size(image_bytes, self.root / entry.filename)
         return SourceItem(
-            image_id=entry.image_id, filename=entry.filename, image_bytes=image_bytes,
+            image_id=entry.image_id,
+            filename=entry.filename,
+            image_bytes=image_bytes,
             label=entry.label,
-            gt=GroundTruth(object_mask=self.object_mask(entry, height, width),
-                           keypoints=self.keypoints(entry, height, width)))
+            gt=GroundTruth(
+                object_mask=self.object_mask(entry, height, width),
+                keypoints=self.keypoints(entry, height, width),
+            ),
+        )
 
 
 # ------------------------------------------------------------------------------ Dogs
 
 _DOGS_HOLDS = "Images/, Annotation/ and lists/"
-_DOGS_LAYOUT = ("Images/<wnid-breed>/*.jpg from images.tar, Annotation/ from annotation.tar, "
-                "lists/{train,test}_list.mat from lists.tar")
+_DOGS_LAYOUT = (
+    "Images/<wnid-breed>/*.jpg from images.tar, Annotation/ from annotation.tar, "
+    "lists/{train,test}_list.mat from lists.tar"
+)
 
 
 @register_source("dogs")
@@ -337,20 +362,29 @@ class StanfordDogsSource(_LocalSource):
         for split in ("train", "test"):
             for relative in self._read_list(split):
                 if relative in split_of:
-                    raise SourceError(f"Images/{relative} is listed twice (in "
-                                      f"{split_of[relative]}_list.mat and {split}_list.mat).")
+                    raise SourceError(
+                        f"Images/{relative} is listed twice (in "
+                        f"{split_of[relative]}_list.mat and {split}_list.mat)."
+                    )
                 split_of[relative] = split
         self.class_names = sorted({relative.split("/")[0] for relative in split_of})
         images_dir = self.root / "Images"
         for class_name in self.class_names:
             if not (images_dir / class_name).is_dir():
-                raise _missing_file(images_dir / class_name, "unpack images.tar",
-                                    _DOGS_HOLDS)
+                raise _missing_file(images_dir / class_name, "unpack images.tar", _DOGS_HOLDS)
         class_index = {name: i for i, name in enumerate(self.class_names)}
-        self._set_entries([
-            (image_id, f"Images/{relative}", class_index[relative.split("/")[0]],
-             split_of[relative], relative)
-            for image_id, relative in enumerate(sorted(split_of))])
+        self._set_entries(
+            [
+                (
+                    image_id,
+                    f"Images/{relative}",
+                    class_index[relative.split("/")[0]],
+                    split_of[relative],
+                    relative,
+                )
+                for image_id, relative in enumerate(sorted(split_of))
+            ]
+        )
 
     def _read_list(self, split: str) -> list[str]:
         name = f"{split}_list.mat"
@@ -369,23 +403,32 @@ class StanfordDogsSource(_LocalSource):
             raise _missing_file(path, "unpack annotation.tar", _DOGS_HOLDS)
         try:
             tree = ElementTree.parse(path)
-            pixel_yxyx = [[float(box.findtext(k)) for k in ("ymin", "xmin", "ymax", "xmax")]
-                          for box in tree.iter("bndbox")]
+            pixel_yxyx = [
+                [float(box.findtext(k)) for k in ("ymin", "xmin", "ymax", "xmax")]
+                for box in tree.iter("bndbox")
+            ]
         except (ElementTree.ParseError, TypeError, ValueError) as e:
-            raise SourceError(f"{path}: not a PASCAL VOC annotation with numeric <bndbox> "
-                              f"values ({e}).") from e
+            raise SourceError(
+                f"{path}: not a PASCAL VOC annotation with numeric <bndbox> values ({e})."
+            ) from e
         return self._boxes_for(entry, np.asarray(pixel_yxyx).reshape(-1, 4))
 
     def load(self, entry: SourceEntry) -> SourceItem:
-        return SourceItem(image_id=entry.image_id, filename=entry.filename,
-                          image_bytes=self._read_bytes(entry.filename), label=entry.label)
+        return SourceItem(
+            image_id=entry.image_id,
+            filename=entry.filename,
+            image_bytes=self._read_bytes(entry.filename),
+            label=entry.label,
+        )
 
 
 # ------------------------------------------------------------------------------ Cars
 
 _CARS_HOLDS = "cars_train/, cars_test/ and devkit/"
-_CARS_LAYOUT = ("cars_train/ and cars_test/ from cars_train.tgz / cars_test.tgz, devkit/ "
-                "from car_devkit.tgz, and cars_test_annos_withlabels.mat")
+_CARS_LAYOUT = (
+    "cars_train/ and cars_test/ from cars_train.tgz / cars_test.tgz, devkit/ "
+    "from car_devkit.tgz, and cars_test_annos_withlabels.mat"
+)
 _CARS_FIELDS = ("fname", "class", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
 
 
@@ -406,36 +449,43 @@ class StanfordCarsSource(_LocalSource):
         meta_path = root / "devkit" / "cars_meta.mat"
         meta = _load_mat(meta_path, "unpack car_devkit.tgz", _CARS_HOLDS)
         self.class_names = [str(n) for n in _mat_field(meta, "class_names", meta_path)]
-        test_candidates = (root / "cars_test_annos_withlabels.mat",
-                           root / "devkit" / "cars_test_annos_withlabels.mat")
+        test_candidates = (
+            root / "cars_test_annos_withlabels.mat",
+            root / "devkit" / "cars_test_annos_withlabels.mat",
+        )
         annotation_paths = {
             "train": root / "devkit" / "cars_train_annos.mat",
             "test": next((p for p in test_candidates if p.is_file()), test_candidates[0]),
         }
-        fetch = {"train": "unpack car_devkit.tgz",
-                 "test": f"download cars_test_annos_withlabels.mat into {root}"}
+        fetch = {
+            "train": "unpack car_devkit.tgz",
+            "test": f"download cars_test_annos_withlabels.mat into {root}",
+        }
         rows = []
         for split, path in annotation_paths.items():
             if not (root / f"cars_{split}").is_dir():
-                raise _missing_file(root / f"cars_{split}", f"unpack cars_{split}.tgz",
-                                    _CARS_HOLDS)
-            annotations = _mat_field(_load_mat(path, fetch[split], _CARS_HOLDS),
-                                     "annotations", path)
+                raise _missing_file(root / f"cars_{split}", f"unpack cars_{split}.tgz", _CARS_HOLDS)
+            annotations = _mat_field(
+                _load_mat(path, fetch[split], _CARS_HOLDS), "annotations", path
+            )
             missing = [f for f in _CARS_FIELDS if f not in (annotations.dtype.names or ())]
             if missing:
                 raise SourceError(
                     f"{path}: annotations lack the field(s) {missing} (the test file must be "
                     f"cars_test_annos_withlabels.mat, not devkit/cars_test_annos.mat; see "
-                    f"{DOCS}).")
+                    f"{DOCS})."
+                )
             for a in sorted(annotations, key=lambda a: str(a["fname"])):
                 label = int(a["class"]) - 1
                 if not 0 <= label < len(self.class_names):
-                    raise SourceError(f"{path}: {a['fname']} has class {int(a['class'])}; "
-                                      f"cars_meta.mat has {len(self.class_names)} classes.")
-                pixel_yxyx = tuple(float(a[k]) for k in ("bbox_y1", "bbox_x1", "bbox_y2",
-                                                         "bbox_x2"))
-                rows.append((len(rows), f"cars_{split}/{a['fname']}", label, split,
-                             pixel_yxyx))
+                    raise SourceError(
+                        f"{path}: {a['fname']} has class {int(a['class'])}; "
+                        f"cars_meta.mat has {len(self.class_names)} classes."
+                    )
+                pixel_yxyx = tuple(
+                    float(a[k]) for k in ("bbox_y1", "bbox_x1", "bbox_y2", "bbox_x2")
+                )
+                rows.append((len(rows), f"cars_{split}/{a['fname']}", label, split, pixel_yxyx))
         self._set_entries(rows)
 
     def object_boxes(self, entry: SourceEntry) -> np.ndarray:
@@ -443,16 +493,22 @@ class StanfordCarsSource(_LocalSource):
         return self._boxes_for(entry, np.asarray(entry.key))
 
     def load(self, entry: SourceEntry) -> SourceItem:
-        return SourceItem(image_id=entry.image_id, filename=entry.filename,
-                          image_bytes=self._read_bytes(entry.filename), label=entry.label)
+        return SourceItem(
+            image_id=entry.image_id,
+            filename=entry.filename,
+            image_bytes=self._read_bytes(entry.filename),
+            label=entry.label,
+        )
 
 
 # ------------------------------------------------------------------------------ tfds
 
 
 def _tfds_prepare_hint(name: str, data_dir: str) -> str:
-    return (f"prepare it once on a machine with TensorFlow: pip install tensorflow && tfds "
-            f"build {name} --data_dir={data_dir} --file_format=array_record (see {DOCS})")
+    return (
+        f"prepare it once on a machine with TensorFlow: pip install tensorflow && tfds "
+        f"build {name} --data_dir={data_dir} --file_format=array_record (see {DOCS})"
+    )
 
 
 @register_source("tfds")
@@ -472,32 +528,46 @@ class TfdsSource(Source):
     def __init__(self, config: ml_collections.ConfigDict):
         name, data_dir = config.dataset.tfds_name, config.dataset.tfds_data_dir
         if not name:
-            raise SourceError("config.dataset.tfds_name is empty; set it to a prepared tfds "
-                              "dataset, e.g. caltech_birds2011, stanford_dogs or cars196.")
+            raise SourceError(
+                "config.dataset.tfds_name is empty; set it to a prepared tfds "
+                "dataset, e.g. caltech_birds2011, stanford_dogs or cars196."
+            )
         if not data_dir:
-            raise SourceError("config.dataset.tfds_data_dir is empty; set it to the tfds "
-                              f"data_dir that holds the prepared {name}.")
+            raise SourceError(
+                "config.dataset.tfds_data_dir is empty; set it to the tfds "
+                f"data_dir that holds the prepared {name}."
+            )
         try:
             import tensorflow_datasets as tfds
         except ImportError as e:
-            raise SourceError("dataset.name='tfds' needs tensorflow-datasets and "
-                              "array_record (pip install tensorflow-datasets).") from e
+            raise SourceError(
+                "dataset.name='tfds' needs tensorflow-datasets and "
+                "array_record (pip install tensorflow-datasets)."
+            ) from e
         try:
             builder = tfds.builder(name, data_dir=data_dir)
         except tfds.core.registered.DatasetNotFoundError as e:
-            raise SourceError(f"config.dataset.tfds_name={name!r} is not a tfds dataset: {e}"
-                              ) from e
+            raise SourceError(
+                f"config.dataset.tfds_name={name!r} is not a tfds dataset: {e}"
+            ) from e
         if not builder.is_prepared():
-            raise SourceError(f"no prepared {name} in {_where(Path(builder.data_dir))}: "
-                              f"{_tfds_prepare_hint(name, data_dir)}.")
+            raise SourceError(
+                f"no prepared {name} in {_where(Path(builder.data_dir))}: "
+                f"{_tfds_prepare_hint(name, data_dir)}."
+            )
         features = builder.info.features
         label = features["label"] if "label" in features else None
         if "image" not in features or not isinstance(label, tfds.features.ClassLabel):
-            raise SourceError(f"tfds dataset {name} has features {sorted(features)}; this "
-                              "source needs an 'image' and a ClassLabel 'label'.")
+            raise SourceError(
+                f"tfds dataset {name} has features {sorted(features)}; this "
+                "source needs an 'image' and a ClassLabel 'label'."
+            )
         self._builder, self._data_dir = builder, data_dir
-        self._skip_images = {key: tfds.decode.SkipDecoding() for key, feature
-                             in features.items() if isinstance(feature, tfds.features.Image)}
+        self._skip_images = {
+            key: tfds.decode.SkipDecoding()
+            for key, feature in features.items()
+            if isinstance(feature, tfds.features.Image)
+        }
         self.root = Path(builder.data_dir)
         self.class_names = list(label.names)
         known = [s for s in ("train", "validation", "test") if s in builder.info.splits]
@@ -518,7 +588,8 @@ class TfdsSource(Source):
             name = self._builder.info.name
             try:
                 self._data_sources[split] = self._builder.as_data_source(
-                    split, decoders=self._skip_images)
+                    split, decoders=self._skip_images
+                )
             except NotImplementedError as e:
                 raise SourceError(
                     f"{name} in {self._builder.data_dir} is prepared as "
@@ -544,9 +615,14 @@ class TfdsSource(Source):
             rows = []
             for index in range(len(data_source)):
                 example = data_source[index]
-                rows.append(SourceEntry(self._offsets[split] + index,
-                                        self._filename(example, split, index),
-                                        int(example["label"]), (split, index)))
+                rows.append(
+                    SourceEntry(
+                        self._offsets[split] + index,
+                        self._filename(example, split, index),
+                        int(example["label"]),
+                        (split, index),
+                    )
+                )
             self._entries[split] = rows
         return list(self._entries[split])
 
@@ -574,6 +650,10 @@ class TfdsSource(Source):
             where = Path(f"{self.root}/{entry.filename}:segmentation_mask")
             size = _image_size(image_bytes, self.root / entry.filename)
             object_mask = _threshold_soft_mask(example["segmentation_mask"], where, size)
-        return SourceItem(image_id=entry.image_id, filename=entry.filename,
-                          image_bytes=image_bytes, label=entry.label,
-                          gt=GroundTruth(object_mask=object_mask))
+        return SourceItem(
+            image_id=entry.image_id,
+            filename=entry.filename,
+            image_bytes=image_bytes,
+            label=entry.label,
+            gt=GroundTruth(object_mask=object_mask),
+        )

@@ -83,14 +83,20 @@ def plan_shards(
     """Splits ``entries`` (sorted by id) into ``count`` contiguous shards."""
     total = len(entries)
     return [
-        ShardPlan(split, j, count, tuple(entries[j * total // count : (j + 1) * total // count]),
-                  records_dir / records.shard_name(split, j, count))
+        ShardPlan(
+            split,
+            j,
+            count,
+            tuple(entries[j * total // count : (j + 1) * total // count]),
+            records_dir / records.shard_name(split, j, count),
+        )
         for j in range(count)
     ]
 
 
-def _fingerprint(config: ml_collections.ConfigDict, source: sources.Source,
-                 plan: ShardPlan) -> dict[str, Any]:
+def _fingerprint(
+    config: ml_collections.ConfigDict, source: sources.Source, plan: ShardPlan
+) -> dict[str, Any]:
     """What determines a shard's bytes; a complete shard must match it to be reused."""
     listing = "".join(f"{e.image_id}\t{e.filename}\t{e.label}\n" for e in plan.entries)
     return dict(
@@ -105,8 +111,9 @@ def _fingerprint(config: ml_collections.ConfigDict, source: sources.Source,
 
 def _postprocess_params(config: ml_collections.ConfigDict) -> dict[str, int]:
     seg = config.segmentation
-    return dict(max_masks=seg.max_masks, skip_background=seg.skip_background,
-                min_box_px=seg.min_box_px)
+    return dict(
+        max_masks=seg.max_masks, skip_background=seg.skip_background, min_box_px=seg.min_box_px
+    )
 
 
 # ------------------------------------------------------------------------- one image
@@ -122,7 +129,8 @@ def _decode(item: sources.SourceItem, root: Path) -> tuple[np.ndarray, bytes, st
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ExportError(
             f"{root / item.filename}: cannot decode image (id {item.image_id}): {e}. Replace "
-            "or remove the file and re-run (complete shards are skipped).") from e
+            "or remove the file and re-run (complete shards are skipped)."
+        ) from e
     image_format = sources.image_format(item.image_bytes)
     if image_format is not None:
         return rgb, item.image_bytes, image_format
@@ -147,14 +155,19 @@ def build_record(
     height, width = rgb.shape[:2]
     masks = np.asarray(segmenter.segment(rgb, item), dtype=bool)
     if masks.ndim != 3 or masks.shape[1:] != (height, width):
-        raise ExportError(f"{root / item.filename}: segmenter {segmenter.method!r} returned "
-                          f"masks of shape {masks.shape}, expected [N, {height}, {width}].")
+        raise ExportError(
+            f"{root / item.filename}: segmenter {segmenter.method!r} returned "
+            f"masks of shape {masks.shape}, expected [N, {height}, {width}]."
+        )
     seg = config.segmentation
-    processed = postprocess.postprocess(masks, seg.max_masks, seg.skip_background,
-                                        seg.min_box_px)
+    processed = postprocess.postprocess(masks, seg.max_masks, seg.skip_background, seg.min_box_px)
     if processed.used_fallback:
-        logging.warning("%s: no mask survived post-processing (%d from %s); storing one "
-                        "full-image mask.", item.filename, len(masks), segmenter.method)
+        logging.warning(
+            "%s: no mask survived post-processing (%d from %s); storing one full-image mask.",
+            item.filename,
+            len(masks),
+            segmenter.method,
+        )
     gt = item.gt
     record = records.ImageRecord(
         image_id=item.image_id,
@@ -163,15 +176,17 @@ def build_record(
         height=height,
         width=width,
         filename=item.filename,
-        label=(int(item.label) if np.ndim(item.label) == 0
-               else np.sort(np.asarray(item.label, np.int64))),
+        label=(
+            int(item.label)
+            if np.ndim(item.label) == 0
+            else np.sort(np.asarray(item.label, np.int64))
+        ),
         boxes=processed.boxes,
         areas=processed.areas,
         mask_pngs=[records.encode_mask_png(m) for m in processed.masks],
         part_map_png=None if gt.part_map is None else records.encode_label_map_png(gt.part_map),
         decisive_parts=gt.decisive_parts,
-        object_mask_png=None if gt.object_mask is None else records.encode_mask_png(
-            gt.object_mask),
+        object_mask_png=None if gt.object_mask is None else records.encode_mask_png(gt.object_mask),
         keypoints=gt.keypoints,
     )
     return record, processed.used_fallback
@@ -180,13 +195,19 @@ def build_record(
 # ------------------------------------------------------------------------ one shard
 
 
-def _empty_stats(plan: ShardPlan, num_classes: int, fingerprint: dict[str, Any]
-                 ) -> dict[str, Any]:
-    return dict(split=plan.split, shard_index=plan.index, num_shards=plan.count,
-                num_images=0, num_masks=0, num_fallbacks=0, class_counts=[0] * num_classes,
-                first_id=plan.entries[0].image_id if plan.entries else None,
-                last_id=plan.entries[-1].image_id if plan.entries else None,
-                export=fingerprint)
+def _empty_stats(plan: ShardPlan, num_classes: int, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        split=plan.split,
+        shard_index=plan.index,
+        num_shards=plan.count,
+        num_images=0,
+        num_masks=0,
+        num_fallbacks=0,
+        class_counts=[0] * num_classes,
+        first_id=plan.entries[0].image_id if plan.entries else None,
+        last_id=plan.entries[-1].image_id if plan.entries else None,
+        export=fingerprint,
+    )
 
 
 def _count(stats: dict[str, Any], label: Any, num_masks: int, fallback: bool) -> None:
@@ -197,9 +218,14 @@ def _count(stats: dict[str, Any], label: Any, num_masks: int, fallback: bool) ->
         stats["class_counts"][int(c)] += 1
 
 
-def _write_shard(plan: ShardPlan, source: sources.Source, segmenter: segmenters.Segmenter,
-                 config: ml_collections.ConfigDict, fingerprint: dict[str, Any],
-                 on_image: Callable[[], None]) -> None:
+def _write_shard(
+    plan: ShardPlan,
+    source: sources.Source,
+    segmenter: segmenters.Segmenter,
+    config: ml_collections.ConfigDict,
+    fingerprint: dict[str, Any],
+    on_image: Callable[[], None],
+) -> None:
     stats = _empty_stats(plan, len(source.class_names), fingerprint)
 
     def serialized():
@@ -215,8 +241,9 @@ def _write_shard(plan: ShardPlan, source: sources.Source, segmenter: segmenters.
     records.write_json_atomic(plan.stats_path, stats)
 
 
-def _stats_from_shard(plan: ShardPlan, num_classes: int, fingerprint: dict[str, Any]
-                      ) -> dict[str, Any]:
+def _stats_from_shard(
+    plan: ShardPlan, num_classes: int, fingerprint: dict[str, Any]
+) -> dict[str, Any]:
     """Re-derives a complete shard's sidecar by reading its records.
 
     Only needed when a process died between publishing a shard and writing its sidecar
@@ -230,8 +257,7 @@ def _stats_from_shard(plan: ShardPlan, num_classes: int, fingerprint: dict[str, 
     return stats
 
 
-def _load_stats(plan: ShardPlan, num_classes: int, fingerprint: dict[str, Any]
-                ) -> dict[str, Any]:
+def _load_stats(plan: ShardPlan, num_classes: int, fingerprint: dict[str, Any]) -> dict[str, Any]:
     """The sidecar of a complete shard, checked against the current export settings
     (re-derived from the shard if missing; call it only for shards this process owns or
     whose sidecar exists)."""
@@ -245,18 +271,23 @@ def _load_stats(plan: ShardPlan, num_classes: int, fingerprint: dict[str, Any]
             f"{plan.path} was written by an export with other settings:\n  found:    "
             f"{json.dumps(stats.get('export'), sort_keys=True)}\n  expected: "
             f"{json.dumps(fingerprint, sort_keys=True)}\nDelete {plan.path.parent} (or "
-            "point config.dataset.records_dir elsewhere) to export again.")
+            "point config.dataset.records_dir elsewhere) to export again."
+        )
     return stats
 
 
 def _check_no_foreign_shards(records_dir: Path, split: str, count: int) -> None:
-    foreign = sorted(p.name for p in records_dir.glob(f"{split}-*-of-*.tfrecord")
-                     if not p.name.endswith(f"-of-{count:05d}.tfrecord"))
+    foreign = sorted(
+        p.name
+        for p in records_dir.glob(f"{split}-*-of-*.tfrecord")
+        if not p.name.endswith(f"-of-{count:05d}.tfrecord")
+    )
     if foreign:
         raise ExportError(
             f"{records_dir} holds '{split}' shards of an export with a different shard count "
             f"({foreign[:3]}...), but segmentation.shards.{split}={count}. Delete them or "
-            "export to another config.dataset.records_dir.")
+            "export to another config.dataset.records_dir."
+        )
 
 
 def _remove_stale_temporaries(plan: ShardPlan) -> None:
@@ -268,16 +299,20 @@ def _remove_stale_temporaries(plan: ShardPlan) -> None:
 # ------------------------------------------------------------------------ the export
 
 
-def _dataset_info(config: ml_collections.ConfigDict, source: sources.Source,
-                  split_stats: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def _dataset_info(
+    config: ml_collections.ConfigDict,
+    source: sources.Source,
+    split_stats: dict[str, list[dict[str, Any]]],
+) -> dict[str, Any]:
     splits = {}
     for split, shard_stats in split_stats.items():
         splits[split] = dict(
             num_images=sum(s["num_images"] for s in shard_stats),
             num_masks=sum(s["num_masks"] for s in shard_stats),
             num_shards=len(shard_stats),
-            class_counts=np.sum([s["class_counts"] for s in shard_stats], axis=0,
-                                dtype=np.int64).tolist(),
+            class_counts=np.sum(
+                [s["class_counts"] for s in shard_stats], axis=0, dtype=np.int64
+            ).tolist(),
             num_fallbacks=sum(s["num_fallbacks"] for s in shard_stats),
         )
     return dict(
@@ -293,22 +328,28 @@ def _dataset_info(config: ml_collections.ConfigDict, source: sources.Source,
     )
 
 
-def _check_config(config: ml_collections.ConfigDict, source: sources.Source,
-                  splits: Sequence[str]) -> None:
+def _check_config(
+    config: ml_collections.ConfigDict, source: sources.Source, splits: Sequence[str]
+) -> None:
     if config.dataset.num_classes != len(source.class_names):
         raise ExportError(
             f"config.dataset.num_classes={config.dataset.num_classes} but the "
-            f"{source.name} dataset at {source.root} has {len(source.class_names)} classes.")
+            f"{source.name} dataset at {source.root} has {len(source.class_names)} classes."
+        )
     if bool(config.dataset.multi_label) != bool(source.multi_label):
-        raise ExportError(f"config.dataset.multi_label={config.dataset.multi_label} but the "
-                          f"{source.name} source is {'' if source.multi_label else 'not '}"
-                          "multi-label.")
+        raise ExportError(
+            f"config.dataset.multi_label={config.dataset.multi_label} but the "
+            f"{source.name} source is {'' if source.multi_label else 'not '}"
+            "multi-label."
+        )
     shards = config.segmentation.shards
     for split in splits:
         if split not in shards:
-            raise ExportError(f"the dataset has a '{split}' split but "
-                              f"config.segmentation.shards has no entry for it "
-                              f"(has: {sorted(shards.keys())}).")
+            raise ExportError(
+                f"the dataset has a '{split}' split but "
+                f"config.segmentation.shards has no entry for it "
+                f"(has: {sorted(shards.keys())})."
+            )
         if int(shards[split]) < 1:
             raise ExportError(f"config.segmentation.shards.{split} must be >= 1.")
 
@@ -333,11 +374,11 @@ def export(
       What was written and skipped, and the dataset info once every shard is complete.
     """
     if not 0 <= shard_index < num_shards:
-        raise ExportError(f"--shard_index={shard_index} must be in [0, --num_shards="
-                          f"{num_shards}).")
+        raise ExportError(f"--shard_index={shard_index} must be in [0, --num_shards={num_shards}).")
     if not config.dataset.records_dir:
-        raise ExportError("config.dataset.records_dir is empty; set it to the folder the "
-                          "records are written to.")
+        raise ExportError(
+            "config.dataset.records_dir is empty; set it to the folder the records are written to."
+        )
     started = time.perf_counter()
     source = sources.get_source(config)
     splits = list(source.splits())
@@ -352,8 +393,12 @@ def export(
         _check_no_foreign_shards(records_dir, split, count)
         entries = source.entries(split)
         if len(entries) < count:
-            logging.warning("split %s has %d images for %d shards; some shards stay empty.",
-                            split, len(entries), count)
+            logging.warning(
+                "split %s has %d images for %d shards; some shards stay empty.",
+                split,
+                len(entries),
+                count,
+            )
         plans += plan_shards(entries, split, count, records_dir)
     fingerprints = {plan.path: _fingerprint(config, source, plan) for plan in plans}
 
@@ -368,12 +413,22 @@ def export(
         segmenter = segmenters.get_segmenter(config, sam_model=sam_model)
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(len(p.entries) for p in todo), unit="img", disable=not progress,
-                   desc=f"export {config.segmentation.method}")
+        bar = tqdm(
+            total=sum(len(p.entries) for p in todo),
+            unit="img",
+            disable=not progress,
+            desc=f"export {config.segmentation.method}",
+        )
         for plan in todo:
             _remove_stale_temporaries(plan)
-            _write_shard(plan, source, segmenter, config, fingerprints[plan.path],
-                         on_image=lambda: bar.update(1))
+            _write_shard(
+                plan,
+                source,
+                segmenter,
+                config,
+                fingerprints[plan.path],
+                on_image=lambda: bar.update(1),
+            )
             images_written += len(plan.entries)
         bar.close()
 
@@ -382,8 +437,12 @@ def export(
     missing = [p for p in plans if not (p.is_complete() and p.stats_path.exists())]
     dataset_info = None
     if not missing:
-        split_stats = {split: [_load_stats(p, num_classes, fingerprints[p.path])
-                               for p in plans if p.split == split] for split in splits}
+        split_stats = {
+            split: [
+                _load_stats(p, num_classes, fingerprints[p.path]) for p in plans if p.split == split
+            ]
+            for split in splits
+        }
         dataset_info = _dataset_info(config, source, split_stats)
         records.write_json_atomic(records_dir / records.DATASET_INFO, dataset_info)
     return ExportResult(
@@ -399,22 +458,29 @@ def export(
 
 def summary(result: ExportResult) -> str:
     """A few lines saying what was written and where the records are."""
-    lines = [f"Wrote {len(result.shards_written)} shard(s) ({result.images_written} images) "
-             f"in {result.seconds:.1f} s; skipped {len(result.shards_skipped)} complete."]
+    lines = [
+        f"Wrote {len(result.shards_written)} shard(s) ({result.images_written} images) "
+        f"in {result.seconds:.1f} s; skipped {len(result.shards_skipped)} complete."
+    ]
     if result.dataset_info is None:
         lines.append(
             f"Waiting for {len(result.shards_missing)} shard(s) of other processes "
             f"({', '.join(result.shards_missing[:4])}...); dataset_info.json is written by the "
-            "process that completes the last shard (or re-run any process).")
+            "process that completes the last shard (or re-run any process)."
+        )
         return "\n".join(lines)
     info = result.dataset_info
-    lines.append(f"Records in {result.records_dir} ({info['dataset']}, "
-                 f"{info['segmenter']['method']} masks, at most "
-                 f"{info['postprocess']['max_masks']} per image):")
+    lines.append(
+        f"Records in {result.records_dir} ({info['dataset']}, "
+        f"{info['segmenter']['method']} masks, at most "
+        f"{info['postprocess']['max_masks']} per image):"
+    )
     for split, s in info["splits"].items():
-        lines.append(f"  {split:>5}: {s['num_images']} images, {s['num_masks']} masks "
-                     f"({s['num_masks'] / max(s['num_images'], 1):.1f} per image), "
-                     f"{s['num_shards']} shards, {s['num_fallbacks']} full-image fallbacks")
+        lines.append(
+            f"  {split:>5}: {s['num_images']} images, {s['num_masks']} masks "
+            f"({s['num_masks'] / max(s['num_images'], 1):.1f} per image), "
+            f"{s['num_shards']} shards, {s['num_fallbacks']} full-image fallbacks"
+        )
     return "\n".join(lines)
 
 
@@ -425,8 +491,9 @@ def _define_flags() -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py.",
-                                    lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file, e.g. configs/demo.py.", lock_config=True
+    )
     flags.DEFINE_integer("shard_index", 0, "Index of this process among --num_shards.")
     flags.DEFINE_integer("num_shards", 1, "Number of processes sharing the export.")
     flags.mark_flags_as_required(["config"])
@@ -444,7 +511,7 @@ def _config_key_error(argv: Sequence[str]) -> str | None:
         elif arg == "--config" and i + 1 < len(argv):
             config_path = argv[i + 1]
         elif arg.startswith("--config."):
-            overrides.append(arg[len("--config."):].split("=", 1)[0])
+            overrides.append(arg[len("--config.") :].split("=", 1)[0])
     if config_path is None:
         return None
     node = runpy.run_path(config_path.split(":", 1)[0])["get_config"]()
@@ -452,10 +519,13 @@ def _config_key_error(argv: Sequence[str]) -> str | None:
         current, prefix = node, "config"
         for key in dotted.split("."):
             if not isinstance(current, ml_collections.ConfigDict) or key not in current:
-                valid = sorted(current.keys()) if isinstance(
-                    current, ml_collections.ConfigDict) else []
-                return (f"--config.{dotted}: {prefix} has no key {key!r}; valid keys: "
-                        f"{', '.join(valid)}.")
+                valid = (
+                    sorted(current.keys()) if isinstance(current, ml_collections.ConfigDict) else []
+                )
+                return (
+                    f"--config.{dotted}: {prefix} has no key {key!r}; valid keys: "
+                    f"{', '.join(valid)}."
+                )
             current, prefix = current[key], f"{prefix}.{key}"
     return None
 
@@ -477,8 +547,7 @@ def main(argv: Sequence[str]) -> None:
     FLAGS = flags.FLAGS
     try:
         result = export(FLAGS.config, FLAGS.shard_index, FLAGS.num_shards)
-    except (ExportError, sources.SourceError, segmenters.SegmenterError,
-            records.RecordError) as e:
+    except (ExportError, sources.SourceError, segmenters.SegmenterError, records.RecordError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     print(summary(result))

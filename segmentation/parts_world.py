@@ -84,8 +84,13 @@ DISTRACTOR_COLOURS = {
     "slate": (90, 105, 130),
     "sand": (195, 180, 150),
 }
-BACKGROUND_COLOURS = ((205, 200, 185), (180, 190, 170), (170, 180, 190), (150, 145, 135),
-                      (215, 210, 200))
+BACKGROUND_COLOURS = (
+    (205, 200, 185),
+    (180, 190, 170),
+    (170, 180, 190),
+    (150, 145, 135),
+    (215, 210, 200),
+)
 BACKGROUND_KINDS = ("noise", "stripes", "blobs")
 
 COLOUR_JITTER = 20  # max per-channel deviation of a part's colour from its palette colour
@@ -130,8 +135,9 @@ def class_specs(num_classes: int) -> list[ClassSpec]:
       ValueError: if ``num_classes`` is not in ``[2, MAX_CLASSES]``.
     """
     if not 2 <= num_classes <= MAX_CLASSES:
-        raise ValueError(f"parts world num_classes must be in [2, {MAX_CLASSES}], got "
-                         f"{num_classes}.")
+        raise ValueError(
+            f"parts world num_classes must be in [2, {MAX_CLASSES}], got {num_classes}."
+        )
     colours = list(SIGNATURE_COLOURS)
     specs = []
     for c in range(num_classes):
@@ -142,7 +148,8 @@ def class_specs(num_classes: int) -> list[ClassSpec]:
         if c % 4 == 3:
             second = DECISIVE_CANDIDATES[(pair + 1) % len(DECISIVE_CANDIDATES)]
             second_colour = colours[
-                (pair + 2 * (pair // len(DECISIVE_CANDIDATES)) + 2) % len(colours)]
+                (pair + 2 * (pair // len(DECISIVE_CANDIDATES)) + 2) % len(colours)
+            ]
             decisive[second] = (SHAPE_NAMES[second][2], second_colour)
         name = "+".join(f"{col}-{shape}-{PART_NAMES[p]}" for p, (shape, col) in decisive.items())
         specs.append(ClassSpec(name=name, decisive=decisive))
@@ -154,15 +161,26 @@ def class_specs(num_classes: int) -> list[ClassSpec]:
 # ------------------------------------------------------------------------- geometry
 
 
-def _ellipse(cx: float, cy: float, rx: float, ry: float, start: float = 0.0,
-             stop: float = 2 * math.pi, n: int = 24) -> np.ndarray:
+def _ellipse(
+    cx: float,
+    cy: float,
+    rx: float,
+    ry: float,
+    start: float = 0.0,
+    stop: float = 2 * math.pi,
+    n: int = 24,
+) -> np.ndarray:
     t = np.linspace(start, stop, n, endpoint=stop - start < 2 * math.pi)
     return np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], axis=1)
 
 
 def _capsule(x0: float, y0: float, x1: float, y1: float, radius: float) -> np.ndarray:
-    corners = ((x1 - radius, y1 - radius, 0.0), (x0 + radius, y1 - radius, 0.5 * math.pi),
-               (x0 + radius, y0 + radius, math.pi), (x1 - radius, y0 + radius, 1.5 * math.pi))
+    corners = (
+        (x1 - radius, y1 - radius, 0.0),
+        (x0 + radius, y1 - radius, 0.5 * math.pi),
+        (x0 + radius, y0 + radius, math.pi),
+        (x1 - radius, y0 + radius, 1.5 * math.pi),
+    )
     arcs = [_ellipse(cx, cy, radius, radius, a, a + 0.5 * math.pi, 6) for cx, cy, a in corners]
     return np.concatenate(arcs)
 
@@ -194,12 +212,17 @@ def part_polygons(part: int, shape: str) -> list[np.ndarray]:
             return [_polygon((-14, -4), (-36, -13), (-29, 0), (-36, 13), (-14, 4))]
         return [_polygon((-14, -5), (-35, -5), (-35, 5), (-14, 5))]
     if part == LEG:
-        return [_polygon((-9, 7), (-4, 7), (-4, 25), (-9, 25)),
-                _polygon((4, 7), (9, 7), (9, 25), (4, 25))]
+        return [
+            _polygon((-9, 7), (-4, 7), (-4, 25), (-9, 25)),
+            _polygon((4, 7), (9, 7), (9, 25), (4, 25)),
+        ]
     if part == CREST:
         if shape == "spikes":
-            return [_polygon((17, -15), (19, -28), (22, -19), (25, -30), (28, -19), (31, -28),
-                             (33, -15))]
+            return [
+                _polygon(
+                    (17, -15), (19, -28), (22, -19), (25, -30), (28, -19), (31, -28), (33, -15)
+                )
+            ]
         if shape == "dome":
             return [_ellipse(25, -15, 8, 11, math.pi, 2 * math.pi, 13)]
         return [_polygon((18, -15), (30, -15), (15, -32))]
@@ -219,8 +242,7 @@ class RenderedImage:
 
 
 def _jittered(rng: np.random.Generator, rgb: tuple[int, int, int]) -> tuple[int, int, int]:
-    noise = np.clip(np.rint(rng.normal(0.0, COLOUR_JITTER / 2, 3)), -COLOUR_JITTER,
-                    COLOUR_JITTER)
+    noise = np.clip(np.rint(rng.normal(0.0, COLOUR_JITTER / 2, 3)), -COLOUR_JITTER, COLOUR_JITTER)
     return tuple(int(v) for v in np.clip(np.asarray(rgb) + noise, 0, 255))
 
 
@@ -283,8 +305,9 @@ def render_image(rng: np.random.Generator, spec: ClassSpec, size: int) -> Render
     cos, sin = math.cos(angle), math.sin(angle)
     # Object units -> pixels: p_px = R @ diag(mirror, 1) @ p * scale + offset.
     linear = scale * np.array([[cos * mirror, -sin], [sin * mirror, cos]])
-    polygons = {p: [poly @ linear.T for poly in part_polygons(p, a.shape)]
-                for p, a in parts.items()}
+    polygons = {
+        p: [poly @ linear.T for poly in part_polygons(p, a.shape)] for p, a in parts.items()
+    }
     points = np.concatenate([poly for polys in polygons.values() for poly in polys])
     low = -points.min(axis=0) + _MARGIN_PX
     high = size - _MARGIN_PX - points.max(axis=0)
@@ -311,8 +334,10 @@ def render_image(rng: np.random.Generator, spec: ClassSpec, size: int) -> Render
     # A dark one-pixel outline wherever a part meets a different label (or the image edge).
     padded = np.pad(part_map, 1, mode="edge")
     boundary = (
-        (padded[:-2, 1:-1] != part_map) | (padded[2:, 1:-1] != part_map)
-        | (padded[1:-1, :-2] != part_map) | (padded[1:-1, 2:] != part_map)
+        (padded[:-2, 1:-1] != part_map)
+        | (padded[2:, 1:-1] != part_map)
+        | (padded[1:-1, :-2] != part_map)
+        | (padded[1:-1, 2:] != part_map)
     ) & (part_map > 0)
     pixels[boundary] *= OUTLINE_SHADE
     image = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
@@ -334,11 +359,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _params(num_classes: int, image_size: int, train_per_class: int, test_per_class: int,
-            seed: int) -> dict[str, int]:
-    return dict(num_classes=int(num_classes), image_size=int(image_size),
-                train_per_class=int(train_per_class), test_per_class=int(test_per_class),
-                seed=int(seed))
+def _params(
+    num_classes: int, image_size: int, train_per_class: int, test_per_class: int, seed: int
+) -> dict[str, int]:
+    return dict(
+        num_classes=int(num_classes),
+        image_size=int(image_size),
+        train_per_class=int(train_per_class),
+        test_per_class=int(test_per_class),
+        seed=int(seed),
+    )
 
 
 def load_metadata(root: str | os.PathLike) -> dict[str, Any] | None:
@@ -385,7 +415,8 @@ def generate(
         if existing["params"] != params:
             raise ValueError(
                 f"{root} already holds a parts world generated with {existing['params']}, "
-                f"not {params}. Delete the folder or choose another dataset root.")
+                f"not {params}. Delete the folder or choose another dataset root."
+            )
         return existing
     if image_size < 32:
         raise ValueError(f"parts world image_size must be >= 32 px, got {image_size}.")
@@ -407,12 +438,19 @@ def generate(
                 # one may read a file another is rewriting (same bytes, never half-written).
                 _write_atomic(root / image_file, _png_bytes(rendered.image))
                 _write_atomic(root / part_map_file, _png_bytes(rendered.part_map))
-                images.append(dict(
-                    id=image_id, split=split, label=label, image=image_file,
-                    part_map=part_map_file,
-                    parts={PART_NAMES[p]: dataclasses.asdict(a)
-                           for p, a in sorted(rendered.parts.items())},
-                ))
+                images.append(
+                    dict(
+                        id=image_id,
+                        split=split,
+                        label=label,
+                        image=image_file,
+                        part_map=part_map_file,
+                        parts={
+                            PART_NAMES[p]: dataclasses.asdict(a)
+                            for p, a in sorted(rendered.parts.items())
+                        },
+                    )
+                )
                 image_id += 1
 
     metadata = dict(
@@ -421,11 +459,17 @@ def generate(
         params=params,
         part_names=list(PART_NAMES),
         class_names=[spec.name for spec in specs],
-        classes=[dict(name=spec.name,
-                      decisive_parts=sorted(spec.decisive),
-                      decisive={PART_NAMES[p]: dict(shape=s, colour=col)
-                                for p, (s, col) in sorted(spec.decisive.items())})
-                 for spec in specs],
+        classes=[
+            dict(
+                name=spec.name,
+                decisive_parts=sorted(spec.decisive),
+                decisive={
+                    PART_NAMES[p]: dict(shape=s, colour=col)
+                    for p, (s, col) in sorted(spec.decisive.items())
+                },
+            )
+            for spec in specs
+        ],
         images=images,
     )
     _write_atomic(root / CONTACT_SHEET_FILE, _png_bytes(contact_sheet(root, metadata)))
@@ -437,12 +481,22 @@ def generate(
 # ---------------------------------------------------------------------- contact sheet
 
 _PART_MAP_PALETTE = np.array(
-    [(0, 0, 0), (160, 160, 160), (230, 80, 80), (80, 140, 240), (240, 200, 60), (120, 200, 120),
-     (210, 90, 210)], np.uint8)
+    [
+        (0, 0, 0),
+        (160, 160, 160),
+        (230, 80, 80),
+        (80, 140, 240),
+        (240, 200, 60),
+        (120, 200, 120),
+        (210, 90, 210),
+    ],
+    np.uint8,
+)
 
 
-def contact_sheet(root: str | os.PathLike, metadata: dict[str, Any],
-                  examples_per_class: int = 6) -> np.ndarray:
+def contact_sheet(
+    root: str | os.PathLike, metadata: dict[str, Any], examples_per_class: int = 6
+) -> np.ndarray:
     """One row per class: its name, ``examples_per_class`` training images and the part
     map of the first one (parts coloured). Returns ``uint8 [H, W, 3]``."""
     root = Path(root)
@@ -466,8 +520,9 @@ def contact_sheet(root: str | os.PathLike, metadata: dict[str, Any],
         if by_class[c]:
             with Image.open(root / by_class[c][0]["part_map"]) as part_map:
                 coloured = _PART_MAP_PALETTE[np.asarray(part_map)]
-            sheet.paste(Image.fromarray(coloured),
-                        (label_width + examples_per_class * (size + gap), top))
+            sheet.paste(
+                Image.fromarray(coloured), (label_width + examples_per_class * (size + gap), top)
+            )
     return np.asarray(sheet)
 
 
@@ -480,11 +535,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--test_per_class", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    metadata = generate(args.root, args.num_classes, args.image_size, args.train_per_class,
-                        args.test_per_class, args.seed)
-    print(f"{args.root}: {len(metadata['images'])} images, {args.num_classes} classes "
-          f"({', '.join(metadata['class_names'])}); contact sheet: "
-          f"{Path(args.root) / CONTACT_SHEET_FILE}")
+    metadata = generate(
+        args.root,
+        args.num_classes,
+        args.image_size,
+        args.train_per_class,
+        args.test_per_class,
+        args.seed,
+    )
+    print(
+        f"{args.root}: {len(metadata['images'])} images, {args.num_classes} classes "
+        f"({', '.join(metadata['class_names'])}); contact sheet: "
+        f"{Path(args.root) / CONTACT_SHEET_FILE}"
+    )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,7 @@ class Segmenter(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def from_config(cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None
-                    ) -> Segmenter:
+    def from_config(cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None) -> Segmenter:
         """Builds the segmenter from ``config.segmentation``."""
 
     @staticmethod
@@ -78,13 +77,15 @@ class GridSegmenter(Segmenter):
 
     def __init__(self, rows: int, cols: int):
         if rows < 1 or cols < 1:
-            raise SegmenterError(f"segmentation.grid rows and cols must be >= 1, got "
-                                 f"{rows} x {cols}.")
+            raise SegmenterError(
+                f"segmentation.grid rows and cols must be >= 1, got {rows} x {cols}."
+            )
         self.rows, self.cols = rows, cols
 
     @classmethod
-    def from_config(cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None
-                    ) -> GridSegmenter:
+    def from_config(
+        cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None
+    ) -> GridSegmenter:
         return cls(seg_config.grid.rows, seg_config.grid.cols)
 
     def segment(self, image: np.ndarray, item: SourceItem) -> np.ndarray:
@@ -113,16 +114,22 @@ class SlicSegmenter(Segmenter):
         self.n_segments, self.compactness, self.sigma = n_segments, compactness, sigma
 
     @classmethod
-    def from_config(cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None
-                    ) -> SlicSegmenter:
-        return cls(seg_config.slic.n_segments, seg_config.slic.compactness,
-                   seg_config.slic.sigma)
+    def from_config(
+        cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None
+    ) -> SlicSegmenter:
+        return cls(seg_config.slic.n_segments, seg_config.slic.compactness, seg_config.slic.sigma)
 
     def segment(self, image: np.ndarray, item: SourceItem) -> np.ndarray:
         from skimage.segmentation import slic
 
-        labels = slic(image, n_segments=self.n_segments, compactness=self.compactness,
-                      sigma=self.sigma, start_label=0, channel_axis=-1)
+        labels = slic(
+            image,
+            n_segments=self.n_segments,
+            compactness=self.compactness,
+            sigma=self.sigma,
+            start_label=0,
+            channel_axis=-1,
+        )
         present = np.unique(labels)
         return labels[None] == present[:, None, None]
 
@@ -140,8 +147,9 @@ class GroundTruthSegmenter(Segmenter):
     method = "gt"
 
     @classmethod
-    def from_config(cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None
-                    ) -> GroundTruthSegmenter:
+    def from_config(
+        cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None
+    ) -> GroundTruthSegmenter:
         return cls()
 
     def segment(self, image: np.ndarray, item: SourceItem) -> np.ndarray:
@@ -158,14 +166,15 @@ class GroundTruthSegmenter(Segmenter):
             return object_mask[None]
         raise SegmenterError(
             f"{item.filename}: segmentation.method='gt' needs ground-truth masks (a part map "
-            "or an object mask) but this dataset provides none; choose sam, slic or grid.")
+            "or an object mask) but this dataset provides none; choose sam, slic or grid."
+        )
 
     @staticmethod
-    def _check_size(shape: tuple[int, ...], image: np.ndarray, item: SourceItem,
-                    what: str) -> None:
+    def _check_size(shape: tuple[int, ...], image: np.ndarray, item: SourceItem, what: str) -> None:
         if tuple(shape) != image.shape[:2]:
-            raise SegmenterError(f"{item.filename}: {what} is {tuple(shape)} but the image is "
-                                 f"{image.shape[:2]}.")
+            raise SegmenterError(
+                f"{item.filename}: {what} is {tuple(shape)} but the image is {image.shape[:2]}."
+            )
 
     @staticmethod
     def params(seg_config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -206,13 +215,16 @@ def load_sam_model(model_type: str, checkpoint: str, checkpoint_sha256: str = ""
     from segment_anything import sam_model_registry
 
     if model_type not in sam_model_registry:
-        raise SegmenterError(f"segmentation.sam.model_type={model_type!r} is unknown; valid: "
-                             f"{sorted(sam_model_registry)}.")
+        raise SegmenterError(
+            f"segmentation.sam.model_type={model_type!r} is unknown; valid: "
+            f"{sorted(sam_model_registry)}."
+        )
     url = SAM_CHECKPOINT_URLS.get(model_type, "the segment-anything release page")
     if not checkpoint:
         raise SegmenterError(
             "segmentation.sam.checkpoint is empty. Download the SAM weights by hand (e.g. "
-            f"{url}) and pass --config.segmentation.sam.checkpoint=/path/to/file.pth.")
+            f"{url}) and pass --config.segmentation.sam.checkpoint=/path/to/file.pth."
+        )
     path = Path(checkpoint)
     if not path.is_file():
         raise SegmenterError(f"SAM checkpoint {path.resolve()} not found (download: {url}).")
@@ -222,14 +234,16 @@ def load_sam_model(model_type: str, checkpoint: str, checkpoint_sha256: str = ""
             raise SegmenterError(
                 f"SAM checkpoint {path}: SHA-256 {actual} does not match "
                 f"segmentation.sam.checkpoint_sha256={checkpoint_sha256}; the file is corrupt "
-                "or a different model.")
+                "or a different model."
+            )
     model = sam_model_registry[model_type]()
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:
         raise SegmenterError(
-            f"SAM checkpoint {path} does not fit model_type={model_type!r}: {e}") from e
+            f"SAM checkpoint {path} does not fit model_type={model_type!r}: {e}"
+        ) from e
     return model
 
 
@@ -240,8 +254,9 @@ def resolve_torch_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SegmenterError(f"segmentation.device={device!r} but torch sees no CUDA device; "
-                             "use 'auto' or 'cpu'.")
+        raise SegmenterError(
+            f"segmentation.device={device!r} but torch sees no CUDA device; use 'auto' or 'cpu'."
+        )
     return device
 
 
@@ -254,13 +269,14 @@ class SamSegmenter(Segmenter):
 
     method = "sam"
 
-    def __init__(self, sam_config: ml_collections.ConfigDict, device: str = "auto",
-                 model: Any = None):
+    def __init__(
+        self, sam_config: ml_collections.ConfigDict, device: str = "auto", model: Any = None
+    ):
         """Args:
-          sam_config: ``config.segmentation.sam``.
-          device: ``auto``, ``cpu`` or a torch CUDA device.
-          model: a prebuilt ``segment_anything.modeling.Sam`` (tests, notebooks); when None
-            the model is loaded from ``sam_config.checkpoint``.
+        sam_config: ``config.segmentation.sam``.
+        device: ``auto``, ``cpu`` or a torch CUDA device.
+        model: a prebuilt ``segment_anything.modeling.Sam`` (tests, notebooks); when None
+          the model is loaded from ``sam_config.checkpoint``.
         """
         from segment_anything import SamAutomaticMaskGenerator
 
@@ -270,10 +286,12 @@ class SamSegmenter(Segmenter):
             except ImportError as e:
                 raise SegmenterError(
                     "segmentation.sam.min_mask_region_area > 0 needs opencv (pip install "
-                    "opencv-python-headless); set it to 0 (the reference's value).") from e
+                    "opencv-python-headless); set it to 0 (the reference's value)."
+                ) from e
         if model is None:
-            model = load_sam_model(sam_config.model_type, sam_config.checkpoint,
-                                   sam_config.checkpoint_sha256)
+            model = load_sam_model(
+                sam_config.model_type, sam_config.checkpoint, sam_config.checkpoint_sha256
+            )
         self.device = resolve_torch_device(device)
         model.to(self.device).eval()
         self._generator = SamAutomaticMaskGenerator(
@@ -289,8 +307,9 @@ class SamSegmenter(Segmenter):
         )
 
     @classmethod
-    def from_config(cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None
-                    ) -> SamSegmenter:
+    def from_config(
+        cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None
+    ) -> SamSegmenter:
         return cls(seg_config.sam, device=seg_config.device, model=sam_model)
 
     def segment(self, image: np.ndarray, item: SourceItem) -> np.ndarray:
@@ -331,8 +350,9 @@ SEGMENTERS: dict[str, type[Segmenter]] = {
 def _segmenter_class(config: ml_collections.ConfigDict) -> type[Segmenter]:
     method = config.segmentation.method
     if method not in SEGMENTERS:
-        raise SegmenterError(f"segmentation.method={method!r} is unknown; valid: "
-                             f"{sorted(SEGMENTERS)}.")
+        raise SegmenterError(
+            f"segmentation.method={method!r} is unknown; valid: {sorted(SEGMENTERS)}."
+        )
     return SEGMENTERS[method]
 
 

@@ -149,7 +149,8 @@ def get_source(config: ml_collections.ConfigDict) -> Source:
     name = config.dataset.name
     if name not in _SOURCES:
         raise SourceError(
-            f"config.dataset.name={name!r} is not a known source; known: {sorted(_SOURCES)}.")
+            f"config.dataset.name={name!r} is not a known source; known: {sorted(_SOURCES)}."
+        )
     return _SOURCES[name](config)
 
 
@@ -157,12 +158,14 @@ def _require_root(config: ml_collections.ConfigDict, layout: str) -> Path:
     if not config.dataset.root:
         raise SourceError(
             f"config.dataset.root is empty; set it to the folder holding the "
-            f"{config.dataset.name} dataset ({layout}).")
+            f"{config.dataset.name} dataset ({layout})."
+        )
     root = Path(config.dataset.root)
     if not root.is_dir():
         raise SourceError(
             f"dataset root {root.resolve()} does not exist. Put the {config.dataset.name} "
-            f"dataset there ({layout}) or point --config.dataset.root at it.")
+            f"dataset there ({layout}) or point --config.dataset.root at it."
+        )
     return root
 
 
@@ -179,8 +182,10 @@ class PartsWorldSource(Source):
         from segmentation import parts_world
 
         if not config.dataset.root:
-            raise SourceError("config.dataset.root is empty; set it to the folder the parts "
-                              "world is generated into (e.g. data/parts_world).")
+            raise SourceError(
+                "config.dataset.root is empty; set it to the folder the parts "
+                "world is generated into (e.g. data/parts_world)."
+            )
         self.root = Path(config.dataset.root)
         synthetic = config.dataset.synthetic
         self._metadata = parts_world.generate(
@@ -193,13 +198,13 @@ class PartsWorldSource(Source):
         )
         self.class_names = list(self._metadata["class_names"])
         self.part_names = list(self._metadata["part_names"])
-        self._decisive = [np.asarray(c["decisive_parts"], np.int64)
-                          for c in self._metadata["classes"]]
+        self._decisive = [
+            np.asarray(c["decisive_parts"], np.int64) for c in self._metadata["classes"]
+        ]
 
     def entries(self, split: str) -> list[SourceEntry]:
         rows = [
-            SourceEntry(image_id=e["id"], filename=e["image"], label=e["label"],
-                        key=e["part_map"])
+            SourceEntry(image_id=e["id"], filename=e["image"], label=e["label"], key=e["part_map"])
             for e in self._metadata["images"]
             if e["split"] == split
         ]
@@ -221,8 +226,9 @@ class PartsWorldSource(Source):
 
 # -------------------------------------------------------------------------- folder
 
-_FOLDER_LAYOUT = ("one sub-folder per class holding its images, optionally under train/ "
-                  "and test/ sub-folders")
+_FOLDER_LAYOUT = (
+    "one sub-folder per class holding its images, optionally under train/ and test/ sub-folders"
+)
 
 
 @register_source("folder")
@@ -242,8 +248,9 @@ class FolderSource(Source):
                     # Not is_file(): anything that is not a folder and looks like an image
                     # is listed; an unreadable one fails later, naming the file.
                     if path.suffix.lower() in IMAGE_SUFFIXES and not path.is_dir():
-                        files.append((path.relative_to(self.root).as_posix(), split,
-                                      class_dir.name))
+                        files.append(
+                            (path.relative_to(self.root).as_posix(), split, class_dir.name)
+                        )
         if not files:
             raise SourceError(f"{self.root}: no images found; expected {_FOLDER_LAYOUT}.")
         self.class_names = sorted({c for _, _, c in files})
@@ -251,7 +258,8 @@ class FolderSource(Source):
         self._entries: dict[str, list[SourceEntry]] = {s: [] for s in bases}
         for image_id, (relative, split, class_name) in enumerate(sorted(files)):
             self._entries[split].append(
-                SourceEntry(image_id=image_id, filename=relative, label=class_index[class_name]))
+                SourceEntry(image_id=image_id, filename=relative, label=class_index[class_name])
+            )
 
     def splits(self) -> tuple[str, ...]:
         return tuple(s for s in ("train", "test") if self._entries.get(s))
@@ -260,8 +268,12 @@ class FolderSource(Source):
         return list(self._entries.get(split, []))
 
     def load(self, entry: SourceEntry) -> SourceItem:
-        return SourceItem(image_id=entry.image_id, filename=entry.filename,
-                          image_bytes=self._read_bytes(entry.filename), label=entry.label)
+        return SourceItem(
+            image_id=entry.image_id,
+            filename=entry.filename,
+            image_bytes=self._read_bytes(entry.filename),
+            label=entry.label,
+        )
 
 
 def image_format(data: bytes) -> str | None:
@@ -271,7 +283,6 @@ def image_format(data: bytes) -> str | None:
     if data.startswith(b"\xff\xd8\xff"):
         return "jpeg"
     return None
-
 
 
 # The real datasets (cub200, dogs, cars196, tfds) register themselves into the same registry.

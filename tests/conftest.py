@@ -37,7 +37,8 @@ def tiny_records(tmp_path_factory):
     config.dataset.records_dir = str(base / "records")
     config.dataset.num_classes = 4
     config.dataset.synthetic.update(
-        num_classes=4, image_size=64, train_per_class=6, test_per_class=2, seed=0)
+        num_classes=4, image_size=64, train_per_class=6, test_per_class=2, seed=0
+    )
     config.segmentation.update(method="gt", max_masks=8, skip_background=0, min_box_px=2)
     config.segmentation.shards.update(train=2, test=1)
     export.export(config, progress=False)
@@ -66,18 +67,34 @@ def tiny_sam_model():
     image_size, patch_size, embed_dim = 256, 16, 64
     return Sam(
         image_encoder=ImageEncoderViT(
-            img_size=image_size, patch_size=patch_size, embed_dim=embed_dim, depth=2,
-            num_heads=2, mlp_ratio=2, out_chans=embed_dim, qkv_bias=True,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
-            window_size=4, global_attn_indexes=(1,)),
+            img_size=image_size,
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            depth=2,
+            num_heads=2,
+            mlp_ratio=2,
+            out_chans=embed_dim,
+            qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True,
+            window_size=4,
+            global_attn_indexes=(1,),
+        ),
         prompt_encoder=PromptEncoder(
-            embed_dim=embed_dim, image_embedding_size=(image_size // patch_size,) * 2,
-            input_image_size=(image_size, image_size), mask_in_chans=8),
+            embed_dim=embed_dim,
+            image_embedding_size=(image_size // patch_size,) * 2,
+            input_image_size=(image_size, image_size),
+            mask_in_chans=8,
+        ),
         mask_decoder=MaskDecoder(
-            num_multimask_outputs=3, transformer_dim=embed_dim,
-            transformer=TwoWayTransformer(depth=1, embedding_dim=embed_dim, mlp_dim=128,
-                                          num_heads=2),
-            iou_head_depth=2, iou_head_hidden_dim=32),
+            num_multimask_outputs=3,
+            transformer_dim=embed_dim,
+            transformer=TwoWayTransformer(
+                depth=1, embedding_dim=embed_dim, mlp_dim=128, num_heads=2
+            ),
+            iou_head_depth=2,
+            iou_head_hidden_dim=32,
+        ),
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     ).eval()

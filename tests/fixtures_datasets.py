@@ -16,9 +16,23 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CUB_PART_NAMES = ["back", "beak", "belly", "breast", "crown", "forehead", "left eye",
-                  "left leg", "left wing", "nape", "right eye", "right leg", "right wing",
-                  "tail", "throat"]
+CUB_PART_NAMES = [
+    "back",
+    "beak",
+    "belly",
+    "breast",
+    "crown",
+    "forehead",
+    "left eye",
+    "left leg",
+    "left wing",
+    "nape",
+    "right eye",
+    "right leg",
+    "right wing",
+    "tail",
+    "throat",
+]
 
 
 @dataclasses.dataclass
@@ -92,8 +106,7 @@ def _lines(rows) -> str:
 # ------------------------------------------------------------------------------- CUB
 
 
-def make_cub(base: Path, segmentations: str | None = "inside", seed: int = 0
-             ) -> ExpectedDataset:
+def make_cub(base: Path, segmentations: str | None = "inside", seed: int = 0) -> ExpectedDataset:
     """``base/CUB_200_2011`` with 3 classes x 3 images (2 train, 1 test).
 
     Args:
@@ -105,8 +118,7 @@ def make_cub(base: Path, segmentations: str | None = "inside", seed: int = 0
     """
     rng = np.random.default_rng(seed)
     root = base / "CUB_200_2011"
-    class_names = ["001.Black_footed_Albatross", "002.Laysan_Albatross",
-                   "003.Sooty_Albatross"]
+    class_names = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
     images, rows = [], dict(images=[], labels=[], split=[], boxes=[], locs=[])
     cub_id = 0
     for class_index, class_name in enumerate(class_names):
@@ -141,12 +153,22 @@ def make_cub(base: Path, segmentations: str | None = "inside", seed: int = 0
             rows["labels"].append((cub_id, class_index + 1))
             rows["split"].append((cub_id, is_train))
             rows["boxes"].append((cub_id, x, y, w, h))
-            images.append(ExpectedImage(
-                image_id=cub_id - 1, filename=f"images/{relative}", label=class_index,
-                split="train" if is_train else "test", height=height, width=width,
-                boxes=np.array([[y / height, x / width, (y + h) / height, (x + w) / width]],
-                               np.float32),
-                image_bytes=data, keypoints=keypoints, object_mask=object_mask))
+            images.append(
+                ExpectedImage(
+                    image_id=cub_id - 1,
+                    filename=f"images/{relative}",
+                    label=class_index,
+                    split="train" if is_train else "test",
+                    height=height,
+                    width=width,
+                    boxes=np.array(
+                        [[y / height, x / width, (y + h) / height, (x + w) / width]], np.float32
+                    ),
+                    image_bytes=data,
+                    keypoints=keypoints,
+                    object_mask=object_mask,
+                )
+            )
 
     def shuffled(table):
         return [table[i] for i in rng.permutation(len(table))]
@@ -174,8 +196,7 @@ def make_dogs(root: Path, lists_in_subfolder: bool = True, seed: int = 1) -> Exp
     import scipy.io
 
     rng = np.random.default_rng(seed)
-    class_names = ["n02085620-Chihuahua", "n02085782-Japanese_spaniel",
-                   "n02085936-Maltese_dog"]
+    class_names = ["n02085620-Chihuahua", "n02085782-Japanese_spaniel", "n02085936-Maltese_dog"]
     listed = {"train": [], "test": []}
     written = []
     for class_index, class_name in enumerate(class_names):
@@ -189,36 +210,54 @@ def make_dogs(root: Path, lists_in_subfolder: bool = True, seed: int = 1) -> Exp
             boxes_px = []
             for _ in range(1 + k % 2):  # one or two dogs
                 x0, y0 = int(rng.integers(0, width // 2)), int(rng.integers(0, height // 2))
-                boxes_px.append((x0, y0, int(rng.integers(x0 + 2, width)),
-                                 int(rng.integers(y0 + 2, height))))
+                boxes_px.append(
+                    (x0, y0, int(rng.integers(x0 + 2, width)), int(rng.integers(y0 + 2, height)))
+                )
             objects = "".join(
                 f"<object><name>{class_name.split('-', 1)[1]}</name><pose>Unspecified</pose>"
                 f"<truncated>0</truncated><difficult>0</difficult><bndbox><xmin>{x0}</xmin>"
                 f"<ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
-                for x0, y0, x1, y1 in boxes_px)
-            _write(root / "Annotation" / class_name / stem,
-                   f"<annotation><folder>{wnid[1:]}</folder><filename>{stem}</filename>"
-                   f"<size><width>{width}</width><height>{height}</height><depth>3</depth>"
-                   f"</size><segment>0</segment>{objects}</annotation>")
+                for x0, y0, x1, y1 in boxes_px
+            )
+            _write(
+                root / "Annotation" / class_name / stem,
+                f"<annotation><folder>{wnid[1:]}</folder><filename>{stem}</filename>"
+                f"<size><width>{width}</width><height>{height}</height><depth>3</depth>"
+                f"</size><segment>0</segment>{objects}</annotation>",
+            )
             split = "train" if k < 2 else "test"
             listed[split].append((relative, class_index + 1))
-            boxes = np.array([[y0 / height, x0 / width, y1 / height, x1 / width]
-                              for x0, y0, x1, y1 in boxes_px], np.float32)
+            boxes = np.array(
+                [[y0 / height, x0 / width, y1 / height, x1 / width] for x0, y0, x1, y1 in boxes_px],
+                np.float32,
+            )
             written.append((relative, class_index, split, height, width, boxes, data))
     lists_dir = root / "lists" if lists_in_subfolder else root
     lists_dir.mkdir(parents=True, exist_ok=True)
     for split, entries in listed.items():
         order = rng.permutation(len(entries))  # the official lists are not sorted by path
         files = np.array([entries[i][0] for i in order], dtype=object).reshape(-1, 1)
-        scipy.io.savemat(lists_dir / f"{split}_list.mat", {
-            "file_list": files,
-            "annotation_list": np.array([f[: -len(".jpg")] for f in files[:, 0]],
-                                        dtype=object).reshape(-1, 1),
-            "labels": np.array([entries[i][1] for i in order], np.float64).reshape(-1, 1),
-        })
+        scipy.io.savemat(
+            lists_dir / f"{split}_list.mat",
+            {
+                "file_list": files,
+                "annotation_list": np.array(
+                    [f[: -len(".jpg")] for f in files[:, 0]], dtype=object
+                ).reshape(-1, 1),
+                "labels": np.array([entries[i][1] for i in order], np.float64).reshape(-1, 1),
+            },
+        )
     images = [
-        ExpectedImage(image_id=i, filename=f"Images/{relative}", label=label, split=split,
-                      height=h, width=w, boxes=boxes, image_bytes=data)
+        ExpectedImage(
+            image_id=i,
+            filename=f"Images/{relative}",
+            label=label,
+            split=split,
+            height=h,
+            width=w,
+            boxes=boxes,
+            image_bytes=data,
+        )
         for i, (relative, label, split, h, w, boxes, data) in enumerate(sorted(written))
     ]
     return ExpectedDataset(root, class_names, images)
@@ -227,21 +266,22 @@ def make_dogs(root: Path, lists_in_subfolder: bool = True, seed: int = 1) -> Exp
 # ------------------------------------------------------------------------------ Cars
 
 
-def make_cars(root: Path, test_labels_in_devkit: bool = False, seed: int = 2
-              ) -> ExpectedDataset:
+def make_cars(root: Path, test_labels_in_devkit: bool = False, seed: int = 2) -> ExpectedDataset:
     """``root/{cars_train,cars_test,devkit}`` + ``cars_test_annos_withlabels.mat``:
     3 classes, 4 train and 3 test images; annotations stored in shuffled order."""
     import scipy.io
 
     rng = np.random.default_rng(seed)
-    class_names = ["AM General Hummer SUV 2000", "Acura RL Sedan 2012",
-                   "Acura TL Sedan 2012"]
+    class_names = ["AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Acura TL Sedan 2012"]
     devkit = root / "devkit"
     devkit.mkdir(parents=True, exist_ok=True)
-    scipy.io.savemat(devkit / "cars_meta.mat",
-                     {"class_names": np.array(class_names, dtype=object).reshape(1, -1)})
-    fields = [(name, "O") for name in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class",
-                                       "fname")]
+    scipy.io.savemat(
+        devkit / "cars_meta.mat",
+        {"class_names": np.array(class_names, dtype=object).reshape(1, -1)},
+    )
+    fields = [
+        (name, "O") for name in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname")
+    ]
     images = []
     for split, count in (("train", 4), ("test", 3)):
         annotations = np.zeros((1, count), dtype=fields)
@@ -254,15 +294,28 @@ def make_cars(root: Path, test_labels_in_devkit: bool = False, seed: int = 2
             x2, y2 = int(rng.integers(x1 + 2, width)), int(rng.integers(y1 + 2, height))
             label = k % len(class_names)
             # MATLAB stores these as small integer matrices.
-            annotations[0, slot] = (np.array([[x1]], np.uint8), np.array([[y1]], np.uint8),
-                                    np.array([[x2]], np.uint16), np.array([[y2]], np.uint8),
-                                    np.array([[label + 1]], np.uint8), fname)
-            images.append(ExpectedImage(
-                image_id=k + (4 if split == "test" else 0), filename=f"cars_{split}/{fname}",
-                label=label, split=split, height=height, width=width,
-                boxes=np.array([[y1 / height, x1 / width, y2 / height, x2 / width]],
-                               np.float32),
-                image_bytes=data))
+            annotations[0, slot] = (
+                np.array([[x1]], np.uint8),
+                np.array([[y1]], np.uint8),
+                np.array([[x2]], np.uint16),
+                np.array([[y2]], np.uint8),
+                np.array([[label + 1]], np.uint8),
+                fname,
+            )
+            images.append(
+                ExpectedImage(
+                    image_id=k + (4 if split == "test" else 0),
+                    filename=f"cars_{split}/{fname}",
+                    label=label,
+                    split=split,
+                    height=height,
+                    width=width,
+                    boxes=np.array(
+                        [[y1 / height, x1 / width, y2 / height, x2 / width]], np.float32
+                    ),
+                    image_bytes=data,
+                )
+            )
         if split == "train":
             path = devkit / "cars_train_annos.mat"
         else:
@@ -275,8 +328,9 @@ def make_cars(root: Path, test_labels_in_devkit: bool = False, seed: int = 2
 # ------------------------------------------------------------------------------ tfds
 
 
-def make_tfds(data_dir: Path, name: str, file_format: str = "array_record", seed: int = 3
-              ) -> ExpectedDataset:
+def make_tfds(
+    data_dir: Path, name: str, file_format: str = "array_record", seed: int = 3
+) -> ExpectedDataset:
     """A prepared tfds ``name`` (caltech_birds2011, stanford_dogs or cars196) under
     ``data_dir``: 3 train and 2 test examples, written with the builder's own feature
     serialisation into ``array_record`` shards, as ``tfds build --file_format=array_record``
@@ -295,8 +349,8 @@ def make_tfds(data_dir: Path, name: str, file_format: str = "array_record", seed
     split_infos, images = [], []
     for split, count in (("train", 3), ("test", 2)):
         template = tfds.core.ShardedFileTemplate(
-            data_dir=builder.data_dir, dataset_name=name, split=split,
-            filetype_suffix=file_format)
+            data_dir=builder.data_dir, dataset_name=name, split=split, filetype_suffix=file_format
+        )
         writer = None
         if file_format == "array_record":
             writer = ArrayRecordWriter(str(template.sharded_filepaths(1)[0]), "group_size:1")
@@ -312,13 +366,22 @@ def make_tfds(data_dir: Path, name: str, file_format: str = "array_record", seed
             if name == "caltech_birds2011":
                 grey = soft_mask(rng, height, width)
                 object_mask = grey >= 128
-                example.update({"image/filename": filename, "label_name": "bird",
-                                "bbox": tfds.features.BBox(*box),
-                                "segmentation_mask": png_bytes(grey)})
+                example.update(
+                    {
+                        "image/filename": filename,
+                        "label_name": "bird",
+                        "bbox": tfds.features.BBox(*box),
+                        "segmentation_mask": png_bytes(grey),
+                    }
+                )
             elif name == "stanford_dogs":
                 boxes = np.stack([box, box * 0.5])
-                example.update({"image/filename": filename,
-                                "objects": [{"bbox": tfds.features.BBox(*b)} for b in boxes]})
+                example.update(
+                    {
+                        "image/filename": filename,
+                        "objects": [{"bbox": tfds.features.BBox(*b)} for b in boxes],
+                    }
+                )
             elif name == "cars196":
                 filename = f"{index + 1:05d}"
                 example.update({"bbox": tfds.features.BBox(*box), "id": filename})
@@ -326,14 +389,26 @@ def make_tfds(data_dir: Path, name: str, file_format: str = "array_record", seed
             num_bytes += len(serialized)
             if writer is not None:
                 writer.write(serialized)
-            images.append(ExpectedImage(
-                image_id=len(images), filename=filename, label=label, split=split,
-                height=height, width=width, boxes=boxes.astype(np.float32), image_bytes=data,
-                object_mask=object_mask))
+            images.append(
+                ExpectedImage(
+                    image_id=len(images),
+                    filename=filename,
+                    label=label,
+                    split=split,
+                    height=height,
+                    width=width,
+                    boxes=boxes.astype(np.float32),
+                    image_bytes=data,
+                    object_mask=object_mask,
+                )
+            )
         if writer is not None:
             writer.close()
-        split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[count],
-                                               num_bytes=num_bytes, filename_template=template))
+        split_infos.append(
+            tfds.core.SplitInfo(
+                name=split, shard_lengths=[count], num_bytes=num_bytes, filename_template=template
+            )
+        )
     builder.info.set_splits(tfds.core.SplitDict(split_infos))
     builder.info.write_to_directory(builder.data_dir)
     return ExpectedDataset(version_dir, list(features["label"].names), images)

@@ -20,8 +20,13 @@ pytest.importorskip("scipy", reason="the Dogs and Cars fixtures write .mat files
 CONFIGS = {"cub200": cub, "dogs": dogs, "cars196": cars}
 
 
-def _config(name: str, root: Path, records_dir: Path | None = None, num_classes: int = 3,
-            method: str = "grid") -> ml_collections.ConfigDict:
+def _config(
+    name: str,
+    root: Path,
+    records_dir: Path | None = None,
+    num_classes: int = 3,
+    method: str = "grid",
+) -> ml_collections.ConfigDict:
     if name == "tfds":
         config = common.get_base_config()
         config.dataset.name = "tfds"
@@ -43,7 +48,8 @@ def _check_entries(source: sources.Source, expected: fx.ExpectedDataset) -> None
     for split in ("train", "test"):
         entries = source.entries(split)
         assert [(e.image_id, e.filename, e.label) for e in entries] == [
-            (x.image_id, x.filename, x.label) for x in expected.split(split)]
+            (x.image_id, x.filename, x.label) for x in expected.split(split)
+        ]
 
 
 def _check_loaded(source: sources.Source, expected: fx.ExpectedDataset) -> None:
@@ -51,7 +57,10 @@ def _check_loaded(source: sources.Source, expected: fx.ExpectedDataset) -> None:
         for entry, want in zip(source.entries(split), expected.split(split), strict=True):
             item = source.load(entry)
             assert (item.image_id, item.filename, item.label) == (
-                want.image_id, want.filename, want.label)
+                want.image_id,
+                want.filename,
+                want.label,
+            )
             assert item.image_bytes == want.image_bytes
             np.testing.assert_allclose(source.object_boxes(entry), want.boxes, atol=1e-6)
             if want.keypoints is None:
@@ -74,8 +83,10 @@ def _box_of(mask: np.ndarray) -> np.ndarray:
     """Normalised half-open yxyx box of a mask, from np.nonzero."""
     ys, xs = np.nonzero(mask)
     height, width = mask.shape
-    return np.array([ys.min() / height, xs.min() / width, (ys.max() + 1) / height,
-                     (xs.max() + 1) / width], np.float32)
+    return np.array(
+        [ys.min() / height, xs.min() / width, (ys.max() + 1) / height, (xs.max() + 1) / width],
+        np.float32,
+    )
 
 
 def _check_export(config: ml_collections.ConfigDict, expected: fx.ExpectedDataset) -> None:
@@ -89,7 +100,8 @@ def _check_export(config: ml_collections.ConfigDict, expected: fx.ExpectedDatase
         wanted = expected.split(split)
         assert info["splits"][split]["num_images"] == len(wanted)
         assert [(r.image_id, r.filename, r.label) for r in stored] == [
-            (w.image_id, w.filename, w.label) for w in wanted]
+            (w.image_id, w.filename, w.label) for w in wanted
+        ]
         for record, want in zip(stored, wanted, strict=True):
             assert record.image_bytes == want.image_bytes
             assert (record.height, record.width) == (want.height, want.width)
@@ -97,11 +109,13 @@ def _check_export(config: ml_collections.ConfigDict, expected: fx.ExpectedDatase
                 np.testing.assert_allclose(record.keypoints, want.keypoints, atol=1e-6)
             if want.object_mask is not None:
                 np.testing.assert_array_equal(
-                    records.decode_mask_png(record.object_mask_png), want.object_mask)
+                    records.decode_mask_png(record.object_mask_png), want.object_mask
+                )
             if config.segmentation.method == "gt":  # the object mask is the one mask
                 assert record.num_masks == 1
-                np.testing.assert_array_equal(records.decode_mask_png(record.mask_pngs[0]),
-                                              want.object_mask)
+                np.testing.assert_array_equal(
+                    records.decode_mask_png(record.mask_pngs[0]), want.object_mask
+                )
                 np.testing.assert_allclose(record.boxes[0], _box_of(want.object_mask))
             else:  # a 2 x 2 grid
                 assert record.num_masks == 4
@@ -142,10 +156,19 @@ def test_cub_without_segmentations_has_no_object_mask_and_refuses_gt(tmp_path):
     assert str(expected.root / "segmentations") in str(error.value)
 
 
-@pytest.mark.parametrize("missing", ["images.txt", "image_class_labels.txt",
-                                     "train_test_split.txt", "classes.txt",
-                                     "bounding_boxes.txt", "parts/parts.txt",
-                                     "parts/part_locs.txt", "images"])
+@pytest.mark.parametrize(
+    "missing",
+    [
+        "images.txt",
+        "image_class_labels.txt",
+        "train_test_split.txt",
+        "classes.txt",
+        "bounding_boxes.txt",
+        "parts/parts.txt",
+        "parts/part_locs.txt",
+        "images",
+    ],
+)
 def test_cub_missing_file_is_named_with_the_archive(tmp_path, missing):
     expected = fx.make_cub(tmp_path)
     target = expected.root / missing
@@ -169,8 +192,9 @@ def test_cub_damaged_or_incomplete_files(tmp_path):
         sources.get_source(_config("cub200", expected.root))
     labels.write_text("\n".join(lines[1:]) + "\n")  # one image has no label
     dropped = lines[0].split()[0]
-    with pytest.raises(sources.SourceError,
-                       match=rf"image_class_labels.txt: no line for image {dropped} "):
+    with pytest.raises(
+        sources.SourceError, match=rf"image_class_labels.txt: no line for image {dropped} "
+    ):
         sources.get_source(_config("cub200", expected.root))
 
 
@@ -178,8 +202,11 @@ def test_cub_missing_bird_mask_is_named(tmp_path):
     expected = fx.make_cub(tmp_path)
     source = sources.get_source(_config("cub200", expected.root, method="gt"))
     entry = source.entries("test")[0]
-    mask_path = (expected.root / "segmentations" /
-                 Path(entry.filename).relative_to("images").with_suffix(".png"))
+    mask_path = (
+        expected.root
+        / "segmentations"
+        / Path(entry.filename).relative_to("images").with_suffix(".png")
+    )
     mask_path.unlink()
     with pytest.raises(sources.SourceError, match="unpack segmentations.tgz") as error:
         source.load(entry)
@@ -189,8 +216,7 @@ def test_cub_missing_bird_mask_is_named(tmp_path):
 @pytest.mark.parametrize("method", ["gt", "grid"])
 def test_cub_export_records_match(tmp_path, method):
     expected = fx.make_cub(tmp_path / "data")
-    _check_export(_config("cub200", expected.root, tmp_path / "records", method=method),
-                  expected)
+    _check_export(_config("cub200", expected.root, tmp_path / "records", method=method), expected)
 
 
 # ------------------------------------------------------------------------------ Dogs
@@ -246,13 +272,15 @@ def test_cars_needs_the_labelled_test_annotations(tmp_path):
     labelled = expected.root / "cars_test_annos_withlabels.mat"
     annotations = scipy.io.loadmat(labelled)["annotations"]
     labelled.unlink()
-    with pytest.raises(sources.SourceError,
-                       match="download cars_test_annos_withlabels.mat into") as error:
+    with pytest.raises(
+        sources.SourceError, match="download cars_test_annos_withlabels.mat into"
+    ) as error:
         sources.get_source(_config("cars196", expected.root))
     assert f"{labelled} not found" in str(error.value)
     # The devkit's unlabelled test file under the labelled name: the missing field is named.
-    unlabelled = np.zeros(annotations.shape, dtype=[(n, "O") for n in annotations.dtype.names
-                                                    if n != "class"])
+    unlabelled = np.zeros(
+        annotations.shape, dtype=[(n, "O") for n in annotations.dtype.names if n != "class"]
+    )
     for name in unlabelled.dtype.names:
         unlabelled[name] = annotations[name]
     scipy.io.savemat(labelled, {"annotations": unlabelled})
@@ -281,8 +309,7 @@ def test_tfds_entries_masks_and_boxes(tmp_path, name):
 
 def test_tfds_export_with_bird_masks(tmp_path):
     expected = fx.make_tfds(tmp_path / "tfds", "caltech_birds2011")
-    config = _config("tfds", tmp_path / "tfds", tmp_path / "records", num_classes=200,
-                     method="gt")
+    config = _config("tfds", tmp_path / "tfds", tmp_path / "records", num_classes=200, method="gt")
     config.dataset.tfds_name = "caltech_birds2011"
     _check_export(config, expected)
 
@@ -290,8 +317,9 @@ def test_tfds_export_with_bird_masks(tmp_path):
 def test_tfds_refuses_unprepared_and_tfrecord_datasets(tmp_path):
     config = _config("tfds", tmp_path / "empty", num_classes=200)
     config.dataset.tfds_name = "caltech_birds2011"
-    with pytest.raises(sources.SourceError,
-                       match="tfds build caltech_birds2011 .*--file_format=array_record"):
+    with pytest.raises(
+        sources.SourceError, match="tfds build caltech_birds2011 .*--file_format=array_record"
+    ):
         sources.get_source(config)
     fx.make_tfds(tmp_path / "tfrecord", "caltech_birds2011", file_format="tfrecord")
     config.dataset.tfds_data_dir = str(tmp_path / "tfrecord")

@@ -71,8 +71,9 @@ def test_top_contributions_rank_by_similarity_times_weight():
 
 def test_select_images_round_robin_over_classes_and_explicit_ids():
     fake = SimpleNamespace(
-        image_ids=np.array([15, 11, 12, 13, 14, 10]),
-        labels=np.array([1, 0, 0, 1, 2, 0]),
+        image_ids=np.array([15, 11, 12, 13, 14, 10, -1]),  # the last record was skipped as bad
+        labels=np.array([1, 0, 0, 1, 2, 0, -1]),
+        good=np.arange(6),
         split="test",
         records_dir="records",
     )
@@ -82,6 +83,9 @@ def test_select_images_round_robin_over_classes_and_explicit_ids():
     np.testing.assert_array_equal(explain.select_images(fake, [14, 10], 5), [4, 5])
     with pytest.raises(ValueError, match=r"\[99\]"):
         explain.select_images(fake, [14, 99], 5)
+    with pytest.raises(ValueError, match=r"\[-1\]"):  # a skipped record cannot be asked for
+        explain.select_images(fake, [-1], 5)
+    assert len(explain.select_images(fake, None, 10)) == 6
 
 
 def test_prototype_sources_follow_pruning_and_missing_push():

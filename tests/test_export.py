@@ -22,16 +22,25 @@ from segmentation import export, parts_world, postprocess, segmenters, sources
 REPO = Path(__file__).parents[1]
 
 
-def _parts_world_config(tmp: Path, method: str = "gt", records_name: str = "records",
-                        train_per_class: int = 3, test_per_class: int = 1):
+def _parts_world_config(
+    tmp: Path,
+    method: str = "gt",
+    records_name: str = "records",
+    train_per_class: int = 3,
+    test_per_class: int = 1,
+):
     """4 classes at 64 px; the dataset is shared between configs of one test."""
     config = demo.get_config()
     config.dataset.root = str(tmp / "dataset")
     config.dataset.records_dir = str(tmp / records_name)
     config.dataset.num_classes = 4
-    config.dataset.synthetic.update(num_classes=4, image_size=64,
-                                    train_per_class=train_per_class,
-                                    test_per_class=test_per_class, seed=0)
+    config.dataset.synthetic.update(
+        num_classes=4,
+        image_size=64,
+        train_per_class=train_per_class,
+        test_per_class=test_per_class,
+        seed=0,
+    )
     config.segmentation.update(method=method, max_masks=6, skip_background=0, min_box_px=2)
     config.segmentation.shards.update(train=3, test=1)
     config.segmentation.slic.n_segments = 8
@@ -54,8 +63,9 @@ def _boxes_from_masks(masks: np.ndarray) -> np.ndarray:
     boxes = []
     for mask in masks:
         ys, xs = np.nonzero(mask)
-        boxes.append([ys.min() / height, xs.min() / width, (ys.max() + 1) / height,
-                      (xs.max() + 1) / width])
+        boxes.append(
+            [ys.min() / height, xs.min() / width, (ys.max() + 1) / height, (xs.max() + 1) / width]
+        )
     return np.asarray(boxes, np.float32)
 
 
@@ -76,10 +86,12 @@ def test_records_hold_what_the_segmenter_produced(tmp_path, method):
         assert [r.image_id for r in stored] == [e.image_id for e in entries]
         for record, entry in zip(stored, entries, strict=True):
             item = source.load(entry)
-            assert record.image_bytes == (Path(config.dataset.root) / entry.filename
-                                          ).read_bytes()
+            assert record.image_bytes == (Path(config.dataset.root) / entry.filename).read_bytes()
             assert (record.filename, record.label, record.image_format) == (
-                entry.filename, entry.label, "png")
+                entry.filename,
+                entry.label,
+                "png",
+            )
             assert (record.height, record.width) == (64, 64)
             image = records.decode_image(record.image_bytes)
             expected = postprocess.postprocess(segmenter.segment(image, item), 6, 0, 2)
@@ -92,17 +104,21 @@ def test_records_hold_what_the_segmenter_produced(tmp_path, method):
             assert (np.diff(record.areas) <= 0).all()
             # Ground truth travels with every record, whatever the segmenter.
             np.testing.assert_array_equal(
-                records.decode_label_map_png(record.part_map_png), item.gt.part_map)
+                records.decode_label_map_png(record.part_map_png), item.gt.part_map
+            )
             np.testing.assert_array_equal(record.decisive_parts, item.gt.decisive_parts)
             if method == "gt":  # one mask per visible part
                 parts = [v for v in np.unique(item.gt.part_map) if v > 0]
                 assert {m.tobytes() for m in masks} == {
-                    (item.gt.part_map == v).tobytes() for v in parts}
+                    (item.gt.part_map == v).tobytes() for v in parts
+                }
         split_info = info["splits"][split]
         assert split_info["num_images"] == len(stored)
         assert split_info["num_masks"] == sum(r.num_masks for r in stored)
-        assert split_info["class_counts"] == np.bincount(
-            [r.label for r in stored], minlength=4).tolist()
+        assert (
+            split_info["class_counts"]
+            == np.bincount([r.label for r in stored], minlength=4).tolist()
+        )
         assert split_info["num_fallbacks"] == 0
         assert split_info["num_shards"] == config.segmentation.shards[split]
 
@@ -123,8 +139,10 @@ def test_shards_are_contiguous_id_ranges(tmp_path):
     config = _parts_world_config(tmp_path, "grid", train_per_class=4)  # 16 train, 3 shards
     export.export(config, progress=False)
     shards = records.list_shards(config.dataset.records_dir, "train")
-    ids = [[records.ImageRecord.from_bytes(b).image_id for b in records.iter_records(s)]
-           for s in shards]
+    ids = [
+        [records.ImageRecord.from_bytes(b).image_id for b in records.iter_records(s)]
+        for s in shards
+    ]
     # Shard j holds images [j N // n, (j + 1) N // n) of the split: 16 // 3 = 5, 10, 16.
     assert ids == [list(range(0, 5)), list(range(5, 10)), list(range(10, 16))]
     stats = json.loads(Path(str(shards[1]) + export.STATS_SUFFIX).read_text())
@@ -141,9 +159,11 @@ def test_processes_split_the_shards_and_the_last_writes_dataset_info(tmp_path):
     assert not (records_dir / records.DATASET_INFO).exists()
     assert "Waiting for 3 shard(s)" in export.summary(first)
     second = export.export(config, shard_index=0, num_shards=2, progress=False)
-    assert second.shards_written == ["train-00000-of-00003.tfrecord",
-                                     "train-00002-of-00003.tfrecord",
-                                     "test-00000-of-00001.tfrecord"]
+    assert second.shards_written == [
+        "train-00000-of-00003.tfrecord",
+        "train-00002-of-00003.tfrecord",
+        "test-00000-of-00001.tfrecord",
+    ]
     assert second.dataset_info == records.load_dataset_info(records_dir)
     with pytest.raises(export.ExportError, match="shard_index=2"):
         export.export(config, shard_index=2, num_shards=2)
@@ -157,8 +177,12 @@ def test_resume_rewrites_only_missing_shards_identically(tmp_path):
     victim = records_dir / "train-00001-of-00003.tfrecord"
     kept = records_dir / "train-00000-of-00003.tfrecord"
     kept_mtime = kept.stat().st_mtime_ns
-    for path in (victim, Path(f"{victim}.index"), Path(f"{victim}{export.STATS_SUFFIX}"),
-                 records_dir / records.DATASET_INFO):
+    for path in (
+        victim,
+        Path(f"{victim}.index"),
+        Path(f"{victim}{export.STATS_SUFFIX}"),
+        records_dir / records.DATASET_INFO,
+    ):
         path.unlink()
     stale = records_dir / f"{victim.name}.4242-1.tmp"  # left by a killed process
     stale.write_bytes(b"partial")
@@ -206,8 +230,9 @@ def test_config_and_dataset_errors(tmp_path):
 def _make_folder_dataset(tmp: Path) -> Path:
     """The tiny parts world copied as root/{train,test}/<class>/<id>.png."""
     generated = tmp / "generated"
-    metadata = parts_world.generate(generated, num_classes=4, image_size=64,
-                                    train_per_class=6, test_per_class=2, seed=1)
+    metadata = parts_world.generate(
+        generated, num_classes=4, image_size=64, train_per_class=6, test_per_class=2, seed=1
+    )
     root = tmp / "folder"
     for entry in metadata["images"]:
         target = root / entry["split"] / f"class_{entry['label']}" / f"{entry['id']:05d}.png"
@@ -218,8 +243,9 @@ def _make_folder_dataset(tmp: Path) -> Path:
 
 def _folder_config(root: Path, records_dir: Path):
     config = demo.get_config()
-    config.dataset.update(name="folder", root=str(root), records_dir=str(records_dir),
-                          num_classes=4)
+    config.dataset.update(
+        name="folder", root=str(root), records_dir=str(records_dir), num_classes=4
+    )
     config.segmentation.update(method="slic", max_masks=6)
     config.segmentation.slic.n_segments = 8
     config.segmentation.shards.update(train=4, test=2)
@@ -265,12 +291,17 @@ def test_export_with_a_tiny_sam(tmp_path, tiny_sam_model, torch_single_thread):
     from segment_anything import SamAutomaticMaskGenerator
 
     config = _parts_world_config(tmp_path, "sam", train_per_class=2, test_per_class=1)
-    config.segmentation.sam.update(points_per_side=4, pred_iou_thresh=-100.0,
-                                   stability_score_thresh=0.0, crop_n_layers=0)
+    config.segmentation.sam.update(
+        points_per_side=4, pred_iou_thresh=-100.0, stability_score_thresh=0.0, crop_n_layers=0
+    )
     export.export(config, sam_model=tiny_sam_model, progress=False)
-    generator = SamAutomaticMaskGenerator(tiny_sam_model, points_per_side=4,
-                                          pred_iou_thresh=-100.0, stability_score_thresh=0.0,
-                                          crop_n_layers=0)
+    generator = SamAutomaticMaskGenerator(
+        tiny_sam_model,
+        points_per_side=4,
+        pred_iou_thresh=-100.0,
+        stability_score_thresh=0.0,
+        crop_n_layers=0,
+    )
     stored = _read_split(Path(config.dataset.records_dir), "train")
     assert len(stored) == 8
     for record in stored:
@@ -287,8 +318,9 @@ def test_export_with_a_tiny_sam(tmp_path, tiny_sam_model, torch_single_thread):
     # The reference's thresholds (and crop layers) reject every mask of a random SAM: each
     # image falls back to one full-image mask, and dataset_info counts them.
     config.dataset.records_dir = str(tmp_path / "records_fallback")
-    config.segmentation.sam.update(points_per_side=2, pred_iou_thresh=0.86,
-                                   stability_score_thresh=0.92, crop_n_layers=1)
+    config.segmentation.sam.update(
+        points_per_side=2, pred_iou_thresh=0.86, stability_score_thresh=0.92, crop_n_layers=1
+    )
     export.export(config, sam_model=tiny_sam_model, progress=False)
     info = records.load_dataset_info(config.dataset.records_dir)
     for split, count in (("train", 8), ("test", 4)):
@@ -303,12 +335,22 @@ def test_export_with_a_tiny_sam(tmp_path, tiny_sam_model, torch_single_thread):
 
 
 def _cli(root: Path, records_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "segmentation.export", "--config", "configs/demo.py",
-            "--config.dataset.name=folder", f"--config.dataset.root={root}",
-            f"--config.dataset.records_dir={records_dir}", "--config.dataset.num_classes=4",
-            "--config.segmentation.method=slic", "--config.segmentation.slic.n_segments=8",
-            "--config.segmentation.shards.train=4", "--config.segmentation.shards.test=2",
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "segmentation.export",
+        "--config",
+        "configs/demo.py",
+        "--config.dataset.name=folder",
+        f"--config.dataset.root={root}",
+        f"--config.dataset.records_dir={records_dir}",
+        "--config.dataset.num_classes=4",
+        "--config.segmentation.method=slic",
+        "--config.segmentation.slic.n_segments=8",
+        "--config.segmentation.shards.train=4",
+        "--config.segmentation.shards.test=2",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -316,8 +358,9 @@ def cli_reference(tmp_path_factory) -> tuple[Path, Path]:
     """A folder dataset and its records from one uninterrupted CLI run."""
     tmp = tmp_path_factory.mktemp("cli")
     root = _make_folder_dataset(tmp)
-    out = subprocess.run(_cli(root, tmp / "reference"), cwd=REPO, capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        _cli(root, tmp / "reference"), cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     assert "train: 24 images" in out and "test: 8 images" in out
     return root, tmp / "reference"
 
@@ -339,8 +382,9 @@ def test_killed_export_resumes_to_identical_records(cli_reference, tmp_path):
     saved = blocker.read_bytes()
     blocker.unlink()
     os.mkfifo(blocker)
-    process = subprocess.Popen(_cli(root, records_dir), cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _cli(root, records_dir), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     shard_0 = records_dir / "train-00000-of-00004.tfrecord"
     shard_1 = records_dir / "train-00001-of-00004.tfrecord"
     deadline = time.monotonic() + 120
@@ -373,10 +417,15 @@ def test_killed_export_resumes_to_identical_records(cli_reference, tmp_path):
 def test_two_processes_write_what_one_writes(cli_reference, tmp_path):
     root, reference = cli_reference
     records_dir = tmp_path / "records"
-    processes = [subprocess.Popen(_cli(root, records_dir, "--num_shards", "2",
-                                       "--shard_index", str(i)),
-                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                 for i in (0, 1)]
+    processes = [
+        subprocess.Popen(
+            _cli(root, records_dir, "--num_shards", "2", "--shard_index", str(i)),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in (0, 1)
+    ]
     for process in processes:
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr.decode()
@@ -386,28 +435,54 @@ def test_two_processes_write_what_one_writes(cli_reference, tmp_path):
 
 def test_cli_bad_config_key_lists_the_valid_keys(tmp_path):
     run = subprocess.run(
-        [sys.executable, "-m", "segmentation.export", "--config", "configs/demo.py",
-         "--config.segmentation.methd=gt"], cwd=REPO, capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "segmentation.export",
+            "--config",
+            "configs/demo.py",
+            "--config.segmentation.methd=gt",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode != 0
-    assert ("config.segmentation has no key 'methd'; valid keys: device, grid, max_masks, "
-            "method, min_box_px, sam, shards, skip_background, slic.") in run.stderr
+    assert (
+        "config.segmentation has no key 'methd'; valid keys: device, grid, max_masks, "
+        "method, min_box_px, sam, shards, skip_background, slic."
+    ) in run.stderr
 
 
 def test_two_processes_on_a_fresh_parts_world(tmp_path):
     """Both processes generate the (missing) dataset at once, then split the export."""
-    def cli(records_dir: Path, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "segmentation.export", "--config", "configs/demo.py",
-                f"--config.dataset.root={tmp_path / 'dataset'}",
-                f"--config.dataset.records_dir={records_dir}",
-                "--config.dataset.num_classes=4", "--config.dataset.synthetic.num_classes=4",
-                "--config.dataset.synthetic.image_size=64",
-                "--config.dataset.synthetic.train_per_class=12",
-                "--config.dataset.synthetic.test_per_class=2", *extra]
 
-    processes = [subprocess.Popen(cli(tmp_path / "sharded", "--num_shards", "2",
-                                      "--shard_index", str(i)),
-                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                 for i in (0, 1)]
+    def cli(records_dir: Path, *extra: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "segmentation.export",
+            "--config",
+            "configs/demo.py",
+            f"--config.dataset.root={tmp_path / 'dataset'}",
+            f"--config.dataset.records_dir={records_dir}",
+            "--config.dataset.num_classes=4",
+            "--config.dataset.synthetic.num_classes=4",
+            "--config.dataset.synthetic.image_size=64",
+            "--config.dataset.synthetic.train_per_class=12",
+            "--config.dataset.synthetic.test_per_class=2",
+            *extra,
+        ]
+
+    processes = [
+        subprocess.Popen(
+            cli(tmp_path / "sharded", "--num_shards", "2", "--shard_index", str(i)),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in (0, 1)
+    ]
     for process in processes:
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr.decode()

@@ -18,14 +18,18 @@ SMALL = dict(num_classes=4, image_size=64, train_per_class=3, test_per_class=2, 
 def world_96(tmp_path_factory) -> tuple[Path, dict]:
     """8 classes at the default 96 px, 4 train + 2 test images per class."""
     root = tmp_path_factory.mktemp("pw96")
-    metadata = pw.generate(root, num_classes=8, image_size=96, train_per_class=4,
-                           test_per_class=2, seed=3)
+    metadata = pw.generate(
+        root, num_classes=8, image_size=96, train_per_class=4, test_per_class=2, seed=3
+    )
     return root, metadata
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_same_seed_gives_identical_bytes(tmp_path: Path):
@@ -80,8 +84,12 @@ def test_part_maps_match_the_painted_parts(world_96):
         present = {pw.PART_NAMES[v - 1] for v in np.unique(part_map) if v > 0}
         assert present == set(entry["parts"]), entry["id"]
         padded = np.pad(part_map, 1, mode="edge")
-        interior = ((padded[:-2, 1:-1] == part_map) & (padded[2:, 1:-1] == part_map)
-                    & (padded[1:-1, :-2] == part_map) & (padded[1:-1, 2:] == part_map))
+        interior = (
+            (padded[:-2, 1:-1] == part_map)
+            & (padded[2:, 1:-1] == part_map)
+            & (padded[1:-1, :-2] == part_map)
+            & (padded[1:-1, 2:] == part_map)
+        )
         for name, attributes in entry["parts"].items():
             inside = (part_map == pw.PART_NAMES.index(name) + 1) & interior
             rgb = np.asarray(attributes["rgb"])
@@ -129,8 +137,9 @@ def test_class_is_identified_by_its_decisive_parts_alone(world_96):
             # The painted colour is within the jitter of its palette colour, and its nearest
             # palette colour is of the same kind (signature or distractor): the jitter never
             # makes a distractor look decisive, or a signature colour look like another.
-            distances = {k: np.abs(np.subtract(attributes["rgb"], v)).max()
-                         for k, v in palette.items()}
+            distances = {
+                k: np.abs(np.subtract(attributes["rgb"], v)).max() for k, v in palette.items()
+            }
             assert distances[attributes["colour"]] <= pw.COLOUR_JITTER
             nearest = min(distances, key=distances.get)
             if attributes["colour"] in pw.SIGNATURE_COLOURS:
@@ -169,8 +178,20 @@ def test_objects_have_four_to_six_parts_and_stay_inside(world_96):
 
 
 def test_contact_sheet_and_cli(tmp_path: Path, capsys):
-    pw.main(["--root", str(tmp_path), "--num_classes", "3", "--image_size", "48",
-             "--train_per_class", "2", "--test_per_class", "1"])
+    pw.main(
+        [
+            "--root",
+            str(tmp_path),
+            "--num_classes",
+            "3",
+            "--image_size",
+            "48",
+            "--train_per_class",
+            "2",
+            "--test_per_class",
+            "1",
+        ]
+    )
     assert "9 images, 3 classes" in capsys.readouterr().out
     with Image.open(tmp_path / pw.CONTACT_SHEET_FILE) as sheet:
         assert sheet.size[1] == 3 * (48 + 2)

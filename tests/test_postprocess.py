@@ -21,8 +21,8 @@ def test_pixel_boxes_are_inclusive_extents():
     b = _rect(6, 7, (0, 5), (6, 6))  # last column
     empty = np.zeros((6, 7), bool)
     np.testing.assert_array_equal(
-        postprocess.pixel_boxes(np.stack([a, b, empty])),
-        [[1, 2, 3, 4], [0, 6, 5, 6], [0, 0, 0, 0]])
+        postprocess.pixel_boxes(np.stack([a, b, empty])), [[1, 2, 3, 4], [0, 6, 5, 6], [0, 0, 0, 0]]
+    )
 
 
 def test_boxes_are_half_open_normalised_yxyx_and_areas_fractions():
@@ -76,12 +76,14 @@ def test_min_box_px_is_configurable():
 
 def _four_masks() -> np.ndarray:
     """Areas 40, 30, 20, 9 (already in order) in a 10 x 10 image."""
-    return np.stack([
-        _rect(10, 10, (0, 3), (0, 9)),
-        _rect(10, 10, (4, 6), (0, 9)),
-        _rect(10, 10, (5, 9), (6, 9)),
-        _rect(10, 10, (7, 9), (0, 2)),
-    ])
+    return np.stack(
+        [
+            _rect(10, 10, (0, 3), (0, 9)),
+            _rect(10, 10, (4, 6), (0, 9)),
+            _rect(10, 10, (5, 9), (6, 9)),
+            _rect(10, 10, (7, 9), (0, 2)),
+        ]
+    )
 
 
 def test_four_masks_helper_has_the_stated_areas():
@@ -120,11 +122,14 @@ def test_skip_then_cap():
     np.testing.assert_array_equal(result.masks, masks[1:3])
 
 
-@pytest.mark.parametrize("masks", [
-    np.zeros((0, 5, 6), bool),  # the segmenter found nothing
-    np.zeros((2, 5, 6), bool),  # only empty masks
-    _rect(5, 6, (0, 4), (2, 3))[None],  # only a degenerate (2 px wide) mask
-])
+@pytest.mark.parametrize(
+    "masks",
+    [
+        np.zeros((0, 5, 6), bool),  # the segmenter found nothing
+        np.zeros((2, 5, 6), bool),  # only empty masks
+        _rect(5, 6, (0, 4), (2, 3))[None],  # only a degenerate (2 px wide) mask
+    ],
+)
 def test_nothing_left_falls_back_to_the_full_image(masks):
     result = postprocess.postprocess(masks, max_masks=3)
     assert result.used_fallback
@@ -142,11 +147,14 @@ def _scan_reference(masks, max_masks, skip, min_box_px):
         box = (min(ys), min(xs), max(ys), max(xs)) if ys else (0, 0, 0, 0)
         items.append((int(mask.sum()), index, box))
     items.sort(key=lambda item: item[0], reverse=True)  # stable
-    items = [i for i in items if i[0] > 0 and i[2][2] - i[2][0] + 1 > min_box_px
-             and i[2][3] - i[2][1] + 1 > min_box_px]
+    items = [
+        i
+        for i in items
+        if i[0] > 0 and i[2][2] - i[2][0] + 1 > min_box_px and i[2][3] - i[2][1] + 1 > min_box_px
+    ]
     if len(items) <= skip:
         skip -= 1
-    items = items[max(skip, 0):][:max_masks]
+    items = items[max(skip, 0) :][:max_masks]
     return [i[1] for i in items], [i[2] for i in items]
 
 
@@ -158,8 +166,7 @@ def test_vectorised_rules_match_per_mask_scans(seed):
     for _ in range(12):
         y0, x0 = rng.integers(0, height), rng.integers(0, width)
         y1, x1 = rng.integers(y0, height), rng.integers(x0, width)
-        masks.append(_rect(height, width, (y0, y1), (x0, x1)) & (rng.random((height, width))
-                                                                 > 0.3))
+        masks.append(_rect(height, width, (y0, y1), (x0, x1)) & (rng.random((height, width)) > 0.3))
     masks = np.stack(masks)
     for skip in (0, 1, 3):
         indices, boxes = _scan_reference(masks, 5, skip, 2)

@@ -29,8 +29,9 @@ def _full_record(image_id: int) -> records.ImageRecord:
         width=width,
         filename=f"images/{image_id:05d}.png",
         label=image_id % 7,
-        boxes=np.array([[0.0, 0.0, 1.0, 1.0], [0.25, 0.1, 0.5, 0.9], [0.5, 0.5, 0.75, 0.6]],
-                       np.float32),
+        boxes=np.array(
+            [[0.0, 0.0, 1.0, 1.0], [0.25, 0.1, 0.5, 0.9], [0.5, 0.5, 0.75, 0.6]], np.float32
+        ),
         areas=np.array([0.75, 0.5, 0.125], np.float32),
         mask_pngs=[records.encode_mask_png(m) for m in masks],
         part_map_png=records.encode_label_map_png(part_map),
@@ -41,8 +42,18 @@ def _full_record(image_id: int) -> records.ImageRecord:
 
 
 def _assert_records_equal(a: records.ImageRecord, b: records.ImageRecord) -> None:
-    for field in ("image_id", "image_bytes", "image_format", "height", "width", "filename",
-                  "label", "mask_pngs", "part_map_png", "object_mask_png"):
+    for field in (
+        "image_id",
+        "image_bytes",
+        "image_format",
+        "height",
+        "width",
+        "filename",
+        "label",
+        "mask_pngs",
+        "part_map_png",
+        "object_mask_png",
+    ):
         assert getattr(a, field) == getattr(b, field), field
     for field in ("boxes", "areas", "decisive_parts", "keypoints"):
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
@@ -89,9 +100,17 @@ def test_round_trip_every_field(tmp_path: Path):
 def test_optional_fields_absent_round_trip_as_none(tmp_path: Path):
     full = _full_record(2)
     bare = records.ImageRecord(
-        image_id=2, image_bytes=full.image_bytes, image_format="jpeg", height=12, width=10,
-        filename="a.jpg", label=0, boxes=full.boxes[:1], areas=full.areas[:1],
-        mask_pngs=full.mask_pngs[:1])
+        image_id=2,
+        image_bytes=full.image_bytes,
+        image_format="jpeg",
+        height=12,
+        width=10,
+        filename="a.jpg",
+        label=0,
+        boxes=full.boxes[:1],
+        areas=full.areas[:1],
+        mask_pngs=full.mask_pngs[:1],
+    )
     parsed = records.ImageRecord.from_bytes(bare.to_bytes())
     assert parsed.part_map_png is None and parsed.object_mask_png is None
     assert parsed.decisive_parts is None and parsed.keypoints is None
@@ -139,8 +158,13 @@ def test_serialization_is_identical_across_processes():
         "print(hashlib.sha256(_full_record(5).to_bytes()).hexdigest())"
     )
     digests = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=Path(__file__).parents[1], check=True).stdout.strip()
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parents[1],
+            check=True,
+        ).stdout.strip()
         for _ in range(3)
     }
     assert len(digests) == 1
@@ -175,4 +199,5 @@ def test_list_shards_names_missing_shards(tmp_path: Path):
         records.list_shards(tmp_path, "train")
     records.write_shard(tmp_path / records.shard_name("train", 1, 3), [b"y"])
     assert [p.name for p in records.list_shards(tmp_path, "train")] == [
-        records.shard_name("train", j, 3) for j in range(3)]
+        records.shard_name("train", j, 3) for j in range(3)
+    ]

@@ -35,13 +35,15 @@ def test_grid_rectangles_by_hand():
     masks = segmenters.get_segmenter(config).segment(np.zeros((5, 7, 3), np.uint8), ITEM)
     # Row edges round(linspace(0, 5, 3)) = [0, 2, 5]; column edges round(linspace(0, 7, 4))
     # = [0, 2, 5, 7]. Cell index by pixel:
-    expected_cells = np.array([
-        [0, 0, 1, 1, 1, 2, 2],
-        [0, 0, 1, 1, 1, 2, 2],
-        [3, 3, 4, 4, 4, 5, 5],
-        [3, 3, 4, 4, 4, 5, 5],
-        [3, 3, 4, 4, 4, 5, 5],
-    ])
+    expected_cells = np.array(
+        [
+            [0, 0, 1, 1, 1, 2, 2],
+            [0, 0, 1, 1, 1, 2, 2],
+            [3, 3, 4, 4, 4, 5, 5],
+            [3, 3, 4, 4, 4, 5, 5],
+            [3, 3, 4, 4, 4, 5, 5],
+        ]
+    )
     assert masks.shape == (6, 5, 7) and masks.dtype == bool
     for cell in range(6):
         np.testing.assert_array_equal(masks[cell], expected_cells == cell)
@@ -72,16 +74,14 @@ def test_slic_masks_partition_the_image():
 def test_gt_masks_are_the_parts_of_the_part_map():
     part_map = np.array([[0, 1, 1], [3, 3, 0], [3, 0, 0]], np.uint8)  # parts 0 and 2
     item = SourceItem(0, "a.png", b"", 0, GroundTruth(part_map=part_map))
-    masks = segmenters.get_segmenter(_config("gt")).segment(np.zeros((3, 3, 3), np.uint8),
-                                                            item)
+    masks = segmenters.get_segmenter(_config("gt")).segment(np.zeros((3, 3, 3), np.uint8), item)
     np.testing.assert_array_equal(masks, [part_map == 1, part_map == 3])
 
 
 def test_gt_uses_the_object_mask_without_a_part_map():
     object_mask = np.eye(4, dtype=bool)
     item = SourceItem(0, "bird.jpg", b"", 0, GroundTruth(object_mask=object_mask))
-    masks = segmenters.get_segmenter(_config("gt")).segment(np.zeros((4, 4, 3), np.uint8),
-                                                            item)
+    masks = segmenters.get_segmenter(_config("gt")).segment(np.zeros((4, 4, 3), np.uint8), item)
     np.testing.assert_array_equal(masks, object_mask[None])
 
 
@@ -102,7 +102,9 @@ def test_unknown_method_lists_the_valid_ones():
 
 def test_descriptions_come_from_the_config_alone():
     assert segmenters.segmenter_description(_config("grid")) == {
-        "method": "grid", "params": {"rows": 2, "cols": 2}}
+        "method": "grid",
+        "params": {"rows": 2, "cols": 2},
+    }
     sam = segmenters.segmenter_description(_config("sam", checkpoint="/x/y/sam_vit_h.pth"))
     assert sam["params"]["checkpoint"] == "sam_vit_h.pth"
     assert sam["params"]["pred_iou_thresh"] == 0.86 and sam["params"]["input"] == "rgb"
@@ -126,22 +128,28 @@ def test_nothing_imports_torch_or_jax_except_the_sam_segmenter():
 
 # --------------------------------------------------------------------------------- sam
 
-RELAXED = dict(points_per_side=4, pred_iou_thresh=-100.0, stability_score_thresh=0.0,
-               crop_n_layers=0)
+RELAXED = dict(
+    points_per_side=4, pred_iou_thresh=-100.0, stability_score_thresh=0.0, crop_n_layers=0
+)
 
 
 @pytest.mark.torch
-def test_sam_returns_the_generator_masks_for_the_rgb_image(tiny_sam_model, monkeypatch,
-                                                             torch_single_thread):
+def test_sam_returns_the_generator_masks_for_the_rgb_image(
+    tiny_sam_model, monkeypatch, torch_single_thread
+):
     from segment_anything import SamAutomaticMaskGenerator
 
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
     segmenter = segmenters.get_segmenter(_config("sam", **RELAXED), sam_model=tiny_sam_model)
     masks = segmenter.segment(image, ITEM)
-    direct = SamAutomaticMaskGenerator(tiny_sam_model, points_per_side=4,
-                                       pred_iou_thresh=-100.0, stability_score_thresh=0.0,
-                                       crop_n_layers=0).generate(image)
+    direct = SamAutomaticMaskGenerator(
+        tiny_sam_model,
+        points_per_side=4,
+        pred_iou_thresh=-100.0,
+        stability_score_thresh=0.0,
+        crop_n_layers=0,
+    ).generate(image)
     assert len(direct) >= 1
     assert masks.dtype == bool and masks.shape == (len(direct), 40, 56)
     np.testing.assert_array_equal(masks, np.stack([d["segmentation"] for d in direct]))
@@ -173,8 +181,9 @@ def test_sam_checkpoint_loading(tiny_sam_model, tmp_path, monkeypatch):
     sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
 
     model = segmenters.load_sam_model("tiny", str(path), sha256)
-    for (name, loaded), original in zip(model.state_dict().items(),
-                                        tiny_sam_model.state_dict().values(), strict=True):
+    for (name, loaded), original in zip(
+        model.state_dict().items(), tiny_sam_model.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(loaded, original, msg=name)
 
     with pytest.raises(segmenters.SegmenterError, match="SHA-256 .* does not match"):

@@ -55,9 +55,7 @@ def final_state_leaves(workdir):
         Path(workdir).absolute() / "checkpoints", item_names=("state", "meta")
     )
     step = manager.latest_step()
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-    )
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     manager.close()
     return step, [np.asarray(x) for x in jax.tree.leaves(restored["state"])]
 
@@ -69,9 +67,9 @@ def test_run_writes_outputs_and_resumes_bitwise(tiny_records, tmp_path):
     # What a person and the later stages read.
     workdir = tmp_path / "full"
     assert 0.0 <= full["test_accuracy"] <= 1.0
-    assert json.loads((workdir / "results.json").read_text())["test_accuracy"] == full[
-        "test_accuracy"
-    ]
+    assert (
+        json.loads((workdir / "results.json").read_text())["test_accuracy"] == full["test_accuracy"]
+    )
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert {"train/loss", "train/accuracy"} <= set().union(*rows)
     assert any("val/accuracy" in row for row in rows)

@@ -103,10 +103,17 @@ def test_crop_resize_matches_torch_interpolate():
     got = to_unit(make(canvas, [boxes], view_size=view_size))[0] * 255.0
     for k, ((r0, r1), (c0, c1)) in enumerate(regions):
         crop = torch.from_numpy(canvas[0, r0:r1, c0:c1].astype(np.float64)).permute(2, 0, 1)
-        want = torch.nn.functional.interpolate(
-            crop[None], size=(view_size, view_size), mode="bilinear", align_corners=False,
-            antialias=False,
-        )[0].permute(1, 2, 0).numpy()
+        want = (
+            torch.nn.functional.interpolate(
+                crop[None],
+                size=(view_size, view_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=False,
+            )[0]
+            .permute(1, 2, 0)
+            .numpy()
+        )
         np.testing.assert_allclose(got[k], want, atol=2e-3, err_msg=f"region {regions[k]}")
 
 
@@ -218,7 +225,9 @@ def test_augmented_views_never_read_outside_the_crop():
     canvas[0, 10:30, 12:40] = colour  # constant crop; everything around it is black
     box = pixel_box((10, 30), (12, 40), size)
     config = views.AugmentConfig(
-        flip_prob=0.5, rotate_deg=(-60.0, 60.0), shear_deg=(-20.0, 20.0),
+        flip_prob=0.5,
+        rotate_deg=(-60.0, 60.0),
+        shear_deg=(-20.0, 20.0),
         perspective_scale=(0.0, 0.1),
     )
     got = to_unit(make(canvas, [[box] * 8], jax.random.key(4), view_size, config))[0] * 255
@@ -419,8 +428,13 @@ def test_batch_sharded_over_a_mesh_gives_the_same_views():
     key = jax.random.key(7)
     local = make(canvas, boxes, key, 8, MEDIUM, masks)
     sharded = views.make_views(
-        jax.device_put(canvas, sharding), jax.device_put(boxes, sharding), key,
-        view_size=8, augment=MEDIUM, masks=jax.device_put(masks, sharding), dtype=jnp.float32,
+        jax.device_put(canvas, sharding),
+        jax.device_put(boxes, sharding),
+        key,
+        view_size=8,
+        augment=MEDIUM,
+        masks=jax.device_put(masks, sharding),
+        dtype=jnp.float32,
     )
     assert sharded.sharding.spec[0] == "data"
     # Same random parameters per view whatever the layout (only float rounding differs).

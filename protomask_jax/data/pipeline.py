@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,7 +46,6 @@ class PipelineSpec:
     num_views: int
     with_masks: bool = False
     mask_size: int = 112
-    skip_bad_records: bool = False
 
     @classmethod
     def from_config(cls, config) -> PipelineSpec:
@@ -54,34 +54,68 @@ class PipelineSpec:
             num_views=config.input.num_views,
             with_masks=config.input.fill_background == "mask",
             mask_size=config.input.mask_size,
-            skip_bad_records=config.input.skip_bad_records,
         )
 
 
 class RecordSet:
-    """The records of one split, with labels and ids read once up front."""
+    """The records of one split, checked and indexed once up front.
 
-    def __init__(self, records_dir: str | Path, split: str, verify_crc: bool = True):
+    Every record is read once at start-up: its CRCs, its schema (``ImageRecord.from_bytes``:
+    ids, labels, at least one mask, boxes inside the image) and its image header. A bad
+    record raises :class:`~protomask_jax.data.records.RecordError` naming the file, byte
+    offset and image id — or, with ``skip_bad_records``, is left out of ``good`` and
+    described in ``skipped``, so training and evaluation never see it.
+
+    Attributes:
+      reader: random access to the split's records.
+      labels, image_ids: ``[len(reader)]`` per record (-1 for a skipped record).
+      good: indices of the records that passed the checks (all of them by default).
+      skipped: one message per skipped record.
+    """
+
+    def __init__(
+        self,
+        records_dir: str | Path,
+        split: str,
+        verify_crc: bool = True,
+        skip_bad_records: bool = False,
+    ):
         self.records_dir = Path(records_dir)
         self.split = split
         self.reader = records_lib.ShardedRecords(
             records_lib.list_shards(records_dir, split), verify_crc=verify_crc
         )
-        self.labels, self.image_ids = self._scan_labels()
+        self.skipped: list[str] = []
+        self.labels, self.image_ids = self._scan(skip_bad_records)
+        self.good = np.flatnonzero(self.image_ids >= 0)
 
-    def _scan_labels(self) -> tuple[np.ndarray, np.ndarray]:
-        labels = np.empty(len(self.reader), np.int64)
-        ids = np.empty(len(self.reader), np.int64)
+    def _scan(self, skip_bad_records: bool) -> tuple[np.ndarray, np.ndarray]:
+        from PIL import Image, UnidentifiedImageError
+
+        labels = np.full(len(self.reader), -1, np.int64)
+        ids = np.full(len(self.reader), -1, np.int64)
         for i in range(len(self.reader)):
             path, offset = self.reader.locate(i)
-            example = records_lib.parse_example(self.reader[i])
+            where = f"{path} at byte offset {offset}"
             try:
-                labels[i] = example["image/label"][0]
-                ids[i] = example["image/id"][0]
-            except (KeyError, IndexError) as e:
-                raise records_lib.RecordError(
-                    f"{path} at byte offset {offset}: record lacks image/label or image/id."
-                ) from e
+                record = records_lib.ImageRecord.from_bytes(self.reader[i], where)
+                try:
+                    with Image.open(io.BytesIO(record.image_bytes)):
+                        pass
+                except (UnidentifiedImageError, OSError) as e:
+                    raise records_lib.RecordError(
+                        f"{where} (image id {record.image_id}): the image cannot be "
+                        f"decoded ({e}); re-export it or set input.skip_bad_records=True."
+                    ) from e
+            except records_lib.RecordError as e:
+                if not skip_bad_records:
+                    raise
+                self.skipped.append(str(e))
+                log.warning("skipping bad record: %s", e)
+                continue
+            label = record.label
+            labels[i] = label if np.ndim(label) == 0 else label[0]
+            ids[i] = record.image_id
         return labels, ids
 
     def __len__(self) -> int:
@@ -179,16 +213,9 @@ class _Decode:
         record_index = int(self.record_indices[i])
         path, offset = self.reader.locate(record_index)
         where = f"{path} at byte offset {offset}"
-        try:
-            record = records_lib.ImageRecord.from_bytes(self.reader[record_index], where)
-            return fit_record(record, self.spec, where)
-        except records_lib.RecordError as e:
-            if not self.spec.skip_bad_records:
-                raise
-            log.warning("skipping bad record: %s", e)
-            bad = filler_example(self.spec)
-            bad["image_id"] = np.int32(-2)  # counted as skipped by the consumer
-            return bad
+        # Bad records were found (and, if asked, left out) by RecordSet's start-up scan.
+        record = records_lib.ImageRecord.from_bytes(self.reader[record_index], where)
+        return fit_record(record, self.spec, where)
 
 
 class _EpochPermutation:

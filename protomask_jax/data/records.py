@@ -342,15 +342,18 @@ class ImageRecord:
     def from_bytes(cls, data: bytes, where: str = "record") -> ImageRecord:
         """Parses and validates one record; ``where`` names it in error messages."""
         f = parse_example(data)
-        required = ("image/encoded", "image/id", "image/label", "masks/count", "masks/boxes")
+        required = ("image/encoded", "image/id", "image/label", "masks/count")
         missing = [k for k in required if k not in f]
         if missing:
             raise RecordError(f"{where}: missing feature(s) {missing}; not a protomask record.")
         count = int(f["masks/count"][0])
         image_id = int(f["image/id"][0])
-        boxes = f["masks/boxes"].reshape(-1, 4)
         if count < 1:
-            raise RecordError(f"{where} (image id {image_id}): zero masks.")
+            raise RecordError(
+                f"{where} (image id {image_id}): zero masks; re-export the image (the export "
+                "stores a full-image mask when segmentation finds none)."
+            )
+        boxes = f.get("masks/boxes", np.zeros(0, np.float32)).reshape(-1, 4)
         if len(boxes) != count:
             raise RecordError(
                 f"{where} (image id {image_id}): masks/count={count} but {len(boxes)} boxes."
