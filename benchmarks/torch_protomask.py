@@ -100,7 +100,9 @@ class ResNetFeatures(nn.Module):
     def __init__(self, spec: BackboneSpec):
         super().__init__()
         if spec.block not in ("basic", "bottleneck"):
-            raise ValueError(f"BackboneSpec.block must be 'basic' or 'bottleneck', got {spec.block}")
+            raise ValueError(
+                f"BackboneSpec.block must be 'basic' or 'bottleneck', got {spec.block}"
+            )
         block_cls = tv_resnet.BasicBlock if spec.block == "basic" else tv_resnet.Bottleneck
         self.conv1 = nn.Conv2d(3, spec.stem_width, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(spec.stem_width)
@@ -441,7 +443,9 @@ class TrainStep:
             fused=True,
         )
         self.forward_loss = (
-            torch.compile(self._forward_loss) if variant == "compile_amp_bf16" else self._forward_loss
+            torch.compile(self._forward_loss)
+            if variant == "compile_amp_bf16"
+            else self._forward_loss
         )
 
     def _forward_loss(
@@ -477,4 +481,3 @@ class TrainStep:
         loss.backward()
         self.optimizer.step()
         return loss.detach()
-

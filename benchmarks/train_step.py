@@ -112,7 +112,7 @@ SHAPES = {
     # The paper's CUB-200 setting (reference doc §11): 16 images x 11 SAM2 views of 224^2.
     "cub": Shape("resnet50", 16, 11, 448, 224, 1280, 10, 200, warmup=5, steps=20),
     # Seconds per step on a 2-core CPU; the last feature map is 4x4 (off the XLA CPU cliff).
-    "cpu": Shape("resnet18", 4, 4, 256, 128, 128, 10, 10, warmup=2, steps=6),
+    "cpu": Shape("resnet18", 4, 4, 256, 128, 128, 10, 10, warmup=5, steps=10),
     # For tests: runs end to end in a few seconds.
     "micro": Shape("resnet_micro", 2, 2, 64, 32, 16, 2, 3, warmup=1, steps=2),
 }
@@ -302,7 +302,9 @@ class JaxVariant:
 
     def measure(self) -> dict[str, Any]:
         """Times the step and returns the variant's figures."""
-        timing = common.time_steps(self.step, jax.block_until_ready, self.shape.warmup, self.shape.steps)
+        timing = common.time_steps(
+            self.step, jax.block_until_ready, self.shape.warmup, self.shape.steps
+        )
         memory = self.compiled.memory_analysis()
         stats = self.device.memory_stats() or {}
         return {
@@ -439,9 +441,7 @@ class TorchVariant:
         """Times the step (the first call separately: torch.compile compiles there)."""
         with common.stopwatch() as first_call:
             self.synchronize(self.step(0))
-        timing = common.time_steps(
-            self.step, self.synchronize, self.shape.warmup, self.shape.steps
-        )
+        timing = common.time_steps(self.step, self.synchronize, self.shape.warmup, self.shape.steps)
         peak = None
         if self.device.type == "cuda":
             peak = int(self.torch.cuda.max_memory_allocated(self.device))
