@@ -1,0 +1,365 @@
+"""The host input pipeline: TFRecords → fixed-shape numpy batches, with grain.
+
+Each record is decoded once, its image fitted into a fixed ``S x S`` canvas and its boxes
+mapped into the canvas frame and padded cyclically to ``K`` views (DESIGN.md, data flow 3).
+Crops, augmentation and normalisation happen later, on the device (``data/views.py``).
+
+Order of examples. The training stream is the concatenation of one seeded permutation of
+the training images per epoch, cut into global batches of ``B`` consecutive positions: every
+image appears exactly once in each epoch's ``N`` consecutive positions, no image is dropped
+and no batch is padded (BatchNorm never sees filler). Evaluation streams visit the split
+once in id order and pad the last batch with zero-weight filler examples (``weight``).
+
+The stream is a pure function of ``(seed, position)``: its iterator state is just the
+number of batches consumed, which the checkpoint stores, so a resumed run sees exactly the
+batches an uninterrupted run would. With several processes (multi-host), process ``p`` of
+``P`` reads rows ``[p B/P, (p+1) B/P)`` of every global batch — its own slice of records —
+and the global batch is assembled on the devices (``sharding.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from protomask_jax.data import records as records_lib
+from protomask_jax.data import views as views_lib
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSpec:
+    """Static shapes and options of the host pipeline (from ``config.input``)."""
+
+    canvas_size: int
+    num_views: int
+    with_masks: bool = False
+    mask_size: int = 112
+    skip_bad_records: bool = False
+
+    @classmethod
+    def from_config(cls, config) -> PipelineSpec:
+        return cls(
+            canvas_size=config.input.canvas_size,
+            num_views=config.input.num_views,
+            with_masks=config.input.fill_background == "mask",
+            mask_size=config.input.mask_size,
+            skip_bad_records=config.input.skip_bad_records,
+        )
+
+
+class RecordSet:
+    """The records of one split, with labels and ids read once up front."""
+
+    def __init__(self, records_dir: str | Path, split: str, verify_crc: bool = True):
+        self.records_dir = Path(records_dir)
+        self.split = split
+        self.reader = records_lib.ShardedRecords(
+            records_lib.list_shards(records_dir, split), verify_crc=verify_crc
+        )
+        self.labels, self.image_ids = self._scan_labels()
+
+    def _scan_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.empty(len(self.reader), np.int64)
+        ids = np.empty(len(self.reader), np.int64)
+        for i in range(len(self.reader)):
+            path, offset = self.reader.locate(i)
+            example = records_lib.parse_example(self.reader[i])
+            try:
+                labels[i] = example["image/label"][0]
+                ids[i] = example["image/id"][0]
+            except (KeyError, IndexError) as e:
+                raise records_lib.RecordError(
+                    f"{path} at byte offset {offset}: record lacks image/label or image/id."
+                ) from e
+        return labels, ids
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+
+def split_train_validation(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split of record indices into (train, validation).
+
+    Each class gives ``round(fraction * n_c)`` of its images to validation (at least one
+    when it has two or more and ``fraction > 0``), chosen by a seeded permutation, so the
+    split depends only on the labels and the seed. The reference selects models on the
+    test set (§9.6); we select on this held-out part of the training set.
+    """
+    rng = np.random.default_rng(seed)
+    validation = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        take = int(round(fraction * len(members)))
+        if fraction > 0 and take == 0 and len(members) >= 2:
+            take = 1
+        validation.extend(rng.permutation(members)[:take].tolist())
+    validation = np.sort(np.asarray(validation, np.int64))
+    train = np.setdiff1d(np.arange(len(labels)), validation)
+    return train, validation
+
+
+def fit_record(record: records_lib.ImageRecord, spec: PipelineSpec, where: str) -> Batch:
+    """Decodes one record into the fixed-shape example the device step consumes."""
+    image = records_lib.decode_image(record.image_bytes, where)
+    height, width = image.shape[:2]
+    canvas = views_lib.fit_image_to_canvas(image, spec.canvas_size)
+    n = record.num_masks
+    slots = np.arange(spec.num_views) % n  # cyclic padding; if n > K keep the K largest
+    boxes = views_lib.fit_box_to_canvas(record.boxes, height, width, spec.canvas_size)
+    example = {
+        "canvas": canvas,
+        "boxes": boxes[slots].astype(np.float32),
+        "valid": np.arange(spec.num_views) < n,
+        "num_masks": np.int32(min(n, spec.num_views)),
+        "label": np.int32(record.label if np.ndim(record.label) == 0 else record.label[0]),
+        "image_id": np.int32(record.image_id),
+        "weight": np.float32(1.0),
+    }
+    if spec.with_masks:
+        example["masks"] = np.stack(
+            [fit_mask_to_canvas(record.mask_pngs[k], height, width, spec) for k in slots]
+        )
+    return example
+
+
+def fit_mask_to_canvas(mask_png: bytes, height: int, width: int, spec: PipelineSpec):
+    """A stored mask, placed like its image in the canvas, at ``mask_size`` resolution."""
+    mask = records_lib.decode_mask_png(mask_png).astype(np.uint8) * 255
+    canvas = views_lib.fit_image_to_canvas(
+        np.repeat(mask[..., None], 3, axis=-1), spec.canvas_size
+    )[..., 0]
+    from PIL import Image
+
+    small = Image.fromarray(canvas).resize((spec.mask_size, spec.mask_size), Image.BILINEAR)
+    return (np.asarray(small) > 127).astype(np.uint8)
+
+
+def filler_example(spec: PipelineSpec) -> Batch:
+    """A zero-weight example that pads the last evaluation batch to the fixed shape."""
+    example = {
+        "canvas": np.zeros((spec.canvas_size, spec.canvas_size, 3), np.uint8),
+        "boxes": np.tile(np.array([0.0, 0.0, 1.0, 1.0], np.float32), (spec.num_views, 1)),
+        "valid": np.zeros(spec.num_views, bool),
+        "num_masks": np.int32(1),
+        "label": np.int32(0),
+        "image_id": np.int32(-1),
+        "weight": np.float32(0.0),
+    }
+    if spec.with_masks:
+        example["masks"] = np.ones((spec.num_views, spec.mask_size, spec.mask_size), np.uint8)
+    return example
+
+
+class _Decode:
+    """Picklable map function: stream position → example (grain workers pickle it)."""
+
+    def __init__(self, reader, record_indices, spec: PipelineSpec, order):
+        self.reader = reader
+        self.record_indices = record_indices
+        self.spec = spec
+        self.order = order
+
+    def __call__(self, position: int) -> Batch:
+        i = self.order(position)
+        if i < 0:
+            return filler_example(self.spec)
+        record_index = int(self.record_indices[i])
+        path, offset = self.reader.locate(record_index)
+        where = f"{path} at byte offset {offset}"
+        try:
+            record = records_lib.ImageRecord.from_bytes(self.reader[record_index], where)
+            return fit_record(record, self.spec, where)
+        except records_lib.RecordError as e:
+            if not self.spec.skip_bad_records:
+                raise
+            logging.warning("skipping bad record: %s", e)
+            bad = filler_example(self.spec)
+            bad["image_id"] = np.int32(-2)  # counted as skipped by the consumer
+            return bad
+
+
+class _EpochPermutation:
+    """Maps a global stream position to an index into the split (one permutation/epoch)."""
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.seed = seed
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 (one object per pipeline, small cache)
+    def permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng((self.seed, epoch)).permutation(self.size)
+
+    def __call__(self, position: int) -> int:
+        epoch, i = divmod(position, self.size)
+        return int(self.permutation(epoch)[i])
+
+    def __getstate__(self):
+        return {"size": self.size, "seed": self.seed}
+
+    def __setstate__(self, state):
+        self.__init__(state["size"], state["seed"])
+
+
+class _InOrder:
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, position: int) -> int:
+        return position if position < self.size else -1
+
+
+class _LocalPositions:
+    """Local row j of this process → global stream position (its rows of each batch)."""
+
+    def __init__(self, global_batch: int, process_index: int, process_count: int):
+        if global_batch % process_count:
+            raise ValueError(
+                f"input.batch_size={global_batch} must be divisible by the number of "
+                f"processes ({process_count})."
+            )
+        self.global_batch = global_batch
+        self.local_batch = global_batch // process_count
+        self.process_index = process_index
+
+    def __call__(self, j: int) -> int:
+        step, row = divmod(j, self.local_batch)
+        return step * self.global_batch + self.process_index * self.local_batch + row
+
+
+class _StreamElement:
+    """Picklable map function of the grain dataset: local row → decoded example."""
+
+    def __init__(self, decode: _Decode, positions: _LocalPositions):
+        self.decode = decode
+        self.positions = positions
+
+    def __call__(self, j: int) -> Batch:
+        return self.decode(self.positions(int(j)))
+
+
+class BatchIterator:
+    """Iterates numpy batches of one stream; ``get_state``/``set_state`` like grain's."""
+
+    def __init__(self, make_iter, num_batches: int | None, start: int = 0):
+        self._make_iter = make_iter
+        self.num_batches = num_batches
+        self._position = start
+        self._iter = make_iter(start)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        if self.num_batches is not None and self._position >= self.num_batches:
+            raise StopIteration
+        batch = next(self._iter)
+        self._position += 1
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return {"batches_consumed": self._position}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.close()
+        self._position = int(state["batches_consumed"])
+        self._iter = self._make_iter(self._position)
+
+    def close(self) -> None:
+        close = getattr(self._iter, "close", None)
+        if close is not None:
+            close()
+
+
+def _grain_stream(
+    element: _StreamElement, start_batch: int, stop_batch: int | None, num_workers: int
+):
+    local_batch = element.positions.local_batch
+    stop = (stop_batch if stop_batch is not None else 1 << 40) * local_batch
+    dataset = grain.MapDataset.range(start_batch * local_batch, stop).map(element)
+    dataset = dataset.batch(local_batch, drop_remainder=True)
+    iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+    if num_workers > 0:
+        iter_dataset = iter_dataset.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2)
+        )
+    return iter(iter_dataset)
+
+
+def train_stream(
+    record_set: RecordSet,
+    record_indices: np.ndarray,
+    spec: PipelineSpec,
+    *,
+    global_batch: int,
+    seed: int,
+    start_batch: int = 0,
+    num_workers: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> BatchIterator:
+    """The endless, shuffled training stream from batch ``start_batch`` on.
+
+    Args:
+      record_set: the split's records.
+      record_indices: which of them to train on (the train part of the split).
+      spec: shapes and options.
+      global_batch: images per global batch (all processes together).
+      seed: shuffle seed; epoch ``e`` uses the permutation seeded by ``(seed, e)``.
+      start_batch: batches already consumed (resume).
+      num_workers: grain worker processes (0: decode in this process, 2 threads).
+      process_index, process_count: this process's slice (multi-host).
+
+    Returns:
+      A :class:`BatchIterator` of process-local numpy batches.
+    """
+    element = _StreamElement(
+        _Decode(
+            record_set.reader, record_indices, spec, _EpochPermutation(len(record_indices), seed)
+        ),
+        _LocalPositions(global_batch, process_index, process_count),
+    )
+    return BatchIterator(
+        functools.partial(_grain_stream, element, stop_batch=None, num_workers=num_workers),
+        None,
+        start_batch,
+    )
+
+
+def eval_stream(
+    record_set: RecordSet,
+    record_indices: np.ndarray,
+    spec: PipelineSpec,
+    *,
+    global_batch: int,
+    num_workers: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> BatchIterator:
+    """One pass over ``record_indices`` in order; the last batch padded with ``weight=0``."""
+    num_batches = -(-len(record_indices) // global_batch)
+    element = _StreamElement(
+        _Decode(record_set.reader, record_indices, spec, _InOrder(len(record_indices))),
+        _LocalPositions(global_batch, process_index, process_count),
+    )
+    return BatchIterator(
+        functools.partial(_grain_stream, element, stop_batch=num_batches, num_workers=num_workers),
+        num_batches,
+    )
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """The reference's cross-entropy class weights ``w_c = N / (C n_c)`` (absent → 0)."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+    return weights.astype(np.float32)

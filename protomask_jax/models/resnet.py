@@ -1,0 +1,315 @@
+"""ResNet backbones in flax.nnx with torchvision's structure and parameter layout.
+
+The module tree mirrors torchvision's ``state_dict`` keys so that importing ImageNet (or
+ProtoPNet/quanproto) weights is a mechanical renaming (``models/convert.py``):
+
+    torchvision key                      our state path
+    conv1.weight        [O, I, kh, kw]   conv1/kernel           [kh, kw, I, O]
+    bn1.weight / bias                    bn1/scale / bias
+    bn1.running_mean / running_var       bn1/mean / var         (nnx.BatchStat)
+    layer2.0.conv1.weight                layer2/0/conv1/kernel
+    layer2.0.downsample.0.weight         layer2/0/downsample/0/kernel
+    layer2.0.downsample.1.running_var    layer2/0/downsample/1/var
+
+Images are NHWC. There is no classifier head: the network returns the last feature map.
+Padding is explicit and symmetric (7x7/s2 pad 3, 3x3 pad 1, 3x3/s2 max-pool pad 1 with -inf),
+exactly as torch pads; ``'SAME'`` pads asymmetrically on stride 2 and would shift every
+feature map by one pixel relative to torch, breaking weight import.
+
+Activations run in ``compute_dtype`` (e.g. bfloat16) while parameters and BatchNorm
+statistics stay float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# torchvision initialises convolutions with kaiming_normal_(mode="fan_out", relu): an
+# untruncated normal with variance 2 / (kh * kw * out_channels).
+_CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetSpec:
+    """Architecture of a ResNet.
+
+    Attributes:
+      block: ``"basic"`` (two 3x3 convs, expansion 1: ResNet-18/34) or ``"bottleneck"``
+        (1x1, 3x3, 1x1 with the stride on the 3x3 conv — torchvision's "v1.5" — and
+        expansion 4: ResNet-50/101/152).
+      blocks_per_stage: number of blocks in ``layer1``, ``layer2``, ...
+      widths: planes of each stage (the output has ``width * expansion`` channels).
+      stem_width: output channels of the 7x7 stem convolution.
+    """
+
+    block: Literal["basic", "bottleneck"]
+    blocks_per_stage: tuple[int, ...]
+    widths: tuple[int, ...]
+    stem_width: int = 64
+
+    def __post_init__(self):
+        if self.block not in ("basic", "bottleneck"):
+            raise ValueError(
+                f"ResNetSpec.block must be 'basic' or 'bottleneck', got {self.block!r}"
+            )
+        if len(self.blocks_per_stage) != len(self.widths) or not self.widths:
+            raise ValueError(
+                "ResNetSpec needs one width per stage: got blocks_per_stage="
+                f"{self.blocks_per_stage} and widths={self.widths}"
+            )
+
+    @property
+    def expansion(self) -> int:
+        return 1 if self.block == "basic" else 4
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the last feature map."""
+        return self.widths[-1] * self.expansion
+
+
+RESNET_PRESETS: dict[str, ResNetSpec] = {
+    "resnet18": ResNetSpec("basic", (2, 2, 2, 2), (64, 128, 256, 512)),
+    "resnet34": ResNetSpec("basic", (3, 4, 6, 3), (64, 128, 256, 512)),
+    "resnet50": ResNetSpec("bottleneck", (3, 4, 6, 3), (64, 128, 256, 512)),
+    "resnet101": ResNetSpec("bottleneck", (3, 4, 23, 3), (64, 128, 256, 512)),
+    "resnet152": ResNetSpec("bottleneck", (3, 8, 36, 3), (64, 128, 256, 512)),
+    # CPU demo: 64x64 views -> stem /4 -> 16x16, then 8x8, 4x4 (stays off the XLA CPU
+    # small-map cliff described in ENVIRONMENT.md).
+    "resnet_tiny": ResNetSpec("basic", (1, 1, 1), (16, 32, 64), stem_width=16),
+    # Fast unit tests.
+    "resnet_micro": ResNetSpec("basic", (1, 1), (8, 16), stem_width=8),
+}
+
+
+def resnet_spec(name_or_spec: str | ResNetSpec) -> ResNetSpec:
+    """Returns the spec of a preset name (``resnet18`` ... ``resnet_micro``) or the spec itself."""
+    if isinstance(name_or_spec, ResNetSpec):
+        return name_or_spec
+    if name_or_spec not in RESNET_PRESETS:
+        raise ValueError(
+            f"Unknown backbone {name_or_spec!r}; model.backbone must be one of "
+            f"{sorted(RESNET_PRESETS)}"
+        )
+    return RESNET_PRESETS[name_or_spec]
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm over the last (channel) axis with torch's semantics, statistics in float32.
+
+    Differences from ``nnx.BatchNorm``, all deliberate:
+      * the running variance is updated with the unbiased batch variance (n / (n - 1)),
+        as torch does, so running statistics evolve as in the reference;
+      * the normalisation is folded into one per-channel multiply-add whose coefficients
+        are computed in float32 and only then cast to the activation dtype (nnx.BatchNorm
+        with ``dtype=bfloat16`` casts mean and variance to bfloat16 first).
+
+    Attributes ``scale``, ``bias`` (nnx.Param) and ``mean``, ``var`` (nnx.BatchStat) are
+    torch's ``weight``, ``bias``, ``running_mean``, ``running_var``.
+    """
+
+    def __init__(self, num_features: int, *, momentum: float = 0.9, epsilon: float = 1e-5):
+        """Args:
+        num_features: channels C.
+        momentum: decay of the running averages in flax's convention
+          (``new = momentum * old + (1 - momentum) * batch``); 0.9 equals torch's 0.1.
+        epsilon: added to the variance; torch's default 1e-5.
+        """
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.momentum = momentum
+        self.epsilon = epsilon
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """Normalises ``x [..., C]``.
+
+        Args:
+          x: activations, any float dtype; the output has the same dtype.
+          train: use the batch's statistics and update the running averages (torch's
+            ``train()``); otherwise use the running averages (torch's ``eval()``).
+        """
+        if train:
+            reduce_axes = tuple(range(x.ndim - 1))
+            x32 = x.astype(jnp.float32)
+            mean = jnp.mean(x32, axis=reduce_axes)
+            # One pass E[x^2] - E[x]^2 in float32 (as nnx.BatchNorm does); clamped because
+            # rounding can make it slightly negative.
+            var = jnp.maximum(jnp.mean(jnp.square(x32), axis=reduce_axes) - jnp.square(mean), 0.0)
+            count = x.size // x.shape[-1]
+            unbiased_var = var * (count / max(count - 1, 1))
+            self.mean[...] = jax.lax.stop_gradient(
+                self.momentum * self.mean[...] + (1.0 - self.momentum) * mean
+            )
+            self.var[...] = jax.lax.stop_gradient(
+                self.momentum * self.var[...] + (1.0 - self.momentum) * unbiased_var
+            )
+        else:
+            mean, var = self.mean[...], self.var[...]
+        multiplier = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
+        shift = self.bias[...] - mean * multiplier
+        return x * multiplier.astype(x.dtype) + shift.astype(x.dtype)
+
+
+def _conv(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    stride: int,
+    dtype: jnp.dtype,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
+    """Bias-free conv with torch's symmetric padding ``kernel_size // 2``."""
+    pad = kernel_size // 2
+    return nnx.Conv(
+        in_channels,
+        out_channels,
+        kernel_size=(kernel_size, kernel_size),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=_CONV_INIT,
+        rngs=rngs,
+    )
+
+
+def _make_downsample(
+    in_channels: int, out_channels: int, stride: int, dtype: jnp.dtype, rngs: nnx.Rngs
+) -> nnx.List | None:
+    """torchvision's ``downsample = Sequential(conv1x1, BatchNorm)`` when the shape changes."""
+    if stride == 1 and in_channels == out_channels:
+        return None
+    return nnx.List(
+        [_conv(in_channels, out_channels, 1, stride, dtype, rngs), BatchNorm(out_channels)]
+    )
+
+
+def _apply_downsample(downsample: nnx.List | None, x: jax.Array, train: bool) -> jax.Array:
+    if downsample is None:
+        return x
+    conv, bn = downsample
+    return bn(conv(x), train=train)
+
+
+class BasicBlock(nnx.Module):
+    """Two 3x3 convolutions with a residual connection (ResNet-18/34)."""
+
+    expansion = 1
+
+    def __init__(
+        self, in_channels: int, planes: int, stride: int, dtype: jnp.dtype, rngs: nnx.Rngs
+    ):
+        self.conv1 = _conv(in_channels, planes, 3, stride, dtype, rngs)
+        self.bn1 = BatchNorm(planes)
+        self.conv2 = _conv(planes, planes, 3, 1, dtype, rngs)
+        self.bn2 = BatchNorm(planes)
+        self.downsample = _make_downsample(in_channels, planes, stride, dtype, rngs)
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        y = jax.nn.relu(self.bn1(self.conv1(x), train=train))
+        y = self.bn2(self.conv2(y), train=train)
+        return jax.nn.relu(y + _apply_downsample(self.downsample, x, train))
+
+
+class Bottleneck(nnx.Module):
+    """1x1 reduce, 3x3 (carries the stride: torchvision v1.5), 1x1 expand by 4."""
+
+    expansion = 4
+
+    def __init__(
+        self, in_channels: int, planes: int, stride: int, dtype: jnp.dtype, rngs: nnx.Rngs
+    ):
+        out_channels = planes * self.expansion
+        self.conv1 = _conv(in_channels, planes, 1, 1, dtype, rngs)
+        self.bn1 = BatchNorm(planes)
+        self.conv2 = _conv(planes, planes, 3, stride, dtype, rngs)
+        self.bn2 = BatchNorm(planes)
+        self.conv3 = _conv(planes, out_channels, 1, 1, dtype, rngs)
+        self.bn3 = BatchNorm(out_channels)
+        self.downsample = _make_downsample(in_channels, out_channels, stride, dtype, rngs)
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        y = jax.nn.relu(self.bn1(self.conv1(x), train=train))
+        y = jax.nn.relu(self.bn2(self.conv2(y), train=train))
+        y = self.bn3(self.conv3(y), train=train)
+        return jax.nn.relu(y + _apply_downsample(self.downsample, x, train))
+
+
+def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """torch's MaxPool2d(3, stride=2, padding=1): padded cells are -inf, never selected."""
+    return jax.lax.reduce_window(
+        x,
+        -jnp.inf,
+        jax.lax.max,
+        window_dimensions=(1, 3, 3, 1),
+        window_strides=(1, 2, 2, 1),
+        padding=((0, 0), (1, 1), (1, 1), (0, 0)),
+    )
+
+
+class ResNet(nnx.Module):
+    """ResNet feature extractor: stem, ``layer1`` .. ``layerN``; no pooling head, no fc.
+
+    Attributes mirror torchvision: ``conv1``, ``bn1``, ``layer{i}`` (an ``nnx.List`` of
+    blocks). ``out_channels`` is the channel count of the returned feature map.
+    """
+
+    def __init__(
+        self,
+        spec: str | ResNetSpec,
+        *,
+        compute_dtype: jnp.dtype | str = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        """Args:
+        spec: a preset name (see ``RESNET_PRESETS``) or a ``ResNetSpec``.
+        compute_dtype: activation dtype (parameters are always float32).
+        rngs: parameter initialisation randomness.
+        """
+        self.spec = resnet_spec(spec)
+        self.compute_dtype = jnp.dtype(compute_dtype)
+        block_cls = BasicBlock if self.spec.block == "basic" else Bottleneck
+        self.conv1 = _conv(3, self.spec.stem_width, 7, 2, self.compute_dtype, rngs)
+        self.bn1 = BatchNorm(self.spec.stem_width)
+        in_channels = self.spec.stem_width
+        for stage, (num_blocks, planes) in enumerate(
+            zip(self.spec.blocks_per_stage, self.spec.widths, strict=True)
+        ):
+            blocks = []
+            for index in range(num_blocks):
+                stride = 2 if stage > 0 and index == 0 else 1
+                blocks.append(block_cls(in_channels, planes, stride, self.compute_dtype, rngs))
+                in_channels = planes * block_cls.expansion
+            setattr(self, f"layer{stage + 1}", nnx.List(blocks))
+        self.out_channels = in_channels
+
+    @property
+    def stages(self) -> list[nnx.List]:
+        return [getattr(self, f"layer{i + 1}") for i in range(len(self.spec.widths))]
+
+    def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+        """Computes the last feature map.
+
+        Args:
+          images: ``[N, H, W, 3]`` normalised images (any float dtype).
+          train: BatchNorm in training mode (batch statistics, running averages updated).
+
+        Returns:
+          ``[N, H / 2^(1 + num_stages), W / 2^(1 + num_stages), out_channels]`` in
+          ``compute_dtype`` (e.g. 224 -> 7 for the four-stage presets).
+        """
+        x = images.astype(self.compute_dtype)
+        x = jax.nn.relu(self.bn1(self.conv1(x), train=train))
+        x = _max_pool_3x3_s2(x)
+        for stage in self.stages:
+            for block in stage:
+                x = block(x, train=train)
+        return x

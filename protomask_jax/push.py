@@ -1,0 +1,212 @@
+"""Push (prototype projection) and pruning as jitted streaming reductions.
+
+Push replaces every prototype by the embedding of the training view nearest to it among
+images of the prototype's class, so that each prototype *is* a view a person can look at
+(reference doc §5.4). The reference keeps a running minimum per prototype but resets it
+at every batch, so a prototype ends up on the nearest view of the *last* batch holding an
+image of its class (§9.1). We keep one running minimum over the whole training set — a
+carry of ``[P]`` distances and ``[P, D]`` embeddings updated by one compiled function per
+batch, with no host round trip per prototype; ``train.reference_push_per_batch`` restores
+the reference's behaviour for comparisons.
+
+Pruning (reference §5.5) keeps, per prototype, the k training images nearest to it and
+drops prototypes for which fewer than ``threshold`` of them belong to its class — here a
+streaming top-k merge per batch instead of Python heaps over N x P.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from protomask_jax.models.protomask import ProtoMaskOutput
+
+
+@dataclasses.dataclass
+class PushResult:
+    """Where each prototype was projected (the prototype gallery), host numpy arrays.
+
+    Attributes:
+      prototypes: ``[P, D]`` float32, the new prototype vectors.
+      distance: ``[P]`` squared distance of the old prototype to its chosen view
+        (+inf when no training image of its class was seen; the prototype is unchanged).
+      image_id: ``[P]`` record id of the source image (-1 when none).
+      view_index: ``[P]`` view slot k of that image.
+      mask_index: ``[P]`` index of the source mask in the record (k mod number of masks).
+      box: ``[P, 4]`` yxyx of the view in the canvas frame.
+    """
+
+    prototypes: np.ndarray
+    distance: np.ndarray
+    image_id: np.ndarray
+    view_index: np.ndarray
+    mask_index: np.ndarray
+    box: np.ndarray
+
+    def to_json(self) -> dict:
+        """The gallery without the vectors, for ``push.json`` and the checkpoint metadata."""
+        return {
+            "distance": [float(d) for d in self.distance],
+            "image_id": self.image_id.astype(int).tolist(),
+            "view_index": self.view_index.astype(int).tolist(),
+            "mask_index": self.mask_index.astype(int).tolist(),
+            "box": np.round(self.box.astype(float), 6).tolist(),
+        }
+
+
+def init_push_carry(prototypes: jax.Array) -> dict[str, jax.Array]:
+    """The running state of a push: nothing found yet."""
+    num_prototypes = prototypes.shape[0]
+    return {
+        "distance": jnp.full((num_prototypes,), jnp.inf, jnp.float32),
+        # a copy: the carry is donated to the update, the caller's prototypes must survive
+        "embedding": jnp.array(prototypes, dtype=jnp.float32, copy=True),
+        "image_id": jnp.full((num_prototypes,), -1, jnp.int32),
+        "view_index": jnp.full((num_prototypes,), -1, jnp.int32),
+        "mask_index": jnp.full((num_prototypes,), -1, jnp.int32),
+        "box": jnp.zeros((num_prototypes, 4), jnp.float32),
+    }
+
+
+def push_update(
+    carry: dict[str, jax.Array],
+    outputs: ProtoMaskOutput,
+    batch: dict[str, jax.Array],
+    prototype_class: jax.Array,
+    *,
+    reference_per_batch: bool = False,
+) -> dict[str, jax.Array]:
+    """Folds one batch into the running nearest view of every prototype.
+
+    Args:
+      carry: from :func:`init_push_carry` or the previous batch.
+      outputs: the model's outputs on the (unaugmented) batch with ``return_views=True``
+        (``view_distances [B, K, P]``, ``embeddings [B, K, D]``).
+      batch: the device batch (``label``, ``weight``, ``valid``, ``image_id``,
+        ``num_masks``, ``boxes``).
+      prototype_class: ``[P]``.
+      reference_per_batch: reproduce the reference's per-batch reset (§9.1): a prototype
+        takes this batch's nearest view whenever the batch holds an image of its class,
+        even if an earlier batch had a nearer one.
+
+    Returns:
+      The updated carry.
+    """
+    distances = outputs.view_distances.astype(jnp.float32)  # [B, K, P]
+    batch_size, num_views, num_prototypes = distances.shape
+    own_class = batch["label"][:, None] == prototype_class[None, :]  # [B, P]
+    eligible_image = own_class & (batch["weight"][:, None] > 0)
+    eligible = eligible_image[:, None, :] & batch["valid"][:, :, None]  # [B, K, P]
+    flat = jnp.where(eligible, distances, jnp.inf).reshape(batch_size * num_views, num_prototypes)
+    best_flat = jnp.argmin(flat, axis=0)  # [P]; first minimum = the original, not a repeat
+    best_distance = jnp.min(flat, axis=0)
+    image = best_flat // num_views
+    view = (best_flat % num_views).astype(jnp.int32)
+    embeddings = outputs.embeddings.astype(jnp.float32).reshape(batch_size * num_views, -1)
+    boxes = batch["boxes"].reshape(batch_size * num_views, 4)
+    candidate = {
+        "distance": best_distance,
+        "embedding": embeddings[best_flat],
+        "image_id": batch["image_id"][image].astype(jnp.int32),
+        "view_index": view,
+        "mask_index": (view % batch["num_masks"][image]).astype(jnp.int32),
+        "box": boxes[best_flat],
+    }
+    if reference_per_batch:
+        take = jnp.any(eligible_image, axis=0)
+    else:
+        take = best_distance < carry["distance"]
+    return {
+        key: jnp.where(take.reshape((-1,) + (1,) * (value.ndim - 1)), candidate[key], value)
+        for key, value in carry.items()
+    }
+
+
+def run_push(
+    forward: Callable[[dict], ProtoMaskOutput],
+    batches: Iterable[dict],
+    prototypes: jax.Array,
+    prototype_class: jax.Array,
+    *,
+    reference_per_batch: bool = False,
+    update_fn: Callable | None = None,
+) -> PushResult:
+    """Streams ``batches`` through ``forward`` and returns the projected prototypes.
+
+    Args:
+      forward: device batch → outputs with per-view distances and embeddings (jitted).
+      batches: device batches of the training split, unaugmented, each image once.
+      prototypes: ``[P, D]`` current prototypes.
+      prototype_class: ``[P]``.
+      reference_per_batch: see :func:`push_update`.
+      update_fn: a jitted :func:`push_update` (built here when not given).
+
+    Returns:
+      :class:`PushResult` (prototypes without an image of their class stay unchanged).
+    """
+    if update_fn is None:
+        update_fn = jax.jit(
+            lambda c, o, b, pc: push_update(c, o, b, pc, reference_per_batch=reference_per_batch),
+            donate_argnums=0,
+        )
+    carry = init_push_carry(prototypes)
+    for batch in batches:
+        carry = update_fn(carry, forward(batch), batch, prototype_class)
+    carry = jax.device_get(carry)
+    return PushResult(
+        prototypes=np.asarray(carry["embedding"], np.float32),
+        distance=carry["distance"],
+        image_id=carry["image_id"],
+        view_index=carry["view_index"],
+        mask_index=carry["mask_index"],
+        box=carry["box"],
+    )
+
+
+# ------------------------------------------------------------------------------ prune
+
+
+def init_prune_carry(num_prototypes: int, k: int) -> dict[str, jax.Array]:
+    return {
+        "distance": jnp.full((num_prototypes, k), jnp.inf, jnp.float32),
+        "label": jnp.full((num_prototypes, k), -1, jnp.int32),
+    }
+
+
+def prune_update(
+    carry: dict[str, jax.Array], min_distances: jax.Array, batch: dict[str, jax.Array]
+) -> dict[str, jax.Array]:
+    """Merges one batch into the k nearest images of every prototype.
+
+    Args:
+      carry: ``distance [P, k]`` and ``label [P, k]`` of the nearest images so far.
+      min_distances: ``[B, P]`` the model's min-over-views distances.
+      batch: ``label [B]`` and ``weight [B]`` (filler rows never count).
+
+    Returns:
+      The updated carry (ties keep the earlier image).
+    """
+    k = carry["distance"].shape[1]
+    distances = jnp.where(batch["weight"][:, None] > 0, min_distances, jnp.inf).T  # [P, B]
+    labels = jnp.broadcast_to(batch["label"][None, :], distances.shape).astype(jnp.int32)
+    all_distances = jnp.concatenate([carry["distance"], distances], axis=1)
+    all_labels = jnp.concatenate([carry["label"], labels], axis=1)
+    _, nearest = jax.lax.top_k(-all_distances, k)
+    return {
+        "distance": jnp.take_along_axis(all_distances, nearest, axis=1),
+        "label": jnp.take_along_axis(all_labels, nearest, axis=1),
+    }
+
+
+def prototypes_to_keep(
+    carry: dict[str, np.ndarray], prototype_class: np.ndarray, threshold: int
+) -> np.ndarray:
+    """Indices of the prototypes with at least ``threshold`` own-class images among their k
+    nearest (the reference prunes the others)."""
+    labels = np.asarray(carry["label"])
+    own = (labels == np.asarray(prototype_class)[:, None]) & np.isfinite(carry["distance"])
+    return np.flatnonzero(own.sum(axis=1) >= threshold)

@@ -1,0 +1,193 @@
+"""The jitted device steps: train (one per phase), evaluate, and the state they carry.
+
+Everything the device does per batch happens in one compiled function: views are cropped
+and augmented from the canvas (``data/views.py``), the network runs on all B·K views, the
+loss and its gradients are computed and the optimizer updates the parameters. Shapes are
+fixed, so each step compiles once; the state buffers are donated so the update happens in
+place; nothing here synchronises with the host (metrics stay on device until a log step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from protomask_jax import losses
+from protomask_jax.data import views as views_lib
+from protomask_jax.models import protomask as model_lib
+from protomask_jax.phases import Phase
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (a pytree; checkpointed whole).
+
+    Attributes:
+      step: global step (batches consumed), int32 scalar.
+      params: the model's ``nnx.Param`` state (groups backbone/add_on/prototypes/last_layer).
+      batch_stats: BatchNorm running averages.
+      constants: non-trainable model state (``prototype_class``).
+      opt_state: the current phase's optimizer state.
+    """
+
+    step: jax.Array
+    params: nnx.State
+    batch_stats: nnx.State
+    constants: nnx.State
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """``config.loss`` as plain values (the coefficients are compile-time constants)."""
+
+    ce: float
+    cluster: float
+    separation: float
+    diversity: float
+    l1: float
+    class_weighted: bool
+    reference_detached_diversity: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static settings of the device steps, closed over by jit."""
+
+    view_size: int
+    augment: views_lib.AugmentConfig | None
+    compute_dtype: Any
+    seed: int
+    loss: LossConfig
+    max_prototypes_per_class: int
+
+    @classmethod
+    def from_config(cls, config, max_prototypes_per_class: int) -> StepConfig:
+        return cls(
+            view_size=config.input.view_size,
+            augment=views_lib.AugmentConfig.from_config(config.input.augment),
+            compute_dtype=jnp.dtype(config.model.compute_dtype),
+            seed=config.seed,
+            loss=LossConfig(**config.loss.to_dict()),
+            max_prototypes_per_class=max_prototypes_per_class,
+        )
+
+
+def device_views(
+    batch: dict[str, jax.Array], key: jax.Array | None, step_config: StepConfig
+) -> jax.Array:
+    """``[B, K, V, V, 3]`` views of a device batch (augmented when ``key`` is given)."""
+    return views_lib.make_views(
+        batch["canvas"],
+        batch["boxes"],
+        key,
+        view_size=step_config.view_size,
+        augment=step_config.augment if key is not None else None,
+        masks=batch.get("masks"),
+        dtype=step_config.compute_dtype,
+    )
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    phase: Phase,
+    tx: optax.GradientTransformation,
+    step_config: StepConfig,
+) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+    """The (unjitted) training step of one phase.
+
+    Args:
+      graphdef: the model's graph definition (``split_model``).
+      phase: which groups train and how BatchNorm behaves.
+      tx: the phase's optimizer (``phases.make_optimizer``).
+      step_config: static settings.
+
+    Returns:
+      ``step(state, batch, class_weights) -> (new_state, metrics)``; metrics are scalars on
+      device: ``loss``, the loss terms, ``accuracy``.
+    """
+    trainable = set(phase.trainable)
+
+    def step(state: TrainState, batch: dict, class_weights: jax.Array):
+        # The augmentation key depends only on (seed, step): a resumed run draws the same.
+        key = jax.random.fold_in(jax.random.key(step_config.seed), state.step)
+        views = device_views(batch, key, step_config)
+        labels = batch["label"]
+        prototype_class = state.constants["prototype_class"][...]
+
+        def loss_fn(params):
+            # Frozen groups are constants to autodiff: XLA computes no gradient for them and,
+            # when nothing upstream trains, no backward pass through the backbone at all.
+            params = nnx.State(
+                {
+                    name: value if name in trainable else jax.lax.stop_gradient(value)
+                    for name, value in params.items()
+                }
+            )
+            outputs, new_batch_stats = model_lib.apply(
+                graphdef,
+                params,
+                state.batch_stats,
+                state.constants,
+                views,
+                train=phase.bn_train,
+            )
+            total, terms = losses.protomask_loss(
+                outputs,
+                labels,
+                params["prototypes"][...],
+                params["last_layer"][...],
+                prototype_class,
+                phase.loss_phase,
+                step_config.loss,
+                class_weights,
+                max_prototypes_per_class=step_config.max_prototypes_per_class,
+            )
+            return total, (terms, new_batch_stats, outputs.logits)
+
+        (total, (terms, batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+        metrics = {"loss": total, "accuracy": accuracy, **terms}
+        new_state = state.replace(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        )
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(
+    graphdef: nnx.GraphDef, step_config: StepConfig, *, return_views: bool = False
+) -> Callable[[nnx.State, nnx.State, nnx.State, dict], model_lib.ProtoMaskOutput]:
+    """The (unjitted) evaluation forward: no augmentation, BatchNorm in inference mode.
+
+    Returns:
+      ``eval_step(params, batch_stats, constants, batch) -> ProtoMaskOutput`` (per-view
+      distances and embeddings included when ``return_views``).
+    """
+
+    def eval_step(params, batch_stats, constants, batch):
+        views = device_views(batch, None, step_config)
+        outputs, _ = model_lib.apply(
+            graphdef,
+            params,
+            batch_stats,
+            constants,
+            views,
+            train=False,
+            return_views=return_views,
+        )
+        return outputs
+
+    return eval_step
