@@ -10,6 +10,7 @@ import contextlib
 import importlib
 import importlib.util
 import json
+import os
 import platform
 import re
 import sys
@@ -200,8 +201,6 @@ def device_facts() -> dict[str, Any]:
 
 
 def _cpu_count() -> int | None:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 

@@ -30,7 +30,6 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -114,9 +113,7 @@ def reference_style_push(
     return chosen
 
 
-def run(
-    shape_name: str, *, out_dir: Path = common.RESULTS_DIR, seed: int = 0
-) -> Path:
+def run(shape_name: str, *, out_dir: Path = common.RESULTS_DIR, seed: int = 0) -> Path:
     """Measures eval pass, push and the reference-style push; writes the JSON."""
     shape = PUSH_SHAPES[shape_name]
     model_shape = shape.model

@@ -231,6 +231,46 @@ def _joint_phase(config: Any) -> phases_lib.Phase:
     return joint
 
 
+def make_jax_step(
+    config: Any,
+    shape: Shape,
+    *,
+    augment: bool,
+    torch_weights: dict[str, np.ndarray] | None = None,
+) -> tuple[steps_lib.TrainState, Any]:
+    """The product's joint-phase train step and its initial state (on the host).
+
+    Args:
+      config: from :func:`make_config`.
+      shape: the benchmark shape.
+      augment: on-device augmentation as configured (``input.augment``), or none.
+      torch_weights: quanproto-layout weights to start from (imported with
+        ``protomask_jax.models.convert``); None keeps the model's random init.
+
+    Returns:
+      ``(state, step)`` with ``step(state, batch, class_weights) -> (state, metrics)``
+      from ``steps.make_train_step`` (not jitted).
+    """
+    model = model_lib.build_model(config, shape.num_classes, nnx.Rngs(params=0))
+    if torch_weights is not None:
+        imported, _ = convert.protomask_state_from_torch(torch_weights, model)
+        nnx.update(model, imported)
+    graphdef, params, batch_stats, constants = model_lib.split_model(model)
+    joint = _joint_phase(config)
+    tx = phases_lib.make_optimizer(joint)
+    step_config = steps_lib.StepConfig.from_config(config, shape.prototypes_per_class)
+    if not augment:
+        step_config = dataclasses.replace(step_config, augment=None)
+    state = steps_lib.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        constants=constants,
+        opt_state=tx.init(params),
+    )
+    return state, steps_lib.make_train_step(graphdef, joint, tx, step_config)
+
+
 class JaxVariant:
     """One JAX variant: the product's joint-phase step, jitted with the state donated.
 
@@ -255,31 +295,14 @@ class JaxVariant:
         self.fp32 = variant == "jax_fp32"
         self.augment = variant == "jax_bf16_aug"
         config = make_config(shape, "float32" if self.fp32 else "bfloat16")
-        model = model_lib.build_model(config, shape.num_classes, nnx.Rngs(params=0))
-        imported, _ = convert.protomask_state_from_torch(torch_weights, model)
-        nnx.update(model, imported)
-        graphdef, params, batch_stats, constants = model_lib.split_model(model)
-        joint = _joint_phase(config)
-        tx = phases_lib.make_optimizer(joint)
-        step_config = steps_lib.StepConfig.from_config(config, shape.prototypes_per_class)
-        if not self.augment:
-            step_config = dataclasses.replace(step_config, augment=None)
-        self.device = jax.devices()[0]
-        self.state = jax.device_put(
-            steps_lib.TrainState(
-                step=jnp.zeros((), jnp.int32),
-                params=params,
-                batch_stats=batch_stats,
-                constants=constants,
-                opt_state=tx.init(params),
-            ),
-            self.device,
+        state, step_fn = make_jax_step(
+            config, shape, augment=self.augment, torch_weights=torch_weights
         )
+        self.device = jax.devices()[0]
+        self.state = jax.device_put(state, self.device)
         self.batches = [jax.device_put(batch, self.device) for batch in batches]
         self.class_weights = jax.device_put(jnp.asarray(class_weights), self.device)
-        jitted = jax.jit(
-            steps_lib.make_train_step(graphdef, joint, tx, step_config), donate_argnums=0
-        )
+        jitted = jax.jit(step_fn, donate_argnums=0)
         # fp32 means fp32: no TF32 in convolutions and matmuls (as torch_eager_fp32).
         with jax.default_matmul_precision("highest" if self.fp32 else "default"):
             with common.stopwatch() as lower_time:
