@@ -12,3 +12,83 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+
+# ----------------------------------------------------------------- data fixtures (segmentation)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_records(tmp_path_factory):
+    """Records dir (``pathlib.Path``) of a tiny parts world exported with ``gt`` masks.
+
+    The demo config shrunk to 4 classes, 64 x 64 images, 24 train images (2 shards) and 8
+    test images (1 shard); ids 0..23 train and 24..31 test; 4-6 masks per image (one per
+    part, at most 8), ground-truth part maps and decisive parts in every record, and
+    ``dataset_info.json``. Read-only: copy it before changing anything.
+    """
+    from configs import demo
+    from segmentation import export
+
+    base = tmp_path_factory.mktemp("tiny_parts_world")
+    config = demo.get_config()
+    config.dataset.root = str(base / "dataset")
+    config.dataset.records_dir = str(base / "records")
+    config.dataset.num_classes = 4
+    config.dataset.synthetic.update(
+        num_classes=4, image_size=64, train_per_class=6, test_per_class=2, seed=0)
+    config.segmentation.update(method="gt", max_masks=8, skip_background=0, min_box_px=2)
+    config.segmentation.shards.update(train=2, test=1)
+    export.export(config, progress=False)
+    return base / "records"
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_model():
+    """A randomly initialised SAM small enough for CPU tests (image size 256, ViT depth 2,
+    embedding 64): the real ``segment_anything`` modules, ~0.1 s per 96 px image with 4x4
+    points. Its masks are noise; use relaxed thresholds (``pred_iou_thresh`` very low,
+    ``stability_score_thresh`` 0) to get any."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("segment_anything")
+    from functools import partial
+
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
+
+    torch.manual_seed(0)
+    image_size, patch_size, embed_dim = 256, 16, 64
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=image_size, patch_size=patch_size, embed_dim=embed_dim, depth=2,
+            num_heads=2, mlp_ratio=2, out_chans=embed_dim, qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
+            window_size=4, global_attn_indexes=(1,)),
+        prompt_encoder=PromptEncoder(
+            embed_dim=embed_dim, image_embedding_size=(image_size // patch_size,) * 2,
+            input_image_size=(image_size, image_size), mask_in_chans=8),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3, transformer_dim=embed_dim,
+            transformer=TwoWayTransformer(depth=1, embedding_dim=embed_dim, mlp_dim=128,
+                                          num_heads=2),
+            iou_head_depth=2, iou_head_hidden_dim=32),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    ).eval()
+
+
+@pytest.fixture
+def torch_single_thread():
+    """Runs a test with one torch thread (restored after). On a small shared CPU, torch's
+    default of one thread per core oversubscribes and made the tiny SAM ~10x slower."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

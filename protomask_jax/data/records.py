@@ -16,6 +16,7 @@ import io
 import json
 import os
 import struct
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,9 @@ def shard_name(split: str, index: int, count: int) -> str:
 def write_shard(path: str | os.PathLike, records: Iterable[bytes]) -> int:
     """Writes one complete shard and its offset index, atomically.
 
-    Both files are written under a temporary name first; the index is renamed into place
-    before the shard, so a visible ``.tfrecord`` always has its index and is complete.
+    Both files are written under a temporary name first (unique per process, ending in
+    ``.tmp``); the index is renamed into place before the shard, so a visible ``.tfrecord``
+    always has its index and is complete.
 
     Args:
       path: final path of the shard (``.../train-00000-of-00004.tfrecord``).
@@ -74,8 +76,8 @@ def write_shard(path: str | os.PathLike, records: Iterable[bytes]) -> int:
       The number of records written.
     """
     path = Path(path)
-    tmp_shard = path.with_name(path.name + TMP_SUFFIX)
-    tmp_index = path.with_name(path.name + INDEX_SUFFIX + TMP_SUFFIX)
+    tmp_shard = _unique_tmp(path)
+    tmp_index = _unique_tmp(path.with_name(path.name + INDEX_SUFFIX))
     offsets = []
     offset = 0
     with open(tmp_shard, "wb") as f:
@@ -257,7 +259,10 @@ def encode_example(features: dict[str, Any]) -> bytes:
             feature.float_list.value.extend(array.astype(np.float32).ravel().tolist())
         else:
             raise TypeError(f"feature {key!r}: unsupported value type {array.dtype}")
-    return example.SerializeToString()
+    # The feature map is a protobuf map; without `deterministic` upb serialises it in a
+    # hash order seeded per process, so the same record would differ byte-wise between
+    # runs (breaking resumable and sharded exports that must produce identical files).
+    return example.SerializeToString(deterministic=True)
 
 
 def parse_example(data: bytes) -> dict[str, Any]:
@@ -470,10 +475,19 @@ def load_dataset_info(records_dir: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
+def _unique_tmp(path: Path) -> Path:
+    """A temporary name beside ``path`` that no other process or thread uses."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}{TMP_SUFFIX}")
+
+
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    """Writes JSON to ``path`` through a temporary file and a rename."""
+    """Writes JSON to ``path`` through a temporary file and a rename.
+
+    The temporary name is unique per process, so several export processes may write the
+    same file (e.g. ``dataset_info.json``) at once: each rename is atomic and the last wins.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp = _unique_tmp(path)
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
 

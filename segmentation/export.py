@@ -1,0 +1,491 @@
+"""Export a dataset's images with their masks and boxes to sharded TFRecords.
+
+Command (from the repository root)::
+
+    python -m segmentation.export --config configs/demo.py
+    python -m segmentation.export --config configs/cub.py --shard_index 0 --num_shards 4 \\
+        --config.segmentation.sam.checkpoint=/path/to/sam_vit_h_4b8939.pth
+
+writes ``config.dataset.records_dir/{split}-{j:05d}-of-{n:05d}.tfrecord`` (+ ``.index``) for
+``n = config.segmentation.shards[split]``. Shard ``j`` holds a fixed contiguous range of the
+split's images sorted by id (images ``[j N // n, (j + 1) N // n)``). Process ``i`` of
+``--num_shards`` writes the shards with ``j % num_shards == i``, so several processes (GPUs,
+hosts) split one export with no overlap and no gap. Each shard is written to a temporary
+name and renamed when complete, together with a ``.stats.json`` sidecar (image, mask and
+fallback counts per class); a re-run skips complete shards, so a killed export resumes.
+Whichever process finds every shard complete writes ``dataset_info.json``
+(``docs/design.md``); re-running any process re-derives it.
+
+The segmenter (a SAM model) is built once per process, and only if a shard is left to
+write. Nothing here imports jax; only the ``sam`` segmenter imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from protomask_jax.data import records
+from segmentation import postprocess, segmenters, sources
+
+STATS_SUFFIX = ".stats.json"
+
+
+class ExportError(ValueError):
+    """The export cannot run as configured or an input cannot be read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    """One shard of one split: the images it holds and where it goes."""
+
+    split: str
+    index: int
+    count: int
+    entries: tuple[sources.SourceEntry, ...]
+    path: Path
+
+    @property
+    def stats_path(self) -> Path:
+        return self.path.with_name(self.path.name + STATS_SUFFIX)
+
+    def is_complete(self) -> bool:
+        return self.path.exists()
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """What one export process did and, when every shard exists, the dataset totals."""
+
+    records_dir: Path
+    shards_written: list[str]
+    shards_skipped: list[str]
+    shards_missing: list[str]  # owned by other processes and not complete yet
+    images_written: int
+    seconds: float
+    dataset_info: dict[str, Any] | None  # None until every shard of every split is complete
+
+
+def plan_shards(
+    entries: Sequence[sources.SourceEntry], split: str, count: int, records_dir: Path
+) -> list[ShardPlan]:
+    """Splits ``entries`` (sorted by id) into ``count`` contiguous shards."""
+    total = len(entries)
+    return [
+        ShardPlan(split, j, count, tuple(entries[j * total // count : (j + 1) * total // count]),
+                  records_dir / records.shard_name(split, j, count))
+        for j in range(count)
+    ]
+
+
+def _fingerprint(config: ml_collections.ConfigDict, source: sources.Source,
+                 plan: ShardPlan) -> dict[str, Any]:
+    """What determines a shard's bytes; a complete shard must match it to be reused."""
+    listing = "".join(f"{e.image_id}\t{e.filename}\t{e.label}\n" for e in plan.entries)
+    return dict(
+        schema_version=records.SCHEMA_VERSION,
+        dataset=source.name,
+        num_classes=len(source.class_names),
+        segmenter=segmenters.segmenter_description(config),
+        postprocess=_postprocess_params(config),
+        images_sha256=hashlib.sha256(listing.encode()).hexdigest(),
+    )
+
+
+def _postprocess_params(config: ml_collections.ConfigDict) -> dict[str, int]:
+    seg = config.segmentation
+    return dict(max_masks=seg.max_masks, skip_background=seg.skip_background,
+                min_box_px=seg.min_box_px)
+
+
+# ------------------------------------------------------------------------- one image
+
+
+def _decode(item: sources.SourceItem, root: Path) -> tuple[np.ndarray, bytes, str]:
+    """Returns (RGB uint8 [H, W, 3], the bytes to store, their format)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(item.image_bytes)) as image:
+            rgb = np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ExportError(
+            f"{root / item.filename}: cannot decode image (id {item.image_id}): {e}. Replace "
+            "or remove the file and re-run (complete shards are skipped).") from e
+    image_format = sources.image_format(item.image_bytes)
+    if image_format is not None:
+        return rgb, item.image_bytes, image_format
+    # Neither JPEG nor PNG (BMP, GIF, WebP, TIFF): store a lossless PNG of the pixels.
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return rgb, buffer.getvalue(), "png"
+
+
+def build_record(
+    item: sources.SourceItem,
+    segmenter: segmenters.Segmenter,
+    config: ml_collections.ConfigDict,
+    root: Path,
+) -> tuple[records.ImageRecord, bool]:
+    """Segments and post-processes one image.
+
+    Returns:
+      The record and whether it fell back to a single full-image mask.
+    """
+    rgb, image_bytes, image_format = _decode(item, root)
+    height, width = rgb.shape[:2]
+    masks = np.asarray(segmenter.segment(rgb, item), dtype=bool)
+    if masks.ndim != 3 or masks.shape[1:] != (height, width):
+        raise ExportError(f"{root / item.filename}: segmenter {segmenter.method!r} returned "
+                          f"masks of shape {masks.shape}, expected [N, {height}, {width}].")
+    seg = config.segmentation
+    processed = postprocess.postprocess(masks, seg.max_masks, seg.skip_background,
+                                        seg.min_box_px)
+    if processed.used_fallback:
+        logging.warning("%s: no mask survived post-processing (%d from %s); storing one "
+                        "full-image mask.", item.filename, len(masks), segmenter.method)
+    gt = item.gt
+    record = records.ImageRecord(
+        image_id=item.image_id,
+        image_bytes=image_bytes,
+        image_format=image_format,
+        height=height,
+        width=width,
+        filename=item.filename,
+        label=(int(item.label) if np.ndim(item.label) == 0
+               else np.sort(np.asarray(item.label, np.int64))),
+        boxes=processed.boxes,
+        areas=processed.areas,
+        mask_pngs=[records.encode_mask_png(m) for m in processed.masks],
+        part_map_png=None if gt.part_map is None else records.encode_label_map_png(gt.part_map),
+        decisive_parts=gt.decisive_parts,
+        object_mask_png=None if gt.object_mask is None else records.encode_mask_png(
+            gt.object_mask),
+        keypoints=gt.keypoints,
+    )
+    return record, processed.used_fallback
+
+
+# ------------------------------------------------------------------------ one shard
+
+
+def _empty_stats(plan: ShardPlan, num_classes: int, fingerprint: dict[str, Any]
+                 ) -> dict[str, Any]:
+    return dict(split=plan.split, shard_index=plan.index, num_shards=plan.count,
+                num_images=0, num_masks=0, num_fallbacks=0, class_counts=[0] * num_classes,
+                first_id=plan.entries[0].image_id if plan.entries else None,
+                last_id=plan.entries[-1].image_id if plan.entries else None,
+                export=fingerprint)
+
+
+def _count(stats: dict[str, Any], label: Any, num_masks: int, fallback: bool) -> None:
+    stats["num_images"] += 1
+    stats["num_masks"] += num_masks
+    stats["num_fallbacks"] += int(fallback)
+    for c in np.atleast_1d(np.asarray(label)).tolist():
+        stats["class_counts"][int(c)] += 1
+
+
+def _write_shard(plan: ShardPlan, source: sources.Source, segmenter: segmenters.Segmenter,
+                 config: ml_collections.ConfigDict, fingerprint: dict[str, Any],
+                 on_image: Callable[[], None]) -> None:
+    stats = _empty_stats(plan, len(source.class_names), fingerprint)
+
+    def serialized():
+        for entry in plan.entries:
+            item = source.load(entry)
+            record, fallback = build_record(item, segmenter, config, source.root)
+            _count(stats, record.label, record.num_masks, fallback)
+            yield record.to_bytes()
+            on_image()
+
+    # Records stream into the shard's temporary file; it becomes visible when complete.
+    records.write_shard(plan.path, serialized())
+    records.write_json_atomic(plan.stats_path, stats)
+
+
+def _stats_from_shard(plan: ShardPlan, num_classes: int, fingerprint: dict[str, Any]
+                      ) -> dict[str, Any]:
+    """Re-derives a complete shard's sidecar by reading its records.
+
+    Only needed when a process died between publishing a shard and writing its sidecar
+    (or the sidecar was deleted). A fallback is recognised as a lone full-image mask.
+    """
+    stats = _empty_stats(plan, num_classes, fingerprint)
+    for data in records.iter_records(plan.path):
+        record = records.ImageRecord.from_bytes(data, where=str(plan.path))
+        lone_full_mask = record.num_masks == 1 and record.areas[0] == 1.0
+        _count(stats, record.label, record.num_masks, lone_full_mask)
+    return stats
+
+
+def _load_stats(plan: ShardPlan, num_classes: int, fingerprint: dict[str, Any]
+                ) -> dict[str, Any]:
+    """The sidecar of a complete shard, checked against the current export settings
+    (re-derived from the shard if missing; call it only for shards this process owns or
+    whose sidecar exists)."""
+    if not plan.stats_path.exists():
+        stats = _stats_from_shard(plan, num_classes, fingerprint)
+        records.write_json_atomic(plan.stats_path, stats)
+        return stats
+    stats = json.loads(plan.stats_path.read_text())
+    if stats.get("export") != fingerprint:
+        raise ExportError(
+            f"{plan.path} was written by an export with other settings:\n  found:    "
+            f"{json.dumps(stats.get('export'), sort_keys=True)}\n  expected: "
+            f"{json.dumps(fingerprint, sort_keys=True)}\nDelete {plan.path.parent} (or "
+            "point config.dataset.records_dir elsewhere) to export again.")
+    return stats
+
+
+def _check_no_foreign_shards(records_dir: Path, split: str, count: int) -> None:
+    foreign = sorted(p.name for p in records_dir.glob(f"{split}-*-of-*.tfrecord")
+                     if not p.name.endswith(f"-of-{count:05d}.tfrecord"))
+    if foreign:
+        raise ExportError(
+            f"{records_dir} holds '{split}' shards of an export with a different shard count "
+            f"({foreign[:3]}...), but segmentation.shards.{split}={count}. Delete them or "
+            "export to another config.dataset.records_dir.")
+
+
+def _remove_stale_temporaries(plan: ShardPlan) -> None:
+    """Deletes temporary files a killed process left for this (not yet complete) shard."""
+    for tmp in plan.path.parent.glob(plan.path.name + "*" + records.TMP_SUFFIX):
+        tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------ the export
+
+
+def _dataset_info(config: ml_collections.ConfigDict, source: sources.Source,
+                  split_stats: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    splits = {}
+    for split, shard_stats in split_stats.items():
+        splits[split] = dict(
+            num_images=sum(s["num_images"] for s in shard_stats),
+            num_masks=sum(s["num_masks"] for s in shard_stats),
+            num_shards=len(shard_stats),
+            class_counts=np.sum([s["class_counts"] for s in shard_stats], axis=0,
+                                dtype=np.int64).tolist(),
+            num_fallbacks=sum(s["num_fallbacks"] for s in shard_stats),
+        )
+    return dict(
+        schema_version=records.SCHEMA_VERSION,
+        dataset=source.name,
+        num_classes=len(source.class_names),
+        class_names=list(source.class_names),
+        multi_label=bool(source.multi_label),
+        part_names=list(source.part_names),
+        segmenter=segmenters.segmenter_description(config),
+        postprocess=_postprocess_params(config),
+        splits=splits,
+    )
+
+
+def _check_config(config: ml_collections.ConfigDict, source: sources.Source,
+                  splits: Sequence[str]) -> None:
+    if config.dataset.num_classes != len(source.class_names):
+        raise ExportError(
+            f"config.dataset.num_classes={config.dataset.num_classes} but the "
+            f"{source.name} dataset at {source.root} has {len(source.class_names)} classes.")
+    if bool(config.dataset.multi_label) != bool(source.multi_label):
+        raise ExportError(f"config.dataset.multi_label={config.dataset.multi_label} but the "
+                          f"{source.name} source is {'' if source.multi_label else 'not '}"
+                          "multi-label.")
+    shards = config.segmentation.shards
+    for split in splits:
+        if split not in shards:
+            raise ExportError(f"the dataset has a '{split}' split but "
+                              f"config.segmentation.shards has no entry for it "
+                              f"(has: {sorted(shards.keys())}).")
+        if int(shards[split]) < 1:
+            raise ExportError(f"config.segmentation.shards.{split} must be >= 1.")
+
+
+def export(
+    config: ml_collections.ConfigDict,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    *,
+    sam_model: Any = None,
+    progress: bool = True,
+) -> ExportResult:
+    """Writes this process's shards (those ``j`` with ``j % num_shards == shard_index``).
+
+    Args:
+      config: the experiment config (``dataset`` and ``segmentation`` are read).
+      shard_index, num_shards: this process's place among the processes sharing the export.
+      sam_model: optional prebuilt SAM module (for ``segmentation.method == "sam"``).
+      progress: show a progress bar (images/s) on stderr.
+
+    Returns:
+      What was written and skipped, and the dataset info once every shard is complete.
+    """
+    if not 0 <= shard_index < num_shards:
+        raise ExportError(f"--shard_index={shard_index} must be in [0, --num_shards="
+                          f"{num_shards}).")
+    if not config.dataset.records_dir:
+        raise ExportError("config.dataset.records_dir is empty; set it to the folder the "
+                          "records are written to.")
+    started = time.perf_counter()
+    source = sources.get_source(config)
+    splits = list(source.splits())
+    _check_config(config, source, splits)
+    records_dir = Path(config.dataset.records_dir)
+    records_dir.mkdir(parents=True, exist_ok=True)
+    num_classes = len(source.class_names)
+
+    plans: list[ShardPlan] = []
+    for split in splits:
+        count = int(config.segmentation.shards[split])
+        _check_no_foreign_shards(records_dir, split, count)
+        entries = source.entries(split)
+        if len(entries) < count:
+            logging.warning("split %s has %d images for %d shards; some shards stay empty.",
+                            split, len(entries), count)
+        plans += plan_shards(entries, split, count, records_dir)
+    fingerprints = {plan.path: _fingerprint(config, source, plan) for plan in plans}
+
+    mine = [p for p in plans if p.index % num_shards == shard_index]
+    todo = [p for p in mine if not p.is_complete()]
+    skipped = [p for p in mine if p.is_complete()]
+    for plan in skipped:
+        _load_stats(plan, num_classes, fingerprints[plan.path])
+
+    images_written = 0
+    if todo:
+        segmenter = segmenters.get_segmenter(config, sam_model=sam_model)
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(p.entries) for p in todo), unit="img", disable=not progress,
+                   desc=f"export {config.segmentation.method}")
+        for plan in todo:
+            _remove_stale_temporaries(plan)
+            _write_shard(plan, source, segmenter, config, fingerprints[plan.path],
+                         on_image=lambda: bar.update(1))
+            images_written += len(plan.entries)
+        bar.close()
+
+    # A shard counts once its sidecar exists too: another process publishes its shard a
+    # moment before the sidecar. (This process's own shards have theirs by now.)
+    missing = [p for p in plans if not (p.is_complete() and p.stats_path.exists())]
+    dataset_info = None
+    if not missing:
+        split_stats = {split: [_load_stats(p, num_classes, fingerprints[p.path])
+                               for p in plans if p.split == split] for split in splits}
+        dataset_info = _dataset_info(config, source, split_stats)
+        records.write_json_atomic(records_dir / records.DATASET_INFO, dataset_info)
+    return ExportResult(
+        records_dir=records_dir,
+        shards_written=[p.path.name for p in todo],
+        shards_skipped=[p.path.name for p in skipped],
+        shards_missing=[p.path.name for p in missing],
+        images_written=images_written,
+        seconds=time.perf_counter() - started,
+        dataset_info=dataset_info,
+    )
+
+
+def summary(result: ExportResult) -> str:
+    """A few lines saying what was written and where the records are."""
+    lines = [f"Wrote {len(result.shards_written)} shard(s) ({result.images_written} images) "
+             f"in {result.seconds:.1f} s; skipped {len(result.shards_skipped)} complete."]
+    if result.dataset_info is None:
+        lines.append(
+            f"Waiting for {len(result.shards_missing)} shard(s) of other processes "
+            f"({', '.join(result.shards_missing[:4])}...); dataset_info.json is written by the "
+            "process that completes the last shard (or re-run any process).")
+        return "\n".join(lines)
+    info = result.dataset_info
+    lines.append(f"Records in {result.records_dir} ({info['dataset']}, "
+                 f"{info['segmenter']['method']} masks, at most "
+                 f"{info['postprocess']['max_masks']} per image):")
+    for split, s in info["splits"].items():
+        lines.append(f"  {split:>5}: {s['num_images']} images, {s['num_masks']} masks "
+                     f"({s['num_masks'] / max(s['num_images'], 1):.1f} per image), "
+                     f"{s['num_shards']} shards, {s['num_fallbacks']} full-image fallbacks")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py.",
+                                    lock_config=True)
+    flags.DEFINE_integer("shard_index", 0, "Index of this process among --num_shards.")
+    flags.DEFINE_integer("num_shards", 1, "Number of processes sharing the export.")
+    flags.mark_flags_as_required(["config"])
+
+
+def _config_key_error(argv: Sequence[str]) -> str | None:
+    """Names the first ``--config.a.b=`` override whose key does not exist, with the keys
+    valid at that level (ml_collections only suggests one close match)."""
+    import runpy
+
+    config_path, overrides = None, []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            config_path = argv[i + 1]
+        elif arg.startswith("--config."):
+            overrides.append(arg[len("--config."):].split("=", 1)[0])
+    if config_path is None:
+        return None
+    node = runpy.run_path(config_path.split(":", 1)[0])["get_config"]()
+    for dotted in overrides:
+        current, prefix = node, "config"
+        for key in dotted.split("."):
+            if not isinstance(current, ml_collections.ConfigDict) or key not in current:
+                valid = sorted(current.keys()) if isinstance(
+                    current, ml_collections.ConfigDict) else []
+                return (f"--config.{dotted}: {prefix} has no key {key!r}; valid keys: "
+                        f"{', '.join(valid)}.")
+            current, prefix = current[key], f"{prefix}.{key}"
+    return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    from absl import app
+
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (KeyError, AttributeError) as e:
+        sys.exit(f"error: {_config_key_error(argv[1:]) or e}")
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import flags
+
+    if len(argv) > 1:
+        raise ExportError(f"unexpected arguments: {argv[1:]}")
+    FLAGS = flags.FLAGS
+    try:
+        result = export(FLAGS.config, FLAGS.shard_index, FLAGS.num_shards)
+    except (ExportError, sources.SourceError, segmenters.SegmenterError,
+            records.RecordError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(summary(result))
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,356 @@
+"""Segmenters: one image in, a stack of boolean masks out.
+
+Every segmenter implements ``segment(image uint8 [H, W, 3] RGB, item) -> bool [N, H, W]``
+(any order, any N >= 0; ``segmentation.postprocess`` sorts, filters and caps them), and
+says which config values determine its masks (``params``, recorded in
+``dataset_info.json`` and checked when an export resumes; computed without building the
+segmenter, so no model is loaded to check a finished export). :func:`get_segmenter` builds
+the one ``config.segmentation.method`` names, once per export process.
+
+- ``sam``: segment-anything's automatic mask generator. The checkpoint is a local file
+  (``config.segmentation.sam.checkpoint``); nothing is downloaded. torch is imported here
+  only, when this segmenter is built.
+- ``slic``: scikit-image SLIC superpixels, one mask per superpixel.
+- ``grid``: ``rows x cols`` rectangles covering the image.
+- ``gt``: the dataset's own masks: one per part of a part map (the parts world), else the
+  object mask (CUB's bird).
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from segmentation.sources import SourceItem
+
+SAM_CHECKPOINT_URLS = {
+    "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+    "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+    "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+}
+
+
+class SegmenterError(ValueError):
+    """A segmenter cannot be built or cannot segment an image."""
+
+
+class Segmenter(abc.ABC):
+    """Interface: ``segment(image, item) -> bool [N, H, W]``."""
+
+    method: str = ""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None
+                    ) -> Segmenter:
+        """Builds the segmenter from ``config.segmentation``."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def params(seg_config: ml_collections.ConfigDict) -> dict[str, Any]:
+        """The values of ``config.segmentation`` that determine the masks (JSON-able)."""
+
+    @abc.abstractmethod
+    def segment(self, image: np.ndarray, item: SourceItem) -> np.ndarray:
+        """Segments one image.
+
+        Args:
+          image: uint8 ``[H, W, 3]`` RGB.
+          item: the source item the image was decoded from (ground truth, names).
+
+        Returns:
+          bool ``[N, H, W]`` masks, N >= 0, in no particular order.
+        """
+
+
+# -------------------------------------------------------------------------------- grid
+
+
+class GridSegmenter(Segmenter):
+    """``rows x cols`` rectangles with edges at ``round(linspace(0, size, n + 1))``."""
+
+    method = "grid"
+
+    def __init__(self, rows: int, cols: int):
+        if rows < 1 or cols < 1:
+            raise SegmenterError(f"segmentation.grid rows and cols must be >= 1, got "
+                                 f"{rows} x {cols}.")
+        self.rows, self.cols = rows, cols
+
+    @classmethod
+    def from_config(cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None
+                    ) -> GridSegmenter:
+        return cls(seg_config.grid.rows, seg_config.grid.cols)
+
+    def segment(self, image: np.ndarray, item: SourceItem) -> np.ndarray:
+        height, width = image.shape[:2]
+        row_edges = np.round(np.linspace(0, height, self.rows + 1)).astype(np.int64)
+        col_edges = np.round(np.linspace(0, width, self.cols + 1)).astype(np.int64)
+        row_of = np.searchsorted(row_edges, np.arange(height), side="right") - 1  # [H]
+        col_of = np.searchsorted(col_edges, np.arange(width), side="right") - 1  # [W]
+        cell = row_of[:, None] * self.cols + col_of[None, :]  # [H, W]
+        return cell[None] == np.arange(self.rows * self.cols)[:, None, None]
+
+    @staticmethod
+    def params(seg_config: ml_collections.ConfigDict) -> dict[str, Any]:
+        return dict(rows=seg_config.grid.rows, cols=seg_config.grid.cols)
+
+
+# -------------------------------------------------------------------------------- slic
+
+
+class SlicSegmenter(Segmenter):
+    """scikit-image SLIC superpixels (k-means in colour + position), one mask each."""
+
+    method = "slic"
+
+    def __init__(self, n_segments: int, compactness: float, sigma: float):
+        self.n_segments, self.compactness, self.sigma = n_segments, compactness, sigma
+
+    @classmethod
+    def from_config(cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None
+                    ) -> SlicSegmenter:
+        return cls(seg_config.slic.n_segments, seg_config.slic.compactness,
+                   seg_config.slic.sigma)
+
+    def segment(self, image: np.ndarray, item: SourceItem) -> np.ndarray:
+        from skimage.segmentation import slic
+
+        labels = slic(image, n_segments=self.n_segments, compactness=self.compactness,
+                      sigma=self.sigma, start_label=0, channel_axis=-1)
+        present = np.unique(labels)
+        return labels[None] == present[:, None, None]
+
+    @staticmethod
+    def params(seg_config: ml_collections.ConfigDict) -> dict[str, Any]:
+        return seg_config.slic.to_dict()
+
+
+# ---------------------------------------------------------------------------------- gt
+
+
+class GroundTruthSegmenter(Segmenter):
+    """The dataset's masks: each part of ``gt.part_map``, else ``gt.object_mask``."""
+
+    method = "gt"
+
+    @classmethod
+    def from_config(cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None
+                    ) -> GroundTruthSegmenter:
+        return cls()
+
+    def segment(self, image: np.ndarray, item: SourceItem) -> np.ndarray:
+        gt = item.gt
+        if gt.part_map is not None:
+            part_map = np.asarray(gt.part_map)
+            self._check_size(part_map.shape, image, item, "part map")
+            part_values = np.unique(part_map)
+            part_values = part_values[part_values > 0]
+            return part_map[None] == part_values[:, None, None]
+        if gt.object_mask is not None:
+            object_mask = np.asarray(gt.object_mask, dtype=bool)
+            self._check_size(object_mask.shape, image, item, "object mask")
+            return object_mask[None]
+        raise SegmenterError(
+            f"{item.filename}: segmentation.method='gt' needs ground-truth masks (a part map "
+            "or an object mask) but this dataset provides none; choose sam, slic or grid.")
+
+    @staticmethod
+    def _check_size(shape: tuple[int, ...], image: np.ndarray, item: SourceItem,
+                    what: str) -> None:
+        if tuple(shape) != image.shape[:2]:
+            raise SegmenterError(f"{item.filename}: {what} is {tuple(shape)} but the image is "
+                                 f"{image.shape[:2]}.")
+
+    @staticmethod
+    def params(seg_config: ml_collections.ConfigDict) -> dict[str, Any]:
+        return {}
+
+
+# --------------------------------------------------------------------------------- sam
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_sam_model(model_type: str, checkpoint: str, checkpoint_sha256: str = ""):
+    """Builds a SAM of ``model_type`` and loads its weights from a local checkpoint.
+
+    The model is built without a checkpoint (``sam_model_registry[model_type]()``, which
+    never downloads), then the state dict is read with ``weights_only=True`` (no pickled
+    code runs) and loaded strictly.
+
+    Args:
+      model_type: a key of ``segment_anything.sam_model_registry`` (vit_h, vit_l, vit_b).
+      checkpoint: local path of the ``.pth`` file.
+      checkpoint_sha256: when non-empty, the file's SHA-256 must match.
+
+    Returns:
+      The ``segment_anything.modeling.Sam`` module on the CPU.
+
+    Raises:
+      SegmenterError: empty or missing checkpoint, hash mismatch, unknown model type, or a
+        state dict that does not fit the model.
+    """
+    import torch
+    from segment_anything import sam_model_registry
+
+    if model_type not in sam_model_registry:
+        raise SegmenterError(f"segmentation.sam.model_type={model_type!r} is unknown; valid: "
+                             f"{sorted(sam_model_registry)}.")
+    url = SAM_CHECKPOINT_URLS.get(model_type, "the segment-anything release page")
+    if not checkpoint:
+        raise SegmenterError(
+            "segmentation.sam.checkpoint is empty. Download the SAM weights by hand (e.g. "
+            f"{url}) and pass --config.segmentation.sam.checkpoint=/path/to/file.pth.")
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise SegmenterError(f"SAM checkpoint {path.resolve()} not found (download: {url}).")
+    if checkpoint_sha256:
+        actual = _sha256(path)
+        if actual != checkpoint_sha256.lower():
+            raise SegmenterError(
+                f"SAM checkpoint {path}: SHA-256 {actual} does not match "
+                f"segmentation.sam.checkpoint_sha256={checkpoint_sha256}; the file is corrupt "
+                "or a different model.")
+    model = sam_model_registry[model_type]()
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        raise SegmenterError(
+            f"SAM checkpoint {path} does not fit model_type={model_type!r}: {e}") from e
+    return model
+
+
+def resolve_torch_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available else ``cpu``; checks an explicit ``cuda``."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SegmenterError(f"segmentation.device={device!r} but torch sees no CUDA device; "
+                             "use 'auto' or 'cpu'.")
+    return device
+
+
+class SamSegmenter(Segmenter):
+    """segment-anything's ``SamAutomaticMaskGenerator`` on an RGB image.
+
+    The reference converts the image to BGR before calling the generator (reference doc
+    §9.4); SAM was trained on RGB, so we pass RGB.
+    """
+
+    method = "sam"
+
+    def __init__(self, sam_config: ml_collections.ConfigDict, device: str = "auto",
+                 model: Any = None):
+        """Args:
+          sam_config: ``config.segmentation.sam``.
+          device: ``auto``, ``cpu`` or a torch CUDA device.
+          model: a prebuilt ``segment_anything.modeling.Sam`` (tests, notebooks); when None
+            the model is loaded from ``sam_config.checkpoint``.
+        """
+        from segment_anything import SamAutomaticMaskGenerator
+
+        if sam_config.min_mask_region_area > 0:
+            try:
+                import cv2  # noqa: F401  (segment-anything needs it to remove small regions)
+            except ImportError as e:
+                raise SegmenterError(
+                    "segmentation.sam.min_mask_region_area > 0 needs opencv (pip install "
+                    "opencv-python-headless); set it to 0 (the reference's value).") from e
+        if model is None:
+            model = load_sam_model(sam_config.model_type, sam_config.checkpoint,
+                                   sam_config.checkpoint_sha256)
+        self.device = resolve_torch_device(device)
+        model.to(self.device).eval()
+        self._generator = SamAutomaticMaskGenerator(
+            model,
+            points_per_side=sam_config.points_per_side,
+            points_per_batch=sam_config.points_per_batch,
+            pred_iou_thresh=sam_config.pred_iou_thresh,
+            stability_score_thresh=sam_config.stability_score_thresh,
+            crop_n_layers=sam_config.crop_n_layers,
+            crop_n_points_downscale_factor=sam_config.crop_n_points_downscale_factor,
+            min_mask_region_area=sam_config.min_mask_region_area,
+            output_mode="binary_mask",
+        )
+
+    @classmethod
+    def from_config(cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None
+                    ) -> SamSegmenter:
+        return cls(seg_config.sam, device=seg_config.device, model=sam_model)
+
+    def segment(self, image: np.ndarray, item: SourceItem) -> np.ndarray:
+        height, width = image.shape[:2]
+        try:
+            found = self._generator.generate(np.ascontiguousarray(image))
+        except IndexError as e:
+            # segment-anything 1.0 indexes an empty tensor in its cross-crop de-duplication
+            # when no crop yields a mask (crop_n_layers > 0): that case means "no masks".
+            if self._generator.crop_n_layers == 0 or "size 0" not in str(e):
+                raise
+            found = []
+        if not found:
+            return np.zeros((0, height, width), bool)
+        return np.stack([np.asarray(record["segmentation"], bool) for record in found])
+
+    @staticmethod
+    def params(seg_config: ml_collections.ConfigDict) -> dict[str, Any]:
+        params = seg_config.sam.to_dict()
+        # Batching does not change the masks; a resumed export may use another batch size.
+        del params["points_per_batch"]
+        # The file name identifies the weights; the folder it sits in does not matter.
+        params["checkpoint"] = Path(params["checkpoint"]).name if params["checkpoint"] else ""
+        params["input"] = "rgb"
+        return params
+
+
+# ---------------------------------------------------------------------------- registry
+
+SEGMENTERS: dict[str, type[Segmenter]] = {
+    "sam": SamSegmenter,
+    "slic": SlicSegmenter,
+    "grid": GridSegmenter,
+    "gt": GroundTruthSegmenter,
+}
+
+
+def _segmenter_class(config: ml_collections.ConfigDict) -> type[Segmenter]:
+    method = config.segmentation.method
+    if method not in SEGMENTERS:
+        raise SegmenterError(f"segmentation.method={method!r} is unknown; valid: "
+                             f"{sorted(SEGMENTERS)}.")
+    return SEGMENTERS[method]
+
+
+def get_segmenter(config: ml_collections.ConfigDict, sam_model: Any = None) -> Segmenter:
+    """Builds the segmenter ``config.segmentation.method`` names.
+
+    Args:
+      config: the full experiment config (reads ``config.segmentation``).
+      sam_model: optional prebuilt ``segment_anything.modeling.Sam`` for ``method == "sam"``
+        (the checkpoint is then not read).
+
+    Raises:
+      SegmenterError: for an unknown method (lists the valid ones) or a bad parameter.
+    """
+    return _segmenter_class(config).from_config(config.segmentation, sam_model)
+
+
+def segmenter_description(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``{"method": ..., "params": {...}}`` for ``dataset_info.json``, without building it."""
+    cls = _segmenter_class(config)
+    return {"method": cls.method, "params": cls.params(config.segmentation)}
