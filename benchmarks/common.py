@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import re
+import subprocess
 import sys
 import time
 import types
@@ -78,11 +79,15 @@ def base_config() -> Any:
         "_benchmark_configs_common", REPO_ROOT / "configs" / "common.py"
     )
     module = importlib.util.module_from_spec(spec)
+    previous = sys.modules.get("ml_collections")
     sys.modules["ml_collections"] = stand_in
     try:
         spec.loader.exec_module(module)
     finally:
-        del sys.modules["ml_collections"]
+        if previous is None:
+            del sys.modules["ml_collections"]
+        else:
+            sys.modules["ml_collections"] = previous
     return module.get_base_config()
 
 
@@ -176,6 +181,28 @@ def versions(with_torch: bool) -> dict[str, Any]:
         found["torch_cuda"] = torch.version.cuda
         found["cudnn"] = torch.backends.cudnn.version() if torch.cuda.is_available() else None
     return found
+
+
+def git_revision() -> dict[str, Any] | None:
+    """The checkout's commit and whether it has uncommitted changes (None outside git)."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": bool(status.strip())}
 
 
 def device_facts() -> dict[str, Any]:

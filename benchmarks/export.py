@@ -154,6 +154,7 @@ def run(
         "torch_device": device,
         "host_cpu_count": common.device_facts()["host_cpu_count"],
         "versions": common.versions(with_torch=True),
+        "git": common.git_revision(),
         "images": {
             "dataset": "parts_world",
             "count": config.dataset.synthetic.num_classes * images_per_class,

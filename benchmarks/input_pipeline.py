@@ -172,6 +172,7 @@ def run(
             "cpu_count": common.device_facts()["host_cpu_count"],
         },
         "versions": common.versions(with_torch=False),
+        "git": common.git_revision(),
         "records": {
             "dataset": "parts_world (gt masks)",
             "images": len(record_set),

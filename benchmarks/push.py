@@ -177,6 +177,7 @@ def run(shape_name: str, *, out_dir: Path = common.RESULTS_DIR, seed: int = 0) -
         "shape": dataclasses.asdict(shape),
         "device": device_facts,
         "versions": common.versions(with_torch=False),
+        "git": common.git_revision(),
         "figures": measured,
         "push_over_eval": measured["push"]["seconds"]["median"]
         / measured["eval_pass"]["seconds"]["median"],

@@ -291,6 +291,7 @@ def run(
         "benchmark": "scaling",
         "device": device_facts,
         "versions": common.versions(with_torch=False),
+        "git": common.git_revision(),
         "measured_weak_scaling": measured,
         "measured_note": (
             "fake CPU devices share the host's cores: a functional check of the sharded "

@@ -672,6 +672,7 @@ def run(
         "shape": dataclasses.asdict(shape),
         "device": {**device_facts, "torch_device": torch_device_name},
         "versions": common.versions(with_torch=True),
+        "git": common.git_revision(),
         "config": _config_summary(shape),
         "parity": parity,
         "flops": {
