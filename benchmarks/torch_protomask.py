@@ -370,16 +370,45 @@ def joint_loss(
 # --------------------------------------------------------------------------- train step
 
 
+@dataclasses.dataclass(frozen=True)
+class BackendFlags:
+    """cuDNN / cuBLAS switches a variant runs under (they only matter on CUDA).
+
+    Attributes:
+      allow_tf32: TF32 tensor cores for float32 convolutions and matmuls.
+      cudnn_benchmark: autotune convolution algorithms for the (fixed) shapes, what a
+        careful user sets for fixed-shape training (XLA autotunes by default).
+      cudnn_deterministic: deterministic algorithms only (the reference sets this).
+    """
+
+    allow_tf32: bool
+    cudnn_benchmark: bool
+    cudnn_deterministic: bool
+
+
+# The reference sets float32 matmul precision "high" (TF32) and cudnn deterministic mode
+# (reference doc §5.1); the other variants are tuned and keep float32 exact.
+VARIANT_FLAGS = {
+    "eager_fp32": BackendFlags(False, True, False),
+    "eager_amp_bf16": BackendFlags(False, True, False),
+    "compile_amp_bf16": BackendFlags(False, True, False),
+    "reference_style_fp32": BackendFlags(True, False, True),
+}
+
+
 @contextlib.contextmanager
-def tf32_allowed(allowed: bool) -> Iterator[None]:
-    """Sets cuDNN's and cuBLAS's TF32 switches for the block and restores them after."""
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = allowed
-    torch.backends.cuda.matmul.allow_tf32 = allowed
+def backend_flags(flags: BackendFlags) -> Iterator[None]:
+    """Sets the cuDNN/cuBLAS switches for the block and restores them after."""
+    cudnn = torch.backends.cudnn
+    matmul = torch.backends.cuda.matmul
+    saved = (cudnn.allow_tf32, matmul.allow_tf32, cudnn.benchmark, cudnn.deterministic)
+    cudnn.allow_tf32 = matmul.allow_tf32 = flags.allow_tf32
+    cudnn.benchmark = flags.cudnn_benchmark
+    cudnn.deterministic = flags.cudnn_deterministic
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        cudnn.allow_tf32, matmul.allow_tf32, cudnn.benchmark, cudnn.deterministic = saved
 
 
 class TrainStep:
@@ -391,7 +420,9 @@ class TrainStep:
       ``compile_amp_bf16``: the AMP variant with crop + forward + loss under
         ``torch.compile`` (the backward follows through AOTAutograd; Adam is fused).
       ``reference_style_fp32``: the model must be built with ``reference_style=True``;
-        float32 like the reference (set TF32 as it does, see ``tf32_allowed``).
+        float32 with TF32 and deterministic cuDNN, as the reference runs.
+
+    Each call runs under the variant's :data:`VARIANT_FLAGS`.
 
     Args:
       model: the network (moved to ``device``; channels-last for the AMP variants).
@@ -476,8 +507,9 @@ class TrainStep:
           boxes: ``float32 [B, K, 4]`` normalised yxyx.
           labels: ``int64 [B]``.
         """
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.forward_loss(canvas, boxes, labels)
-        loss.backward()
-        self.optimizer.step()
+        with backend_flags(VARIANT_FLAGS[self.variant]):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.forward_loss(canvas, boxes, labels)
+            loss.backward()
+            self.optimizer.step()
         return loss.detach()

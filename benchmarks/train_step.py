@@ -403,9 +403,6 @@ class TorchVariant:
         self.device = device
         self.step_variant = variant.removeprefix("torch_")
         reference_style = self.step_variant == "reference_style_fp32"
-        # TF32 only where the reference itself enables it (set_float32_matmul_precision
-        # "high"); the AMP variants keep their float32 head exact, like the JAX step.
-        self.allow_tf32 = reference_style
         spec = resnet_spec(shape.backbone)
         model = tp.ProtoMask(
             tp.BackboneSpec(spec.block, spec.blocks_per_stage, spec.widths, spec.stem_width),
@@ -435,7 +432,7 @@ class TorchVariant:
             class_weights=torch.from_numpy(class_weights),
             device=device,
         )
-        self.tf32 = tp.tf32_allowed
+        self.flags = tp.VARIANT_FLAGS[self.step_variant]
         self.batches = [
             (
                 torch.from_numpy(batch["canvas"]).to(device),
@@ -453,8 +450,7 @@ class TorchVariant:
 
     def step(self, batch_index: int) -> Any:
         """Runs one step on batch ``batch_index % 2``; returns the loss (not synchronised)."""
-        with self.tf32(self.allow_tf32):
-            return self.train_step(*self.batches[batch_index % len(self.batches)])
+        return self.train_step(*self.batches[batch_index % len(self.batches)])
 
     def parity_losses(self) -> list[float]:
         """Loss before and after one update, both on batch 0."""
@@ -476,6 +472,7 @@ class TorchVariant:
                 "compile_amp_bf16": "autocast bfloat16, channels-last, torch.compile",
                 "reference_style_fp32": "float32 with TF32 (as the reference sets it)",
             }[self.step_variant],
+            "backend_flags": dataclasses.asdict(self.flags),
             "augmentation": False,
             "first_call_s": first_call["seconds"],
             "compile_s": (
@@ -584,10 +581,6 @@ def run(
       seed: seeds the weights and the synthetic batches.
       plot: write the PNG.
     """
-    import torch
-
-    from benchmarks import torch_protomask as tp
-
     unknown = [v for v in variants if v not in ALL_VARIANTS]
     if unknown:
         raise ValueError(f"Unknown variants {unknown}; choose from {ALL_VARIANTS}")
@@ -597,7 +590,13 @@ def run(
         warmup=shape.warmup if warmup is None else warmup,
         steps=shape.steps if steps is None else steps,
     )
+    # JAX's CUDA backend starts before torch loads its CUDA libraries: JAX checks the
+    # versions of the cuDNN/cuBLAS it finds loaded and refuses older ones.
     device_facts = common.device_facts()
+    import torch
+
+    from benchmarks import torch_protomask as tp
+
     torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if (device_facts["platform"] == "gpu") != (torch_device.type == "cuda"):
         raise RuntimeError(
