@@ -156,8 +156,8 @@ def run(
         "versions": common.versions(with_torch=True),
         "git": common.git_revision(),
         "images": {
-            "dataset": "parts_world",
-            "count": config.dataset.synthetic.num_classes * images_per_class,
+            "dataset": "parts_world (train and test splits)",
+            "count": rows[0]["images"],
             "image_size": image_size,
         },
         "segmenters": rows,
