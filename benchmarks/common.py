@@ -123,22 +123,53 @@ def time_steps(
       steps: timed calls per method.
 
     Returns:
-      ``{"per_step": percentiles, "back_to_back_mean": seconds}``.
+      ``{"per_step": percentiles, "back_to_back_mean": seconds, "host_steal_fraction":
+      share of CPU time stolen by the hypervisor while timing (or None),
+      "process_cpu_s_per_step": this process's CPU seconds per synchronised step}``. On a
+      CPU backend, a wall time far above CPU time / cores means the process waited for
+      the machine (other guests, memory reclaim), not for its own work.
     """
     for i in range(warmup):
         synchronize(run_step(i))
+    stolen_before = _cpu_jiffies()
+    cpu_before = time.process_time()
     per_step = []
     for i in range(steps):
         start = time.perf_counter()
         synchronize(run_step(warmup + i))
         per_step.append(time.perf_counter() - start)
+    cpu_per_step = (time.process_time() - cpu_before) / steps
     start = time.perf_counter()
     out = None
     for i in range(steps):
         out = run_step(warmup + steps + i)
     synchronize(out)
     back_to_back = (time.perf_counter() - start) / steps
-    return {"per_step": percentiles(per_step), "back_to_back_mean": back_to_back}
+    return {
+        "per_step": percentiles(per_step),
+        "back_to_back_mean": back_to_back,
+        "host_steal_fraction": _steal_fraction(stolen_before, _cpu_jiffies()),
+        "process_cpu_s_per_step": cpu_per_step,
+    }
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """``(steal, total)`` jiffies of all CPUs from /proc/stat (None where there is none)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice, already in user]
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def _steal_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Share of the host's CPU time taken by the hypervisor for other guests in between: on
+    a shared virtual machine, a large value means the timings are inflated."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 @contextlib.contextmanager
