@@ -31,6 +31,7 @@ RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 DEVICE_PEAK_BF16_FLOPS = (
     ("H200", 989.4e12, "NVIDIA H200 data sheet: 1,979 TFLOP/s bf16 with sparsity, 989 dense"),
     ("H100 PCIe", 756.0e12, "NVIDIA H100 PCIe data sheet: 1,513 with sparsity, 756 dense"),
+    ("H100 NVL", 835.0e12, "NVIDIA H100 NVL data sheet: 1,671 per GPU with sparsity, 835 dense"),
     ("H100", 989.4e12, "NVIDIA H100 SXM data sheet: 1,979 TFLOP/s bf16 with sparsity, 989 dense"),
     ("A100", 312.0e12, "NVIDIA A100 data sheet: 312 TFLOP/s bf16 dense"),
 )
