@@ -63,6 +63,9 @@ class _AttrDict(dict):
         return self
 
 
+_ABSENT = object()
+
+
 def base_config() -> Any:
     """``configs/common.py``'s base config (unlocked).
 
@@ -70,7 +73,11 @@ def base_config() -> Any:
     minimal stand-in for ``ml_collections.ConfigDict`` that exists only while the file runs,
     so the benchmark reads every default from the one place the project defines them.
     """
-    if importlib.util.find_spec("ml_collections") is not None:
+    try:
+        import ml_collections  # noqa: F401
+    except ImportError:
+        pass
+    else:
         from configs import common
 
         return common.get_base_config()
@@ -80,12 +87,12 @@ def base_config() -> Any:
         "_benchmark_configs_common", REPO_ROOT / "configs" / "common.py"
     )
     module = importlib.util.module_from_spec(spec)
-    previous = sys.modules.get("ml_collections")
+    previous = sys.modules.get("ml_collections", _ABSENT)
     sys.modules["ml_collections"] = stand_in
     try:
         spec.loader.exec_module(module)
     finally:
-        if previous is None:
+        if previous is _ABSENT:
             del sys.modules["ml_collections"]
         else:
             sys.modules["ml_collections"] = previous
