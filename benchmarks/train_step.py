@@ -42,8 +42,11 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import gc  # noqa: E402
+import tempfile  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -560,6 +563,27 @@ def _headline(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return headline
 
 
+_TORCH_CACHE_VARIABLES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+
+
+@contextlib.contextmanager
+def cold_torch_compile_caches() -> Iterator[None]:
+    """Empty inductor and Triton caches for the block, so ``torch.compile``'s first call
+    measures a cold compilation — as JAX's compile does (no persistent cache)."""
+    saved = {name: os.environ.get(name) for name in _TORCH_CACHE_VARIABLES}
+    with tempfile.TemporaryDirectory(prefix="protomask_bench_torch_cache_") as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
 def run(
     shape_name: str,
     variants: tuple[str, ...] = ALL_VARIANTS,
@@ -645,8 +669,8 @@ def run(
         print(f"  parity: {parity['relative_difference']} (passed={parity['passed']})", flush=True)
 
     results: dict[str, dict[str, Any]] = {}
-    if parity.get("passed", True):
-        for variant in variants:
+    with cold_torch_compile_caches():
+        for variant in variants if parity.get("passed", True) else ():
             bench = prepared.pop(variant, None) or build(variant)
             print(f"  timing {variant} ...", flush=True)
             results[variant] = bench.measure()
@@ -724,6 +748,10 @@ def _config_summary(shape: Shape) -> dict[str, Any]:
         "augment": dict(config.input.augment.to_dict()),
         "torch_crop": "torchvision.ops.roi_align(aligned=True, sampling_ratio=1), no augmentation",
         "batches": "2 synthetic device-resident batches, alternated; boxes >= V pixels",
+        "compile_caches": {
+            "torch": "fresh inductor and Triton cache folders (cold compile)",
+            "jax_persistent_cache_dir": jax.config.jax_compilation_cache_dir,
+        },
     }
 
 
