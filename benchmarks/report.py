@@ -153,7 +153,7 @@ def export_tables(results_dir: Path) -> list[str]:
             lines.append(
                 f"| {row['segmenter']} | {row['images_per_s']:.2f} | {row['masks_per_image']:.1f} |"
             )
-        lines.append("")
+        lines += ["", payload["notes"], ""]
     return lines
 
 
