@@ -1,6 +1,7 @@
 """Stanford Cars (cars196) with SAM masks: the reference's ``cars196_sam2`` hyper-parameters.
 
-Commands (official cars_train/, cars_test/ and devkit/ unpacked under data/stanford_cars):
+Commands (official cars_train/, cars_test/, devkit/ and cars_test_annos_withlabels.mat under
+data/stanford_cars; archives, layout and checkpoints: docs/datasets.md):
 
     python -m segmentation.export --config configs/cars.py \
         --config.segmentation.sam.checkpoint=/path/to/sam_vit_h_4b8939.pth

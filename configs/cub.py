@@ -1,7 +1,8 @@
 """CUB-200-2011 with SAM masks: the reference's ``cub200_sam2`` hyper-parameters.
 
-Commands (from the repository root; the dataset archive unpacked under data/CUB_200_2011,
-the SAM and ResNet-50 checkpoints downloaded by hand, see README "CUB-200-2011"):
+Commands (from the repository root; CUB_200_2011.tgz unpacked to data/CUB_200_2011 and,
+for the bird masks, segmentations.tgz beside or inside it; the SAM and ResNet-50
+checkpoints downloaded by hand: docs/datasets.md gives the URLs, layout and hash checks):
 
     python -m segmentation.export --config configs/cub.py \
         --config.segmentation.sam.checkpoint=/path/to/sam_vit_h_4b8939.pth

@@ -1,6 +1,7 @@
 """Stanford Dogs with SAM masks: the reference's ``dogs_sam2`` hyper-parameters.
 
-Commands (official Images/, Annotation/ and lists/ unpacked under data/stanford_dogs):
+Commands (official Images/, Annotation/ and lists/ unpacked under data/stanford_dogs;
+archives, layout and checkpoints: docs/datasets.md):
 
     python -m segmentation.export --config configs/dogs.py \
         --config.segmentation.sam.checkpoint=/path/to/sam_vit_h_4b8939.pth

@@ -158,3 +158,17 @@ def test_corrupt_record_names_file_and_offset(tmp_path):
 def test_class_weights_match_the_reference_formula():
     labels = np.array([0, 0, 0, 1])
     np.testing.assert_allclose(pipeline.class_weights(labels, 3), [4 / 9, 4 / 3, 0.0])
+
+
+def test_reader_is_safe_to_share_between_threads(tmp_path):
+    # grain decodes with several threads sharing one reader: reads must not race on a shared
+    # file position (a seek+read reader failed here with "length does not match the index").
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = write_records(tmp_path, num_images=12, shards=1)
+    reader = pipeline.RecordSet(tmp_path, "train").reader
+    order = np.random.default_rng(0).integers(0, 12, 600)
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        payloads = list(pool.map(lambda i: reader[int(i)], order))
+    for i, payload in zip(order, payloads, strict=True):
+        assert payload == items[i].to_bytes()

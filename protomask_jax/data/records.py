@@ -181,11 +181,11 @@ class ShardedRecords(Sequence):
         i %= n
         shard = int(np.searchsorted(self._starts, i, side="right") - 1)
         offset, length = (int(v) for v in self._index[i])
-        f = self._files.get(shard)
-        if f is None:
-            f = self._files[shard] = open(self.paths[shard], "rb")  # noqa: SIM115
-        f.seek(offset)
-        raw = f.read(_HEADER.size + length + _FOOTER.size)
+        fd = self._files.get(shard)
+        if fd is None:
+            fd = self._files[shard] = os.open(self.paths[shard], os.O_RDONLY)
+        # pread: no shared file position, so grain's reader threads can share the descriptor.
+        raw = os.pread(fd, _HEADER.size + length + _FOOTER.size, offset)
         where = f"{self.paths[shard]} at byte offset {offset} (record {i - self._starts[shard]})"
         if len(raw) != _HEADER.size + length + _FOOTER.size:
             raise RecordError(f"{where}: truncated record; re-run the export for this shard.")
@@ -212,8 +212,8 @@ class ShardedRecords(Sequence):
         return state
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
+        for fd in self._files.values():
+            os.close(fd)
         self._files.clear()
 
 

@@ -202,7 +202,7 @@ def _convert_resnet(
     """
     flat = []
     consumed = set()
-    for path, variable in nnx.to_flat_state(nnx.state(backbone, nnx.Param, nnx.BatchStat)):
+    for path, variable in nnx.to_flat_state(nnx.state(backbone, nnx.Any(nnx.Param, nnx.BatchStat))):
         *module_path, leaf = path
         key = prefix + ".".join(str(part) for part in module_path) + "." + _TORCH_LEAF_NAME[leaf]
         ours = tuple(variable.shape)
@@ -251,7 +251,7 @@ def resnet_state_from_torch(
         problems.unexpected(key, tuple(state_dict[key].shape))
     expected_keys = {
         ".".join(str(p) for p in path[:-1]) + "." + _TORCH_LEAF_NAME[path[-1]]
-        for path, _ in nnx.to_flat_state(nnx.state(backbone, nnx.Param, nnx.BatchStat))
+        for path, _ in nnx.to_flat_state(nnx.state(backbone, nnx.Any(nnx.Param, nnx.BatchStat)))
     }
     problems.raise_if_any(
         "ResNet state_dict", _RESNET_HINT, _prefix_hint(expected_keys, unexpected)
@@ -344,8 +344,12 @@ def protomask_state_from_torch(
     last_layer = _check_shape(
         state_dict, "last_layer.weight", (num_classes, num_prototypes), problems
     )
-    consumed |= {"add_on_layers.0.weight", "add_on_layers.0.bias", "prototype_vectors"}
-    consumed.add("last_layer.weight")
+    consumed |= {
+        "add_on_layers.0.weight",
+        "add_on_layers.0.bias",
+        "prototype_vectors",
+        "last_layer.weight",
+    }
     class_weights = None
     if "classification_loss_fn.weight" in state_dict:
         class_weights = _check_shape(

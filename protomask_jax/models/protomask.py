@@ -347,6 +347,8 @@ def apply(
       ``(outputs, new_batch_stats)``; ``new_batch_stats`` is ``batch_stats`` unchanged when
       ``train`` is False.
     """
+    # copy=True: fresh Variables owned by the current trace, so BatchNorm can update them
+    # inside jax.grad / jax.jit and the caller's states are never mutated.
     model = nnx.merge(graphdef, params, batch_stats, constants, copy=True)
     outputs = model(views, train=train, valid=valid, return_views=return_views)
     new_batch_stats = nnx.state(model, nnx.BatchStat) if train else batch_stats
