@@ -133,9 +133,9 @@ def time_steps(
     Returns:
       ``{"per_step": percentiles, "back_to_back_mean": seconds, "host_steal_fraction":
       share of CPU time stolen by the hypervisor while timing (or None),
-      "process_cpu_s_per_step": this process's CPU seconds per synchronised step}``. On a
-      CPU backend, a wall time far above CPU time / cores means the process waited for
-      the machine (other guests, memory reclaim), not for its own work.
+      "process_cpu_s_per_step": this process's CPU seconds per synchronised step,
+      "host_load_1min": the load average after timing}``. On a CPU backend, a load above
+      the core count means other processes competed for the cores during the timing.
     """
     for i in range(warmup):
         synchronize(run_step(i))
@@ -158,6 +158,7 @@ def time_steps(
         "back_to_back_mean": back_to_back,
         "host_steal_fraction": _steal_fraction(stolen_before, _cpu_jiffies()),
         "process_cpu_s_per_step": cpu_per_step,
+        "host_load_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
 
