@@ -635,6 +635,14 @@ def run(
         f"torch device: {torch_device_name}",
         flush=True,
     )
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if device_facts["platform"] == "cpu" and load > 0.5 * (device_facts["host_cpu_count"] or 1):
+        print(
+            f"  warning: host load average {load:.1f} on {device_facts['host_cpu_count']} "
+            "cores before starting: other processes compete for the CPU, timings will be "
+            "inflated",
+            flush=True,
+        )
 
     batches = synthetic_batches(shape, 2, seed)
     class_weights = np.random.default_rng(seed + 1).uniform(0.5, 1.5, shape.num_classes)
