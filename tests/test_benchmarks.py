@@ -1,0 +1,254 @@
+"""The benchmark suite: the PyTorch ProtoMask is the same model as ours, and the harness runs.
+
+The first tests are correctness tests of both implementations: the torch model of
+``benchmarks/torch_protomask.py`` and the JAX model (imported from its weights with
+``models/convert.py``) must agree on views, loss and gradients, so the throughput comparison
+compares one model with itself.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchvision")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from benchmarks import common, scaling, train_step  # noqa: E402
+from benchmarks import torch_protomask as tp  # noqa: E402
+from protomask_jax import losses  # noqa: E402
+from protomask_jax.data import views as views_lib  # noqa: E402
+from protomask_jax.models import convert  # noqa: E402
+from protomask_jax.models import protomask as model_lib  # noqa: E402
+from protomask_jax.models.resnet import resnet_spec  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+MICRO = train_step.SHAPES["micro"]
+
+
+def _torch_model(shape, *, reference_style=False, seed=0):
+    spec = resnet_spec(shape.backbone)
+    torch.manual_seed(seed)
+    return tp.ProtoMask(
+        tp.BackboneSpec(spec.block, spec.blocks_per_stage, spec.widths, spec.stem_width),
+        shape.num_classes,
+        prototypes_per_class=shape.prototypes_per_class,
+        prototype_dim=shape.prototype_dim,
+        reference_style=reference_style,
+    )
+
+
+def _jax_model_from(torch_model, shape):
+    config = train_step.make_config(shape, "float32")
+    # A different seed than the torch model: every value must come from the import.
+    model = model_lib.build_model(config, shape.num_classes, nnx.Rngs(params=123))
+    weights = convert.read_state_dict(torch_model.quanproto_state_dict())
+    state, _ = convert.protomask_state_from_torch(weights, model)
+    nnx.update(model, state)
+    return model, config
+
+
+def test_views_loss_and_gradients_agree_between_torch_and_jax():
+    shape = MICRO
+    (batch,) = train_step.synthetic_batches(shape, 1, seed=3)
+    class_weights = np.array([0.5, 1.0, 2.0], np.float32)
+    torch_model = _torch_model(shape).train()
+    jax_model, config = _jax_model_from(torch_model, shape)
+
+    torch_views = tp.crop_views(
+        torch.from_numpy(batch["canvas"]), torch.from_numpy(batch["boxes"]), shape.view_size
+    )
+    jax_views = views_lib.make_views(
+        jnp.asarray(batch["canvas"]),
+        jnp.asarray(batch["boxes"]),
+        None,
+        view_size=shape.view_size,
+        dtype=jnp.float32,
+    )
+    jax_views_nchw = np.asarray(jax_views).reshape(-1, *jax_views.shape[2:]).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(torch_views.numpy(), jax_views_nchw, atol=1e-4)
+
+    logits, min_distances = torch_model(torch_views, shape.num_views)
+    torch_loss = tp.joint_loss(
+        logits,
+        min_distances,
+        torch.from_numpy(batch["label"]).long(),
+        torch_model.prototype_vectors,
+        torch_model.prototype_class,
+        shape.prototypes_per_class,
+        torch.from_numpy(class_weights),
+        tp.LossCoefficients(),
+    )
+    torch_loss.backward()
+
+    graphdef, params, batch_stats, constants = model_lib.split_model(jax_model)
+
+    def loss_fn(params):
+        outputs, _ = model_lib.apply(
+            graphdef, params, batch_stats, constants, jax_views, train=True
+        )
+        total, _ = losses.protomask_loss(
+            outputs,
+            jnp.asarray(batch["label"]),
+            params["prototypes"][...],
+            params["last_layer"][...],
+            constants["prototype_class"][...],
+            "joint",
+            config.loss,
+            jnp.asarray(class_weights),
+        )
+        return total
+
+    jax_loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
+    np.testing.assert_allclose(float(jax_loss), torch_loss.item(), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(grads["prototypes"][...]),
+        torch_model.prototype_vectors.grad.numpy(),
+        rtol=1e-3,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        np.asarray(grads["add_on"]["kernel"][...]),
+        torch_model.add_on.weight.grad.numpy().T,
+        rtol=1e-3,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        np.asarray(grads["backbone"]["conv1"]["kernel"][...]),
+        torch_model.backbone.conv1.weight.grad.numpy().transpose(2, 3, 1, 0),
+        rtol=1e-3,
+        atol=1e-6,
+    )
+
+
+def test_reference_style_forward_computes_the_same_function():
+    """1x1 conv before pooling (the reference) == pooling before the Dense (ours)."""
+    shape = MICRO
+    (batch,) = train_step.synthetic_batches(shape, 1, seed=5)
+    pooled_first = _torch_model(shape).eval()
+    reference = _torch_model(shape, reference_style=True, seed=9).eval()
+    reference.load_quanproto_state_dict(pooled_first.quanproto_state_dict())
+    views = tp.crop_views(
+        torch.from_numpy(batch["canvas"]), torch.from_numpy(batch["boxes"]), shape.view_size
+    )
+    with torch.no_grad():
+        expected_logits, expected_distances = pooled_first(views, shape.num_views)
+        logits, distances = reference(views, shape.num_views)
+    np.testing.assert_allclose(distances.numpy(), expected_distances.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(logits.numpy(), expected_logits.numpy(), rtol=1e-5)
+
+
+def test_backbone_has_torchvision_resnet50_layout():
+    from torchvision.models import resnet50
+
+    ours = tp.ResNetFeatures(tp.RESNET50).state_dict()
+    reference = {
+        k: v for k, v in resnet50(weights=None).state_dict().items() if not k.startswith("fc.")
+    }
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {
+        k: tuple(v.shape) for k, v in reference.items()
+    }
+
+
+def test_quanproto_export_has_the_reference_layout():
+    shape = MICRO
+    model = _torch_model(shape)
+    exported = model.quanproto_state_dict(class_weights=torch.ones(shape.num_classes))
+    channels = model.backbone.out_channels
+    num_prototypes = shape.num_classes * shape.prototypes_per_class
+    assert exported["add_on_layers.0.weight"].shape == (shape.prototype_dim, channels, 1, 1)
+    assert exported["add_on_layers.0.bias"].shape == (shape.prototype_dim,)
+    assert exported["prototype_vectors"].shape == (num_prototypes, shape.prototype_dim, 1, 1)
+    assert exported["last_layer.weight"].shape == (shape.num_classes, num_prototypes)
+    assert exported["classification_loss_fn.weight"].shape == (shape.num_classes,)
+    # Last layer: 1 for the prototype's own class (j // ppc), 0 elsewhere.
+    expected = np.zeros((shape.num_classes, num_prototypes), np.float32)
+    expected[np.arange(num_prototypes) // shape.prototypes_per_class, np.arange(num_prototypes)] = 1
+    np.testing.assert_array_equal(exported["last_layer.weight"].numpy(), expected)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "published_gmacs"),
+    # torchvision's model cards ("GFLOPS", counted as multiply-adds) at 224 x 224.
+    [("resnet50", 4.09), ("resnet18", 1.81)],
+)
+def test_analytic_flops_match_published_resnet_counts(backbone, published_gmacs):
+    flops = train_step.resnet_forward_flops(resnet_spec(backbone), 224)
+    assert flops / 2 / 1e9 == pytest.approx(published_gmacs, rel=0.01)
+
+
+def test_gradient_bytes_and_batchnorm_count_of_the_cub_model():
+    from torchvision.models import resnet18, resnet50
+
+    tv = resnet50(weights=None)
+    backbone_params = sum(p.numel() for n, p in tv.named_parameters() if not n.startswith("fc."))
+    shape = train_step.SHAPES["cub"]
+    grads = scaling.trainable_parameter_bytes(shape)
+    assert grads["backbone"] == 4 * backbone_params
+    assert grads["add_on"] == 4 * (2048 * 1280 + 1280)
+    assert grads["prototypes"] == 4 * 2000 * 1280
+    for name, model in (("resnet50", tv), ("resnet18", resnet18(weights=None))):
+        count = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        assert scaling.batchnorm_layers(name) == count
+
+
+def test_base_config_without_ml_collections_reads_the_same_defaults(monkeypatch):
+    from configs import common as config_common
+
+    expected = config_common.get_base_config().to_dict()
+    # None in sys.modules makes `import ml_collections` fail, as on the GPU machine.
+    monkeypatch.setitem(sys.modules, "ml_collections", None)
+    config = common.base_config()
+    assert isinstance(config, common._AttrDict)
+    assert config.to_dict() == expected
+    assert config.model.backbone == expected["model"]["backbone"]
+    assert sys.modules["ml_collections"] is None  # the stand-in was removed again
+
+
+@pytest.mark.slow
+def test_train_step_harness_end_to_end(tmp_path):
+    variants = tuple(v for v in train_step.ALL_VARIANTS if v != "torch_compile_amp_bf16")
+    path = train_step.run("micro", variants, out_dir=tmp_path, plot=True)
+    assert path == tmp_path / "train_step_micro_cpu.json"
+    assert path.with_suffix(".png").stat().st_size > 0
+    payload = json.loads(path.read_text())
+    assert {"device", "versions", "config", "parity", "flops", "headline", "variants"} <= set(
+        payload
+    )
+    assert payload["parity"]["passed"]
+    assert payload["versions"]["jax"] == jax.__version__
+    assert payload["versions"]["torch"] == torch.__version__
+    assert set(payload["variants"]) == set(variants)
+    for name, figures in payload["variants"].items():
+        per_step = figures["timing"]["per_step"]
+        assert 0 < per_step["p10"] <= per_step["median"] <= per_step["p90"], name
+        assert figures["crops_per_s"] == pytest.approx(
+            MICRO.batch_size * MICRO.num_views / figures["step_time_s"]
+        )
+        assert figures["images_per_s"] > 0 and np.isfinite(figures["final_loss"]), name
+    for name in train_step.JAX_VARIANTS:
+        assert payload["variants"][name]["compile_s"] > 0
+        assert payload["variants"][name]["xla_flops_per_step"] > 0
+        assert payload["variants"][name]["peak_memory_bytes"] > 0
+    assert payload["flops"]["per_step_used_for_mfu"] > 0
+    headline = payload["headline"]
+    assert headline["available"] and headline["speedup"] > 0
+    assert headline["best_torch_variant"] in ("torch_eager_fp32", "torch_eager_amp_bf16")
+
+
+@pytest.mark.slow
+def test_sharded_step_matches_one_device_on_fake_devices():
+    if len(jax.devices()) < 2:
+        pytest.skip("needs the fake CPU devices of conftest.py")
+    shape = train_step.Shape("resnet_micro", 1, 2, 64, 32, 16, 2, 3, warmup=1, steps=1)
+    measured = scaling.measure_weak_scaling(shape, seed=0)
+    assert [row["devices"] for row in measured["rows"]] == [1, 2, 4, 8]
+    assert measured["sharded_vs_single_device_loss"]["passed"]
