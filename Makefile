@@ -30,6 +30,14 @@ test: $(STAMP)
 screenshot: $(STAMP)
 	$(PY) -m protomask_jax.report.screenshot $(WORKDIR)/report/index.html docs/report_screenshot.png
 
+bench: $(STAMP)
+	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.train_step --shape cpu
+	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.push --shape cpu
+	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.input_pipeline
+	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.export
+	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.scaling
+	$(PY) -m benchmarks.report --update
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
