@@ -122,15 +122,6 @@ def run_model(
     sharding_lib.check_batch_divisible(
         config.input.eval_batch_size, trained.mesh, "input.eval_batch_size"
     )
-    stream = pipeline.eval_stream(
-        record_set,
-        record_indices,
-        trained.spec,
-        global_batch=config.input.eval_batch_size,
-        num_workers=config.input.num_workers,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
     eval_fn = trained.eval_fn()
     state = trained.state
     collected: dict[str, list] = {
@@ -139,14 +130,14 @@ def run_model(
     }
     collected["num_masks"] = []
     bar = tqdm(
-        total=stream.num_batches,
+        total=-(-len(record_indices) // config.input.eval_batch_size),
         desc=f"evaluating {record_set.split}",
         unit="batch",
         disable=not progress,
         leave=False,
     )
     try:
-        for batch in trained.device_batches(stream):
+        for batch in trained.eval_batches(record_set, record_indices):
             outputs = eval_fn(state.params, state.batch_stats, state.constants, batch)
             collected["logits"].append(outputs.logits)
             collected["min_distances"].append(outputs.min_distances)
@@ -156,7 +147,6 @@ def run_model(
             bar.update(1)
     finally:
         bar.close()
-        stream.close()
     host = {key: np.concatenate([to_host(x) for x in xs]) for key, xs in collected.items()}
     real = host["weight"] > 0
     image_ids = host["image_id"][real].astype(np.int64)

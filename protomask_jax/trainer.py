@@ -168,18 +168,8 @@ def evaluate_indices(
     """Accuracy and loss-free statistics of ``state`` on ``indices`` of ``record_set``."""
     if len(indices) == 0:
         return {}
-    config = ctx.config
-    stream = pipeline.eval_stream(
-        record_set,
-        indices,
-        ctx.spec,
-        global_batch=config.input.eval_batch_size,
-        num_workers=config.input.num_workers,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
     logits, labels, weights = [], [], []
-    for batch in _device_batches(stream, ctx.mesh, config.input.prefetch):
+    for batch in eval_batches(ctx.config, ctx.mesh, ctx.spec, record_set, indices):
         outputs = eval_fn(state.params, state.batch_stats, state.constants, batch)
         logits.append(outputs.logits)
         labels.append(batch["label"])
@@ -193,9 +183,25 @@ def evaluate_indices(
     return {"accuracy": float(np.mean(predictions == labels[keep])), "num_images": int(keep.sum())}
 
 
+def eval_batches(config, mesh, spec, record_set, indices) -> Iterator[dict[str, jax.Array]]:
+    """Device batches of one unaugmented pass over ``indices`` (last batch zero-weight padded)."""
+    stream = pipeline.eval_stream(
+        record_set,
+        indices,
+        spec,
+        global_batch=config.input.eval_batch_size,
+        num_workers=config.input.num_workers,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    try:
+        yield from _device_batches(stream, mesh, config.input.prefetch)
+    finally:
+        stream.close()
+
+
 def _make_eval_fn(ctx: RunContext, return_views: bool = False):
-    state_sh = None  # inherit from the arguments: params keep their (sharded) placement
-    del state_sh
+    # Parameters keep the placement they have (None); the batch is sharded over `data`.
     return jax.jit(
         steps_lib.make_eval_step(ctx.graphdef, ctx.step_config, return_views=return_views),
         in_shardings=(None, None, None, _batch_shardings(ctx.mesh, ctx.spec)),
@@ -209,28 +215,19 @@ def push_prototypes(ctx: RunContext, state: steps_lib.TrainState):
     """Projects every prototype onto its nearest training view (one streaming pass)."""
     config = ctx.config
     forward = _make_eval_fn(ctx, return_views=True)
-    stream = pipeline.eval_stream(
-        ctx.train_records,
-        ctx.train_indices,
-        ctx.spec,
-        global_batch=config.input.eval_batch_size,
-        num_workers=config.input.num_workers,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
     start = time.perf_counter()
     result = push_lib.run_push(
         lambda batch: forward(state.params, state.batch_stats, state.constants, batch),
-        _device_batches(stream, ctx.mesh, config.input.prefetch),
+        eval_batches(config, ctx.mesh, ctx.spec, ctx.train_records, ctx.train_indices),
         state.params["prototypes"][...],
         state.constants["prototype_class"][...],
         reference_per_batch=config.train.reference_push_per_batch,
     )
-    params = state.params
-    new_prototypes = jax.device_put(
-        jnp.asarray(result.prototypes), params["prototypes"][...].sharding
+    old = state.params["prototypes"]
+    params = nnx.State(dict(state.params.items()))
+    params["prototypes"] = old.replace(
+        jax.device_put(jnp.asarray(result.prototypes), old[...].sharding)
     )
-    params["prototypes"].set_value(new_prototypes)
     log.info(
         "push: %d prototypes projected in %.1f s (%d without an image of their class)",
         len(result.distance),
@@ -244,19 +241,10 @@ def prune_prototypes(ctx: RunContext, state: steps_lib.TrainState) -> tuple[Any,
     """Drops prototypes whose k nearest training images are mostly of other classes."""
     config = ctx.config
     forward = _make_eval_fn(ctx)
-    stream = pipeline.eval_stream(
-        ctx.train_records,
-        ctx.train_indices,
-        ctx.spec,
-        global_batch=config.input.eval_batch_size,
-        num_workers=config.input.num_workers,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
     update = jax.jit(push_lib.prune_update, donate_argnums=0)
     num_prototypes = state.params["prototypes"].shape[0]
     carry = push_lib.init_prune_carry(num_prototypes, config.train.prune.k)
-    for batch in _device_batches(stream, ctx.mesh, config.input.prefetch):
+    for batch in eval_batches(config, ctx.mesh, ctx.spec, ctx.train_records, ctx.train_indices):
         outputs = forward(state.params, state.batch_stats, state.constants, batch)
         carry = update(carry, outputs.min_distances, batch)
     keep = push_lib.prototypes_to_keep(
@@ -671,9 +659,9 @@ class TrainedModel:
             in_shardings=(None, None, None, _batch_shardings(self.mesh, self.spec)),
         )
 
-    def device_batches(self, stream) -> Iterator[dict[str, jax.Array]]:
-        """Global device batches of a host stream (see ``data/pipeline.py``)."""
-        return _device_batches(stream, self.mesh, self.config.input.prefetch)
+    def eval_batches(self, record_set, indices) -> Iterator[dict[str, jax.Array]]:
+        """Device batches of one unaugmented pass over ``indices`` of ``record_set``."""
+        return eval_batches(self.config, self.mesh, self.spec, record_set, indices)
 
 
 def restore_trained(config, workdir: str | Path, which: str = "best") -> TrainedModel:
