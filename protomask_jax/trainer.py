@@ -252,6 +252,12 @@ def prune_prototypes(ctx: RunContext, state: steps_lib.TrainState) -> tuple[Any,
         np.asarray(state.constants["prototype_class"][...]),
         config.train.prune.threshold,
     )
+    if len(keep) == 0:
+        raise config_checks.ConfigError(
+            f"config.train.prune: no prototype has {config.train.prune.threshold} images of its "
+            f"class among its {config.train.prune.k} nearest; pruning would remove all "
+            f"{num_prototypes}. Lower train.prune.threshold or disable pruning."
+        )
     params = model_lib.prune(jax.device_get(state.params), keep)
     constants = model_lib.prune(jax.device_get(state.constants), keep)
     log.info("prune: kept %d of %d prototypes", len(keep), num_prototypes)

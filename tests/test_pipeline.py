@@ -172,3 +172,19 @@ def test_reader_is_safe_to_share_between_threads(tmp_path):
         payloads = list(pool.map(lambda i: reader[int(i)], order))
     for i, payload in zip(order, payloads, strict=True):
         assert payload == items[i].to_bytes()
+
+
+def test_worker_processes_yield_the_same_batches(record_set):
+    records, _ = record_set
+    indices = np.arange(len(records))
+    in_process = pipeline.train_stream(records, indices, SPEC, global_batch=4, seed=5)
+    expected = [next(in_process) for _ in range(3)]
+    in_process.close()
+    workers = pipeline.train_stream(records, indices, SPEC, global_batch=4, seed=5, num_workers=2)
+    try:
+        for batch in expected:
+            got = next(workers)
+            for key in batch:
+                np.testing.assert_array_equal(got[key], batch[key])
+    finally:
+        workers.close()

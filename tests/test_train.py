@@ -161,3 +161,23 @@ def test_cli_refuses_a_misspelt_key(tmp_path):
     )
     assert result.returncode != 0
     assert "num_views" in result.stderr  # the valid key is named
+
+
+def test_pruning_drops_prototypes_and_fine_tunes_the_rest(tiny_records, tmp_path):
+    config = tiny_config(tiny_records)
+    config.unlock()
+    config.train.prune.enabled = True
+    config.train.prune.k = 4
+    config.train.prune.threshold = 2
+    config.train.prune.finetune_epochs = 1
+    config.lock()
+    results = trainer.train_and_evaluate(config, tmp_path)
+    trained = trainer.restore_trained(config, tmp_path, which="latest")
+    kept = trained.meta["kept_prototypes"]
+    assert trained.meta["pruned"] and trained.meta["phase"] == "prune_finetune"
+    assert results["num_prototypes"] == len(kept) <= 4 * 2
+    # the class identity survives pruning (the reference loses it): kept j had class j // 2
+    np.testing.assert_array_equal(
+        np.asarray(trained.state.constants["prototype_class"][...]), np.asarray(kept) // 2
+    )
+    assert trained.state.params["last_layer"][...].shape == (len(kept), 4)
