@@ -23,13 +23,13 @@ Needs segment_anything for SAM and ml_collections (the CPU build machine has bot
 from __future__ import annotations
 
 import argparse
-import functools
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from benchmarks import common
+from segmentation.tiny_sam import tiny_sam
 
 # Random SAM weights produce low predicted IoU and stability: keep every mask.
 RELAXED_THRESHOLDS = dict(pred_iou_thresh=-100.0, stability_score_thresh=0.0)
@@ -50,51 +50,6 @@ def base_export_config(workdir: Path, image_size: int, images_per_class: int) ->
     config.segmentation.max_masks = 16
     config.segmentation.shards = dict(train=1, test=1)
     return config
-
-
-def tiny_sam() -> Any:
-    """A randomly initialised SAM from segment_anything's own modules: image size 256,
-    ViT depth 2, width 64 (about 0.1-0.3 s per image on a CPU core)."""
-    import torch
-    from segment_anything.modeling import (
-        ImageEncoderViT,
-        MaskDecoder,
-        PromptEncoder,
-        Sam,
-        TwoWayTransformer,
-    )
-
-    torch.manual_seed(0)
-    image_size, patch_size, width = 256, 16, 64
-    return Sam(
-        image_encoder=ImageEncoderViT(
-            img_size=image_size,
-            patch_size=patch_size,
-            embed_dim=width,
-            depth=2,
-            num_heads=2,
-            mlp_ratio=2,
-            out_chans=width,
-            qkv_bias=True,
-            norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
-            use_rel_pos=True,
-            window_size=4,
-            global_attn_indexes=(1,),
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=width,
-            image_embedding_size=(image_size // patch_size, image_size // patch_size),
-            input_image_size=(image_size, image_size),
-            mask_in_chans=8,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer_dim=width,
-            transformer=TwoWayTransformer(depth=1, embedding_dim=width, mlp_dim=128, num_heads=2),
-            iou_head_depth=2,
-            iou_head_hidden_dim=64,
-        ),
-    )
 
 
 def measure(name: str, config: Any, records_dir: Path, sam_model: Any = None) -> dict[str, Any]:

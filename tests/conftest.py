@@ -47,57 +47,12 @@ def tiny_records(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_sam_model():
-    """A randomly initialised SAM small enough for CPU tests (image size 256, ViT depth 2,
-    embedding 64): the real ``segment_anything`` modules, ~0.1 s per 96 px image with 4x4
-    points. Its masks are noise; use relaxed thresholds (``pred_iou_thresh`` very low,
-    ``stability_score_thresh`` 0) to get any."""
-    torch = pytest.importorskip("torch")
+    """The tiny random SAM of ``segmentation.tiny_sam`` (real segment_anything modules)."""
+    pytest.importorskip("torch")
     pytest.importorskip("segment_anything")
-    from functools import partial
+    from segmentation.tiny_sam import tiny_sam
 
-    from segment_anything.modeling import (
-        ImageEncoderViT,
-        MaskDecoder,
-        PromptEncoder,
-        Sam,
-        TwoWayTransformer,
-    )
-
-    torch.manual_seed(0)
-    image_size, patch_size, embed_dim = 256, 16, 64
-    return Sam(
-        image_encoder=ImageEncoderViT(
-            img_size=image_size,
-            patch_size=patch_size,
-            embed_dim=embed_dim,
-            depth=2,
-            num_heads=2,
-            mlp_ratio=2,
-            out_chans=embed_dim,
-            qkv_bias=True,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            use_rel_pos=True,
-            window_size=4,
-            global_attn_indexes=(1,),
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=embed_dim,
-            image_embedding_size=(image_size // patch_size,) * 2,
-            input_image_size=(image_size, image_size),
-            mask_in_chans=8,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer_dim=embed_dim,
-            transformer=TwoWayTransformer(
-                depth=1, embedding_dim=embed_dim, mlp_dim=128, num_heads=2
-            ),
-            iou_head_depth=2,
-            iou_head_hidden_dim=32,
-        ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
-    ).eval()
+    return tiny_sam()
 
 
 @pytest.fixture
