@@ -223,10 +223,11 @@ def push_prototypes(ctx: RunContext, state: steps_lib.TrainState):
         state.constants["prototype_class"][...],
         reference_per_batch=config.train.reference_push_per_batch,
     )
-    old = state.params["prototypes"]
-    params = nnx.State(dict(state.params.items()))
-    params["prototypes"] = old.replace(
-        jax.device_put(jnp.asarray(result.prototypes), old[...].sharding)
+    old = state.params["prototypes"][...]
+    new = jax.device_put(jnp.asarray(result.prototypes, old.dtype), old.sharding)
+    # Replace the one leaf and keep the tree's structure (and thus the step's shardings).
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: new if path[0].key == "prototypes" else leaf, state.params
     )
     log.info(
         "push: %d prototypes projected in %.1f s (%d without an image of their class)",
@@ -546,37 +547,32 @@ def train_and_evaluate(config, workdir: str | Path, *, max_steps: int | None = N
                         state.batch_stats,
                         state.constants,
                     )
-                if (
-                    phase.name == phases_lib.FINETUNE
-                    and config.train.push
-                    and not ctx.meta["pushed"]
-                ):
-                    base = _new_train_state(
-                        params, batch_stats, constants, phases_lib.make_optimizer(phase), step, mesh
-                    )
-                    base, result = push_prototypes(ctx, base)
-                    params = base.params
-                    gallery = result.to_json()
-                    records_lib.write_json_atomic(workdir / "push.json", gallery)
-                    ctx.meta.update(pushed=True, push=gallery)
-                    if len(val_indices):
-                        val = evaluate_indices(
-                            ctx, base, train_records, val_indices, _make_eval_fn(ctx)
-                        )
-                        ctx.writer.write(step, {"val/accuracy_after_push": val["accuracy"]}, "push")
+                tx = phases_lib.make_optimizer(phase)
                 if phase.name == phases_lib.PRUNE_FINETUNE and not ctx.meta["pruned"]:
-                    base = _new_train_state(
-                        params, batch_stats, constants, phases_lib.make_optimizer(phase), step, mesh
-                    )
-                    (params, batch_stats, constants), keep = prune_prototypes(ctx, base)
+                    unpruned = _new_train_state(params, batch_stats, constants, tx, step, mesh)
+                    (params, batch_stats, constants), keep = prune_prototypes(ctx, unpruned)
                     ctx.meta.update(
                         pruned=True,
                         kept_prototypes=keep.tolist(),
                         num_prototypes=len(keep),
                     )
-                state = _new_train_state(
-                    params, batch_stats, constants, phases_lib.make_optimizer(phase), step, mesh
-                )
+                # A fresh optimizer state per phase (as the reference's per-phase optimizers);
+                # it depends only on shapes, so push may replace the prototypes afterwards.
+                state = _new_train_state(params, batch_stats, constants, tx, step, mesh)
+                if (
+                    phase.name == phases_lib.FINETUNE
+                    and config.train.push
+                    and not ctx.meta["pushed"]
+                ):
+                    state, result = push_prototypes(ctx, state)
+                    gallery = result.to_json()
+                    records_lib.write_json_atomic(workdir / "push.json", gallery)
+                    ctx.meta.update(pushed=True, push=gallery)
+                    if len(val_indices):
+                        val = evaluate_indices(
+                            ctx, state, train_records, val_indices, _make_eval_fn(ctx)
+                        )
+                        ctx.writer.write(step, {"val/accuracy_after_push": val["accuracy"]}, "push")
                 ctx.meta["phase"] = phase.name
                 _save(ctx, state, phase.name)
             state, finished = run_phase(ctx, phase, state, stop, max_steps)
@@ -617,10 +613,8 @@ def final_evaluation(ctx: RunContext, state, last_phase: str) -> dict[str, Any]:
         best_manager = ckpt.manager(best_dir, max_to_keep=1, best=True)
         best_step = best_manager.best_step()
         if best_step is not None:
-            abstract = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-            )
-            best_state = ckpt.restore_state(best_manager, best_step, abstract)
+            # restore_state takes the shapes and shardings of the live state as its target
+            best_state = ckpt.restore_state(best_manager, best_step, state)
             results["best"] = evaluate_indices(ctx, best_state, test_records, test_indices, eval_fn)
             results["best"]["step"] = int(best_step)
         best_manager.close()

@@ -13,6 +13,7 @@ import pytest
 
 from configs import demo
 from protomask_jax import config_checks, trainer
+from protomask_jax.data import pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -99,9 +100,23 @@ def test_push_leaves_prototypes_on_training_views(tiny_records, tmp_path):
     trained = trainer.restore_trained(config, tmp_path, which="latest")
     push = trained.meta["push"]
     assert push is not None and trained.meta["pushed"]
-    # after push each prototype is (up to fine-tune, which freezes it) an embedding in (0, 1)^D
+    # After push each prototype *is* the embedding of its source view; fine-tuning freezes the
+    # backbone, add-on, prototypes and BatchNorm, so recomputing that view's embedding now
+    # must give the prototype back.
     prototypes = np.asarray(trained.state.params["prototypes"][...])
-    assert prototypes.min() > 0.0 and prototypes.max() < 1.0
+    records = pipeline.RecordSet(tiny_records, "train")
+    index_of_id = {int(i): n for n, i in enumerate(records.image_ids)}
+    sources = np.array([index_of_id[i] for i in push["image_id"]])
+    forward = trained.eval_fn(return_views=True)
+    embeddings = []
+    for batch in trained.eval_batches(records, sources):
+        out = forward(
+            trained.state.params, trained.state.batch_stats, trained.state.constants, batch
+        )
+        embeddings.append(np.asarray(out.embeddings)[np.asarray(batch["weight"]) > 0])
+    embeddings = np.concatenate(embeddings)
+    matched = embeddings[np.arange(len(sources)), push["view_index"]]
+    np.testing.assert_allclose(matched, prototypes, atol=1e-5)
 
 
 def test_workdir_of_another_config_is_refused(tiny_records, tmp_path):
