@@ -26,10 +26,21 @@ MODEL = "model"
 def maybe_initialize_distributed() -> None:
     """Calls ``jax.distributed.initialize()`` when the launcher says this is multi-process.
 
-    TPU VM pod slices and SLURM/Open MPI launches are detected by jax itself; we only call
-    ``initialize`` when one of their environment variables (or an explicit coordinator
-    address) is present, so a plain single-process run never waits for peers.
+    Must run before anything touches a JAX backend (``jax.devices()``, ``process_count()``,
+    any array): afterwards ``initialize`` refuses, and each process would silently train
+    alone. Launchers:
+
+    - TPU VM pod slices, SLURM and Open MPI: jax reads their environment itself; we only
+      call ``initialize`` when one of their variables is present, so a plain
+      single-process run never waits for peers.
+    - Anything else (several processes on one machine, a hand-written launcher):
+      ``JAX_COORDINATOR_ADDRESS=host:port``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``
+      on every process. On CPU the cross-process collectives use gloo.
     """
+    explicit = {
+        key: os.environ.get(name)
+        for key, name in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
+    }
     markers = (
         "JAX_COORDINATOR_ADDRESS",
         "SLURM_JOB_ID",
@@ -37,11 +48,16 @@ def maybe_initialize_distributed() -> None:
         "TPU_WORKER_HOSTNAMES",
         "MEGASCALE_COORDINATOR_ADDRESS",
     )
-    if any(os.environ.get(m) for m in markers) and jax.process_count() == 1:
-        try:
-            jax.distributed.initialize()
-        except (RuntimeError, ValueError) as e:  # already initialised or single host
-            log.info("jax.distributed.initialize() skipped: %s", e)
+    if any(os.environ.get(m) for m in markers) and not jax.distributed.is_initialized():
+        kwargs = {key: int(value) for key, value in explicit.items() if value is not None}
+        if len(kwargs) == 1:
+            raise ValueError(
+                "Set both JAX_NUM_PROCESSES and JAX_PROCESS_ID (or neither, to let jax "
+                f"detect the cluster); got only {sorted(kwargs)}."
+            )
+        if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(**kwargs)
     log.info(
         "process %d of %d, %d local / %d global devices",
         jax.process_index(),

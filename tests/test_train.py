@@ -56,7 +56,16 @@ def final_state_leaves(workdir):
         Path(workdir).absolute() / "checkpoints", item_names=("state", "meta")
     )
     step = manager.latest_step()
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    # Onto this process's first device, whatever topology saved it (a multi-process run's
+    # checkpoint records devices this process does not have).
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        ocp.StandardCheckpointer().metadata(manager.directory / str(step) / "state").item_metadata,
+    )
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    )
     manager.close()
     return step, [np.asarray(x) for x in jax.tree.leaves(restored["state"])]
 
