@@ -157,9 +157,14 @@ def test_bf16_backbone_gradients_are_as_close_to_float32_as_torch_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             logits, min_distances = torch_model(views, shape.num_views)
         tp.joint_loss(
-            logits.float(), min_distances.float(), labels, torch_model.prototype_vectors,
-            torch_model.prototype_class, shape.prototypes_per_class,
-            torch.ones(shape.num_classes), tp.LossCoefficients(),
+            logits.float(),
+            min_distances.float(),
+            labels,
+            torch_model.prototype_vectors,
+            torch_model.prototype_class,
+            shape.prototypes_per_class,
+            torch.ones(shape.num_classes),
+            tp.LossCoefficients(),
         ).backward()
         grads = dict(torch_model.named_parameters())
         return [grads[n].grad.detach().numpy().copy() for n in names]
@@ -168,8 +173,11 @@ def test_bf16_backbone_gradients_are_as_close_to_float32_as_torch_autocast():
         model, config = _jax_model_from(torch_model, shape, compute_dtype)
         graphdef, params, batch_stats, constants = model_lib.split_model(model)
         views = views_lib.make_views(
-            jnp.asarray(batch["canvas"]), jnp.asarray(batch["boxes"]), None,
-            view_size=shape.view_size, dtype=jnp.float32,
+            jnp.asarray(batch["canvas"]),
+            jnp.asarray(batch["boxes"]),
+            None,
+            view_size=shape.view_size,
+            dtype=jnp.float32,
         )
 
         def loss_fn(params):
@@ -177,9 +185,14 @@ def test_bf16_backbone_gradients_are_as_close_to_float32_as_torch_autocast():
                 graphdef, params, batch_stats, constants, views, train=True
             )
             return losses.protomask_loss(
-                outputs, jnp.asarray(batch["label"]), params["prototypes"][...],
-                params["last_layer"][...], constants["prototype_class"][...], "joint",
-                config.loss, jnp.ones(shape.num_classes),
+                outputs,
+                jnp.asarray(batch["label"]),
+                params["prototypes"][...],
+                params["last_layer"][...],
+                constants["prototype_class"][...],
+                "joint",
+                config.loss,
+                jnp.ones(shape.num_classes),
             )[0]
 
         with jax.default_matmul_precision("highest"):
@@ -187,9 +200,7 @@ def test_bf16_backbone_gradients_are_as_close_to_float32_as_torch_autocast():
 
     torch_cosine = _cosine(torch_backbone_grads(True), torch_backbone_grads(False))
     grads32, grads16 = jax_grads("float32"), jax_grads("bfloat16")
-    jax_cosine = _cosine(
-        jax.tree.leaves(grads16["backbone"]), jax.tree.leaves(grads32["backbone"])
-    )
+    jax_cosine = _cosine(jax.tree.leaves(grads16["backbone"]), jax.tree.leaves(grads32["backbone"]))
     assert jax_cosine < 0.999, "bf16 should perturb the gradient: is compute_dtype applied?"
     assert jax_cosine > torch_cosine - 0.03, (jax_cosine, torch_cosine)
     assert jax_cosine > 0.85

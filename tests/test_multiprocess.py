@@ -48,7 +48,11 @@ def _launch(records_dir, workdir, processes, devices_per_process, *args):
             )
         running.append(
             subprocess.Popen(
-                command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                command,
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 text=True,
             )
         )
