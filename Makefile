@@ -7,7 +7,7 @@ STAMP := $(VENV)/.protomask-installed
 WORKDIR ?= workdirs/demo
 CONFIG ?= configs/demo.py
 
-.PHONY: demo test install lint bench clean screenshot
+.PHONY: demo test install lint bench bench-gpu clean screenshot
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench: $(STAMP)
 	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.export
 	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.scaling
 	$(PY) -m benchmarks.report --update
+
+# On a GPU machine with jax[cuda] and torch already installed (no venv, no network needed).
+bench-gpu:
+	benchmarks/gpu.sh
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

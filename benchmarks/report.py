@@ -60,6 +60,11 @@ def train_step_tables(results_dir: Path) -> list[str]:
             )
         headline = payload["headline"]
         lines.append("")
+        if not payload.get("complete", True):
+            lines.append(
+                "**Incomplete run** (stopped before every requested variant was timed): "
+                "only the variants above were measured."
+            )
         if parity.get("checked"):
             diffs = ", ".join(f"{d:.1e}" for d in parity["relative_difference"])
             lines.append(

@@ -21,7 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks import common, scaling, train_step  # noqa: E402
+from benchmarks import common, report, scaling, train_step  # noqa: E402
 from benchmarks import torch_protomask as tp  # noqa: E402
 from protomask_jax import losses  # noqa: E402
 from protomask_jax.data import views as views_lib  # noqa: E402
@@ -303,6 +303,7 @@ def test_train_step_harness_end_to_end(tmp_path):
         payload
     )
     assert payload["parity"]["passed"]
+    assert payload["complete"] is True
     assert payload["versions"]["jax"] == jax.__version__
     assert payload["versions"]["torch"] == torch.__version__
     assert set(payload["variants"]) == set(variants)
@@ -321,6 +322,24 @@ def test_train_step_harness_end_to_end(tmp_path):
     headline = payload["headline"]
     assert headline["available"] and headline["speedup"] > 0
     assert headline["best_torch_variant"] in ("torch_eager_fp32", "torch_eager_amp_bf16")
+
+
+def test_train_step_run_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
+    """A lent GPU's time limit can stop the harness mid-run: the JSON written after each
+    variant keeps the finished ones, marked incomplete, and the report says so."""
+
+    def killed(self):
+        raise KeyboardInterrupt("time limit")
+
+    monkeypatch.setattr(train_step.TorchVariant, "measure", killed)
+    with pytest.raises(KeyboardInterrupt):
+        # Timed in TIMING_ORDER, not as listed: jax_bf16 first, then the torch variant.
+        train_step.run("micro", ("torch_eager_amp_bf16", "jax_bf16"), out_dir=tmp_path, plot=False)
+    payload = json.loads((tmp_path / "train_step_micro_cpu.json").read_text())
+    assert payload["complete"] is False
+    assert list(payload["variants"]) == ["jax_bf16"]
+    assert payload["variants"]["jax_bf16"]["crops_per_s"] > 0
+    assert "Incomplete run" in "\n".join(report.train_step_tables(tmp_path))
 
 
 @pytest.mark.slow

@@ -46,3 +46,48 @@ def test_eight_device_run_matches_one_device(tiny_records, tmp_path):
     _, eight = final_state_leaves(tmp_path / "d8")
     for a, b in zip(one, eight, strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-3, atol=5e-5)
+
+
+def test_model_axis_splits_prototypes_and_trains_like_one_device(tiny_records, tmp_path):
+    """``mesh.model = 2``: prototypes, their class identity and the last layer's prototype
+    axis are split over ``model`` (batches over ``data = 4``), through push and pruning."""
+    prune = {
+        "train.prune.enabled": True,
+        "train.prune.k": 4,
+        "train.prune.threshold": 2,
+        "train.prune.finetune_epochs": 1,
+    }
+    runs, trained = {}, {}
+    for name, mesh in {"one": {"mesh.data": 1}, "split": {"mesh.data": 4, "mesh.model": 2}}.items():
+        config = tiny_config(tiny_records, **mesh)
+        config.unlock()
+        for dotted, value in prune.items():
+            *sections, key = dotted.split(".")
+            node = config
+            for section in sections:
+                node = node[section]
+            node[key] = value
+        config.lock()
+        runs[name] = trainer.train_and_evaluate(config, tmp_path / name)
+        trained[name] = trainer.restore_trained(config, tmp_path / name, which="latest")
+    split = trained["split"].state
+    assert dict(trained["split"].mesh.shape) == {"data": 4, "model": 2}
+    assert split.params["prototypes"][...].sharding.spec == jax.sharding.PartitionSpec(
+        "model", None
+    )
+    assert split.params["last_layer"][...].sharding.spec == jax.sharding.PartitionSpec(
+        "model", None
+    )
+    assert split.constants["prototype_class"][...].sharding.spec == jax.sharding.PartitionSpec(
+        "model"
+    )
+    # the same pruning decision and the same predictions as one device
+    assert trained["split"].meta["kept_prototypes"] == trained["one"].meta["kept_prototypes"]
+    assert runs["split"]["final"] == runs["one"]["final"]
+    assert runs["split"]["test_accuracy"] == runs["one"]["test_accuracy"]
+    np.testing.assert_allclose(
+        np.asarray(split.params["prototypes"][...]),
+        np.asarray(trained["one"].state.params["prototypes"][...]),
+        rtol=1e-3,
+        atol=5e-5,
+    )
