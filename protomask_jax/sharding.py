@@ -105,12 +105,15 @@ def param_sharding(mesh: Mesh, path: tuple, leaf: Any) -> NamedSharding:
     """Sharding of one parameter/state leaf given its path in the state tree.
 
     With ``model > 1`` the prototypes ``[P, D]`` are split over P, the last layer over its
-    prototype axis, and the class identity ``[P]`` over P; all else is replicated.
+    prototype axis, and the class identity ``[P]`` over P; all else is replicated. A P that
+    ``model`` does not divide (pruning can leave any count) is replicated instead.
     """
     if mesh.shape[MODEL] == 1 or not hasattr(leaf, "shape"):
         return replicated(mesh)
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
     shape = leaf.shape
+    if not shape or shape[0] % mesh.shape[MODEL]:
+        return replicated(mesh)
     if "prototypes" in names and len(shape) == 2:
         return NamedSharding(mesh, PartitionSpec(MODEL, None))
     if "prototype_class" in names and len(shape) == 1:

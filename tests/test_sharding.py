@@ -91,3 +91,25 @@ def test_model_axis_splits_prototypes_and_trains_like_one_device(tiny_records, t
         rtol=1e-3,
         atol=5e-5,
     )
+
+
+def test_prototype_count_the_model_axis_does_not_divide_is_replicated():
+    config = tiny_config("unused", **{"mesh.data": 4, "mesh.model": 2})
+    mesh = sharding.make_mesh(config)
+    tree = {
+        "prototypes": jax.ShapeDtypeStruct((8, 3), np.float32),
+        "pruned": {"prototypes": jax.ShapeDtypeStruct((7, 3), np.float32)},
+        "backbone": {"kernel": jax.ShapeDtypeStruct((8, 3), np.float32)},
+    }
+    specs = jax.tree.map(lambda s: s.spec, sharding.tree_shardings(mesh, tree))
+    P = jax.sharding.PartitionSpec
+    assert specs == {
+        "prototypes": P("model", None),
+        "pruned": {"prototypes": P()},
+        "backbone": {"kernel": P()},
+    }
+    # and a pruned state of 7 prototypes can be placed on that mesh
+    placed = jax.device_put(
+        np.ones((7, 3), np.float32), sharding.tree_shardings(mesh, tree)["pruned"]["prototypes"]
+    )
+    assert placed.shape == (7, 3)
