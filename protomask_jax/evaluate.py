@@ -15,6 +15,7 @@ can be overridden as in training (``--config.input.eval_batch_size=128``).
 Ground truth, where present (``docs/design.md``, record schema):
 
 * object mask: ``gt/object_mask``; otherwise the union of the parts of ``gt/part_map``;
+  otherwise the union of the ``gt/object_boxes`` (Stanford Dogs and Cars ship only boxes);
 * part keypoints: ``gt/keypoints``; otherwise one point per part of ``gt/part_map``: the part
   pixel farthest from the part's boundary (a point that always lies on the part, unlike the
   centroid of a forked tail);
@@ -217,6 +218,25 @@ def to_frame(mask: np.ndarray, resolution: int) -> np.ndarray:
     return np.asarray(image.resize((resolution, resolution), Image.BOX)) >= 128
 
 
+def boxes_mask(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The union of normalised yxyx boxes as a bool ``[H, W]`` mask: a pixel is in a box when
+    its centre is (half-open box edges, as the record's mask boxes).
+
+    Args:
+      boxes: ``[M, 4]`` normalised ``(y0, x0, y1, x1)``.
+      height, width: H, W.
+
+    Returns:
+      bool ``[H, W]``.
+    """
+    rows = (np.arange(height) + 0.5) / height
+    cols = (np.arange(width) + 0.5) / width
+    mask = np.zeros((height, width), bool)
+    for y0, x0, y1, x1 in np.asarray(boxes, np.float64).reshape(-1, 4):
+        mask |= ((rows >= y0) & (rows < y1))[:, None] & ((cols >= x0) & (cols < x1))[None, :]
+    return mask
+
+
 def part_keypoints(part_map: np.ndarray, num_parts: int) -> np.ndarray:
     """One keypoint per part of a label map, for datasets with part maps but no keypoints.
 
@@ -276,6 +296,7 @@ class FrameMaps:
 
 OBJECT_FROM_FIELD = "gt/object_mask"
 OBJECT_FROM_PARTS = "union of the parts of gt/part_map"
+OBJECT_FROM_BOXES = "union of the gt/object_boxes"
 KEYPOINTS_FROM_FIELD = "gt/keypoints"
 KEYPOINTS_FROM_PARTS = "one point per part of gt/part_map (deepest part pixel)"
 
@@ -335,6 +356,13 @@ def render_frame_maps(
             object_masks[n] = to_frame(part_map > 0, resolution)
             has_object[n] = True
             object_sources.add(OBJECT_FROM_PARTS)
+        elif record.object_boxes is not None and len(record.object_boxes):
+            # The frame is the whole image squashed to R x R, so the image's own size only
+            # decides which pixels the box edges cut (records without a size: the frame's).
+            height, width = (record.height, record.width) if record.height else frame
+            object_masks[n] = to_frame(boxes_mask(record.object_boxes, height, width), resolution)
+            has_object[n] = True
+            object_sources.add(OBJECT_FROM_BOXES)
         if part_map is not None and record.decisive_parts is not None:
             decisive = metrics_lib.decisive_part_masks(
                 part_map[None], np.asarray(record.decisive_parts)[None]

@@ -331,6 +331,7 @@ class Cub200Source(_LocalSource):
             gt=GroundTruth(
                 object_mask=self.object_mask(entry, height, width),
                 keypoints=self.keypoints(entry, height, width),
+                object_boxes=_normalised_boxes(np.asarray(entry.key[2]), height, width),
             ),
         )
 
@@ -419,6 +420,7 @@ class StanfordDogsSource(_LocalSource):
             filename=entry.filename,
             image_bytes=self._read_bytes(entry.filename),
             label=entry.label,
+            gt=GroundTruth(object_boxes=self.object_boxes(entry)),
         )
 
 
@@ -498,6 +500,7 @@ class StanfordCarsSource(_LocalSource):
             filename=entry.filename,
             image_bytes=self._read_bytes(entry.filename),
             label=entry.label,
+            gt=GroundTruth(object_boxes=self.object_boxes(entry)),
         )
 
 
@@ -633,7 +636,10 @@ class TfdsSource(Source):
     def object_boxes(self, entry: SourceEntry) -> np.ndarray:
         """float32 ``[M, 4]`` normalised yxyx from ``bbox`` or ``objects/bbox`` ([0, 4]
         when the dataset has neither)."""
-        example = self._example(entry)
+        return self._boxes_of(self._example(entry))
+
+    @staticmethod
+    def _boxes_of(example: dict[str, Any]) -> np.ndarray:
         if "bbox" in example:
             boxes = example["bbox"]
         elif isinstance(example.get("objects"), dict) and "bbox" in example["objects"]:
@@ -655,5 +661,5 @@ class TfdsSource(Source):
             filename=entry.filename,
             image_bytes=image_bytes,
             label=entry.label,
-            gt=GroundTruth(object_mask=object_mask),
+            gt=GroundTruth(object_mask=object_mask, object_boxes=self._boxes_of(example)),
         )

@@ -188,6 +188,7 @@ def build_record(
         decisive_parts=gt.decisive_parts,
         object_mask_png=None if gt.object_mask is None else records.encode_mask_png(gt.object_mask),
         keypoints=gt.keypoints,
+        object_boxes=gt.object_boxes,
     )
     return record, processed.used_fallback
 

@@ -45,12 +45,16 @@ class GroundTruth:
       decisive_parts: int ``[D]`` ids of the parts that decide the image's class.
       object_mask: bool ``[H, W]`` mask of the whole object (e.g. CUB's bird).
       keypoints: float32 ``[Q, 3]`` (y, x normalised to [0, 1], visible) per part.
+      object_boxes: float32 ``[M, 4]`` normalised yxyx boxes of the objects (CUB's bird,
+        Dogs' dogs, Cars' car); evaluation uses their union as the object region when there
+        is no object mask.
     """
 
     part_map: np.ndarray | None = None
     decisive_parts: np.ndarray | None = None
     object_mask: np.ndarray | None = None
     keypoints: np.ndarray | None = None
+    object_boxes: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,6 +63,8 @@ def _check_loaded(source: sources.Source, expected: fx.ExpectedDataset) -> None:
             )
             assert item.image_bytes == want.image_bytes
             np.testing.assert_allclose(source.object_boxes(entry), want.boxes, atol=1e-6)
+            # ... and the loaded item carries them for the export (gt/object_boxes)
+            np.testing.assert_allclose(item.gt.object_boxes, want.boxes, atol=1e-6)
             if want.keypoints is None:
                 assert item.gt.keypoints is None
             else:
@@ -105,6 +107,10 @@ def _check_export(config: ml_collections.ConfigDict, expected: fx.ExpectedDatase
         for record, want in zip(stored, wanted, strict=True):
             assert record.image_bytes == want.image_bytes
             assert (record.height, record.width) == (want.height, want.width)
+            if len(want.boxes):
+                np.testing.assert_allclose(record.object_boxes, want.boxes, atol=1e-6)
+            else:
+                assert record.object_boxes is None
             if want.keypoints is not None:
                 np.testing.assert_allclose(record.keypoints, want.keypoints, atol=1e-6)
             if want.object_mask is not None:

@@ -66,6 +66,21 @@ def test_part_keypoints_lie_on_the_part_even_when_its_centroid_does_not():
     np.testing.assert_allclose(keypoints[[1, 3]], [[-1, -1, 0], [-1, -1, 0]])
 
 
+def test_boxes_mask_takes_the_pixels_whose_centres_lie_in_a_box():
+    # 8 x 10 image. Rows [0.2, 0.7) of 8: centres r + 0.5 in [1.6, 5.6) -> r = 2..5; columns
+    # [0.12, 0.52) of 10: centres c + 0.5 in [1.2, 5.2) -> c = 1..4.
+    expected = np.zeros((8, 10), bool)
+    expected[2:6, 1:5] = True
+    np.testing.assert_array_equal(
+        evaluate.boxes_mask(np.array([[0.2, 0.12, 0.7, 0.52]]), 8, 10), expected
+    )
+    # two boxes in opposite corners: their union, 2 x 2 pixels each
+    two = evaluate.boxes_mask(np.array([[0.0, 0.0, 0.25, 0.2], [0.75, 0.8, 1.0, 1.0]]), 8, 10)
+    expected = np.zeros((8, 10), bool)
+    expected[:2, :2] = expected[6:, 8:] = True
+    np.testing.assert_array_equal(two, expected)
+
+
 # ------------------------------------------------- metrics on hand-built records (24 px)
 
 SIZE = 24
@@ -220,10 +235,36 @@ def test_compute_metrics_without_ground_truth_reports_no_gt_groups(tmp_path):
         progress=False,
     )
     assert "complexity" not in results and "faithfulness" not in results
+    assert not evaluate.render_frame_maps(
+        pipeline.RecordSet(bare, "test"), np.arange(2), 4, SIZE
+    ).has_object.any()
     assert results["classification"]["top1_accuracy"] == 50.0
     # All four winning views are view 0 -> the same mask each time: VLC 0.
     assert results["contrastivity"]["vlc"] == 0.0
     assert results["compactness"]["global_explanation_size"] == 4
+
+
+def test_object_boxes_are_the_object_region_when_there_is_no_mask(tmp_path):
+    """Stanford Dogs / Cars records carry only boxes: their union is the object."""
+    record_set = _hand_records(tmp_path)
+    payloads = []
+    for i in range(len(record_set)):
+        record = records_lib.ImageRecord.from_bytes(record_set.reader[i])
+        record.part_map_png = None
+        record.decisive_parts = None
+        # rows 6..17 and columns 0..11, plus rows 0..5 of columns 18..23 in the second image
+        record.object_boxes = np.array([[0.25, 0.0, 0.75, 0.5]] + [[0.0, 0.75, 0.25, 1.0]] * i)
+        payloads.append(record.to_bytes())
+    boxed = tmp_path / "boxed"
+    boxed.mkdir()
+    records_lib.write_shard(boxed / records_lib.shard_name("test", 0, 1), payloads)
+    maps = evaluate.render_frame_maps(pipeline.RecordSet(boxed, "test"), np.arange(2), 4, SIZE)
+    assert maps.has_object.all()
+    first, second = _rect(6, 18, 0, 12), _rect(6, 18, 0, 12) | _rect(0, 6, 18, 24)
+    np.testing.assert_array_equal(maps.object_masks, np.stack([first, second]))
+    # at half the resolution each frame pixel is a 2 x 2 block of the image
+    half = evaluate.render_frame_maps(pipeline.RecordSet(boxed, "test"), [0], 4, SIZE // 2)
+    np.testing.assert_array_equal(half.object_masks[0], first[::2, ::2])
 
 
 # ------------------------------------------------------------------ tiny trained run

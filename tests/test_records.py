@@ -38,6 +38,7 @@ def _full_record(image_id: int) -> records.ImageRecord:
         decisive_parts=np.array([1, 3], np.int64),
         object_mask_png=records.encode_mask_png(masks[0]),
         keypoints=np.array([[0.5, 0.25, 1.0], [0.0, 0.0, 0.0]], np.float32),
+        object_boxes=np.array([[0.1, 0.2, 0.9, 0.7], [0.0, 0.5, 0.25, 1.0]], np.float32),
     )
 
 
@@ -55,7 +56,7 @@ def _assert_records_equal(a: records.ImageRecord, b: records.ImageRecord) -> Non
         "object_mask_png",
     ):
         assert getattr(a, field) == getattr(b, field), field
-    for field in ("boxes", "areas", "decisive_parts", "keypoints"):
+    for field in ("boxes", "areas", "decisive_parts", "keypoints", "object_boxes"):
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
 
 
@@ -114,7 +115,18 @@ def test_optional_fields_absent_round_trip_as_none(tmp_path: Path):
     parsed = records.ImageRecord.from_bytes(bare.to_bytes())
     assert parsed.part_map_png is None and parsed.object_mask_png is None
     assert parsed.decisive_parts is None and parsed.keypoints is None
+    assert parsed.object_boxes is None
     assert parsed.image_format == "jpeg" and parsed.label == 0
+    # an empty box list is stored as absent
+    bare.object_boxes = np.zeros((0, 4), np.float32)
+    assert records.ImageRecord.from_bytes(bare.to_bytes()).object_boxes is None
+
+
+def test_object_boxes_outside_the_image_are_refused_naming_the_record():
+    record = _full_record(3)
+    record.object_boxes = np.array([[0.5, 0.2, 0.4, 0.7]], np.float32)  # y1 < y0
+    with pytest.raises(records.RecordError, match=r"shard-x \(image id 3\): gt/object_boxes"):
+        records.ImageRecord.from_bytes(record.to_bytes(), "shard-x")
 
 
 def test_flipped_byte_is_reported_with_file_and_offset(tmp_path: Path):

@@ -296,6 +296,7 @@ class ImageRecord:
       areas: ``[N]`` float32 fractions of the image.
       mask_pngs: N encoded 1-bit PNG masks at ``height x width``.
       part_map_png, decisive_parts, object_mask_png, keypoints: optional ground truth.
+      object_boxes: optional ``[M, 4]`` float32 normalised yxyx object boxes (``gt/object_boxes``).
     """
 
     image_id: int
@@ -312,6 +313,7 @@ class ImageRecord:
     decisive_parts: np.ndarray | None = None
     object_mask_png: bytes | None = None
     keypoints: np.ndarray | None = None
+    object_boxes: np.ndarray | None = None
 
     @property
     def num_masks(self) -> int:
@@ -335,6 +337,11 @@ class ImageRecord:
                 "gt/decisive_parts": self.decisive_parts,
                 "gt/object_mask": self.object_mask_png,
                 "gt/keypoints": None if self.keypoints is None else self.keypoints.reshape(-1),
+                "gt/object_boxes": (
+                    None
+                    if self.object_boxes is None or len(self.object_boxes) == 0
+                    else np.asarray(self.object_boxes, np.float32).reshape(-1)
+                ),
             }
         )
 
@@ -368,6 +375,20 @@ class ImageRecord:
                 f"{where} (image id {image_id}): a box lies outside the image or is empty "
                 f"(boxes are normalised yxyx in [0, 1]): {boxes.tolist()}"
             )
+        object_boxes = f.get("gt/object_boxes")
+        if object_boxes is not None:
+            object_boxes = object_boxes.reshape(-1, 4)
+            if (
+                not np.all(np.isfinite(object_boxes))
+                or np.any(object_boxes < 0.0)
+                or np.any(object_boxes > 1.0)
+                or np.any(object_boxes[:, 2:] < object_boxes[:, :2])
+            ):
+                raise RecordError(
+                    f"{where} (image id {image_id}): gt/object_boxes must be normalised yxyx "
+                    f"in [0, 1] with y0 <= y1 and x0 <= x1, got {object_boxes.tolist()}; "
+                    "re-export the image."
+                )
         label = f["image/label"]
         keypoints = f.get("gt/keypoints")
         return cls(
@@ -385,6 +406,7 @@ class ImageRecord:
             decisive_parts=f.get("gt/decisive_parts"),
             object_mask_png=f["gt/object_mask"][0] if f.get("gt/object_mask") else None,
             keypoints=None if keypoints is None else keypoints.reshape(-1, 3),
+            object_boxes=object_boxes,
         )
 
 
