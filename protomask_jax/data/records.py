@@ -365,12 +365,7 @@ class ImageRecord:
             raise RecordError(
                 f"{where} (image id {image_id}): masks/count={count} but {len(boxes)} boxes."
             )
-        if (
-            not np.all(np.isfinite(boxes))
-            or np.any(boxes < 0.0)
-            or np.any(boxes > 1.0)
-            or np.any(boxes[:, 2:] <= boxes[:, :2])
-        ):
+        if not _boxes_in_unit_square(boxes, allow_empty=False):
             raise RecordError(
                 f"{where} (image id {image_id}): a box lies outside the image or is empty "
                 f"(boxes are normalised yxyx in [0, 1]): {boxes.tolist()}"
@@ -378,12 +373,7 @@ class ImageRecord:
         object_boxes = f.get("gt/object_boxes")
         if object_boxes is not None:
             object_boxes = object_boxes.reshape(-1, 4)
-            if (
-                not np.all(np.isfinite(object_boxes))
-                or np.any(object_boxes < 0.0)
-                or np.any(object_boxes > 1.0)
-                or np.any(object_boxes[:, 2:] < object_boxes[:, :2])
-            ):
+            if not _boxes_in_unit_square(object_boxes, allow_empty=True):
                 raise RecordError(
                     f"{where} (image id {image_id}): gt/object_boxes must be normalised yxyx "
                     f"in [0, 1] with y0 <= y1 and x0 <= x1, got {object_boxes.tolist()}; "
@@ -408,6 +398,18 @@ class ImageRecord:
             keypoints=None if keypoints is None else keypoints.reshape(-1, 3),
             object_boxes=object_boxes,
         )
+
+
+def _boxes_in_unit_square(boxes: np.ndarray, *, allow_empty: bool) -> bool:
+    """Whether ``[N, 4]`` yxyx boxes are finite, inside [0, 1] and not inverted (with
+    ``allow_empty=False`` also not empty: y1 > y0 and x1 > x0)."""
+    extent = boxes[:, 2:] - boxes[:, :2]
+    return bool(
+        np.all(np.isfinite(boxes))
+        and np.all(boxes >= 0.0)
+        and np.all(boxes <= 1.0)
+        and np.all(extent >= 0.0 if allow_empty else extent > 0.0)
+    )
 
 
 def encode_mask_png(mask: np.ndarray) -> bytes:
