@@ -15,7 +15,8 @@ was looked for and which archive puts it there.
 
 Besides what :class:`~segmentation.sources.Source` requires, every source here has
 ``object_boxes(entry) -> float32 [M, 4]``: the dataset's object bounding boxes, normalised
-yxyx (pixel coordinate / image size, clipped to [0, 1], as tfds computes them).
+yxyx (pixel coordinate / image size, clipped to [0, 1], as tfds computes them); ``load``
+stores them as ``gt.object_boxes``.
 
 Labels are 0-based. Image ids are unique over all splits and stable: CUB's own ids minus
 one; Dogs: rank of the image path among all listed images; Cars: train images by file
@@ -181,8 +182,14 @@ class _LocalSource(Source):
         for image_id, filename, label, split, key in sorted(rows, key=lambda r: r[0]):
             self._entries[split].append(SourceEntry(image_id, filename, label, key))
 
-    def _boxes_for(self, entry: SourceEntry, pixel_yxyx: np.ndarray) -> np.ndarray:
-        height, width = _image_size(self._read_bytes(entry.filename), self.root / entry.filename)
+    def _boxes_for(
+        self, entry: SourceEntry, pixel_yxyx: np.ndarray, image_bytes: bytes | None = None
+    ) -> np.ndarray:
+        """Normalises pixel boxes by the image's size (``image_bytes``, when the caller has
+        read the file already, saves reading it again)."""
+        if image_bytes is None:
+            image_bytes = self._read_bytes(entry.filename)
+        height, width = _image_size(image_bytes, self.root / entry.filename)
         return _normalised_boxes(pixel_yxyx, height, width)
 
 
@@ -315,10 +322,10 @@ class Cub200Source(_LocalSource):
             ) from e
         return _threshold_soft_mask(data, path, (height, width))
 
-    def object_boxes(self, entry: SourceEntry) -> np.ndarray:
+    def object_boxes(self, entry: SourceEntry, image_bytes: bytes | None = None) -> np.ndarray:
         """float32 ``[1, 4]``: the bird's box from ``bounding_boxes.txt``, normalised yxyx."""
         _, _, pixel_yxyx = entry.key
-        return self._boxes_for(entry, np.asarray(pixel_yxyx))
+        return self._boxes_for(entry, np.asarray(pixel_yxyx), image_bytes)
 
     def load(self, entry: SourceEntry) -> SourceItem:
         image_bytes = self._read_bytes(entry.filename)
@@ -331,7 +338,7 @@ class Cub200Source(_LocalSource):
             gt=GroundTruth(
                 object_mask=self.object_mask(entry, height, width),
                 keypoints=self.keypoints(entry, height, width),
-                object_boxes=_normalised_boxes(np.asarray(entry.key[2]), height, width),
+                object_boxes=self.object_boxes(entry, image_bytes),
             ),
         )
 
@@ -397,7 +404,7 @@ class StanfordDogsSource(_LocalSource):
             raise SourceError(f"{path}: file_list entries must be '<wnid-breed>/<file>.jpg'.")
         return files
 
-    def object_boxes(self, entry: SourceEntry) -> np.ndarray:
+    def object_boxes(self, entry: SourceEntry, image_bytes: bytes | None = None) -> np.ndarray:
         """float32 ``[M, 4]``: the dogs' boxes from the VOC XML, normalised yxyx."""
         path = self.root / "Annotation" / Path(entry.key).with_suffix("")
         if not path.is_file():
@@ -412,15 +419,16 @@ class StanfordDogsSource(_LocalSource):
             raise SourceError(
                 f"{path}: not a PASCAL VOC annotation with numeric <bndbox> values ({e})."
             ) from e
-        return self._boxes_for(entry, np.asarray(pixel_yxyx).reshape(-1, 4))
+        return self._boxes_for(entry, np.asarray(pixel_yxyx).reshape(-1, 4), image_bytes)
 
     def load(self, entry: SourceEntry) -> SourceItem:
+        image_bytes = self._read_bytes(entry.filename)
         return SourceItem(
             image_id=entry.image_id,
             filename=entry.filename,
-            image_bytes=self._read_bytes(entry.filename),
+            image_bytes=image_bytes,
             label=entry.label,
-            gt=GroundTruth(object_boxes=self.object_boxes(entry)),
+            gt=GroundTruth(object_boxes=self.object_boxes(entry, image_bytes)),
         )
 
 
@@ -490,17 +498,18 @@ class StanfordCarsSource(_LocalSource):
                 rows.append((len(rows), f"cars_{split}/{a['fname']}", label, split, pixel_yxyx))
         self._set_entries(rows)
 
-    def object_boxes(self, entry: SourceEntry) -> np.ndarray:
+    def object_boxes(self, entry: SourceEntry, image_bytes: bytes | None = None) -> np.ndarray:
         """float32 ``[1, 4]``: the car's box from the annotations, normalised yxyx."""
-        return self._boxes_for(entry, np.asarray(entry.key))
+        return self._boxes_for(entry, np.asarray(entry.key), image_bytes)
 
     def load(self, entry: SourceEntry) -> SourceItem:
+        image_bytes = self._read_bytes(entry.filename)
         return SourceItem(
             image_id=entry.image_id,
             filename=entry.filename,
-            image_bytes=self._read_bytes(entry.filename),
+            image_bytes=image_bytes,
             label=entry.label,
-            gt=GroundTruth(object_boxes=self.object_boxes(entry)),
+            gt=GroundTruth(object_boxes=self.object_boxes(entry, image_bytes)),
         )
 
 
