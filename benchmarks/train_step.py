@@ -473,14 +473,7 @@ class TorchVariant:
             device=device,
         )
         self.flags = tp.VARIANT_FLAGS[self.step_variant]
-        self.batches = [
-            (
-                torch.from_numpy(batch["canvas"]).to(device),
-                torch.from_numpy(batch["boxes"]).to(device),
-                torch.from_numpy(batch["label"]).long().to(device),
-            )
-            for batch in batches
-        ]
+        self.batches = [self._to_device(batch) for batch in batches]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
@@ -492,14 +485,18 @@ class TorchVariant:
         """Runs one step on batch ``batch_index % 2``; returns the loss (not synchronised)."""
         return self.train_step(*self.batches[batch_index % len(self.batches)])
 
-    def parity_losses(self, batch: dict[str, np.ndarray]) -> list[float]:
-        """Loss before and after one update, both on ``batch``."""
+    def _to_device(self, batch: dict[str, np.ndarray]) -> tuple[Any, Any, Any]:
+        """``(canvas, boxes, label)`` tensors on the device, as ``TrainStep`` takes them."""
         torch = self.torch
-        placed = (
+        return (
             torch.from_numpy(batch["canvas"]).to(self.device),
             torch.from_numpy(batch["boxes"]).to(self.device),
             torch.from_numpy(batch["label"]).long().to(self.device),
         )
+
+    def parity_losses(self, batch: dict[str, np.ndarray]) -> list[float]:
+        """Loss before and after one update, both on ``batch``."""
+        placed = self._to_device(batch)
         return [float(self.train_step(*placed)), float(self.train_step(*placed))]
 
     def measure(self) -> dict[str, Any]:

@@ -37,10 +37,6 @@ def maybe_initialize_distributed() -> None:
       ``JAX_COORDINATOR_ADDRESS=host:port``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``
       on every process. On CPU the cross-process collectives use gloo.
     """
-    explicit = {
-        key: os.environ.get(name)
-        for key, name in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
-    }
     markers = (
         "JAX_COORDINATOR_ADDRESS",
         "SLURM_JOB_ID",
@@ -49,7 +45,10 @@ def maybe_initialize_distributed() -> None:
         "MEGASCALE_COORDINATOR_ADDRESS",
     )
     if any(os.environ.get(m) for m in markers) and not jax.distributed.is_initialized():
-        kwargs = {key: int(value) for key, value in explicit.items() if value is not None}
+        explicit = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+        kwargs = {
+            key: int(os.environ[name]) for key, name in explicit.items() if name in os.environ
+        }
         if len(kwargs) == 1:
             raise ValueError(
                 "Set both JAX_NUM_PROCESSES and JAX_PROCESS_ID (or neither, to let jax "
