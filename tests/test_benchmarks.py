@@ -56,6 +56,28 @@ def _jax_model_from(torch_model, shape, compute_dtype="float32"):
     return model, config
 
 
+def _jax_joint_loss(model, config, views, labels, class_weights):
+    """The joint-phase loss of ``model`` on ``views`` as a function of its parameters, and
+    those parameters (BatchNorm in training mode)."""
+    graphdef, params, batch_stats, constants = model_lib.split_model(model)
+
+    def loss_fn(params):
+        outputs, _ = model_lib.apply(graphdef, params, batch_stats, constants, views, train=True)
+        total, _ = losses.protomask_loss(
+            outputs,
+            jnp.asarray(labels),
+            params["prototypes"][...],
+            params["last_layer"][...],
+            constants["prototype_class"][...],
+            "joint",
+            config.loss,
+            jnp.asarray(class_weights),
+        )
+        return total
+
+    return loss_fn, params
+
+
 def test_views_loss_and_gradients_agree_between_torch_and_jax():
     shape = MICRO
     (batch,) = train_step.synthetic_batches(shape, 1, seed=3)
@@ -89,24 +111,7 @@ def test_views_loss_and_gradients_agree_between_torch_and_jax():
     )
     torch_loss.backward()
 
-    graphdef, params, batch_stats, constants = model_lib.split_model(jax_model)
-
-    def loss_fn(params):
-        outputs, _ = model_lib.apply(
-            graphdef, params, batch_stats, constants, jax_views, train=True
-        )
-        total, _ = losses.protomask_loss(
-            outputs,
-            jnp.asarray(batch["label"]),
-            params["prototypes"][...],
-            params["last_layer"][...],
-            constants["prototype_class"][...],
-            "joint",
-            config.loss,
-            jnp.asarray(class_weights),
-        )
-        return total
-
+    loss_fn, params = _jax_joint_loss(jax_model, config, jax_views, batch["label"], class_weights)
     jax_loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
     np.testing.assert_allclose(float(jax_loss), torch_loss.item(), rtol=1e-5)
     np.testing.assert_allclose(
@@ -171,7 +176,6 @@ def test_bf16_backbone_gradients_are_as_close_to_float32_as_torch_autocast():
 
     def jax_grads(compute_dtype):
         model, config = _jax_model_from(torch_model, shape, compute_dtype)
-        graphdef, params, batch_stats, constants = model_lib.split_model(model)
         views = views_lib.make_views(
             jnp.asarray(batch["canvas"]),
             jnp.asarray(batch["boxes"]),
@@ -179,22 +183,9 @@ def test_bf16_backbone_gradients_are_as_close_to_float32_as_torch_autocast():
             view_size=shape.view_size,
             dtype=jnp.float32,
         )
-
-        def loss_fn(params):
-            outputs, _ = model_lib.apply(
-                graphdef, params, batch_stats, constants, views, train=True
-            )
-            return losses.protomask_loss(
-                outputs,
-                jnp.asarray(batch["label"]),
-                params["prototypes"][...],
-                params["last_layer"][...],
-                constants["prototype_class"][...],
-                "joint",
-                config.loss,
-                jnp.ones(shape.num_classes),
-            )[0]
-
+        loss_fn, params = _jax_joint_loss(
+            model, config, views, batch["label"], np.ones(shape.num_classes, np.float32)
+        )
         with jax.default_matmul_precision("highest"):
             return jax.jit(jax.grad(loss_fn))(params)
 

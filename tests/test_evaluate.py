@@ -134,6 +134,21 @@ def _hand_records(directory: Path) -> pipeline.RecordSet:
     return pipeline.RecordSet(directory, "test")
 
 
+def _rewritten(record_set, directory: Path, edit) -> Path:
+    """Copies ``record_set`` into ``directory`` without its part map and decisive parts,
+    after ``edit(i, record)``; returns ``directory``."""
+    payloads = []
+    for i in range(len(record_set)):
+        record = records_lib.ImageRecord.from_bytes(record_set.reader[i])
+        record.part_map_png = None
+        record.decisive_parts = None
+        edit(i, record)
+        payloads.append(record.to_bytes())
+    directory.mkdir()
+    records_lib.write_shard(directory / records_lib.shard_name("test", 0, 1), payloads)
+    return directory
+
+
 def test_compute_metrics_on_hand_built_records(tmp_path):
     """Every number below is worked out by hand from the masks and scores in the comments."""
     record_set = _hand_records(tmp_path)
@@ -199,17 +214,8 @@ def test_compute_metrics_on_hand_built_records(tmp_path):
 
 
 def test_compute_metrics_without_ground_truth_reports_no_gt_groups(tmp_path):
-    record_set = _hand_records(tmp_path)
     # Same records, but metrics that need no ground truth only: drop it by rewriting.
-    payloads = []
-    for i in range(len(record_set)):
-        record = records_lib.ImageRecord.from_bytes(record_set.reader[i])
-        record.part_map_png = None
-        record.decisive_parts = None
-        payloads.append(record.to_bytes())
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    records_lib.write_shard(bare / records_lib.shard_name("test", 0, 1), payloads)
+    bare = _rewritten(_hand_records(tmp_path), tmp_path / "bare", lambda i, record: None)
     outputs = evaluate.EvalOutputs(
         record_indices=np.arange(2),
         image_ids=np.array([10, 11]),
@@ -246,18 +252,12 @@ def test_compute_metrics_without_ground_truth_reports_no_gt_groups(tmp_path):
 
 def test_object_boxes_are_the_object_region_when_there_is_no_mask(tmp_path):
     """Stanford Dogs / Cars records carry only boxes: their union is the object."""
-    record_set = _hand_records(tmp_path)
-    payloads = []
-    for i in range(len(record_set)):
-        record = records_lib.ImageRecord.from_bytes(record_set.reader[i])
-        record.part_map_png = None
-        record.decisive_parts = None
+
+    def add_boxes(i, record):
         # rows 6..17 and columns 0..11, plus rows 0..5 of columns 18..23 in the second image
         record.object_boxes = np.array([[0.25, 0.0, 0.75, 0.5]] + [[0.0, 0.75, 0.25, 1.0]] * i)
-        payloads.append(record.to_bytes())
-    boxed = tmp_path / "boxed"
-    boxed.mkdir()
-    records_lib.write_shard(boxed / records_lib.shard_name("test", 0, 1), payloads)
+
+    boxed = _rewritten(_hand_records(tmp_path), tmp_path / "boxed", add_boxes)
     maps = evaluate.render_frame_maps(pipeline.RecordSet(boxed, "test"), np.arange(2), 4, SIZE)
     assert maps.has_object.all()
     first, second = _rect(6, 18, 0, 12), _rect(6, 18, 0, 12) | _rect(0, 6, 18, 24)

@@ -7,14 +7,13 @@ writing the outputs, every process writing its shards of the checkpoint) on one 
 """
 
 import json
-import os
 import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from test_faults import REPO, _command
+from test_faults import REPO, _command, _env
 from test_train import final_state_leaves
 
 pytestmark = pytest.mark.slow
@@ -30,12 +29,7 @@ def _launch(records_dir, workdir, processes, devices_per_process, *args):
     """Runs the training CLI (plus ``args``) as ``processes`` processes of
     ``devices_per_process`` CPU devices each; returns their (returncode, stdout, stderr)."""
     command = [*_command(records_dir, workdir, **{"mesh.data": -1}), *args]
-    base = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
-        PYTHONUNBUFFERED="1",
-    )
+    base = dict(_env(), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
     port = _free_port()
     running = []
     for rank in range(processes):

@@ -51,22 +51,11 @@ def test_eight_device_run_matches_one_device(tiny_records, tmp_path):
 def test_model_axis_splits_prototypes_and_trains_like_one_device(tiny_records, tmp_path):
     """``mesh.model = 2``: prototypes, their class identity and the last layer's prototype
     axis are split over ``model`` (batches over ``data = 4``), through push and pruning."""
-    prune = {
-        "train.prune.enabled": True,
-        "train.prune.k": 4,
-        "train.prune.threshold": 2,
-        "train.prune.finetune_epochs": 1,
-    }
     runs, trained = {}, {}
     for name, mesh in {"one": {"mesh.data": 1}, "split": {"mesh.data": 4, "mesh.model": 2}}.items():
         config = tiny_config(tiny_records, **mesh)
         config.unlock()
-        for dotted, value in prune.items():
-            *sections, key = dotted.split(".")
-            node = config
-            for section in sections:
-                node = node[section]
-            node[key] = value
+        config.train.prune.update(enabled=True, k=4, threshold=2, finetune_epochs=1)
         config.lock()
         runs[name] = trainer.train_and_evaluate(config, tmp_path / name)
         trained[name] = trainer.restore_trained(config, tmp_path / name, which="latest")
