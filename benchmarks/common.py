@@ -99,6 +99,20 @@ def base_config() -> Any:
     return module.get_base_config()
 
 
+def parts_world_config(folder: Path, image_size: int, images_per_class: int) -> Any:
+    """The base config set to an 8-class parts world generated under ``folder`` (one test
+    image per class): the data of the host-side benchmarks (export, input pipeline)."""
+    config = base_config()
+    config.dataset.name = "parts_world"
+    config.dataset.root = str(folder / "parts_world")
+    config.dataset.num_classes = 8
+    config.dataset.synthetic.num_classes = 8
+    config.dataset.synthetic.image_size = image_size
+    config.dataset.synthetic.train_per_class = images_per_class
+    config.dataset.synthetic.test_per_class = 1
+    return config
+
+
 # --------------------------------------------------------------------------- timing
 
 

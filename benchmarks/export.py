@@ -37,16 +37,7 @@ RELAXED_THRESHOLDS = dict(pred_iou_thresh=-100.0, stability_score_thresh=0.0)
 
 def base_export_config(workdir: Path, image_size: int, images_per_class: int) -> Any:
     """Parts-world export config (8 classes, train only, one shard)."""
-    from configs import common as config_common
-
-    config = config_common.get_base_config()
-    config.dataset.name = "parts_world"
-    config.dataset.root = str(workdir / "parts_world")
-    config.dataset.num_classes = 8
-    config.dataset.synthetic.num_classes = 8
-    config.dataset.synthetic.image_size = image_size
-    config.dataset.synthetic.train_per_class = images_per_class
-    config.dataset.synthetic.test_per_class = 1
+    config = common.parts_world_config(workdir, image_size, images_per_class)
     config.segmentation.max_masks = 16
     config.segmentation.shards = dict(train=1, test=1)
     return config

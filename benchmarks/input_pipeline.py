@@ -41,17 +41,8 @@ BATCH_SIZE = 16
 
 def records_config(records_dir: Path, image_size: int, images_per_class: int) -> Any:
     """A parts-world config writing ``gt``-mask records to ``records_dir``."""
-    from configs import common as config_common
-
-    config = config_common.get_base_config()
-    config.dataset.name = "parts_world"
-    config.dataset.root = str(records_dir / "parts_world")
+    config = common.parts_world_config(records_dir, image_size, images_per_class)
     config.dataset.records_dir = str(records_dir / "records")
-    config.dataset.num_classes = 8
-    config.dataset.synthetic.num_classes = 8
-    config.dataset.synthetic.image_size = image_size
-    config.dataset.synthetic.train_per_class = images_per_class
-    config.dataset.synthetic.test_per_class = 1
     config.segmentation.method = "gt"
     config.segmentation.max_masks = NUM_VIEWS
     config.segmentation.shards = dict(train=4, test=1)
