@@ -46,9 +46,16 @@ def maybe_initialize_distributed() -> None:
     )
     if any(os.environ.get(m) for m in markers) and not jax.distributed.is_initialized():
         explicit = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
-        kwargs = {
-            key: int(os.environ[name]) for key, name in explicit.items() if name in os.environ
-        }
+        kwargs = {}
+        for key, name in explicit.items():
+            if name in os.environ:
+                try:
+                    kwargs[key] = int(os.environ[name])
+                except ValueError:
+                    raise ValueError(
+                        f"{name}={os.environ[name]!r} must be an integer (the number of "
+                        "processes, or this process's index from 0)."
+                    ) from None
         if len(kwargs) == 1:
             raise ValueError(
                 "Set both JAX_NUM_PROCESSES and JAX_PROCESS_ID (or neither, to let jax "

@@ -102,3 +102,19 @@ def test_prototype_count_the_model_axis_does_not_divide_is_replicated():
         np.ones((7, 3), np.float32), sharding.tree_shardings(mesh, tree)["pruned"]["prototypes"]
     )
     assert placed.shape == (7, 3)
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"JAX_NUM_PROCESSES": "2"}, "Set both JAX_NUM_PROCESSES and JAX_PROCESS_ID"),
+        ({"JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "JAX_NUM_PROCESSES='two' must be"),
+    ],
+)
+def test_hand_launch_variables_are_checked_before_joining(monkeypatch, env, message):
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        sharding.maybe_initialize_distributed()
+    assert not jax.distributed.is_initialized()
