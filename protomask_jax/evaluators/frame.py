@@ -41,10 +41,14 @@ def read_record(record_set: pipeline.RecordSet, index: int, num_masks: int = 1):
     return record, where
 
 
-def to_frame(mask: np.ndarray, resolution: int) -> np.ndarray:
-    """bool ``[H, W]`` -> bool ``[R, R]``: a frame pixel is set when half its block is."""
+def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """bool ``[H, W]`` -> bool ``[height, width]``: a pixel is set when half its block is."""
     image = Image.fromarray(np.asarray(mask, np.uint8) * 255, mode="L")
-    return np.asarray(image.resize((resolution, resolution), Image.BOX)) >= 128
+    return np.asarray(image.resize((width, height), Image.BOX)) >= 128
+
+
+def to_frame(mask: np.ndarray, resolution: int) -> np.ndarray:
+    return resize_mask(mask, resolution, resolution)
 
 
 def boxes_mask(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
