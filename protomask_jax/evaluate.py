@@ -1,16 +1,12 @@
-r"""Evaluates a trained run: ``python -m protomask_jax.evaluate --config C --workdir DIR``.
+r"""Evaluates a trained run: ``python -m protomask_jax.evaluate --config C --workdir DIR
+[--split] [--checkpoint] [--resolution R] [--techniques a,b]`` (docs/explanations.md).
 
 One pass of the jitted evaluation forward over a split (:func:`run_model`) gives, per image,
 the logits ``[N, C]``, the similarity of every prototype's nearest view and the index of that
-view (the explanation) ``[N, P]``. :func:`compute_metrics` then walks the images in chunks
-(``evaluators.chunk.Chunk``: masks and ground truth rendered into one ``R x R`` frame of the
-whole image, explanation maps of the top prototypes) and hands every chunk to the evaluators
-of the chosen techniques (``protomask_jax/evaluators/``). The groups go to ``DIR/eval.json``
-and a table on stdout; ``docs/explanations.md`` says how to read them.
-
-Options: ``--split test|train``, ``--checkpoint best|latest`` (best: the checkpoint the run's
-test accuracy reports), ``--resolution R`` (default 64 on CPU, 224 — the reference's frame —
-on accelerators), ``--techniques a,b`` (default: all), and config overrides as in training.
+view (the explanation) ``[N, P]``. :func:`compute_metrics` walks the images in chunks
+(``evaluators.chunk.Chunk``: masks and ground truth in one ``R x R`` frame of the whole image,
+explanation maps of the top prototypes) through the evaluators of the chosen techniques
+(``protomask_jax/evaluators/``); their groups go to ``DIR/eval.json`` and a table on stdout.
 """
 
 from __future__ import annotations
@@ -65,9 +61,8 @@ class EvalOutputs:
     num_masks: np.ndarray
 
     def take(self, rows) -> EvalOutputs:
-        return EvalOutputs(
-            **{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)}
-        )
+        fields = dataclasses.fields(self)
+        return EvalOutputs(**{field.name: getattr(self, field.name)[rows] for field in fields})
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -92,11 +87,7 @@ def run_model(
         config.input.eval_batch_size, trained.mesh, "input.eval_batch_size"
     )
     eval_fn, state = trained.eval_fn(), trained.state
-    model_keys, batch_keys = (
-        ("logits", "min_distances", "winning_view"),
-        ("label", "image_id", "weight", "num_masks"),
-    )
-    collected = {key: [] for key in model_keys + batch_keys}
+    columns = []
     with tqdm(
         total=-(-len(indices) // config.input.eval_batch_size),
         desc=f"evaluating {record_set.split}",
@@ -105,32 +96,32 @@ def run_model(
         leave=False,
     ) as bar:
         for batch in trained.eval_batches(record_set, indices):
-            outputs = eval_fn(state.params, state.batch_stats, state.constants, batch)
-            for key in model_keys:
-                collected[key].append(getattr(outputs, key))
-            for key in batch_keys:
-                collected[key].append(batch[key])
+            out = eval_fn(state.params, state.batch_stats, state.constants, batch)
+            extra = (batch[key] for key in ("label", "image_id", "weight", "num_masks"))
+            columns.append((out.logits, out.min_distances, out.winning_view, *extra))
             bar.update(1)
-    host = {key: np.concatenate([to_host(x) for x in xs]) for key, xs in collected.items()}
-    real = host["weight"] > 0
-    image_ids = host["image_id"][real].astype(np.int64)
+    logits, distances, views, labels, image_ids, weights, num_masks = (
+        np.concatenate([to_host(x) for x in column]) for column in zip(*columns, strict=True)
+    )
+    real = weights > 0
+    image_ids = image_ids[real].astype(np.int64)
     if not np.array_equal(image_ids, record_set.image_ids[indices]):
         raise RuntimeError(
             f"evaluation stream of {record_set.records_dir} returned images in an unexpected "
             f"order (first ids {image_ids[:5].tolist()}, expected "
             f"{record_set.image_ids[indices][:5].tolist()})"
         )
-    min_distances = host["min_distances"][real].astype(np.float32)
+    min_distances = distances[real].astype(np.float32)
     similarity = model_lib.log_similarity(min_distances, config.model.similarity_eps)
     return EvalOutputs(
         record_indices=indices,
         image_ids=image_ids,
-        labels=host["label"][real].astype(np.int64),
-        logits=host["logits"][real].astype(np.float32),
+        labels=labels[real].astype(np.int64),
+        logits=logits[real].astype(np.float32),
         min_distances=min_distances,
         similarities=np.asarray(similarity, np.float32),
-        winning_view=host["winning_view"][real].astype(np.int32),
-        num_masks=host["num_masks"][real].astype(np.int32),
+        winning_view=views[real].astype(np.int32),
+        num_masks=num_masks[real].astype(np.int32),
     )
 
 

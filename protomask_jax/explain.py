@@ -74,10 +74,9 @@ def _highlights(workdir: Path, eval_results: dict | None) -> list[tuple[str, str
         highlights.append((f"{eval_results['split']} accuracy", f"{accuracy:.1f}%", images))
     faithfulness = eval_results.get("faithfulness") or {}
     if faithfulness.get("rate") is not None:
+        rate = f"{faithfulness['rate']:.1f}%"
         chance = f"chance {faithfulness['chance_rate']:.1f}% (top-{faithfulness['k']})"
-        highlights.append(
-            ("explanations on the deciding part", f"{faithfulness['rate']:.1f}%", chance)
-        )
+        highlights.append(("explanations on the deciding part", rate, chance))
     return highlights
 
 
@@ -116,9 +115,8 @@ def explain(
     sources = gallery.prototype_sources(trained.meta, num_prototypes)
     train_images = None
     if any(source.image_id is not None for source in sources):
-        train_images = pictures.RecordImages(
-            pipeline.RecordSet(records_dir, "train", skip_bad_records=skip)
-        )
+        train_set = pipeline.RecordSet(records_dir, "train", skip_bad_records=skip)
+        train_images = pictures.RecordImages(train_set)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
@@ -126,12 +124,11 @@ def explain(
     top_k = max(1, min(top_k, num_prototypes))
     total = num_prototypes + len(chosen) + 1
     with tqdm(total=total, desc="rendering report", unit="picture", disable=not progress) as bar:
-        tick = lambda: bar.update(1)  # noqa: E731
         training = curves.section(workdir, out_dir)
-        tick()
-        prototypes, drawn = gallery.section(canvas, arrays, sources, train_images, tick)
+        bar.update()
+        prototypes, drawn = gallery.section(canvas, arrays, sources, train_images, bar.update)
         images = pictures.RecordImages(test_set)
-        explanations = panels.section(canvas, outputs, arrays, images, drawn, top_k, tick)
+        explanations = panels.section(canvas, outputs, arrays, images, drawn, top_k, bar.update)
     eval_results = evaluate_lib.load_eval(workdir)
     facts = [
         ("dataset", config.dataset.name),

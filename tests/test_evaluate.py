@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from _trained_run import (
     independent_outputs,
     results_json,
+    run_module,
     tiny_config,
     trained_workdir,
     write_config_file,
@@ -33,9 +32,6 @@ from protomask_jax.evaluators import (
     faithfulness,
     frame,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 # ------------------------------------------------------------------------ pixel frame
 
@@ -112,6 +108,11 @@ HEAD = _rect(12, 24, 0, 12)  # part 1 (value 2), 144 px
 HALF_ON_HEAD = _rect(12, 24, 6, 18)  # 72 px on the head, 72 on the background
 
 
+def _tight_box(mask: np.ndarray) -> np.ndarray:
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return np.array([rows[0], cols[0], rows[-1] + 1, cols[-1] + 1], np.float64)
+
+
 def _hand_records(directory: Path) -> pipeline.RecordSet:
     part_map = np.zeros((SIZE, SIZE), np.uint8)
     part_map[BODY] = 1
@@ -122,7 +123,7 @@ def _hand_records(directory: Path) -> pipeline.RecordSet:
     ]
     payloads = []
     for i, (masks, label, decisive) in enumerate(images):
-        boxes = np.array([contrastivity.mask_boxes(m) / SIZE for m in masks], np.float32)
+        boxes = np.array([_tight_box(m) / SIZE for m in masks], np.float32)
         payloads.append(
             records_lib.ImageRecord(
                 image_id=10 + i,
@@ -158,6 +159,20 @@ def _rewritten(record_set, directory: Path, edit) -> Path:
     return directory
 
 
+def _outputs(logits, similarities, winning_view) -> evaluate.EvalOutputs:
+    """Model outputs of the two hand-built records (labels 0, 1; 3 and 2 masks)."""
+    return evaluate.EvalOutputs(
+        record_indices=np.arange(2),
+        image_ids=np.array([10, 11]),
+        labels=np.array([0, 1]),
+        logits=np.asarray(logits, np.float32),
+        min_distances=np.zeros(np.shape(similarities), np.float32),
+        similarities=np.asarray(similarities, np.float32),
+        winning_view=np.asarray(winning_view, np.int32),
+        num_masks=np.array([3, 2], np.int32),
+    )
+
+
 def test_compute_metrics_on_hand_built_records(tmp_path):
     """Every number below is worked out by hand from the masks and scores in the comments."""
     record_set = _hand_records(tmp_path)
@@ -167,16 +182,8 @@ def test_compute_metrics_on_hand_built_records(tmp_path):
     # Image 0 (3 masks): views 1, 2, 3, 0 -> masks HEAD, HALF, BODY (3 % 3), BODY.
     # Image 1 (2 masks): views 0, 1, 1, 2 -> masks BODY, HEAD, HEAD, BODY (2 % 2).
     winning_view = np.array([[1, 2, 3, 0], [0, 1, 1, 2]], np.int32)
-    outputs = evaluate.EvalOutputs(
-        record_indices=np.arange(2),
-        image_ids=np.array([10, 11]),
-        labels=np.array([0, 1]),
-        logits=similarities @ last_layer.T,  # [5, 1.5] -> 0 (right); [1, 6] -> 1 (right)
-        min_distances=np.zeros((2, 4), np.float32),
-        similarities=similarities,
-        winning_view=winning_view,
-        num_masks=np.array([3, 2], np.int32),
-    )
+    # logits [5, 1.5] -> 0 (right); [1, 6] -> 1 (right)
+    outputs = _outputs(similarities @ last_layer.T, similarities, winning_view)
     arrays = evaluate.ModelArrays(
         last_layer=last_layer,
         prototypes=np.eye(4, 3, dtype=np.float32),
@@ -230,16 +237,8 @@ def test_compute_metrics_on_hand_built_records(tmp_path):
 def test_compute_metrics_without_ground_truth_reports_no_gt_groups(tmp_path):
     # Same records, but metrics that need no ground truth only: drop it by rewriting.
     bare = _rewritten(_hand_records(tmp_path), tmp_path / "bare", lambda i, record: None)
-    outputs = evaluate.EvalOutputs(
-        record_indices=np.arange(2),
-        image_ids=np.array([10, 11]),
-        labels=np.array([0, 1]),
-        logits=np.array([[1.0, 0.0], [1.0, 0.0]], np.float32),
-        min_distances=np.zeros((2, 4), np.float32),
-        similarities=np.array([[3.0, 2.0, 1.0, 0.5], [1.0, 0.0, 2.0, 4.0]], np.float32),
-        winning_view=np.zeros((2, 4), np.int32),
-        num_masks=np.array([3, 2], np.int32),
-    )
+    similarities = [[3.0, 2.0, 1.0, 0.5], [1.0, 0.0, 2.0, 4.0]]
+    outputs = _outputs([[1.0, 0.0], [1.0, 0.0]], similarities, np.zeros((2, 4)))
     arrays = evaluate.ModelArrays(
         np.array([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]], np.float32),
         np.eye(4, 3, dtype=np.float32),
@@ -350,17 +349,9 @@ def test_eval_json_matches_metrics_of_independently_collected_arrays(trained):
         if name != "oirr":
             scale = 1 if name == "ior" else 100
             assert results["complexity"][name] == pytest.approx(scale * values.mean()), name
+    outputs = SimpleNamespace(similarities=similarities, **independent)
     expected = faithfulness.summarize(
-        faithfulness.faithfulness_per_image(
-            similarities,
-            last_layer,
-            logits,
-            labels,
-            independent["winning_view"],
-            masks,
-            num_masks,
-            decisive,
-        )
+        faithfulness.faithfulness_per_image(outputs, last_layer, masks, decisive)
     )
     for name in ("rate", "chance_rate", "overlap", "chance_overlap", "num_correct"):
         assert results["faithfulness"][name] == pytest.approx(expected[name]), name
@@ -371,26 +362,11 @@ def test_evaluate_command_line_prints_the_table_and_writes_eval_json(trained, tm
     records_dir, workdir = trained
     config_file = write_config_file(tmp_path / "tiny_config.py", records_dir)
     (workdir / "eval.json").unlink(missing_ok=True)
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(REPO),
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-    )
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "protomask_jax.evaluate",
-            f"--config={config_file}",
-            f"--workdir={workdir}",
-            "--resolution=32",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
+    completed = run_module(
+        "protomask_jax.evaluate",
+        f"--config={config_file}",
+        f"--workdir={workdir}",
+        "--resolution=32",
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     written = json.loads((workdir / "eval.json").read_text())
@@ -413,16 +389,7 @@ def test_multi_label_configs_are_refused_before_anything_runs(tmp_path):
 
 def test_techniques_select_the_groups_and_unknown_ones_are_refused(tmp_path):
     record_set = _hand_records(tmp_path)
-    outputs = evaluate.EvalOutputs(
-        record_indices=np.arange(2),
-        image_ids=np.array([10, 11]),
-        labels=np.array([0, 1]),
-        logits=np.array([[1.0, 0.0], [1.0, 0.0]], np.float32),
-        min_distances=np.zeros((2, 2), np.float32),
-        similarities=np.array([[1.0, 0.0], [0.0, 1.0]], np.float32),
-        winning_view=np.array([[0, 2], [1, 0]], np.int32),
-        num_masks=np.array([3, 2], np.int32),
-    )
+    outputs = _outputs([[1.0, 0.0], [1.0, 0.0]], np.eye(2), [[0, 2], [1, 0]])
     arrays = evaluate.ModelArrays(np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32), [0, 1])
     results = evaluate.compute_metrics(
         outputs,

@@ -4,22 +4,23 @@ trained run (files, links, panels against an independent forward) and its screen
 from __future__ import annotations
 
 import html.parser
-import os
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from _trained_run import independent_outputs, tiny_config, trained_workdir, write_config_file
+from _trained_run import (
+    independent_outputs,
+    run_module,
+    tiny_config,
+    trained_workdir,
+    write_config_file,
+)
 from PIL import Image
 
 from protomask_jax import explain
 from protomask_jax.report import curves, gallery, panels, pictures, screenshot
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 # ------------------------------------------------------------------------- helpers
 
@@ -230,31 +231,14 @@ def test_report_links_only_existing_files_and_shows_every_prototype_and_image(re
 @pytest.mark.slow
 def test_explain_command_line_writes_the_report(report, tmp_path):
     config_file = write_config_file(tmp_path / "tiny_config.py", report.records)
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(REPO),
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-    )
     workdir = tmp_path / "copy"
-    import shutil
-
     shutil.copytree(report.workdir, workdir, ignore=shutil.ignore_patterns("report"))
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "protomask_jax.explain",
-            f"--config={config_file}",
-            f"--workdir={workdir}",
-            "--num_images=2",
-            "--top_k=2",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
+    completed = run_module(
+        "protomask_jax.explain",
+        f"--config={config_file}",
+        f"--workdir={workdir}",
+        "--num_images=2",
+        "--top_k=2",
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     index = workdir / "report" / "index.html"

@@ -28,10 +28,6 @@ def vlc(masks):
     return 100 * contrastivity.vlc_per_image(masks).mean()
 
 
-def vlc_bbox(boxes):
-    return 100 * contrastivity.vlc_bbox_per_image(boxes).mean()
-
-
 def intra_prototype_distance(prototypes, ids):
     return contrastivity.intra_prototype_distance_per_image(prototypes, ids).mean()
 
@@ -42,8 +38,21 @@ def inter_prototype_distance(prototypes, ids, labels, num_classes):
     ).mean()
 
 
+def faithfulness_terms(
+    similarities, last_layer, logits, labels, winning_view, masks, num_masks, decisive, k=3
+):
+    outputs = SimpleNamespace(
+        similarities=similarities,
+        logits=logits,
+        labels=labels,
+        winning_view=winning_view,
+        num_masks=num_masks,
+    )
+    return faithfulness.faithfulness_per_image(outputs, last_layer, masks, decisive, k)
+
+
 def explanation_faithfulness(*args, **kwargs):
-    return faithfulness.summarize(faithfulness.faithfulness_per_image(*args, **kwargs))
+    return faithfulness.summarize(faithfulness_terms(*args, **kwargs))
 
 
 def per_map(name, masks, objects, relevance=None):
@@ -197,22 +206,6 @@ def loop_part_consistency(ids, hits, num_prototypes):
     return 100 * np.mean(scores)
 
 
-def loop_mask_consistency(codes, labels, num_classes):
-    means, stds = [], []
-    for c in range(num_classes):
-        images = [b for b in range(len(labels)) if labels[b] == c]
-        if not images:
-            continue
-        histogram = {}
-        for b in images:
-            for code in {int(v) for v in codes[b] if v >= 0}:
-                histogram[code] = histogram.get(code, 0) + 1
-        fractions = np.array([v / len(images) for v in histogram.values()])
-        means.append(fractions.mean())
-        stds.append(fractions.std())
-    return float(np.mean(means)), float(np.mean(stds))
-
-
 def loop_fraction(mask, region):
     size = inside = 0
     for value, in_region in zip(mask.ravel(), region.ravel(), strict=True):
@@ -295,9 +288,6 @@ def test_balanced_weights_hand_case():
     assert classification.macro_f1(HAND_LOGITS, HAND_LABELS, balanced=True) == pytest.approx(
         expected
     )
-    # multi-label: counts per class [1, 2]; weights 3/1 and 3/2.
-    multi = np.array([[1, 1], [0, 1], [0, 0]])
-    np.testing.assert_allclose(classification.balanced_sample_weights(multi), [4.5, 1.5, 0.0])
 
 
 def test_classification_matches_loops_on_random_data():
@@ -343,48 +333,8 @@ def test_macro_f1_matches_sklearn_when_available():
     assert classification.macro_f1(logits, labels) == pytest.approx(100 * expected)
 
 
-def test_multilabel_threshold_and_f1_hand_case():
-    logits = np.array([[4.0, 0.0, 2.0], [1.0, 3.0, -1.0], [0.0, 0.0, 0.0]])
-    labels = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 0]])
-    # TP means: sample 0 (4+2)/2 = 3, sample 1 3; sample 2 has no positives -> left out: 3.
-    # TN means: sample 0 0, sample 1 (1-1)/2 = 0, sample 2 0 -> 0. Threshold (3 + 0) / 2 = 1.5.
-    threshold = classification.multilabel_threshold(logits, labels)
-    assert threshold == pytest.approx(1.5)
-    # predictions > 1.5: {0, 2}, {1}, {} -> per-sample F1 1, 1, 0 (both empty) -> 2/3.
-    assert classification.multilabel_samples_f1(logits, labels, threshold) == pytest.approx(200 / 3)
-    # exact match: samples 0, 1 and 2 (empty == empty) -> 100.
-    assert classification.multilabel_subset_accuracy(logits, labels, threshold) == pytest.approx(
-        100.0
-    )
-    # threshold 3.5: {0}, {}, {} -> F1 2*1/(2+1) = 2/3, 0, 0 -> 2/9.
-    assert classification.multilabel_samples_f1(logits, labels, 3.5) == pytest.approx(100 * 2 / 9)
-    # balanced weights: class counts [1, 1, 1] -> w = [6, 3, 0]: (6 * 2/3) / 9 = 4/9.
-    assert classification.multilabel_samples_f1(
-        logits, labels, 3.5, balanced=True
-    ) == pytest.approx(100 * 4 / 9)
-
-
-def test_multilabel_samples_f1_matches_loop():
-    rng = np.random.default_rng(2)
-    logits = rng.normal(size=(30, 5))
-    labels = rng.random((30, 5)) < 0.3
-    threshold = classification.multilabel_threshold(logits, labels)
-    tp_means = [logits[b][labels[b]].mean() for b in range(30) if labels[b].any()]
-    tn_means = [logits[b][~labels[b]].mean() for b in range(30) if (~labels[b]).any()]
-    assert threshold == pytest.approx((np.mean(tp_means) + np.mean(tn_means)) / 2)
-    scores = []
-    for b in range(30):
-        truth = set(np.nonzero(labels[b])[0])
-        predicted = {c for c in range(5) if logits[b, c] > threshold}
-        size = len(truth) + len(predicted)
-        scores.append(2 * len(truth & predicted) / size if size else 0.0)
-    assert classification.multilabel_samples_f1(logits, labels, threshold) == pytest.approx(
-        100 * np.mean(scores)
-    )
-
-
 def test_labels_of_wrong_shape_are_rejected():
-    with pytest.raises(ValueError, match="labels must be int"):
+    with pytest.raises(ValueError, match=r"labels int \[N\]"):
         classification.top1_accuracy(HAND_LOGITS, np.zeros((5, 4)))
 
 
@@ -463,21 +413,6 @@ def test_explanation_masks_reject_bad_mask_counts():
         )
 
 
-def test_mask_boxes_are_half_open_and_empty_is_zero():
-    masks = np.zeros((2, 5, 6), bool)
-    masks[0, 1:3, 2] = True  # rows 1-2, column 2 -> (1, 2, 3, 3)
-    masks[0, 4, 5] = True  # extends to row 4, column 5 -> (1, 2, 5, 6)
-    np.testing.assert_array_equal(contrastivity.mask_boxes(masks), [[1, 2, 5, 6], [0, 0, 0, 0]])
-    rng = np.random.default_rng(6)
-    masks = random_masks(rng, (20, 7, 5), density=0.05)
-    for mask, box in zip(masks, contrastivity.mask_boxes(masks), strict=True):
-        rows, cols = np.nonzero(mask)
-        expected = (
-            [rows.min(), cols.min(), rows.max() + 1, cols.max() + 1] if len(rows) else [0] * 4
-        )
-        np.testing.assert_array_equal(box, expected)
-
-
 # ---------------------------------------------------------------------------- contrastivity
 
 
@@ -516,23 +451,6 @@ def test_vlc_matches_loop_and_accepts_jax_arrays():
 def test_vlc_needs_two_explanations():
     with pytest.raises(ValueError, match="k >= 2"):
         contrastivity.vlc_per_image(np.ones((1, 1, 2, 2), bool))
-
-
-def test_vlc_bbox_hand_case():
-    boxes = np.array(
-        [
-            [[0, 0, 2, 2], [1, 1, 3, 3]],  # areas 4, 4, intersection 1 -> IoU 1/7
-            [[0, 0, 2, 2], [2, 0, 4, 2]],  # touching edges -> IoU 0
-            [[0, 0, 0, 0], [0, 0, 0, 0]],  # both empty -> identical -> 0
-        ],
-        dtype=float,
-    )
-    np.testing.assert_allclose(contrastivity.vlc_bbox_per_image(boxes), [6 / 7, 1.0, 0.0])
-    assert vlc_bbox(boxes) == pytest.approx(100 * (6 / 7 + 1) / 3)
-    # Boxes of rectangular masks equal the masks, so the two VLC variants agree there.
-    masks = np.zeros((1, 2, 4, 4), bool)
-    masks[0, 0, 0:2, 0:2] = masks[0, 1, 1:3, 1:3] = True
-    assert vlc_bbox(contrastivity.mask_boxes(masks)) == pytest.approx(vlc(masks))
 
 
 def test_intra_prototype_distance_hand_case():
@@ -714,14 +632,6 @@ def test_relevance_maps_keep_the_pixels_at_or_above_their_95th_percentile():
     assert (sums.size[0, 0], sums.support[0, 0], sums.relevance[0, 0]) == (40.0, 1.0, 3.0)
 
 
-def test_binarize_min_max():
-    maps = np.array([[[0.0, 50.0], [200.0, 255.0]], [[7.0, 7.0], [7.0, 7.0]]])
-    # (m - 0) / 255 > 0.5 -> only 200 and 255; constant map -> empty.
-    np.testing.assert_array_equal(
-        complexity.binarize_min_max(maps), [[[False, False], [True, True]], [[False] * 2] * 2]
-    )
-
-
 # --------------------------------------------------------------------- keypoints / consistency
 
 
@@ -772,50 +682,6 @@ def test_part_consistency_matches_loop():
     )
 
 
-def test_mask_part_codes_use_part_ids_as_bits():
-    masks = np.zeros((2, 2, 4, 4), bool)
-    masks[:, 0, :2] = True  # top half
-    masks[:, 1, 2:] = True  # bottom half
-    keypoints = np.zeros((2, 3, 3))
-    # image 0: part 0 invisible, part 1 top, part 2 bottom.
-    keypoints[0] = [[0.0, 0.0, 0.0], [0.1, 0.1, 1.0], [0.9, 0.9, 1.0]]
-    # image 1: part 0 top, parts 1 and 2 invisible; one mask only.
-    keypoints[1] = [[0.1, 0.1, 1.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
-    codes = complexity.mask_part_codes(masks, np.array([2, 1]), keypoints)
-    # image 0: top mask has part 1 -> 2**1 = 2; bottom part 2 -> 4.
-    # image 1: top mask has part 0 -> 1 (the reference would give its first visible part bit 0
-    # in both images, i.e. the same code for different parts); slot 1 is padding -> -1.
-    np.testing.assert_array_equal(codes, [[2, 4], [1, -1]])
-
-
-def test_mask_consistency_hand_case():
-    codes = np.array([[1, 2, -1], [1, 1, 4], [3, -1, -1], [0, 5, -1]])
-    labels = np.array([0, 0, 0, 2])
-    # class 0 (3 images): code 1 in images 0, 1 -> 2/3; code 2 -> 1/3; 4 -> 1/3; 3 -> 1/3.
-    #   mean 5/12; population std of (2/3, 1/3, 1/3, 1/3) = sqrt(3/144) = sqrt(3)/12.
-    # class 2 (1 image): codes 0 and 5 -> 1, 1 -> mean 1, std 0. class 1 absent -> skipped.
-    mean, std = complexity.mask_consistency(codes, labels, 3)
-    assert mean == pytest.approx((5 / 12 + 1) / 2)
-    assert std == pytest.approx(math.sqrt(3) / 12 / 2)
-
-
-def test_mask_consistency_matches_loop():
-    rng = np.random.default_rng(13)
-    masks = random_masks(rng, (20, 4, 5, 5), density=0.3)
-    num_masks = rng.integers(1, 5, 20)
-    keypoints = np.concatenate([rng.random((20, 3, 2)), rng.integers(0, 2, (20, 3, 1))], axis=-1)
-    labels = rng.integers(0, 4, 20)
-    codes = complexity.mask_part_codes(masks, num_masks, keypoints)
-    hits = loop_keypoint_hits(masks, keypoints)
-    for b in range(20):
-        for i in range(4):
-            expected = sum(2**q for q in range(3) if hits[b, i, q]) if i < num_masks[b] else -1
-            assert codes[b, i] == expected
-    np.testing.assert_allclose(
-        complexity.mask_consistency(codes, labels, 5), loop_mask_consistency(codes, labels, 5)
-    )
-
-
 # ------------------------------------------------------------------------- faithfulness
 
 
@@ -863,7 +729,7 @@ def test_faithfulness_empty_masks_never_hit():
     masks = np.zeros((1, 2, 3, 3), bool)
     masks[0, 1] = True
     g = np.ones((1, 3, 3), bool)
-    per_image = faithfulness.faithfulness_per_image(
+    per_image = faithfulness_terms(
         np.array([[1.0, 1.0]]),
         np.array([[1.0, 0.0]]),
         np.array([[1.0]]),
@@ -902,7 +768,7 @@ def test_faithfulness_matches_loop():
         assert result[key] == pytest.approx(value, nan_ok=True), key
     # The per-image form concatenated over two batches gives the same summary.
     halves = [
-        faithfulness.faithfulness_per_image(
+        faithfulness_terms(
             similarities[s],
             last_layer,
             logits[s],

@@ -1,11 +1,9 @@
 """Evaluators: one module per metric family (the reference's "techniques").
 
-An evaluator is built from the model's head (``evaluate.ModelArrays``), sees every chunk of
-images once (``update(chunk)``, see ``chunk.Chunk``) and returns its group of eval.json
-(``result()``; None when the data lacks its ground truth). Its ``name``, ``title`` (formatted
-with the group) and ``rows`` (``(key, label, unit)``) make its part of the printed and HTML
-tables; optional ``notes`` (``(key, label)``) print under them. A new family is one module
-here and one entry in :data:`TECHNIQUES`.
+An ``Evaluator(model: evaluate.ModelArrays)`` sees every ``chunk.Chunk`` once (``update``) and
+gives its eval.json group (``result()``, None without its ground truth). ``name``, ``title``
+(formatted with the group), ``rows`` ``(key, label, unit)`` and optional ``notes`` ``(key,
+label)`` make its table. A new family: one module here, one entry in :data:`TECHNIQUES`.
 """
 
 from __future__ import annotations

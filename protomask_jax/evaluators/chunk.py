@@ -1,24 +1,16 @@
-"""A chunk of evaluated images: built once, read by every evaluator.
+"""A chunk of evaluated images, built once and read by every evaluator.
 
-``evaluate.compute_metrics`` walks a split in chunks of images. A chunk carries
+A :class:`Chunk` holds the model outputs of its ``n`` rows (``evaluate.EvalOutputs``) and, on
+first use only (a family that needs no pixels costs none): ``top_ids [n, k]``, the
+``k = min(5, P)`` most similar prototypes (docs/reference.md §7.4); ``maps``, the masks and
+ground truth in the ``R x R`` frame (``frame.FrameMaps``); ``explanations [n, k, R, R]`` of the
+top-k prototypes; ``object_sums``, their pixel sums against the object mask, once for every
+complexity metric.
 
-* ``outputs``: the model outputs of its ``n`` rows (``evaluate.EvalOutputs``: logits
-  ``[n, C]``, similarities and winning views ``[n, P]``, ``num_masks [n]``, labels);
-* ``top_ids`` int64 ``[n, k]``: the ``k = min(5, P)`` most similar prototypes, most similar
-  first (docs/reference.md §7.4, §7.7);
-
-and, computed on first use only, so a family that needs no pixels costs none:
-
-* ``maps``: the images' masks and ground truth in the ``R x R`` frame (``frame.FrameMaps``);
-* ``explanations``: the :class:`ExplanationMaps` of the top-k prototypes ``[n, k, R, R]``;
-* ``object_sums``: their pixel sums against the object mask (:class:`ObjectSums`), for the
-  rows that have one.
-
-Explanation maps are a pair: a relevance map ``A >= 0`` and a binary region ``S``. ProtoMask's
-own explanation is the winning view's mask, so ``A = S`` (:meth:`ExplanationMaps.from_masks`).
-A saliency method (PRP) gives a float map per (image, prototype) in the same frame and is
-post-processed as the reference does (:meth:`ExplanationMaps.from_relevance`); it plugs in as
-the chunk's ``explain`` function.
+Explanation maps pair a relevance map ``A >= 0`` with a region ``S``. ProtoMask explains by the
+winning view's mask, so ``A = S``; a saliency method (PRP) gives a float map per (image,
+prototype) in the same frame, post-processed as the reference does (§6, §7.7). Either is the
+chunk's ``explain`` function.
 """
 
 from __future__ import annotations
@@ -52,35 +44,28 @@ def top_indices(scores, k: int) -> np.ndarray:
 
 
 def inside_counts(masks: np.ndarray, regions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``|m|`` and ``|m ∩ G|`` float64 ``[N, M]`` of masks ``[N, M, R, R]``, regions ``[N, R, R]``.
-
-    A float32 matrix product counts exactly below 2**24 pixels and beats a masked copy.
-    """
+    """``|m|``, ``|m ∩ G|`` float64 ``[N, M]`` of masks ``[N, M, R, R]``, regions ``[N, R, R]``."""
     masks, regions = np.asarray(masks) != 0, np.asarray(regions) != 0
     if masks.ndim != 4 or regions.shape != (masks.shape[0], *masks.shape[2:]):
         raise ValueError(
             f"masks must be [N, M, R, R] and regions [N, R, R]; got {masks.shape} and "
             f"{regions.shape}"
         )
+    # A float32 matrix product counts exactly below 2**24 pixels and beats a masked copy.
     flat = masks.reshape(*masks.shape[:2], -1).astype(np.float32)
     region = regions.reshape(len(regions), -1, 1).astype(np.float32)
     return flat.sum(axis=-1, dtype=np.float64), (flat @ region)[..., 0].astype(np.float64)
 
 
 def mask_index(winning_view, num_masks: np.ndarray, prototype_ids) -> np.ndarray:
-    """int ``[N, k]``: the mask each chosen prototype's winning view showed.
-
-    Views are padded cyclically, so view ``v`` of image ``n`` shows mask ``v % num_masks[n]``.
-    """
+    """int ``[N, k]``: the mask of each chosen prototype's winning view (cyclic padding: view
+    ``v`` shows mask ``v % num_masks``)."""
     views = np.take_along_axis(np.asarray(winning_view), np.asarray(prototype_ids), axis=1)
     return views % np.asarray(num_masks)[:, None]
 
 
 def explanation_masks(winning_view, masks, num_masks, prototype_ids) -> np.ndarray:
-    """bool ``[N, k, R, R]``: the masks of the chosen prototypes' winning views (§6).
-
-    ``masks [N, K, R, R]``; ``num_masks [N]`` in ``[1, K]`` counts the masks the views showed.
-    """
+    """bool ``[N, k, R, R]`` of ``masks [N, K, R, R]``, ``num_masks [N]`` in ``[1, K]`` (§6)."""
     masks = np.asarray(masks) != 0
     num_masks = np.asarray(num_masks, dtype=np.int64)
     if masks.ndim != 4 or num_masks.shape != (masks.shape[0],):
@@ -110,8 +95,7 @@ class ExplanationMaps:
 
     @classmethod
     def from_relevance(cls, maps: np.ndarray, percentile: float = 95.0) -> ExplanationMaps:
-        """The reference's post-processing of saliency maps (§6, §7.7): ``S`` = the pixels at
-        or above the map's percentile, ``A`` = the map on ``S``."""
+        """``S``: the pixels at or above the map's percentile; ``A``: the map on ``S``."""
         maps = np.asarray(maps, np.float32)
         threshold = np.percentile(maps, percentile, axis=(-2, -1), keepdims=True)
         mask = maps >= threshold
@@ -129,9 +113,8 @@ class ExplanationMaps:
 
 @dataclasses.dataclass
 class ObjectSums:
-    """Explanations against the object mask ``G``, float64 ``[n, k]``: ``|S|``, ``|S ∩ G|``,
-    ``|G|`` (``[n, 1]``); the sum of ``A`` and the count of its nonzero pixels, everywhere and
-    inside ``G``; the peak of ``A``."""
+    """float64 ``[n, k]``: ``|S|``, ``|S ∩ G|``, ``|G|`` (``[n, 1]``); sum and nonzero count of
+    ``A``, everywhere and inside ``G``; the peak of ``A``."""
 
     size: np.ndarray
     inside: np.ndarray
@@ -154,20 +137,11 @@ def object_sums(explanations: ExplanationMaps, objects: np.ndarray) -> ObjectSum
     flat = relevance.reshape(*relevance.shape[:2], -1)
     relevance_inside = (flat @ objects.reshape(len(objects), -1, 1).astype(np.float64))[..., 0]
     support, support_inside = inside_counts(relevance != 0, objects)
-    return ObjectSums(
-        size,
-        inside,
-        object_size,
-        flat.sum(axis=-1),
-        relevance_inside,
-        support,
-        support_inside,
-        flat.max(axis=-1),
-    )
+    sums = (flat.sum(axis=-1), relevance_inside, support, support_inside, flat.max(axis=-1))
+    return ObjectSums(size, inside, object_size, *sums)
 
 
 def mask_explanations(chunk: Chunk) -> ExplanationMaps:
-    """ProtoMask's explanation (§6): the mask of each top prototype's winning view."""
     outputs = chunk.outputs
     return ExplanationMaps.from_masks(
         explanation_masks(outputs.winning_view, chunk.maps.masks, outputs.num_masks, chunk.top_ids)

@@ -1,8 +1,8 @@
 """Classification metrics (docs/reference.md §7.2), in percent.
 
-``logits [N, C]``; ``labels`` int ``[N]`` (single-label) or multi-hot ``[N, C]`` (the
-``multilabel_*`` functions). The reference reports its numbers with "balanced" sample weights
-``1 / freq(class)`` (``balanced=True`` here); with them its accuracy is the balanced accuracy.
+``logits [N, C]``, ``labels`` int ``[N]``. The reference reports its numbers with "balanced"
+sample weights ``1 / freq(class)`` (``balanced=True`` here); with them its accuracy is the
+balanced accuracy.
 """
 
 from __future__ import annotations
@@ -14,39 +14,19 @@ from protomask_jax.evaluators.chunk import divide
 TOP_CLASSES_K = 3  # top-3 accuracy, as the reference
 
 
-def _logits_2d(logits) -> np.ndarray:
-    logits = np.asarray(logits, dtype=np.float64)
-    if logits.ndim != 2:
-        raise ValueError(f"logits must be [N, C], got shape {logits.shape}")
-    return logits
-
-
-def _labels_1d(labels, num_samples: int) -> np.ndarray:
-    labels = np.asarray(labels)
-    if labels.shape != (num_samples,):
-        raise ValueError(
-            f"labels must be int [N={num_samples}] for single-label metrics, got shape "
-            f"{labels.shape}; pass multi-hot [N, C] labels to the multilabel_* functions."
-        )
-    return labels.astype(np.int64)
-
-
 def _checked(logits, labels) -> tuple[np.ndarray, np.ndarray]:
-    logits = _logits_2d(logits)
-    return logits, _labels_1d(labels, logits.shape[0])
+    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
+    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"logits must be [N, C] and labels int [N]; got {logits.shape} and {labels.shape}"
+        )
+    return logits, labels.astype(np.int64)
 
 
 def balanced_sample_weights(labels) -> np.ndarray:
-    """float64 ``[N]``: ``N / n_y`` per sample; multi-hot labels sum it over positive classes.
-
-    The reference adds 1e-8 to the class frequency; only present classes get weight here.
-    """
-    labels = np.asarray(labels)
-    if labels.ndim == 1:
-        counts = np.bincount(labels.astype(np.int64))
-        return len(labels) / counts[labels.astype(np.int64)].astype(np.float64)
-    targets = (labels != 0).astype(np.float64)
-    return targets @ divide(len(labels), targets.sum(axis=0), 0.0)
+    """float64 ``[N]``: ``N / n_y`` (the reference adds 1e-8 to the class frequency)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    return len(labels) / np.bincount(labels)[labels].astype(np.float64)
 
 
 def _mean(values: np.ndarray, labels, balanced: bool) -> float:
@@ -92,40 +72,6 @@ def macro_f1(logits, labels, balanced: bool = False) -> float:
     f1 = divide(2 * true_positive, 2 * true_positive + false_positive + false_negative, 0.0)
     occurring = np.bincount(np.concatenate([labels, predictions]), minlength=num_classes) > 0
     return float(100.0 * np.mean(f1[occurring]))
-
-
-def multilabel_threshold(logits, labels) -> float:
-    """``(mean TP logit + mean TN logit) / 2``, the means over samples of per-sample means.
-
-    Samples without positives (negatives) are left out of that mean; the reference adds 1 to
-    every sample's positive count as soon as one sample has none.
-    """
-    logits = _logits_2d(logits)
-    targets = np.asarray(labels) != 0
-    if targets.shape != logits.shape:
-        raise ValueError(f"labels must be multi-hot {logits.shape}, got {targets.shape}")
-    means = []
-    for side in (targets, ~targets):
-        count = side.sum(axis=1)
-        if not (count > 0).any():
-            raise ValueError("multilabel_threshold needs a positive and a negative label")
-        means.append(divide(np.where(side, logits, 0.0).sum(axis=1), count, 0.0)[count > 0])
-    return float((means[0].mean() + means[1].mean()) / 2)
-
-
-def multilabel_samples_f1(logits, labels, threshold: float, balanced: bool = False) -> float:
-    """sklearn's ``average="samples"`` F1 of ``logit > threshold`` (0 when both sets are empty)."""
-    targets = np.asarray(labels) != 0
-    predictions = _logits_2d(logits) > threshold
-    size = np.count_nonzero(targets, axis=1) + np.count_nonzero(predictions, axis=1)
-    f1 = divide(2 * np.count_nonzero(targets & predictions, axis=1), size, 0.0)
-    return _mean(f1, targets, balanced)
-
-
-def multilabel_subset_accuracy(logits, labels, threshold: float, balanced: bool = False) -> float:
-    """Exact-match accuracy of ``logit > threshold`` (sklearn's accuracy on multi-hot labels)."""
-    targets = np.asarray(labels) != 0
-    return _mean(np.all(targets == (_logits_2d(logits) > threshold), axis=1), targets, balanced)
 
 
 class Evaluator:

@@ -1,11 +1,8 @@
 """Complexity (docs/reference.md §7.7): the top-k explanations against the ground truth.
 
-Per explanation (region ``S``, relevance ``A``, object mask ``G``; ``chunk.ObjectSums``):
-object overlap ``|S ∩ G| / |G|``, background overlap ``1 - |S ∩ G| / |S|``, IoU, and the
-inside-outside relevance IOR / OIRR; over the whole split, how consistently each prototype's
+Per explanation (region ``S``, relevance ``A``, object mask ``G``; ``chunk.ObjectSums``): object
+and background overlap, IoU, IOR, OIRR. Over the split: how consistently each prototype's
 explanations cover the same parts (keypoints ``[N, Q, 3]`` ``(y, x, visible)``, normalised).
-Mask consistency (§1.7, §7.8) rates a segmentation the same way: how consistently a class's
-masks cover the same parts.
 """
 
 from __future__ import annotations
@@ -16,13 +13,9 @@ from protomask_jax.evaluators.chunk import TOP_K, ObjectSums, divide
 
 
 def object_metrics(sums: ObjectSums) -> dict[str, np.ndarray]:
-    """float64 ``[n, k]`` per explanation; every empty case as the reference, except OIRR.
-
-    IOR: mean nonzero relevance inside ``G`` minus outside, over the map's peak (a side
-    without nonzero relevance has mean 0); for a binary map ``[S ∩ G != ∅] - [S \\ G != ∅]``.
-    OIRR: mean outside / mean inside, inf when nothing is inside (the reference's mean then
-    becomes inf; the evaluator averages the finite ones).
-    """
+    """float64 ``[n, k]`` each; empty cases as the reference. IOR: mean nonzero ``A`` inside
+    ``G`` minus outside (0 for a side without any), over the peak of ``A``. OIRR: outside over
+    inside mean, inf with nothing inside (the evaluator averages the finite ones)."""
     on_object = divide(sums.inside, sums.size, 0.0)
     inside_mean = divide(sums.relevance_inside, sums.support_inside, 0.0)
     outside_mean = divide(
@@ -39,22 +32,10 @@ def object_metrics(sums: ObjectSums) -> dict[str, np.ndarray]:
     }
 
 
-def binarize_min_max(maps, threshold: float = 0.5) -> np.ndarray:
-    """``(m - min) / (max - min) > threshold`` per ``[R, R]`` map: how the reference binarises
-    CUB's soft object masks. A constant map gives an empty mask."""
-    maps = np.asarray(maps, dtype=np.float64)
-    low = maps.min(axis=(-2, -1), keepdims=True)
-    span = maps.max(axis=(-2, -1), keepdims=True) - low
-    return divide(maps - low, span, 0.0) > threshold
-
-
 def keypoints_on_masks(masks, keypoints) -> np.ndarray:
-    """bool ``[N, M, Q]``: part ``q``'s keypoint lies on mask ``m`` (``masks [N, M, R, R]``).
-
-    Fixes the reference (§9.13): only visible points with ``y, x >= 0`` count (its ``(-1, -1)``
-    padding indexes the last pixel), and the answer is indexed by part id. ``y, x`` land on
-    pixel ``min(floor(y R), R - 1)``.
-    """
+    """bool ``[N, M, Q]``: part ``q``'s keypoint lies on mask ``m`` of ``[N, M, R, R]``, at
+    pixel ``min(floor(y R), R - 1)``. Unlike the reference (§9.13) only visible points with
+    ``y, x >= 0`` count (its ``(-1, -1)`` padding hits the last pixel), by part id."""
     masks = np.asarray(masks) != 0
     keypoints = np.asarray(keypoints, dtype=np.float64)
     if keypoints.ndim != 3 or keypoints.shape[0] != masks.shape[0] or keypoints.shape[2] != 3:
@@ -69,9 +50,8 @@ def keypoints_on_masks(masks, keypoints) -> np.ndarray:
 
 
 def part_consistency(prototype_ids, part_hits, num_prototypes: int) -> float:
-    """Percent. ``times[j]``: top-k sets holding prototype ``j``; ``count[j, q]``: how often
-    part ``q`` lay on its explanation then. Per prototype in some set, the mean over its observed
-    parts of ``count / times`` (0 without any); the mean over those prototypes (0 if none)."""
+    """Percent: mean over prototypes in some top-k set of the mean over their observed parts
+    of how often the part lay on their explanation per appearance (0 without parts)."""
     prototype_ids = np.asarray(prototype_ids, dtype=np.int64)
     part_hits = np.asarray(part_hits) != 0
     num_parts = part_hits.shape[-1]
@@ -85,42 +65,6 @@ def part_consistency(prototype_ids, part_hits, num_prototypes: int) -> float:
     per_prototype = divide((coverage * observed).sum(axis=1), observed.sum(axis=1), 0.0)
     activated = times > 0
     return float(100.0 * per_prototype[activated].mean()) if activated.any() else 0.0
-
-
-def mask_part_codes(masks, num_masks, keypoints) -> np.ndarray:
-    """int64 ``[N, K]``: ``sum of 2**q`` over the parts ``q`` on each mask, -1 in padded slots.
-
-    Bit ``q`` is part id ``q`` (the reference uses the position among visible parts, §9.13).
-    """
-    hits = keypoints_on_masks(masks, keypoints)
-    if hits.shape[-1] > 62:
-        raise ValueError(f"at most 62 parts fit an int64 code, got Q={hits.shape[-1]}")
-    codes = hits.astype(np.int64) @ (np.int64(1) << np.arange(hits.shape[-1], dtype=np.int64))
-    valid = np.arange(hits.shape[1])[None, :] < np.asarray(num_masks)[:, None]
-    return np.where(valid, codes, -1)
-
-
-def mask_consistency(part_codes, labels, num_classes: int) -> tuple[float, float]:
-    """``(mean, std)`` fractions: per class, for each code in it, the fraction of its images
-    with a mask of that code (code 0 counts); the mean and population std per class, then
-    averaged over the classes that have images (the reference: nan for an empty class)."""
-    part_codes = np.asarray(part_codes, dtype=np.int64)
-    labels = np.asarray(labels, dtype=np.int64)
-    images = np.broadcast_to(np.arange(len(part_codes))[:, None], part_codes.shape)
-    valid = part_codes >= 0
-    image_code = np.unique(np.stack([images[valid], part_codes[valid]], axis=1), axis=0)
-    class_code, images_with_code = np.unique(
-        np.stack([labels[image_code[:, 0]], image_code[:, 1]], axis=1), axis=0, return_counts=True
-    )
-    class_of_bin = class_code[:, 0]
-    fraction = images_with_code / np.bincount(labels, minlength=num_classes)[class_of_bin]
-    bins = np.bincount(class_of_bin, minlength=num_classes).astype(np.float64)
-    mean = divide(np.bincount(class_of_bin, weights=fraction, minlength=num_classes), bins, 0.0)
-    squares = np.bincount(
-        class_of_bin, weights=(fraction - mean[class_of_bin]) ** 2, minlength=num_classes
-    )
-    std = np.sqrt(divide(squares, bins, 0.0))
-    return float(mean[bins > 0].mean()), float(std[bins > 0].mean())
 
 
 class Evaluator:

@@ -22,49 +22,14 @@ def _mean_over_other_pairs(pairwise: np.ndarray) -> np.ndarray:
     return (pairwise * ~np.eye(k, dtype=bool)).sum(axis=(1, 2)) / (k * (k - 1))
 
 
-def _one_minus_iou(intersection: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """Two empty regions count as identical (IoU 1; the reference divides 0 by 0)."""
-    union = sizes[:, :, None] + sizes[:, None, :] - intersection
-    return _mean_over_other_pairs(1.0 - divide(intersection, union, 1.0))
-
-
 def vlc_per_image(masks) -> np.ndarray:
     """float64 ``[N]`` in ``[0, 1]``: mean ``1 - IoU`` over ordered pairs of an image's regions."""
     flat = (np.asarray(masks) != 0).reshape(*np.shape(masks)[:2], -1).astype(np.float32)
     intersection = (flat @ flat.transpose(0, 2, 1)).astype(np.float64)
-    return _one_minus_iou(intersection, flat.sum(axis=-1, dtype=np.float64))
-
-
-def vlc_bbox_per_image(boxes) -> np.ndarray:
-    """VLC of boxes ``[N, k, 4]`` half-open ``(y0, x0, y1, x1)``.
-
-    The reference's inclusive corners lose a row and a column of area, and its boxes come from
-    a 95th-percentile threshold, which selects the whole image for a binary mask under 5 % of
-    it; pass the tight boxes of the regions (:func:`mask_boxes`) or the view boxes instead.
-    """
-    boxes = np.asarray(boxes, dtype=np.float64)
-    a, b = boxes[:, :, None, :], boxes[:, None, :, :]
-    overlap = np.minimum(a[..., 2:], b[..., 2:]) - np.maximum(a[..., :2], b[..., :2])
-    intersection = np.clip(overlap, 0, None).prod(axis=-1)
-    area = np.clip(boxes[..., 2:] - boxes[..., :2], 0, None).prod(axis=-1)
-    return _one_minus_iou(intersection, area)
-
-
-def mask_boxes(masks) -> np.ndarray:
-    """float64 ``[..., 4]``: tight half-open pixel boxes ``(y0, x0, y1, x1)``; 0 for empty masks."""
-    masks = np.asarray(masks) != 0
-    rows, cols = masks.any(axis=-1), masks.any(axis=-2)
-    height, width = masks.shape[-2:]
-    boxes = np.stack(
-        [
-            np.argmax(rows, axis=-1),
-            np.argmax(cols, axis=-1),
-            height - np.argmax(rows[..., ::-1], axis=-1),
-            width - np.argmax(cols[..., ::-1], axis=-1),
-        ],
-        axis=-1,
-    ).astype(np.float64)
-    return np.where(rows.any(axis=-1)[..., None], boxes, 0.0)
+    sizes = flat.sum(axis=-1, dtype=np.float64)
+    union = sizes[:, :, None] + sizes[:, None, :] - intersection
+    # Two empty regions count as identical (IoU 1; the reference divides 0 by 0).
+    return _mean_over_other_pairs(1.0 - divide(intersection, union, 1.0))
 
 
 def _unit_vectors(prototypes) -> np.ndarray:
@@ -80,14 +45,9 @@ def intra_prototype_distance_per_image(prototypes, prototype_ids) -> np.ndarray:
 
 
 def inter_prototype_distance_per_class(prototypes, prototype_ids, labels, num_classes: int):
-    """float64 ``[C]``: per class ``c``, the mean over its images ``a`` and the other images
-    ``b`` of ``mean_r 1 - cos(v[a, r], v[b, r])``, rank ``r`` against rank ``r`` only.
-
-    As the reference: no distance floor, 0 for absent classes and when only one class is
-    present. A class on every image (multi-hot labels) gets 0 (the reference: nan). With unit
-    vectors the double mean is ``1 - mean_r S_r . O_r / (|A| |B|)``, ``S_r`` and ``O_r`` the
-    sums of rank-r vectors over the class and over the others: no loop over images.
-    """
+    """float64 ``[C]``: per class, the mean over its images ``a`` and the others ``b`` of
+    ``mean_r 1 - cos(v[a, r], v[b, r])``, rank against rank; 0 for absent classes, a lone class
+    and a class on every image (multi-hot labels)."""
     prototype_ids, labels = np.asarray(prototype_ids), np.asarray(labels)
     if labels.ndim == 1:
         membership = np.zeros((len(labels), num_classes))
@@ -101,6 +61,8 @@ def inter_prototype_distance_per_class(prototypes, prototype_ids, labels, num_cl
     units = _unit_vectors(prototypes)
     members = membership.sum(axis=0)
     others = len(prototype_ids) - members
+    # With unit vectors the double mean is 1 - mean_r S_r . O_r / (|A| |B|), S_r and O_r the
+    # sums of the rank-r vectors over the class and over the others: no loop over images.
     mean_similarity = np.zeros(num_classes)
     for rank in range(prototype_ids.shape[1]):  # [N, D] per rank, not [N, k, D] at once
         rank_units = units[prototype_ids[:, rank]]

@@ -17,21 +17,18 @@ from protomask_jax.evaluators.chunk import divide, inside_counts, mask_index, to
 K = 3  # explanations per image
 
 
-def faithfulness_per_image(
-    similarities, last_layer, logits, labels, winning_view, masks, num_masks, decisive_masks, k=K
-) -> dict[str, np.ndarray]:
+def faithfulness_per_image(outputs, last_layer, masks, decisive_masks, k=K) -> dict:
     """float64 ``[N]`` terms: ``hit_rate`` and ``overlap`` (mean hit and mean ``|m ∩ G| / |m|``
     of the k chosen masks), ``chance_hit_rate`` and ``chance_overlap`` (the same means over the
-    image's shown masks), ``correct``. Concatenate them over chunks, then :func:`summarize`."""
-    num_masks = np.asarray(num_masks, dtype=np.int64)
-    logits = np.asarray(logits, dtype=np.float64)
-    predictions = np.argmax(logits, axis=1)
-    contributions = (
-        np.asarray(similarities, np.float64) * np.asarray(last_layer, np.float64)[predictions]
-    )
+    image's shown masks), ``correct``. Concatenate them over chunks, then :func:`summarize`.
+    ``outputs``: similarities, logits, labels, winning views, num_masks of the N images."""
+    num_masks = np.asarray(outputs.num_masks, dtype=np.int64)
+    predictions = np.argmax(np.asarray(outputs.logits, dtype=np.float64), axis=1)
+    weights = np.asarray(last_layer, np.float64)[predictions]
+    contributions = np.asarray(outputs.similarities, np.float64) * weights
     size, inside = inside_counts(masks, decisive_masks)
     fraction = divide(inside, size, 0.0)  # an empty mask has fraction 0: it never hits
-    index = mask_index(winning_view, num_masks, top_indices(contributions, k))
+    index = mask_index(outputs.winning_view, num_masks, top_indices(contributions, k))
     chosen = np.take_along_axis(fraction, index, axis=1)
     shown = np.arange(fraction.shape[1])[None, :] < num_masks[:, None]
     return {
@@ -39,7 +36,7 @@ def faithfulness_per_image(
         "overlap": chosen.mean(axis=1),
         "chance_hit_rate": ((fraction > 0.5) & shown).sum(axis=1) / num_masks,
         "chance_overlap": np.where(shown, fraction, 0.0).sum(axis=1) / num_masks,
-        "correct": (predictions == np.asarray(labels)).astype(np.float64),
+        "correct": (predictions == np.asarray(outputs.labels)).astype(np.float64),
     }
 
 
@@ -74,21 +71,13 @@ class Evaluator:
         self.terms = []
 
     def update(self, chunk) -> None:
-        rows, outputs, maps = chunk.maps.has_decisive, chunk.outputs, chunk.maps
+        maps, rows = chunk.maps, chunk.maps.has_decisive
         if rows.any():
-            self.terms.append(
-                faithfulness_per_image(
-                    outputs.similarities[rows],
-                    self.last_layer,
-                    outputs.logits[rows],
-                    outputs.labels[rows],
-                    outputs.winning_view[rows],
-                    maps.masks[rows],
-                    outputs.num_masks[rows],
-                    maps.decisive_masks[rows],
-                    k=self.k,
-                )
+            outputs, masks = chunk.outputs.take(rows), maps.masks[rows]
+            terms = faithfulness_per_image(
+                outputs, self.last_layer, masks, maps.decisive_masks[rows], self.k
             )
+            self.terms.append(terms)
 
     def result(self) -> dict | None:
         if not self.terms:

@@ -118,10 +118,8 @@ def _object_mask(record, part_map, resolution: int):
     if record.object_boxes is not None and len(record.object_boxes):
         # The image's own size only decides which pixels the box edges cut (records without
         # a size: the frame's).
-        height, width = (record.height, record.width) if record.height else (resolution,) * 2
-        return to_frame(boxes_mask(record.object_boxes, height, width), resolution), (
-            OBJECT_FROM_BOXES
-        )
+        size = (record.height, record.width) if record.height else (resolution, resolution)
+        return to_frame(boxes_mask(record.object_boxes, *size), resolution), OBJECT_FROM_BOXES
     return None, None
 
 

@@ -94,14 +94,7 @@ def plot_training_curves(rows: list[dict[str, Any]], path: Path) -> bool:
 
 
 def section(workdir: Path, out_dir: Path) -> html.Section:
-    if not plot_training_curves(logs.read_metrics(workdir), out_dir / "curves.png"):
-        return html.Section(
-            "curves", "Training", "Training", "metrics.jsonl holds no training rows."
-        )
-    return html.Section(
-        "curves",
-        "Training",
-        "Training",
-        "",
-        '<img class="curves" src="curves.png" alt="training curves">',
-    )
+    plotted = plot_training_curves(logs.read_metrics(workdir), out_dir / "curves.png")
+    note = "" if plotted else "metrics.jsonl holds no training rows."
+    body = '<img class="curves" src="curves.png" alt="training curves">' if plotted else ""
+    return html.Section("curves", "Training", "Training", note, body)

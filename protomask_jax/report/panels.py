@@ -27,7 +27,6 @@ from protomask_jax.report.html import e
 @dataclasses.dataclass
 class Match:
     prototype: int
-    view: int
     mask_index: int
     similarity: float
     weight: float
@@ -40,15 +39,9 @@ def top_contributions(similarities, last_layer, predicted: int, winning_view, nu
     weights = last_layer[predicted]
     contributions = similarities.astype(np.float64) * weights
     order = top_indices(contributions[None], k)[0]
+    numbers = (similarities, weights, contributions)
     return [
-        Match(
-            int(j),
-            int(winning_view[j]),
-            int(winning_view[j]) % int(num_masks),
-            float(similarities[j]),
-            float(weights[j]),
-            float(contributions[j]),
-        )
+        Match(int(j), int(winning_view[j] % num_masks), *(float(x[j]) for x in numbers))
         for j in order
     ]
 
@@ -88,16 +81,8 @@ def explanation_figure(path: Path, whole, heading: str, correct: bool, details: 
         else:
             bottom.text(0.5, 0.5, "never projected", ha="center", va="center")
         bottom.set_title("looks like that", fontsize=9.5)
-        bottom.text(
-            0.5,
-            -0.04,
-            caption,
-            ha="center",
-            va="top",
-            fontsize=8.5,
-            transform=bottom.transAxes,
-            linespacing=1.3,
-        )
+        place = dict(ha="center", va="top", transform=bottom.transAxes, linespacing=1.3)
+        bottom.text(0.5, -0.04, caption, fontsize=8.5, **place)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, bbox_inches="tight", facecolor="white", pad_inches=0.15)
     plt.close(figure)
