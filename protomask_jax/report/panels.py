@@ -55,14 +55,9 @@ def explanation_figure(path: Path, whole, heading: str, correct: bool, details: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(
-        2,
-        1 + len(rows),
-        figsize=(2.5 * (1 + len(rows)), 5.6),
-        dpi=130,
-        squeeze=False,
-        gridspec_kw=dict(hspace=0.42, wspace=0.1),
-    )
+    columns, grid = 1 + len(rows), dict(hspace=0.42, wspace=0.1)
+    size = (2.5 * columns, 5.6)
+    figure, axes = plt.subplots(2, columns, figsize=size, dpi=130, squeeze=False, gridspec_kw=grid)
     for axis in axes.ravel():
         axis.axis("off")
     axes[0, 0].imshow(whole)
