@@ -7,6 +7,9 @@ the session's base temporary folder, so test modules that ask for it reuse it.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -62,6 +65,19 @@ def trained_workdir(tmp_path_factory, records_dir: Path) -> Path:
     if not (workdir / "results.json").exists():
         trainer.train_and_evaluate(tiny_config(records_dir), workdir)
     return workdir
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m module args`` from the repository on 8 fake CPU devices, output captured."""
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(repo),
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    )
+    command = [sys.executable, "-m", module, *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=repo, timeout=300)
 
 
 def results_json(workdir: Path) -> dict:

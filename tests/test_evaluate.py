@@ -5,28 +5,33 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from _trained_run import (
     independent_outputs,
     results_json,
+    run_module,
     tiny_config,
     trained_workdir,
     write_config_file,
 )
 from PIL import Image
 
-from protomask_jax import evaluate, metrics
+from protomask_jax import evaluate
 from protomask_jax.data import pipeline
 from protomask_jax.data import records as records_lib
-
-REPO = Path(__file__).resolve().parents[1]
-
+from protomask_jax.evaluators import (
+    chunk,
+    classification,
+    compactness,
+    complexity,
+    contrastivity,
+    faithfulness,
+    frame,
+)
 
 # ------------------------------------------------------------------------ pixel frame
 
@@ -34,16 +39,16 @@ REPO = Path(__file__).resolve().parents[1]
 def test_to_frame_is_the_majority_of_each_pixel_block():
     rng = np.random.default_rng(0)
     mask = rng.random((80, 48)) < 0.45
-    frame = evaluate.to_frame(mask, 16)  # blocks of 5 x 3 = 15 pixels: never exactly half
+    rendered = frame.to_frame(mask, 16)  # blocks of 5 x 3 = 15 pixels: never exactly half
     block_fraction = mask.reshape(16, 5, 16, 3).mean(axis=(1, 3))
-    np.testing.assert_array_equal(frame, block_fraction > 0.5)
-    assert 0 < frame.sum() < frame.size
+    np.testing.assert_array_equal(rendered, block_fraction > 0.5)
+    assert 0 < rendered.sum() < rendered.size
 
 
 def test_to_frame_keeps_a_mask_at_its_own_size():
     mask = np.zeros((24, 24), bool)
     mask[3:9, 5:20] = True
-    np.testing.assert_array_equal(evaluate.to_frame(mask, 24), mask)
+    np.testing.assert_array_equal(frame.to_frame(mask, 24), mask)
 
 
 def test_part_keypoints_lie_on_the_part_even_when_its_centroid_does_not():
@@ -54,7 +59,7 @@ def test_part_keypoints_lie_on_the_part_even_when_its_centroid_does_not():
     part_map[14:18, 4:26] = 1
     # Part 2: a 5 x 5 square at rows 1..5, cols 10..14: only its centre is 3 px deep.
     part_map[1:6, 10:15] = 3
-    keypoints = evaluate.part_keypoints(part_map, num_parts=4)
+    keypoints = frame.part_keypoints(part_map, num_parts=4)
     assert keypoints.shape == (4, 3)
     rows, cols = np.floor(keypoints[:, 0] * 20).astype(int), np.floor(keypoints[:, 1] * 30)
     cols = cols.astype(int)
@@ -72,10 +77,10 @@ def test_boxes_mask_takes_the_pixels_whose_centres_lie_in_a_box():
     expected = np.zeros((8, 10), bool)
     expected[2:6, 1:5] = True
     np.testing.assert_array_equal(
-        evaluate.boxes_mask(np.array([[0.2, 0.12, 0.7, 0.52]]), 8, 10), expected
+        frame.boxes_mask(np.array([[0.2, 0.12, 0.7, 0.52]]), 8, 10), expected
     )
     # two boxes in opposite corners: their union, 2 x 2 pixels each
-    two = evaluate.boxes_mask(np.array([[0.0, 0.0, 0.25, 0.2], [0.75, 0.8, 1.0, 1.0]]), 8, 10)
+    two = frame.boxes_mask(np.array([[0.0, 0.0, 0.25, 0.2], [0.75, 0.8, 1.0, 1.0]]), 8, 10)
     expected = np.zeros((8, 10), bool)
     expected[:2, :2] = expected[6:, 8:] = True
     np.testing.assert_array_equal(two, expected)
@@ -103,6 +108,11 @@ HEAD = _rect(12, 24, 0, 12)  # part 1 (value 2), 144 px
 HALF_ON_HEAD = _rect(12, 24, 6, 18)  # 72 px on the head, 72 on the background
 
 
+def _tight_box(mask: np.ndarray) -> np.ndarray:
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return np.array([rows[0], cols[0], rows[-1] + 1, cols[-1] + 1], np.float64)
+
+
 def _hand_records(directory: Path) -> pipeline.RecordSet:
     part_map = np.zeros((SIZE, SIZE), np.uint8)
     part_map[BODY] = 1
@@ -113,7 +123,7 @@ def _hand_records(directory: Path) -> pipeline.RecordSet:
     ]
     payloads = []
     for i, (masks, label, decisive) in enumerate(images):
-        boxes = np.array([metrics.mask_boxes(m) / SIZE for m in masks], np.float32)
+        boxes = np.array([_tight_box(m) / SIZE for m in masks], np.float32)
         payloads.append(
             records_lib.ImageRecord(
                 image_id=10 + i,
@@ -149,6 +159,20 @@ def _rewritten(record_set, directory: Path, edit) -> Path:
     return directory
 
 
+def _outputs(logits, similarities, winning_view) -> evaluate.EvalOutputs:
+    """Model outputs of the two hand-built records (labels 0, 1; 3 and 2 masks)."""
+    return evaluate.EvalOutputs(
+        record_indices=np.arange(2),
+        image_ids=np.array([10, 11]),
+        labels=np.array([0, 1]),
+        logits=np.asarray(logits, np.float32),
+        min_distances=np.zeros(np.shape(similarities), np.float32),
+        similarities=np.asarray(similarities, np.float32),
+        winning_view=np.asarray(winning_view, np.int32),
+        num_masks=np.array([3, 2], np.int32),
+    )
+
+
 def test_compute_metrics_on_hand_built_records(tmp_path):
     """Every number below is worked out by hand from the masks and scores in the comments."""
     record_set = _hand_records(tmp_path)
@@ -158,16 +182,8 @@ def test_compute_metrics_on_hand_built_records(tmp_path):
     # Image 0 (3 masks): views 1, 2, 3, 0 -> masks HEAD, HALF, BODY (3 % 3), BODY.
     # Image 1 (2 masks): views 0, 1, 1, 2 -> masks BODY, HEAD, HEAD, BODY (2 % 2).
     winning_view = np.array([[1, 2, 3, 0], [0, 1, 1, 2]], np.int32)
-    outputs = evaluate.EvalOutputs(
-        record_indices=np.arange(2),
-        image_ids=np.array([10, 11]),
-        labels=np.array([0, 1]),
-        logits=similarities @ last_layer.T,  # [5, 1.5] -> 0 (right); [1, 6] -> 1 (right)
-        min_distances=np.zeros((2, 4), np.float32),
-        similarities=similarities,
-        winning_view=winning_view,
-        num_masks=np.array([3, 2], np.int32),
-    )
+    # logits [5, 1.5] -> 0 (right); [1, 6] -> 1 (right)
+    outputs = _outputs(similarities @ last_layer.T, similarities, winning_view)
     arrays = evaluate.ModelArrays(
         last_layer=last_layer,
         prototypes=np.eye(4, 3, dtype=np.float32),
@@ -203,6 +219,11 @@ def test_compute_metrics_on_hand_built_records(tmp_path):
     assert complexity["background_overlap"] == pytest.approx(100 * 0.5 / 4 / 2)
     # IOR of a binary map: [S n G nonempty] - [S \ G nonempty]: HALF 0, the rest 1.
     assert complexity["ior"] == pytest.approx((3 / 4 + 1) / 2)
+    # IoU: image 0 HEAD 144/432, HALF 72/504, BODY 288/432 twice; image 1 2/3, 1/3 twice.
+    iou_0, iou_1 = (1 / 3 + 1 / 7 + 4 / 3) / 4, (2 / 3 + 1 / 3) / 2
+    assert complexity["iou"] == pytest.approx(100 * (iou_0 + iou_1) / 2)
+    # OIRR (mean outside / mean inside): HALF 1, every other map lies inside the object: 0.
+    assert complexity["oirr"] == pytest.approx(1 / 8)
     # Keypoints (deepest part pixels): body (5, 5), head (17, 5); HALF covers neither.
     # Parts seen per prototype over its 2 top-4 sets: 0 {head, body} -> 1/2; 1 {head} -> 1/2;
     # 2 {body, head} -> 1/2; 3 {body twice} -> 1 => mean 5/8.
@@ -216,16 +237,8 @@ def test_compute_metrics_on_hand_built_records(tmp_path):
 def test_compute_metrics_without_ground_truth_reports_no_gt_groups(tmp_path):
     # Same records, but metrics that need no ground truth only: drop it by rewriting.
     bare = _rewritten(_hand_records(tmp_path), tmp_path / "bare", lambda i, record: None)
-    outputs = evaluate.EvalOutputs(
-        record_indices=np.arange(2),
-        image_ids=np.array([10, 11]),
-        labels=np.array([0, 1]),
-        logits=np.array([[1.0, 0.0], [1.0, 0.0]], np.float32),
-        min_distances=np.zeros((2, 4), np.float32),
-        similarities=np.array([[3.0, 2.0, 1.0, 0.5], [1.0, 0.0, 2.0, 4.0]], np.float32),
-        winning_view=np.zeros((2, 4), np.int32),
-        num_masks=np.array([3, 2], np.int32),
-    )
+    similarities = [[3.0, 2.0, 1.0, 0.5], [1.0, 0.0, 2.0, 4.0]]
+    outputs = _outputs([[1.0, 0.0], [1.0, 0.0]], similarities, np.zeros((2, 4)))
     arrays = evaluate.ModelArrays(
         np.array([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]], np.float32),
         np.eye(4, 3, dtype=np.float32),
@@ -241,7 +254,7 @@ def test_compute_metrics_without_ground_truth_reports_no_gt_groups(tmp_path):
         progress=False,
     )
     assert "complexity" not in results and "faithfulness" not in results
-    assert not evaluate.render_frame_maps(
+    assert not frame.render_frame_maps(
         pipeline.RecordSet(bare, "test"), np.arange(2), 4, SIZE
     ).has_object.any()
     assert results["classification"]["top1_accuracy"] == 50.0
@@ -258,12 +271,12 @@ def test_object_boxes_are_the_object_region_when_there_is_no_mask(tmp_path):
         record.object_boxes = np.array([[0.25, 0.0, 0.75, 0.5]] + [[0.0, 0.75, 0.25, 1.0]] * i)
 
     boxed = _rewritten(_hand_records(tmp_path), tmp_path / "boxed", add_boxes)
-    maps = evaluate.render_frame_maps(pipeline.RecordSet(boxed, "test"), np.arange(2), 4, SIZE)
+    maps = frame.render_frame_maps(pipeline.RecordSet(boxed, "test"), np.arange(2), 4, SIZE)
     assert maps.has_object.all()
     first, second = _rect(6, 18, 0, 12), _rect(6, 18, 0, 12) | _rect(0, 6, 18, 24)
     np.testing.assert_array_equal(maps.object_masks, np.stack([first, second]))
     # at half the resolution each frame pixel is a 2 x 2 block of the image
-    half = evaluate.render_frame_maps(pipeline.RecordSet(boxed, "test"), [0], 4, SIZE // 2)
+    half = frame.render_frame_maps(pipeline.RecordSet(boxed, "test"), [0], 4, SIZE // 2)
     np.testing.assert_array_equal(half.object_masks[0], first[::2, ::2])
 
 
@@ -314,38 +327,34 @@ def test_eval_json_matches_metrics_of_independently_collected_arrays(trained):
     masks, decisive, objects = np.stack(masks), np.stack(decisive), np.stack(objects)
     num_masks = independent["num_masks"]
 
-    classification = results["classification"]
-    assert classification["top1_accuracy"] == pytest.approx(metrics.top1_accuracy(logits, labels))
-    assert classification["top3_accuracy"] == pytest.approx(metrics.topk_accuracy(logits, labels))
-    assert classification["macro_f1"] == pytest.approx(metrics.macro_f1(logits, labels))
-    assert classification["balanced_accuracy"] == pytest.approx(
-        metrics.balanced_accuracy(logits, labels)
+    group = results["classification"]
+    assert group["top1_accuracy"] == pytest.approx(classification.top1_accuracy(logits, labels))
+    assert group["top3_accuracy"] == pytest.approx(classification.topk_accuracy(logits, labels))
+    assert group["macro_f1"] == pytest.approx(classification.macro_f1(logits, labels))
+    assert group["balanced_accuracy"] == pytest.approx(
+        classification.balanced_accuracy(logits, labels)
     )
     assert results["compactness"]["negative_positive_ratio"] == pytest.approx(
-        metrics.negative_positive_reasoning_ratio(last_layer)
+        compactness.negative_positive_reasoning_ratio(last_layer)
     )
-    top5 = metrics.top_prototypes(similarities, 5)
-    explanations = metrics.explanation_masks(independent["winning_view"], masks, num_masks, top5)
-    contrastivity = results["contrastivity"]
-    assert contrastivity["vlc"] == pytest.approx(metrics.vlc(explanations))
-    assert contrastivity["inter_prototype_distance"] == pytest.approx(
-        metrics.inter_prototype_distance(prototypes, top5, labels, 4)
+    top5 = chunk.top_indices(similarities, 5)
+    explanations = chunk.explanation_masks(independent["winning_view"], masks, num_masks, top5)
+    group = results["contrastivity"]
+    assert group["vlc"] == pytest.approx(100 * contrastivity.vlc_per_image(explanations).mean())
+    assert group["inter_prototype_distance"] == pytest.approx(
+        contrastivity.inter_prototype_distance_per_class(prototypes, top5, labels, 4).mean()
     )
-    complexity = metrics.complexity(explanations, objects)
-    for name in ("object_overlap", "background_overlap", "iou", "ior"):
-        assert results["complexity"][name] == pytest.approx(complexity[name]), name
-    faithfulness = metrics.explanation_faithfulness(
-        similarities,
-        last_layer,
-        logits,
-        labels,
-        independent["winning_view"],
-        masks,
-        num_masks,
-        decisive,
+    sums = chunk.object_sums(chunk.ExplanationMaps.from_masks(explanations), objects)
+    for name, values in complexity.object_metrics(sums).items():
+        if name != "oirr":
+            scale = 1 if name == "ior" else 100
+            assert results["complexity"][name] == pytest.approx(scale * values.mean()), name
+    outputs = SimpleNamespace(similarities=similarities, **independent)
+    expected = faithfulness.summarize(
+        faithfulness.faithfulness_per_image(outputs, last_layer, masks, decisive)
     )
     for name in ("rate", "chance_rate", "overlap", "chance_overlap", "num_correct"):
-        assert results["faithfulness"][name] == pytest.approx(faithfulness[name]), name
+        assert results["faithfulness"][name] == pytest.approx(expected[name]), name
 
 
 @pytest.mark.slow
@@ -353,26 +362,11 @@ def test_evaluate_command_line_prints_the_table_and_writes_eval_json(trained, tm
     records_dir, workdir = trained
     config_file = write_config_file(tmp_path / "tiny_config.py", records_dir)
     (workdir / "eval.json").unlink(missing_ok=True)
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(REPO),
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-    )
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "protomask_jax.evaluate",
-            f"--config={config_file}",
-            f"--workdir={workdir}",
-            "--resolution=32",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
+    completed = run_module(
+        "protomask_jax.evaluate",
+        f"--config={config_file}",
+        f"--workdir={workdir}",
+        "--resolution=32",
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     written = json.loads((workdir / "eval.json").read_text())
@@ -391,6 +385,29 @@ def test_multi_label_configs_are_refused_before_anything_runs(tmp_path):
     config.dataset.multi_label = True
     with pytest.raises(config_checks.ConfigError, match="single-label"):
         evaluate.evaluate(config, tmp_path / "no_run")
+
+
+def test_techniques_select_the_groups_and_unknown_ones_are_refused(tmp_path):
+    record_set = _hand_records(tmp_path)
+    outputs = _outputs([[1.0, 0.0], [1.0, 0.0]], np.eye(2), [[0, 2], [1, 0]])
+    arrays = evaluate.ModelArrays(np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32), [0, 1])
+    results = evaluate.compute_metrics(
+        outputs,
+        arrays,
+        record_set,
+        num_views=4,
+        resolution=SIZE,
+        techniques=["faithfulness", "classification"],
+        progress=False,
+    )
+    assert list(results) == ["classification", "faithfulness"]  # in the families' order
+    assert results["classification"]["top1_accuracy"] == 50.0
+    # k = min(3, P=2), both predicted 0, W = I: image 0 ranks prototypes 0, 1 -> views 0, 2
+    # -> BODY, HALF on the decisive HEAD: no hit; image 1 (tie) 0, 1 -> views 1, 0 -> HEAD,
+    # BODY on the decisive BODY: 1 of 2.
+    assert results["faithfulness"]["k"] == 2 and results["faithfulness"]["rate"] == 25.0
+    with pytest.raises(ValueError, match=r"unknown \['bogus'\]"):
+        evaluate.evaluate(tiny_config(tmp_path), tmp_path / "no_run", techniques=["bogus"])
 
 
 def test_table_shows_missing_values_as_na_and_skips_absent_groups():

@@ -4,22 +4,23 @@ trained run (files, links, panels against an independent forward) and its screen
 from __future__ import annotations
 
 import html.parser
-import os
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from _trained_run import independent_outputs, tiny_config, trained_workdir, write_config_file
+from _trained_run import (
+    independent_outputs,
+    run_module,
+    tiny_config,
+    trained_workdir,
+    write_config_file,
+)
 from PIL import Image
 
 from protomask_jax import explain
-from protomask_jax.report import screenshot
-
-REPO = Path(__file__).resolve().parents[1]
-
+from protomask_jax.report import curves, gallery, panels, pictures, screenshot
 
 # ------------------------------------------------------------------------- helpers
 
@@ -29,7 +30,7 @@ def test_mask_overlay_outlines_the_mask_and_dims_the_rest():
     mask = np.zeros((30, 30), bool)
     mask[10:20, 10:20] = True
     colour = (10, 20, 250)
-    out = explain.mask_overlay(image, mask, colour, width=30)  # same size: no resampling
+    out = pictures.mask_overlay(image, mask, colour, width=30)  # same size: no resampling
     assert out.shape == (30, 30, 3)
     np.testing.assert_array_equal(out[10, 15], colour)  # on the mask's edge
     np.testing.assert_array_equal(out[12, 15], colour)  # 3 px wide
@@ -42,7 +43,7 @@ def test_mask_overlay_marks_a_vanishing_mask_by_its_box():
     image = np.full((200, 200, 3), 100, np.uint8)
     mask = np.zeros((200, 200), bool)
     mask[50, 60] = True  # one pixel: gone after shrinking to 40 px
-    out = explain.mask_overlay(image, mask, (255, 0, 0), width=40, box=[0.2, 0.2, 0.4, 0.5])
+    out = pictures.mask_overlay(image, mask, (255, 0, 0), width=40, box=[0.2, 0.2, 0.4, 0.5])
     # The box (rows 8..15, cols 8..19 at 40 px) stays bright; far away is dimmed.
     np.testing.assert_array_equal(out[12, 14], 100)
     np.testing.assert_array_equal(out[8, 14], (255, 0, 0))
@@ -52,7 +53,7 @@ def test_mask_overlay_marks_a_vanishing_mask_by_its_box():
 def test_view_crop_takes_the_box_and_stretches_it_to_a_square():
     image = np.zeros((40, 80, 3), np.uint8)
     image[10:20, 40:80] = 255  # the box below, exactly
-    crop = explain.view_crop(image, np.array([0.25, 0.5, 0.5, 1.0]), 16)
+    crop = pictures.view_crop(image, np.array([0.25, 0.5, 0.5, 1.0]), 16)
     assert crop.shape == (16, 16, 3)
     assert crop.min() == 255
 
@@ -61,7 +62,7 @@ def test_top_contributions_rank_by_similarity_times_weight():
     similarities = np.array([1.0, 4.0, 2.0, 2.0], np.float32)
     last_layer = np.array([[0.5, -1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]], np.float32)
     winning_view = np.array([0, 5, 3, 4])
-    matches = explain.top_contributions(similarities, last_layer, 0, winning_view, 3, 3)
+    matches = panels.top_contributions(similarities, last_layer, 0, winning_view, 3, 3)
     # contributions to class 0: [0.5, -4, 2, 2] -> 2 (tie, lower index), 3, 0
     assert [m.prototype for m in matches] == [2, 3, 0]
     assert [m.contribution for m in matches] == [2.0, 2.0, 0.5]
@@ -89,20 +90,20 @@ def test_select_images_round_robin_over_classes_and_explicit_ids():
 
 
 def test_prototype_sources_follow_pruning_and_missing_push():
-    gallery = {
+    pushed = {
         "image_id": [7, -1, 9, 3],
         "mask_index": [0, -1, 2, 1],
         "distance": [0.5, float("inf"), 0.25, 1.0],
     }
-    pruned = explain.prototype_sources(
-        {"pushed": True, "push": gallery, "kept_prototypes": [3, 0, 1]}, 3
+    pruned = gallery.prototype_sources(
+        {"pushed": True, "push": pushed, "kept_prototypes": [3, 0, 1]}, 3
     )
     assert [(s.image_id, s.mask_index, s.distance) for s in pruned] == [
         (3, 1, 1.0),
         (7, 0, 0.5),
         (None, None, None),  # no image of its class: never projected
     ]
-    unpushed = explain.prototype_sources({"pushed": False, "push": None}, 2)
+    unpushed = gallery.prototype_sources({"pushed": False, "push": None}, 2)
     assert all(s.image_id is None for s in unpushed)
 
 
@@ -114,16 +115,16 @@ def test_training_curves_plot_rows_and_refuse_an_empty_log(tmp_path):
         {"step": 15, "phase": "finetune", "train/loss": 1.0, "train/accuracy": 0.7},
     ]
     path = tmp_path / "curves.png"
-    assert explain.plot_training_curves(rows, path)
+    assert curves.plot_training_curves(rows, path)
     picture = np.asarray(Image.open(path).convert("L"))
     assert picture.shape[1] > 1000 and picture.std() > 10
-    assert not explain.plot_training_curves([{"step": 1, "val/accuracy": 0.5}], tmp_path / "x.png")
+    assert not curves.plot_training_curves([{"step": 1, "val/accuracy": 0.5}], tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
 
 
 def test_class_colours_are_distinct():
     for count in (3, 12, 50):
-        colours = explain.class_colours(count)
+        colours = pictures.class_colours(count)
         assert len(colours) == count == len(set(colours))
 
 
@@ -230,31 +231,14 @@ def test_report_links_only_existing_files_and_shows_every_prototype_and_image(re
 @pytest.mark.slow
 def test_explain_command_line_writes_the_report(report, tmp_path):
     config_file = write_config_file(tmp_path / "tiny_config.py", report.records)
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(REPO),
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-    )
     workdir = tmp_path / "copy"
-    import shutil
-
     shutil.copytree(report.workdir, workdir, ignore=shutil.ignore_patterns("report"))
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "protomask_jax.explain",
-            f"--config={config_file}",
-            f"--workdir={workdir}",
-            "--num_images=2",
-            "--top_k=2",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
+    completed = run_module(
+        "protomask_jax.explain",
+        f"--config={config_file}",
+        f"--workdir={workdir}",
+        "--num_images=2",
+        "--top_k=2",
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     index = workdir / "report" / "index.html"

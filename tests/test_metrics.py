@@ -1,15 +1,83 @@
-"""Tests of protomask_jax.metrics against hand-computed values and plain loop implementations.
+"""Tests of the metric functions of protomask_jax.evaluators against hand-computed values and
+plain loop implementations.
 
 The loop implementations below are deliberately naive (one pixel, pair, sample or class at a
 time) so they follow the written definitions, not the vectorised code.
 """
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from protomask_jax import metrics
+from protomask_jax.evaluators import (
+    chunk,
+    classification,
+    compactness,
+    complexity,
+    contrastivity,
+    faithfulness,
+    frame,
+)
+
+# ------------------------------------------------------- the families' reductions, in short
+
+
+def vlc(masks):
+    return 100 * contrastivity.vlc_per_image(masks).mean()
+
+
+def intra_prototype_distance(prototypes, ids):
+    return contrastivity.intra_prototype_distance_per_image(prototypes, ids).mean()
+
+
+def inter_prototype_distance(prototypes, ids, labels, num_classes):
+    return contrastivity.inter_prototype_distance_per_class(
+        prototypes, ids, labels, num_classes
+    ).mean()
+
+
+def faithfulness_terms(
+    similarities, last_layer, logits, labels, winning_view, masks, num_masks, decisive, k=3
+):
+    outputs = SimpleNamespace(
+        similarities=similarities,
+        logits=logits,
+        labels=labels,
+        winning_view=winning_view,
+        num_masks=num_masks,
+    )
+    return faithfulness.faithfulness_per_image(outputs, last_layer, masks, decisive, k)
+
+
+def explanation_faithfulness(*args, **kwargs):
+    return faithfulness.summarize(faithfulness_terms(*args, **kwargs))
+
+
+def per_map(name, masks, objects, relevance=None):
+    """One complexity metric ``[N, k]`` of regions ``masks`` (relevance: the masks or a map)."""
+    maps = chunk.ExplanationMaps.from_masks(masks)
+    if relevance is not None:
+        maps = chunk.ExplanationMaps(relevance=relevance, mask=masks)
+    return complexity.object_metrics(chunk.object_sums(maps, objects))[name]
+
+
+def complexity_summary(masks, objects):
+    """The complexity evaluator's group for one chunk holding these regions and objects."""
+    n, k = masks.shape[:2]
+    maps = SimpleNamespace(
+        has_object=np.ones(n, bool),
+        has_keypoints=np.zeros(n, bool),
+        object_sources={"test"},
+        keypoint_sources=set(),
+    )
+    sums = chunk.object_sums(chunk.ExplanationMaps.from_masks(masks), objects)
+    fake_chunk = SimpleNamespace(maps=maps, object_sums=sums, top_ids=np.zeros((n, k), int))
+    evaluator = complexity.Evaluator(SimpleNamespace(last_layer=np.zeros((1, k))))
+    evaluator.update(fake_chunk)
+    return evaluator.result()
+
 
 # ----------------------------------------------------------------------- loop references
 
@@ -138,22 +206,6 @@ def loop_part_consistency(ids, hits, num_prototypes):
     return 100 * np.mean(scores)
 
 
-def loop_mask_consistency(codes, labels, num_classes):
-    means, stds = [], []
-    for c in range(num_classes):
-        images = [b for b in range(len(labels)) if labels[b] == c]
-        if not images:
-            continue
-        histogram = {}
-        for b in images:
-            for code in {int(v) for v in codes[b] if v >= 0}:
-                histogram[code] = histogram.get(code, 0) + 1
-        fractions = np.array([v / len(images) for v in histogram.values()])
-        means.append(fractions.mean())
-        stds.append(fractions.std())
-    return float(np.mean(means)), float(np.mean(stds))
-
-
 def loop_fraction(mask, region):
     size = inside = 0
     for value, in_region in zip(mask.ravel(), region.ravel(), strict=True):
@@ -210,31 +262,32 @@ HAND_LABELS = np.array([0, 0, 1, 2, 2])
 
 def test_classification_hand_case():
     # top-1: samples 0, 2, 4 right -> 3/5.
-    assert metrics.top1_accuracy(HAND_LOGITS, HAND_LABELS) == pytest.approx(60.0)
+    assert classification.top1_accuracy(HAND_LOGITS, HAND_LABELS) == pytest.approx(60.0)
     # top-2: also no gain (samples 1 and 3 have their class 3rd) -> 3/5; top-3: all -> 5/5.
-    assert metrics.topk_accuracy(HAND_LOGITS, HAND_LABELS, k=2) == pytest.approx(60.0)
-    assert metrics.topk_accuracy(HAND_LOGITS, HAND_LABELS, k=3) == pytest.approx(100.0)
+    assert classification.topk_accuracy(HAND_LOGITS, HAND_LABELS, k=2) == pytest.approx(60.0)
+    assert classification.topk_accuracy(HAND_LOGITS, HAND_LABELS, k=3) == pytest.approx(100.0)
     # recall: class 0 1/2, class 1 1/1, class 2 1/2 -> mean 2/3.
-    assert metrics.balanced_accuracy(HAND_LOGITS, HAND_LABELS) == pytest.approx(200 / 3)
+    assert classification.balanced_accuracy(HAND_LOGITS, HAND_LABELS) == pytest.approx(200 / 3)
     # F1: class 0 tp1 fp1 fn1 -> 2/4; class 1 tp1 fp1 fn0 -> 2/3; class 2 tp1 fp0 fn1 -> 2/3.
     # class 3 absent from labels and predictions -> excluded: (1/2 + 2/3 + 2/3) / 3.
-    assert metrics.macro_f1(HAND_LOGITS, HAND_LABELS) == pytest.approx(100 * (11 / 6) / 3)
+    assert classification.macro_f1(HAND_LOGITS, HAND_LABELS) == pytest.approx(100 * (11 / 6) / 3)
 
 
 def test_balanced_weights_hand_case():
     # N = 5; counts 2, 1, 2 -> weights 5/2, 5/2, 5, 5/2, 5/2.
     np.testing.assert_allclose(
-        metrics.balanced_sample_weights(HAND_LABELS), [2.5, 2.5, 5.0, 2.5, 2.5]
+        classification.balanced_sample_weights(HAND_LABELS), [2.5, 2.5, 5.0, 2.5, 2.5]
     )
     # weighted accuracy = (2.5 + 5 + 2.5) / 15 = 2/3 = the balanced accuracy.
-    assert metrics.top1_accuracy(HAND_LOGITS, HAND_LABELS, balanced=True) == pytest.approx(200 / 3)
+    assert classification.top1_accuracy(HAND_LOGITS, HAND_LABELS, balanced=True) == pytest.approx(
+        200 / 3
+    )
     # weighted F1: class 0 tp 2.5 fp 2.5 (sample 3, true class 2) fn 2.5 -> 5/10;
     # class 1 tp 5 fp 2.5 (sample 1) -> 10/12.5; class 2 tp 2.5 fn 2.5 -> 5/7.5.
     expected = 100 * (0.5 + 10 / 12.5 + 5 / 7.5) / 3
-    assert metrics.macro_f1(HAND_LOGITS, HAND_LABELS, balanced=True) == pytest.approx(expected)
-    # multi-label: counts per class [1, 2]; weights 3/1 and 3/2.
-    multi = np.array([[1, 1], [0, 1], [0, 0]])
-    np.testing.assert_allclose(metrics.balanced_sample_weights(multi), [4.5, 1.5, 0.0])
+    assert classification.macro_f1(HAND_LOGITS, HAND_LABELS, balanced=True) == pytest.approx(
+        expected
+    )
 
 
 def test_classification_matches_loops_on_random_data():
@@ -244,25 +297,29 @@ def test_classification_matches_loops_on_random_data():
         logits = rng.normal(size=(n, c))
         labels = rng.integers(0, c - 2, n)  # the last two classes never occur as labels
         predictions = np.argmax(logits, axis=1)
-        assert metrics.macro_f1(logits, labels) == pytest.approx(
+        assert classification.macro_f1(logits, labels) == pytest.approx(
             loop_macro_f1(labels, predictions, c)
         )
         weights = loop_balanced_weights(labels.tolist())
-        assert metrics.macro_f1(logits, labels, balanced=True) == pytest.approx(
+        assert classification.macro_f1(logits, labels, balanced=True) == pytest.approx(
             loop_macro_f1(labels, predictions, c, weights)
         )
         recalls = [np.mean(predictions[labels == y] == y) for y in set(labels.tolist())]
-        assert metrics.balanced_accuracy(logits, labels) == pytest.approx(100 * np.mean(recalls))
-        assert metrics.top1_accuracy(logits, labels, balanced=True) == pytest.approx(
+        assert classification.balanced_accuracy(logits, labels) == pytest.approx(
+            100 * np.mean(recalls)
+        )
+        assert classification.top1_accuracy(logits, labels, balanced=True) == pytest.approx(
             100 * np.mean(recalls)
         )
         for k in (1, 3):
             hits = [labels[b] in loop_top(logits[b : b + 1], k)[0] for b in range(n)]
-            assert metrics.topk_accuracy(logits, labels, k=k) == pytest.approx(100 * np.mean(hits))
-            expected = 100 * np.sum(np.array(hits) * weights) / weights.sum()
-            assert metrics.topk_accuracy(logits, labels, k=k, balanced=True) == pytest.approx(
-                expected
+            assert classification.topk_accuracy(logits, labels, k=k) == pytest.approx(
+                100 * np.mean(hits)
             )
+            expected = 100 * np.sum(np.array(hits) * weights) / weights.sum()
+            assert classification.topk_accuracy(
+                logits, labels, k=k, balanced=True
+            ) == pytest.approx(expected)
 
 
 def test_macro_f1_matches_sklearn_when_available():
@@ -273,50 +330,12 @@ def test_macro_f1_matches_sklearn_when_available():
     expected = sklearn_metrics.f1_score(
         labels, np.argmax(logits, 1), average="macro", zero_division=0
     )
-    assert metrics.macro_f1(logits, labels) == pytest.approx(100 * expected)
-
-
-def test_multilabel_threshold_and_f1_hand_case():
-    logits = np.array([[4.0, 0.0, 2.0], [1.0, 3.0, -1.0], [0.0, 0.0, 0.0]])
-    labels = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 0]])
-    # TP means: sample 0 (4+2)/2 = 3, sample 1 3; sample 2 has no positives -> left out: 3.
-    # TN means: sample 0 0, sample 1 (1-1)/2 = 0, sample 2 0 -> 0. Threshold (3 + 0) / 2 = 1.5.
-    threshold = metrics.multilabel_threshold(logits, labels)
-    assert threshold == pytest.approx(1.5)
-    # predictions > 1.5: {0, 2}, {1}, {} -> per-sample F1 1, 1, 0 (both empty) -> 2/3.
-    assert metrics.multilabel_samples_f1(logits, labels, threshold) == pytest.approx(200 / 3)
-    # exact match: samples 0, 1 and 2 (empty == empty) -> 100.
-    assert metrics.multilabel_subset_accuracy(logits, labels, threshold) == pytest.approx(100.0)
-    # threshold 3.5: {0}, {}, {} -> F1 2*1/(2+1) = 2/3, 0, 0 -> 2/9.
-    assert metrics.multilabel_samples_f1(logits, labels, 3.5) == pytest.approx(100 * 2 / 9)
-    # balanced weights: class counts [1, 1, 1] -> w = [6, 3, 0]: (6 * 2/3) / 9 = 4/9.
-    assert metrics.multilabel_samples_f1(logits, labels, 3.5, balanced=True) == pytest.approx(
-        100 * 4 / 9
-    )
-
-
-def test_multilabel_samples_f1_matches_loop():
-    rng = np.random.default_rng(2)
-    logits = rng.normal(size=(30, 5))
-    labels = rng.random((30, 5)) < 0.3
-    threshold = metrics.multilabel_threshold(logits, labels)
-    tp_means = [logits[b][labels[b]].mean() for b in range(30) if labels[b].any()]
-    tn_means = [logits[b][~labels[b]].mean() for b in range(30) if (~labels[b]).any()]
-    assert threshold == pytest.approx((np.mean(tp_means) + np.mean(tn_means)) / 2)
-    scores = []
-    for b in range(30):
-        truth = set(np.nonzero(labels[b])[0])
-        predicted = {c for c in range(5) if logits[b, c] > threshold}
-        size = len(truth) + len(predicted)
-        scores.append(2 * len(truth & predicted) / size if size else 0.0)
-    assert metrics.multilabel_samples_f1(logits, labels, threshold) == pytest.approx(
-        100 * np.mean(scores)
-    )
+    assert classification.macro_f1(logits, labels) == pytest.approx(100 * expected)
 
 
 def test_labels_of_wrong_shape_are_rejected():
-    with pytest.raises(ValueError, match="labels must be int"):
-        metrics.top1_accuracy(HAND_LOGITS, np.zeros((5, 4)))
+    with pytest.raises(ValueError, match=r"labels int \[N\]"):
+        classification.top1_accuracy(HAND_LOGITS, np.zeros((5, 4)))
 
 
 # --------------------------------------------------------------------------- compactness
@@ -331,16 +350,16 @@ def test_compactness_hand_case():
         ]
     )
     # positive columns: 0, 1 (prototype 3's 0.0005 <= eps) -> 2.
-    assert metrics.global_explanation_size(last_layer, eps) == 2
+    assert compactness.global_explanation_size(last_layer, eps) == 2
     # |w| <= eps: 0.0, 0.0005, 0.0, 0.0 -> 4 of 8 -> 50 %.
-    assert metrics.classification_sparsity(last_layer, eps) == pytest.approx(50.0)
+    assert compactness.classification_sparsity(last_layer, eps) == pytest.approx(50.0)
     # negatives -0.5, -0.002 = 2; positives 1.0, 0.002 = 2 -> 1.
-    assert metrics.negative_positive_reasoning_ratio(last_layer, eps) == pytest.approx(1.0)
+    assert compactness.negative_positive_reasoning_ratio(last_layer, eps) == pytest.approx(1.0)
 
 
 def test_npr_without_positive_weights():
-    assert metrics.negative_positive_reasoning_ratio(np.zeros((2, 3))) == 0.0
-    assert metrics.negative_positive_reasoning_ratio(-np.ones((2, 3))) == math.inf
+    assert compactness.negative_positive_reasoning_ratio(np.zeros((2, 3))) == 0.0
+    assert compactness.negative_positive_reasoning_ratio(-np.ones((2, 3))) == math.inf
 
 
 def test_compactness_matches_loops():
@@ -349,11 +368,11 @@ def test_compactness_matches_loops():
     eps = 1e-3
     flat = last_layer.ravel().tolist()
     columns = [any(last_layer[c, j] > eps for c in range(6)) for j in range(11)]
-    assert metrics.global_explanation_size(last_layer) == sum(columns)
-    assert metrics.classification_sparsity(last_layer) == pytest.approx(
+    assert compactness.global_explanation_size(last_layer) == sum(columns)
+    assert compactness.classification_sparsity(last_layer) == pytest.approx(
         100 * sum(abs(w) <= eps for w in flat) / len(flat)
     )
-    assert metrics.negative_positive_reasoning_ratio(last_layer) == pytest.approx(
+    assert compactness.negative_positive_reasoning_ratio(last_layer) == pytest.approx(
         sum(w < -eps for w in flat) / sum(w > eps for w in flat)
     )
 
@@ -363,17 +382,17 @@ def test_compactness_matches_loops():
 
 def test_top_prototypes_orders_and_breaks_ties_by_index():
     similarities = np.array([[0.1, 0.5, 0.5, 0.9, 0.0]])
-    np.testing.assert_array_equal(metrics.top_prototypes(similarities, 3), [[3, 1, 2]])
+    np.testing.assert_array_equal(chunk.top_indices(similarities, 3), [[3, 1, 2]])
     rng = np.random.default_rng(4)
     scores = rng.integers(0, 4, size=(10, 8)).astype(float)  # many ties
-    np.testing.assert_array_equal(metrics.top_prototypes(scores, 5), loop_top(scores, 5))
+    np.testing.assert_array_equal(chunk.top_indices(scores, 5), loop_top(scores, 5))
 
 
 def test_explanation_masks_use_cyclic_view_index():
     masks = np.zeros((1, 4, 2, 2), bool)
     masks[0, 0, 0, 0] = masks[0, 1, 1, 1] = True  # 2 real masks, slots 2-3 padding
     winning_view = np.array([[0, 1, 2, 3]])
-    out = metrics.explanation_masks(winning_view, masks, np.array([2]), np.array([[2, 3, 0]]))
+    out = chunk.explanation_masks(winning_view, masks, np.array([2]), np.array([[2, 3, 0]]))
     # view 2 -> mask 0, view 3 -> mask 1, view 0 -> mask 0.
     np.testing.assert_array_equal(out[0], masks[0, [0, 1, 0]])
     rng = np.random.default_rng(5)
@@ -382,31 +401,16 @@ def test_explanation_masks_use_cyclic_view_index():
     winning_view = rng.integers(0, 5, (6, 9))
     ids = rng.integers(0, 9, (6, 3))
     np.testing.assert_array_equal(
-        metrics.explanation_masks(winning_view, masks, num_masks, ids),
+        chunk.explanation_masks(winning_view, masks, num_masks, ids),
         loop_explanations(winning_view, masks, num_masks, ids),
     )
 
 
 def test_explanation_masks_reject_bad_mask_counts():
     with pytest.raises(ValueError, match="num_masks must lie"):
-        metrics.explanation_masks(
+        chunk.explanation_masks(
             np.zeros((1, 2), int), np.zeros((1, 3, 2, 2)), np.array([0]), np.zeros((1, 1), int)
         )
-
-
-def test_mask_boxes_are_half_open_and_empty_is_zero():
-    masks = np.zeros((2, 5, 6), bool)
-    masks[0, 1:3, 2] = True  # rows 1-2, column 2 -> (1, 2, 3, 3)
-    masks[0, 4, 5] = True  # extends to row 4, column 5 -> (1, 2, 5, 6)
-    np.testing.assert_array_equal(metrics.mask_boxes(masks), [[1, 2, 5, 6], [0, 0, 0, 0]])
-    rng = np.random.default_rng(6)
-    masks = random_masks(rng, (20, 7, 5), density=0.05)
-    for mask, box in zip(masks, metrics.mask_boxes(masks), strict=True):
-        rows, cols = np.nonzero(mask)
-        expected = (
-            [rows.min(), cols.min(), rows.max() + 1, cols.max() + 1] if len(rows) else [0] * 4
-        )
-        np.testing.assert_array_equal(box, expected)
 
 
 # ---------------------------------------------------------------------------- contrastivity
@@ -428,10 +432,10 @@ def test_vlc_golden_cases():
             [empty, empty],  # both empty: identical by our convention -> 0
         ]
     )
-    np.testing.assert_allclose(metrics.vlc_per_image(masks), [2 / 3, 0.0, 1.0, 0.0])
-    assert metrics.vlc(masks) == pytest.approx(100 * (2 / 3 + 1) / 4)
+    np.testing.assert_allclose(contrastivity.vlc_per_image(masks), [2 / 3, 0.0, 1.0, 0.0])
+    assert vlc(masks) == pytest.approx(100 * (2 / 3 + 1) / 4)
     # k = 3: masks a, a, far -> pairs (a,a) 0 twice, (a,far) 1 four times -> 4/6.
-    np.testing.assert_allclose(metrics.vlc_per_image(np.stack([[a, a, far]])), [4 / 6])
+    np.testing.assert_allclose(contrastivity.vlc_per_image(np.stack([[a, a, far]])), [4 / 6])
 
 
 def test_vlc_matches_loop_and_accepts_jax_arrays():
@@ -440,30 +444,13 @@ def test_vlc_matches_loop_and_accepts_jax_arrays():
     rng = np.random.default_rng(7)
     masks = random_masks(rng, (5, 4, 6, 6), density=0.3)
     masks[0, 1] = False  # an empty mask among non-empty ones
-    np.testing.assert_allclose(metrics.vlc_per_image(masks), loop_vlc_per_image(masks))
-    assert metrics.vlc(jnp.asarray(masks)) == pytest.approx(100 * loop_vlc_per_image(masks).mean())
+    np.testing.assert_allclose(contrastivity.vlc_per_image(masks), loop_vlc_per_image(masks))
+    assert vlc(jnp.asarray(masks)) == pytest.approx(100 * loop_vlc_per_image(masks).mean())
 
 
 def test_vlc_needs_two_explanations():
     with pytest.raises(ValueError, match="k >= 2"):
-        metrics.vlc_per_image(np.ones((1, 1, 2, 2), bool))
-
-
-def test_vlc_bbox_hand_case():
-    boxes = np.array(
-        [
-            [[0, 0, 2, 2], [1, 1, 3, 3]],  # areas 4, 4, intersection 1 -> IoU 1/7
-            [[0, 0, 2, 2], [2, 0, 4, 2]],  # touching edges -> IoU 0
-            [[0, 0, 0, 0], [0, 0, 0, 0]],  # both empty -> identical -> 0
-        ],
-        dtype=float,
-    )
-    np.testing.assert_allclose(metrics.vlc_bbox_per_image(boxes), [6 / 7, 1.0, 0.0])
-    assert metrics.vlc_bbox(boxes) == pytest.approx(100 * (6 / 7 + 1) / 3)
-    # Boxes of rectangular masks equal the masks, so the two VLC variants agree there.
-    masks = np.zeros((1, 2, 4, 4), bool)
-    masks[0, 0, 0:2, 0:2] = masks[0, 1, 1:3, 1:3] = True
-    assert metrics.vlc_bbox(metrics.mask_boxes(masks)) == pytest.approx(metrics.vlc(masks))
+        contrastivity.vlc_per_image(np.ones((1, 1, 2, 2), bool))
 
 
 def test_intra_prototype_distance_hand_case():
@@ -472,9 +459,9 @@ def test_intra_prototype_distance_hand_case():
     # ids (0, 3): 1 - cos = 1 - 1/sqrt(1 + 1e-6) = 5e-7 < 1e-5 -> 0.
     ids = np.array([[0, 1, 2], [0, 3, 3]])
     np.testing.assert_allclose(
-        metrics.intra_prototype_distance_per_image(prototypes, ids), [2 / 3, 0.0]
+        contrastivity.intra_prototype_distance_per_image(prototypes, ids), [2 / 3, 0.0]
     )
-    assert metrics.intra_prototype_distance(prototypes, ids) == pytest.approx(1 / 3)
+    assert intra_prototype_distance(prototypes, ids) == pytest.approx(1 / 3)
 
 
 def test_intra_prototype_distance_matches_loop():
@@ -491,7 +478,7 @@ def test_intra_prototype_distance_matches_loop():
                     pairs.append(distance if distance >= 1e-5 else 0.0)
         expected.append(np.mean(pairs))
     np.testing.assert_allclose(
-        metrics.intra_prototype_distance_per_image(prototypes, ids), expected, rtol=1e-12
+        contrastivity.intra_prototype_distance_per_image(prototypes, ids), expected, rtol=1e-12
     )
 
 
@@ -503,23 +490,23 @@ def test_inter_prototype_distance_hand_case():
     # image 1 (0 vs 2: 2, 0 vs 1: 1) -> 1.5; mean 1.25.
     # class 1 (image 2) vs images 0, 1: (2 + 0) / 2 = 1 and (2 + 1) / 2 = 1.5 -> 1.25.
     # class 2 absent -> 0.
-    per_class = metrics.inter_prototype_distance_per_class(prototypes, ids, labels, 3)
+    per_class = contrastivity.inter_prototype_distance_per_class(prototypes, ids, labels, 3)
     np.testing.assert_allclose(per_class, [1.25, 1.25, 0.0])
-    assert metrics.inter_prototype_distance(prototypes, ids, labels, 3) == pytest.approx(2.5 / 3)
+    assert inter_prototype_distance(prototypes, ids, labels, 3) == pytest.approx(2.5 / 3)
     # a single present class gives zeros (reference).
     np.testing.assert_array_equal(
-        metrics.inter_prototype_distance_per_class(prototypes, ids, np.zeros(3, int), 3), 0.0
+        contrastivity.inter_prototype_distance_per_class(prototypes, ids, np.zeros(3, int), 3), 0.0
     )
     # multi-hot labels with one present class but an unlabelled image 2: still one class -> 0.
     only_class_0 = np.array([[1, 0, 0], [1, 0, 0], [0, 0, 0]])
     np.testing.assert_array_equal(
-        metrics.inter_prototype_distance_per_class(prototypes, ids, only_class_0, 3), 0.0
+        contrastivity.inter_prototype_distance_per_class(prototypes, ids, only_class_0, 3), 0.0
     )
     # a class labelled on every image has no other images: 0 (the reference gives nan);
     # class 1 (image 2) vs images 0, 1 as above -> 1.25.
     all_class_0 = np.array([[1, 0, 0], [1, 0, 0], [1, 1, 0]])
     np.testing.assert_allclose(
-        metrics.inter_prototype_distance_per_class(prototypes, ids, all_class_0, 3),
+        contrastivity.inter_prototype_distance_per_class(prototypes, ids, all_class_0, 3),
         [0.0, 1.25, 0.0],
     )
 
@@ -530,13 +517,13 @@ def test_inter_prototype_distance_matches_reference_loop():
     ids = np.stack([rng.permutation(15)[:5] for _ in range(12)])
     labels = rng.choice([0, 1, 3, 4], size=12)  # classes 2 and 5 absent
     np.testing.assert_allclose(
-        metrics.inter_prototype_distance_per_class(prototypes, ids, labels, 6),
+        contrastivity.inter_prototype_distance_per_class(prototypes, ids, labels, 6),
         loop_inter_pd_per_class(prototypes, ids, labels, 6),
         rtol=1e-10,
         atol=1e-12,
     )
     one_hot = np.eye(6)[labels]
-    assert metrics.inter_prototype_distance(prototypes, ids, one_hot, 6) == pytest.approx(
+    assert inter_prototype_distance(prototypes, ids, one_hot, 6) == pytest.approx(
         loop_inter_pd_per_class(prototypes, ids, labels, 6).mean()
     )
 
@@ -557,20 +544,16 @@ def test_complexity_golden_cases():
     s = np.stack([[inside, outside, half, empty]])
     gt = g[None]
     # object overlap |S∩G|/|G|: 2/4, 0, 2/4, 0.
-    np.testing.assert_allclose(metrics.object_overlap_per_map(s, gt), [[0.5, 0, 0.5, 0]])
+    np.testing.assert_allclose(per_map("object_overlap", s, gt), [[0.5, 0, 0.5, 0]])
     # background 1 - |S∩G|/|S|: 0, 1, 1/2, 0 (empty S -> 0).
-    np.testing.assert_allclose(metrics.background_overlap_per_map(s, gt), [[0, 1, 0.5, 0]])
+    np.testing.assert_allclose(per_map("background_overlap", s, gt), [[0, 1, 0.5, 0]])
     # IoU: 2/4, 0/8, 2/6, 0/4.
-    np.testing.assert_allclose(metrics.iou_per_map(s, gt), [[0.5, 0, 1 / 3, 0]])
+    np.testing.assert_allclose(per_map("iou", s, gt), [[0.5, 0, 1 / 3, 0]])
     # IOR of binary maps: [S∩G≠∅] - [S\G≠∅] -> 1, -1, 0, 0 (all-zero map).
-    np.testing.assert_allclose(
-        metrics.inside_outside_relevance_per_map(s, gt), [[1.0, -1.0, 0.0, 0.0]]
-    )
+    np.testing.assert_allclose(per_map("ior", s, gt), [[1.0, -1.0, 0.0, 0.0]])
     # OIRR: only inside -> 0; nothing inside -> inf; half -> 1/1; all-zero -> inf.
-    np.testing.assert_allclose(
-        metrics.outside_inside_relevance_ratio_per_map(s, gt), [[0.0, np.inf, 1.0, np.inf]]
-    )
-    summary = metrics.complexity(s, gt)
+    np.testing.assert_allclose(per_map("oirr", s, gt), [[0.0, np.inf, 1.0, np.inf]])
+    summary = complexity_summary(s, gt)
     assert summary["object_overlap"] == pytest.approx(100 * 1.0 / 4)
     assert summary["background_overlap"] == pytest.approx(100 * 1.5 / 4)
     assert summary["iou"] == pytest.approx(100 * (0.5 + 1 / 3) / 4)
@@ -581,10 +564,10 @@ def test_complexity_golden_cases():
 def test_complexity_with_empty_object_mask():
     s = np.ones((1, 2, 3, 3), bool)
     gt = np.zeros((1, 3, 3), bool)
-    np.testing.assert_array_equal(metrics.object_overlap_per_map(s, gt), 0.0)
-    np.testing.assert_array_equal(metrics.background_overlap_per_map(s, gt), 1.0)
-    np.testing.assert_array_equal(metrics.iou_per_map(s, gt), 0.0)
-    assert math.isnan(metrics.complexity(s, gt)["oirr"])
+    np.testing.assert_array_equal(per_map("object_overlap", s, gt), 0.0)
+    np.testing.assert_array_equal(per_map("background_overlap", s, gt), 1.0)
+    np.testing.assert_array_equal(per_map("iou", s, gt), 0.0)
+    assert math.isnan(complexity_summary(s, gt)["oirr"])
 
 
 def test_relevance_metrics_match_loops_on_float_maps():
@@ -607,25 +590,46 @@ def test_relevance_metrics_match_loops_on_float_maps():
                 oirr[b, i] = np.inf
             else:
                 oirr[b, i] = (np.mean(raw_out) if raw_out else 0) / np.mean(raw_in)
-    np.testing.assert_allclose(metrics.inside_outside_relevance_per_map(relevance, g), ior)
-    np.testing.assert_allclose(metrics.outside_inside_relevance_ratio_per_map(relevance, g), oirr)
+    regions = relevance != 0
+    np.testing.assert_allclose(per_map("ior", regions, g, relevance), ior)
+    np.testing.assert_allclose(per_map("oirr", regions, g, relevance), oirr)
     masks = relevance > 0
     for b in range(3):
         for i in range(4):
-            assert metrics.iou_per_map(masks, g)[b, i] == pytest.approx(
+            assert per_map("iou", masks, g)[b, i] == pytest.approx(
                 loop_iou(masks[b, i], g[b], empty=0.0)
             )
-            assert metrics.object_overlap_per_map(masks, g)[b, i] == pytest.approx(
+            assert per_map("object_overlap", masks, g)[b, i] == pytest.approx(
                 loop_fraction(g[b], masks[b, i])
             )
 
 
-def test_binarize_min_max():
-    maps = np.array([[[0.0, 50.0], [200.0, 255.0]], [[7.0, 7.0], [7.0, 7.0]]])
-    # (m - 0) / 255 > 0.5 -> only 200 and 255; constant map -> empty.
-    np.testing.assert_array_equal(
-        metrics.binarize_min_max(maps), [[[False, False], [True, True]], [[False] * 2] * 2]
-    )
+def test_mask_explanations_take_a_shortcut_to_the_sums_of_the_general_path():
+    rng = np.random.default_rng(15)
+    masks = random_masks(rng, (4, 3, 6, 6), density=0.3)
+    masks[0, 0] = False  # an empty region
+    objects = random_masks(rng, (4, 6, 6), density=0.5)
+    shortcut = chunk.object_sums(chunk.ExplanationMaps.from_masks(masks), objects)
+    general_maps = chunk.ExplanationMaps(relevance=masks.astype(np.float32), mask=masks)
+    assert chunk.ExplanationMaps.from_masks(masks).binary and not general_maps.binary
+    general = chunk.object_sums(general_maps, objects)
+    for field in ("size", "inside", "relevance", "relevance_inside", "support", "peak"):
+        np.testing.assert_array_equal(getattr(shortcut, field), getattr(general, field), field)
+
+
+def test_relevance_maps_keep_the_pixels_at_or_above_their_95th_percentile():
+    ramp = np.arange(1.0, 21.0).reshape(1, 1, 4, 5)  # 95th percentile 1 + 0.95 * 19 = 19.05
+    maps = chunk.ExplanationMaps.from_relevance(ramp)
+    np.testing.assert_array_equal(maps.mask[0, 0], ramp[0, 0] == 20)
+    np.testing.assert_array_equal(maps.relevance[0, 0], np.where(ramp[0, 0] == 20, 20.0, 0.0))
+    # Mostly zero: the percentile is 0, so every pixel is in the region but only the nonzero
+    # ones carry relevance (the IOR/OIRR support is smaller than the region).
+    sparse = np.zeros((1, 1, 5, 8))  # 95th percentile: between sorted values 37 and 38, both 0
+    sparse[0, 0, 0, 0] = 3.0
+    maps = chunk.ExplanationMaps.from_relevance(sparse)
+    assert maps.mask.all() and not maps.binary
+    sums = chunk.object_sums(maps, np.ones((1, 5, 8), bool))
+    assert (sums.size[0, 0], sums.support[0, 0], sums.relevance[0, 0]) == (40.0, 1.0, 3.0)
 
 
 # --------------------------------------------------------------------- keypoints / consistency
@@ -645,7 +649,7 @@ def test_keypoints_on_masks_fixes_reference_bugs():
             ]
         ]
     )
-    hits = metrics.keypoints_on_masks(masks, keypoints)
+    hits = complexity.keypoints_on_masks(masks, keypoints)
     np.testing.assert_array_equal(hits, [[[0, 0, 0, 1], [0, 1, 0, 0]]])
     rng = np.random.default_rng(11)
     masks = random_masks(rng, (4, 3, 6, 6))
@@ -653,7 +657,7 @@ def test_keypoints_on_masks_fixes_reference_bugs():
         [rng.uniform(-0.2, 1.0, (4, 5, 2)), rng.integers(0, 2, (4, 5, 1))], axis=-1
     )
     np.testing.assert_array_equal(
-        metrics.keypoints_on_masks(masks, keypoints), loop_keypoint_hits(masks, keypoints)
+        complexity.keypoints_on_masks(masks, keypoints), loop_keypoint_hits(masks, keypoints)
     )
 
 
@@ -665,60 +669,16 @@ def test_part_consistency_hand_case():
     hits[1, 1, 2] = True  # prototype 2 covers part 2; prototype 1 covers nothing
     # times: p0 2, p1 1, p2 1. p0: part 0 2/2, part 1 1/2 -> 0.75; p1 -> 0; p2: 1/1 -> 1.
     # prototype 3 never activated -> not counted. (0.75 + 0 + 1) / 3.
-    assert metrics.part_consistency(ids, hits, 4) == pytest.approx(100 * 1.75 / 3)
-    assert metrics.part_consistency(ids, np.zeros_like(hits), 4) == 0.0
+    assert complexity.part_consistency(ids, hits, 4) == pytest.approx(100 * 1.75 / 3)
+    assert complexity.part_consistency(ids, np.zeros_like(hits), 4) == 0.0
 
 
 def test_part_consistency_matches_loop():
     rng = np.random.default_rng(12)
     ids = np.stack([rng.permutation(10)[:5] for _ in range(15)])
     hits = rng.random((15, 5, 6)) < 0.3
-    assert metrics.part_consistency(ids, hits, 10) == pytest.approx(
+    assert complexity.part_consistency(ids, hits, 10) == pytest.approx(
         loop_part_consistency(ids, hits, 10)
-    )
-
-
-def test_mask_part_codes_use_part_ids_as_bits():
-    masks = np.zeros((2, 2, 4, 4), bool)
-    masks[:, 0, :2] = True  # top half
-    masks[:, 1, 2:] = True  # bottom half
-    keypoints = np.zeros((2, 3, 3))
-    # image 0: part 0 invisible, part 1 top, part 2 bottom.
-    keypoints[0] = [[0.0, 0.0, 0.0], [0.1, 0.1, 1.0], [0.9, 0.9, 1.0]]
-    # image 1: part 0 top, parts 1 and 2 invisible; one mask only.
-    keypoints[1] = [[0.1, 0.1, 1.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
-    codes = metrics.mask_part_codes(masks, np.array([2, 1]), keypoints)
-    # image 0: top mask has part 1 -> 2**1 = 2; bottom part 2 -> 4.
-    # image 1: top mask has part 0 -> 1 (the reference would give its first visible part bit 0
-    # in both images, i.e. the same code for different parts); slot 1 is padding -> -1.
-    np.testing.assert_array_equal(codes, [[2, 4], [1, -1]])
-
-
-def test_mask_consistency_hand_case():
-    codes = np.array([[1, 2, -1], [1, 1, 4], [3, -1, -1], [0, 5, -1]])
-    labels = np.array([0, 0, 0, 2])
-    # class 0 (3 images): code 1 in images 0, 1 -> 2/3; code 2 -> 1/3; 4 -> 1/3; 3 -> 1/3.
-    #   mean 5/12; population std of (2/3, 1/3, 1/3, 1/3) = sqrt(3/144) = sqrt(3)/12.
-    # class 2 (1 image): codes 0 and 5 -> 1, 1 -> mean 1, std 0. class 1 absent -> skipped.
-    mean, std = metrics.mask_consistency(codes, labels, 3)
-    assert mean == pytest.approx((5 / 12 + 1) / 2)
-    assert std == pytest.approx(math.sqrt(3) / 12 / 2)
-
-
-def test_mask_consistency_matches_loop():
-    rng = np.random.default_rng(13)
-    masks = random_masks(rng, (20, 4, 5, 5), density=0.3)
-    num_masks = rng.integers(1, 5, 20)
-    keypoints = np.concatenate([rng.random((20, 3, 2)), rng.integers(0, 2, (20, 3, 1))], axis=-1)
-    labels = rng.integers(0, 4, 20)
-    codes = metrics.mask_part_codes(masks, num_masks, keypoints)
-    hits = loop_keypoint_hits(masks, keypoints)
-    for b in range(20):
-        for i in range(4):
-            expected = sum(2**q for q in range(3) if hits[b, i, q]) if i < num_masks[b] else -1
-            assert codes[b, i] == expected
-    np.testing.assert_allclose(
-        metrics.mask_consistency(codes, labels, 5), loop_mask_consistency(codes, labels, 5)
     )
 
 
@@ -729,10 +689,10 @@ def test_decisive_part_masks_ignore_padding_and_background():
     part_map = np.array([[[0, 1], [2, 3]]])  # background, parts 0, 1, 2
     # decisive parts {2}, padded with -1: the padding must not select background pixels.
     np.testing.assert_array_equal(
-        metrics.decisive_part_masks(part_map, np.array([[2, -1]])), [[[0, 0], [0, 1]]]
+        frame.decisive_part_masks(part_map, np.array([[2, -1]])), [[[0, 0], [0, 1]]]
     )
     np.testing.assert_array_equal(
-        metrics.decisive_part_masks(part_map, np.array([[0, 1]])), [[[0, 1], [1, 0]]]
+        frame.decisive_part_masks(part_map, np.array([[0, 1]])), [[[0, 1], [1, 0]]]
     )
 
 
@@ -752,7 +712,7 @@ def test_faithfulness_hand_case():
     # winning views: prototype 1 -> view 3 -> mask 3 % 3 = 0 (hit, 2/3);
     # prototype 3 -> view 1 -> mask 1 (miss, 0).
     winning_view = np.array([[2, 3, 0, 1]])
-    result = metrics.explanation_faithfulness(
+    result = explanation_faithfulness(
         similarities, last_layer, logits, np.array([1]), winning_view, masks, num_masks, g, k=2
     )
     assert result["rate"] == pytest.approx(50.0)
@@ -769,7 +729,7 @@ def test_faithfulness_empty_masks_never_hit():
     masks = np.zeros((1, 2, 3, 3), bool)
     masks[0, 1] = True
     g = np.ones((1, 3, 3), bool)
-    per_image = metrics.faithfulness_per_image(
+    per_image = faithfulness_terms(
         np.array([[1.0, 1.0]]),
         np.array([[1.0, 0.0]]),
         np.array([[1.0]]),
@@ -796,8 +756,8 @@ def test_faithfulness_matches_loop():
     masks = random_masks(rng, (n, kmax, size, size), density=0.35)
     num_masks = rng.integers(1, kmax + 1, n)
     part_map = rng.integers(0, 4, (n, size, size))
-    decisive = metrics.decisive_part_masks(part_map, rng.integers(-1, 3, (n, 2)))
-    result = metrics.explanation_faithfulness(
+    decisive = frame.decisive_part_masks(part_map, rng.integers(-1, 3, (n, 2)))
+    result = explanation_faithfulness(
         similarities, last_layer, logits, labels, winning_view, masks, num_masks, decisive, k=3
     )
     expected = loop_faithfulness(
@@ -808,7 +768,7 @@ def test_faithfulness_matches_loop():
         assert result[key] == pytest.approx(value, nan_ok=True), key
     # The per-image form concatenated over two batches gives the same summary.
     halves = [
-        metrics.faithfulness_per_image(
+        faithfulness_terms(
             similarities[s],
             last_layer,
             logits[s],
@@ -821,4 +781,4 @@ def test_faithfulness_matches_loop():
         for s in (slice(0, 3), slice(3, n))
     ]
     joined = {key: np.concatenate([h[key] for h in halves]) for key in halves[0]}
-    assert metrics.summarize_faithfulness(joined) == pytest.approx(result, nan_ok=True)
+    assert faithfulness.summarize(joined) == pytest.approx(result, nan_ok=True)

@@ -20,6 +20,10 @@ import tempfile
 from pathlib import Path
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+_QUIET_FLAGS = (
+    "--headless --no-sandbox --disable-gpu --disable-quic --no-first-run --hide-scrollbars "
+    "--disable-background-networking --disable-component-update --disable-sync"
+).split()
 
 
 def find_chromium() -> str | None:
@@ -40,22 +44,8 @@ def screenshot(
     chromium: str | None = None,
     timeout_s: float = 120.0,
 ) -> Path:
-    """Renders ``html_path`` in headless Chromium and saves the top ``width x height`` pixels.
-
-    Args:
-      html_path: the page (a local file).
-      png_path: where the PNG goes (parent folders are created).
-      width, height: the browser window in CSS pixels.
-      chromium: browser executable (default: :func:`find_chromium`).
-      timeout_s: give up after this long.
-
-    Returns:
-      ``png_path`` as a Path.
-
-    Raises:
-      FileNotFoundError: no page, or no browser.
-      RuntimeError: the browser failed or wrote no picture (its output is in the message).
-    """
+    """Saves the top ``width x height`` CSS pixels of the page in a (default: the first found)
+    Chromium. FileNotFoundError: no page or no browser; RuntimeError: the browser failed."""
     html_path = Path(html_path).resolve()
     png_path = Path(png_path).resolve()
     if not html_path.exists():
@@ -71,15 +61,7 @@ def screenshot(
     with tempfile.TemporaryDirectory(prefix="protomask-chromium-") as profile:
         command = [
             browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--hide-scrollbars",
+            *_QUIET_FLAGS,
             f"--user-data-dir={profile}",
             f"--screenshot={png_path}",
             f"--window-size={width},{height}",

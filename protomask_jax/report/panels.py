@@ -1,0 +1,204 @@
+"""Report section "This looks like that": per test image, the prototypes adding most to the
+predicted class's logit, each with the image's matched view beside the prototype's source.
+
+Per image ``n`` (``evaluate.EvalOutputs`` row): the prototypes' contributions
+``s_j W[pred, j]`` rank them (ties to the lower index, as the faithfulness metric); a
+prototype's match is its winning view, whose mask is ``view % num_masks``. Pictures:
+``images/{id}.png``, ``images/{id}_r{rank}_mask.png`` and ``_view.png``, and one
+self-contained figure per image, ``figures/explanation_{id}.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from protomask_jax.evaluators.chunk import top_indices
+from protomask_jax.report import html, pictures
+from protomask_jax.report.html import e
+
+
+@dataclasses.dataclass
+class Match:
+    prototype: int
+    mask_index: int
+    similarity: float
+    weight: float
+    contribution: float
+
+
+def top_contributions(similarities, last_layer, predicted: int, winning_view, num_masks, k):
+    """The ``k`` :class:`Match` es of one image (``similarities``, ``winning_view [P]``)
+    contributing most to class ``predicted``, largest first."""
+    weights = last_layer[predicted]
+    contributions = similarities.astype(np.float64) * weights
+    order = top_indices(contributions[None], k)[0]
+    numbers = (similarities, weights, contributions)
+    return [
+        Match(int(j), int(winning_view[j] % num_masks), *(float(x[j]) for x in numbers))
+        for j in order
+    ]
+
+
+def explanation_figure(path: Path, whole, heading: str, correct: bool, details: str, rows):
+    """One picture: the test image and its verdict, then per ``(test view overlay, prototype
+    source or None, title, caption)`` of ``rows`` the view ("this") above the source
+    ("looks like that")."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns, grid = 1 + len(rows), dict(hspace=0.42, wspace=0.1)
+    size = (2.5 * columns, 5.6)
+    figure, axes = plt.subplots(2, columns, figsize=size, dpi=130, squeeze=False, gridspec_kw=grid)
+    for axis in axes.ravel():
+        axis.axis("off")
+    axes[0, 0].imshow(whole)
+    axes[0, 0].set_title("test image", fontsize=10)
+    verdict, colour = ("\u2714 right", "#1a7f37") if correct else ("\u2718 wrong", "#c62828")
+    text = dict(va="top", transform=axes[1, 0].transAxes)
+    axes[1, 0].text(0.0, 1.0, verdict, color=colour, fontsize=12, fontweight="bold", **text)
+    heading = textwrap.fill(heading, 26, break_on_hyphens=False)
+    axes[1, 0].text(0.0, 0.84, f"{heading}\n\n{details}", fontsize=9, linespacing=1.35, **text)
+    for column, (view, source, title, caption) in enumerate(rows, start=1):
+        top, bottom = axes[0, column], axes[1, column]
+        top.imshow(view)
+        top.set_title(f"this\n{title}", fontsize=9.5)
+        if source is not None:
+            bottom.imshow(source)
+        else:
+            bottom.text(0.5, 0.5, "never projected", ha="center", va="center")
+        bottom.set_title("looks like that", fontsize=9.5)
+        place = dict(ha="center", va="top", transform=bottom.transAxes, linespacing=1.3)
+        bottom.text(0.5, -0.04, caption, fontsize=8.5, **place)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, bbox_inches="tight", facecolor="white", pad_inches=0.15)
+    plt.close(figure)
+
+
+def _match_row(rank: int, match: Match, own: int, canvas, drawn, logit: float) -> str:
+    """One "this looks like that" row; ``drawn``: its mask and view pictures, then the
+    prototype's source and view (or None)."""
+    mask, view, source, source_view = drawn
+    sizes = pictures.SIZES
+    j = match.prototype
+    test_side = html.img(mask, "matched view on the test image", sizes["match"])
+    test_side += html.img(view, "matched view", sizes["match_view"])
+    prototype_side = html.img(
+        source, f"prototype {j}: source image", sizes["match"], "prototype never projected"
+    )
+    if source_view:
+        prototype_side += html.img(source_view, f"prototype {j}: view", sizes["match_view"])
+    share_row = share_bar = ""
+    if logit > 0 and match.contribution > 0:
+        share = match.contribution / logit
+        share_row = f'<tr><td>share of the score</td><td class="v">{share * 100:.0f}%</td></tr>'
+        share_bar = (
+            f'<div class="bar" title="share of the class score"><span style="width: '
+            f'{min(1.0, share) * 100:.0f}%"></span></div>'
+        )
+    numbers = (
+        ("similarity", match.similarity),
+        ("weight to predicted class", match.weight),
+        ("contribution", match.contribution),
+    )
+    table = "".join(f'<tr><td>{name}</td><td class="v">{v:.3f}</td></tr>' for name, v in numbers)
+    return (
+        f'<div class="match" data-prototype="{j}">'
+        f'<div class="pair">{test_side}</div>'
+        f'<div class="arrow"><b>&rarr;</b>looks like</div>'
+        f'<div class="pair">{prototype_side}</div>'
+        f'<div class="numbers"><div class="proto">#{rank} {html.chip(canvas.colours[own])}'
+        f'<a href="#prototype-{j}">prototype {j}</a></div>'
+        f'<div class="cls">{e(canvas.class_names[own])}</div><table>'
+        f"{table}{share_row}</table>{share_bar}</div></div>"
+    )
+
+
+def _panel(canvas, image_id: int, predicted: int, true: int, logits, rows) -> tuple[str, float]:
+    names, colours = canvas.class_names, canvas.colours
+    correct = predicted == true
+    probabilities = np.exp(logits - logits.max())
+    probability = float(probabilities[predicted] / probabilities.sum())
+    whole = html.img(f"images/{image_id}.png", f"test image {image_id}", pictures.SIZES["whole"])
+    return (
+        f'<div class="panel {"right" if correct else "wrong"}" id="image-{image_id}" '
+        f'data-image="{image_id}"><div class="whole">{whole}'
+        f'<div class="verdict">{"&#10004; right" if correct else "&#10008; wrong"}</div>'
+        f'<div class="meta">test image {image_id}<br>'
+        f'predicted {html.chip(colours[predicted])} <span class="name">{e(names[predicted])}'
+        f'</span><br>true {html.chip(colours[true])} <span class="name">{e(names[true])}</span>'
+        f"<br>probability {probability * 100:.1f}%, logit {logits[predicted]:.2f}</div>"
+        f'<div><a class="figure" href="figures/explanation_{image_id}.png">figure (PNG)</a>'
+        f'</div></div><div class="matches">{"".join(rows)}</div></div>'
+    ), probability
+
+
+def _explain_image(canvas, outputs, n: int, arrays, images, prototype_pictures, top_k) -> str:
+    image_id, logits = int(outputs.image_ids[n]), outputs.logits[n]
+    decoded = images.get(image_id)
+    predicted, true = int(np.argmax(logits)), int(outputs.labels[n])
+    matches = top_contributions(
+        outputs.similarities[n],
+        arrays.last_layer,
+        predicted,
+        outputs.winning_view[n],
+        outputs.num_masks[n],
+        top_k,
+    )
+    whole = pictures.fit_width(decoded.image, pictures.rendered("whole"))
+    canvas.save(whole, f"images/{image_id}.png")
+    rows, figure_rows = [], []
+    for rank, match in enumerate(matches, start=1):
+        own = int(arrays.prototype_class[match.prototype])
+        overlay = decoded.overlay(match.mask_index, canvas.colours[own], "match")
+        stem = f"images/{image_id}_r{rank}"
+        drawn = (
+            canvas.save(overlay, f"{stem}_mask.png"),
+            canvas.save(decoded.view(match.mask_index, "match_view"), f"{stem}_view.png"),
+            *prototype_pictures[match.prototype],
+        )
+        rows.append(_match_row(rank, match, own, canvas, drawn, float(logits[predicted])))
+        source = None if drawn[2] is None else np.asarray(Image.open(canvas.out_dir / drawn[2]))
+        caption = textwrap.fill(canvas.class_names[own], 24, break_on_hyphens=False)
+        caption += f"\nsimilarity {match.similarity:.2f}\n"
+        caption += f"x weight {match.weight:.2f} = {match.contribution:.2f}"
+        figure_rows.append((overlay, source, f"#{rank}: prototype {match.prototype}", caption))
+    panel, probability = _panel(canvas, image_id, predicted, true, logits, rows)
+    details = textwrap.fill(f"true: {canvas.class_names[true]}", 26, break_on_hyphens=False)
+    explanation_figure(
+        canvas.out_dir / f"figures/explanation_{image_id}.png",
+        whole,
+        f"predicted: {canvas.class_names[predicted]}",
+        predicted == true,
+        f"{details}\nprobability {100 * probability:.1f}%\ntest image {image_id}",
+        figure_rows,
+    )
+    return panel
+
+
+def section(
+    canvas, outputs, arrays, images, prototype_pictures, top_k: int, tick: Callable[[], Any]
+):
+    """The panels of every image of ``outputs`` (``images``: their ``RecordImages``;
+    ``prototype_pictures``: ``gallery.section``'s)."""
+    panels = []
+    for n in range(len(outputs.image_ids)):
+        panels.append(_explain_image(canvas, outputs, n, arrays, images, prototype_pictures, top_k))
+        tick()
+    note = (
+        f"For each test image: the {top_k} prototypes that add most to the predicted "
+        "class's score (similarity x last-layer weight). Left of the arrow: the view of "
+        "the test image that matched the prototype best (its mask outlined); right: the "
+        "prototype's own source view."
+    )
+    return html.Section(
+        "explanations", "Explanations", "This looks like that", note, "".join(panels)
+    )
