@@ -1,15 +1,11 @@
-"""Segmenters: one image in, a stack of boolean masks out.
+"""Segmenters: one RGB image ``uint8 [H, W, 3]`` in, boolean masks ``[N, H, W]`` out.
 
-Every segmenter implements ``segment(image uint8 [H, W, 3] RGB, item) -> bool [N, H, W]``
-(any order, any N >= 0; ``segmentation.postprocess`` sorts, filters and caps them), and
-says which config values determine its masks (``params``, recorded in
-``dataset_info.json`` and checked when an export resumes; computed without building the
-segmenter, so no model is loaded to check a finished export). :func:`get_segmenter` builds
-the one ``config.segmentation.method`` names, once per export process.
+Masks come in any order and number (``postprocess`` sorts, filters and caps them). Each
+segmenter also names the config values that determine its masks (``params``: recorded in
+``dataset_info.json`` and checked when an export resumes, without building the segmenter).
 
-- ``sam``: segment-anything's automatic mask generator. The checkpoint is a local file
-  (``config.segmentation.sam.checkpoint``); nothing is downloaded. torch is imported here
-  only, when this segmenter is built.
+- ``sam``: segment-anything's automatic mask generator; the checkpoint is a local file.
+  torch is imported only when this segmenter is built.
 - ``slic``: scikit-image SLIC superpixels, one mask per superpixel.
 - ``grid``: ``rows x cols`` rectangles covering the image.
 - ``gt``: the dataset's own masks: one per part of a part map (the parts world), else the
@@ -40,8 +36,6 @@ class SegmenterError(ValueError):
 
 
 class Segmenter(abc.ABC):
-    """Interface: ``segment(image, item) -> bool [N, H, W]``."""
-
     method: str = ""
 
     @classmethod
@@ -56,22 +50,14 @@ class Segmenter(abc.ABC):
 
     @abc.abstractmethod
     def segment(self, image: np.ndarray, item: SourceItem) -> np.ndarray:
-        """Segments one image.
-
-        Args:
-          image: uint8 ``[H, W, 3]`` RGB.
-          item: the source item the image was decoded from (ground truth, names).
-
-        Returns:
-          bool ``[N, H, W]`` masks, N >= 0, in no particular order.
-        """
+        """bool ``[N, H, W]`` masks of ``image``; ``item`` is what it was decoded from."""
 
 
 # -------------------------------------------------------------------------------- grid
 
 
 class GridSegmenter(Segmenter):
-    """``rows x cols`` rectangles with edges at ``round(linspace(0, size, n + 1))``."""
+    """Rectangles with edges at ``round(linspace(0, size, n + 1))``."""
 
     method = "grid"
 
@@ -193,23 +179,11 @@ def _sha256(path: Path) -> str:
 
 
 def load_sam_model(model_type: str, checkpoint: str, checkpoint_sha256: str = ""):
-    """Builds a SAM of ``model_type`` and loads its weights from a local checkpoint.
+    """A ``segment_anything`` SAM on the CPU with the weights of a local checkpoint.
 
-    The model is built without a checkpoint (``sam_model_registry[model_type]()``, which
-    never downloads), then the state dict is read with ``weights_only=True`` (no pickled
-    code runs) and loaded strictly.
-
-    Args:
-      model_type: a key of ``segment_anything.sam_model_registry`` (vit_h, vit_l, vit_b).
-      checkpoint: local path of the ``.pth`` file.
-      checkpoint_sha256: when non-empty, the file's SHA-256 must match.
-
-    Returns:
-      The ``segment_anything.modeling.Sam`` module on the CPU.
-
-    Raises:
-      SegmenterError: empty or missing checkpoint, hash mismatch, unknown model type, or a
-        state dict that does not fit the model.
+    The model is built without a checkpoint (``sam_model_registry[model_type]()`` never
+    downloads), then the state dict is read with ``weights_only=True`` (no pickled code
+    runs), after checking its SHA-256 when one is given, and loaded strictly.
     """
     import torch
     from segment_anything import sam_model_registry
@@ -261,23 +235,15 @@ def resolve_torch_device(device: str) -> str:
 
 
 class SamSegmenter(Segmenter):
-    """segment-anything's ``SamAutomaticMaskGenerator`` on an RGB image.
-
-    The reference converts the image to BGR before calling the generator (reference doc
-    §9.4); SAM was trained on RGB, so we pass RGB.
-    """
+    """The reference feeds SAM BGR images (``docs/reference.md`` §9.4); SAM was trained on
+    RGB, so we pass RGB. Every key of ``segmentation.sam`` but the checkpoint's and the model
+    type is an argument of ``SamAutomaticMaskGenerator``."""
 
     method = "sam"
 
     def __init__(
         self, sam_config: ml_collections.ConfigDict, device: str = "auto", model: Any = None
     ):
-        """Args:
-        sam_config: ``config.segmentation.sam``.
-        device: ``auto``, ``cpu`` or a torch CUDA device.
-        model: a prebuilt ``segment_anything.modeling.Sam`` (tests, notebooks); when None
-          the model is loaded from ``sam_config.checkpoint``.
-        """
         from segment_anything import SamAutomaticMaskGenerator
 
         if sam_config.min_mask_region_area > 0:
@@ -294,16 +260,11 @@ class SamSegmenter(Segmenter):
             )
         self.device = resolve_torch_device(device)
         model.to(self.device).eval()
+        generator_args = sam_config.to_dict()
+        for key in ("checkpoint", "checkpoint_sha256", "model_type"):
+            del generator_args[key]
         self._generator = SamAutomaticMaskGenerator(
-            model,
-            points_per_side=sam_config.points_per_side,
-            points_per_batch=sam_config.points_per_batch,
-            pred_iou_thresh=sam_config.pred_iou_thresh,
-            stability_score_thresh=sam_config.stability_score_thresh,
-            crop_n_layers=sam_config.crop_n_layers,
-            crop_n_points_downscale_factor=sam_config.crop_n_points_downscale_factor,
-            min_mask_region_area=sam_config.min_mask_region_area,
-            output_mode="binary_mask",
+            model, output_mode="binary_mask", **generator_args
         )
 
     @classmethod
@@ -357,16 +318,8 @@ def _segmenter_class(config: ml_collections.ConfigDict) -> type[Segmenter]:
 
 
 def get_segmenter(config: ml_collections.ConfigDict, sam_model: Any = None) -> Segmenter:
-    """Builds the segmenter ``config.segmentation.method`` names.
-
-    Args:
-      config: the full experiment config (reads ``config.segmentation``).
-      sam_model: optional prebuilt ``segment_anything.modeling.Sam`` for ``method == "sam"``
-        (the checkpoint is then not read).
-
-    Raises:
-      SegmenterError: for an unknown method (lists the valid ones) or a bad parameter.
-    """
+    """The segmenter ``config.segmentation.method`` names; ``sam_model``: a prebuilt SAM
+    (the checkpoint is then not read)."""
     return _segmenter_class(config).from_config(config.segmentation, sam_model)
 
 
