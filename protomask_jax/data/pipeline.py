@@ -1,20 +1,19 @@
-"""The host input pipeline: TFRecords → fixed-shape numpy batches, with grain.
+"""The host input pipeline: TFRecords -> fixed-shape numpy batches, with grain.
 
-Each record is decoded once, its image fitted into a fixed ``S x S`` canvas and its boxes
-mapped into the canvas frame and padded cyclically to ``K`` views (DESIGN.md, data flow 3).
-Crops, augmentation and normalisation happen later, on the device (``data/views.py``).
+Each record is decoded once, its image fitted into an ``S x S`` canvas and its boxes mapped
+into the canvas and padded cyclically to ``K`` views; crops, augmentation and normalisation
+happen on the device (``data/views.py``). An example is ``canvas uint8 [S, S, 3]``, ``boxes
+float32 [K, 4]``, ``valid bool [K]``, ``num_masks``, ``label``, ``image_id``, ``weight`` (0 for
+filler) and, for ``input.fill_background == "mask"``, ``masks uint8 [K, M, M]``.
 
-Order of examples. The training stream is the concatenation of one seeded permutation of
-the training images per epoch, cut into global batches of ``B`` consecutive positions: every
-image appears exactly once in each epoch's ``N`` consecutive positions, no image is dropped
-and no batch is padded (BatchNorm never sees filler). Evaluation streams visit the split
-once in id order and pad the last batch with zero-weight filler examples (``weight``).
-
-The stream is a pure function of ``(seed, position)``: its iterator state is just the
-number of batches consumed, which the checkpoint stores, so a resumed run sees exactly the
-batches an uninterrupted run would. With several processes (multi-host), process ``p`` of
-``P`` reads rows ``[p B/P, (p+1) B/P)`` of every global batch — its own slice of records —
-and the global batch is assembled on the devices (``sharding.py``).
+The training stream concatenates one seeded permutation of the training images per epoch,
+cut into global batches of ``B`` consecutive positions: each image appears once in each
+epoch's ``N`` positions, none is dropped and no batch is padded (BatchNorm never sees
+filler). Evaluation streams visit a split once in id order and pad the last batch with
+zero-weight filler. A stream is a pure function of ``(seed, position)``, so its iterator
+state is the number of batches consumed (checkpointed): a resumed run sees the batches an
+uninterrupted one would. Process ``p`` of ``P`` reads rows ``[p B/P, (p+1) B/P)`` of every
+global batch; the global batch is assembled on the devices (``sharding.py``).
 """
 
 from __future__ import annotations
@@ -58,20 +57,10 @@ class PipelineSpec:
 
 
 class RecordSet:
-    """The records of one split, checked and indexed once up front.
-
-    Every record is read once at start-up: its CRCs, its schema (``ImageRecord.from_bytes``:
-    ids, labels, at least one mask, boxes inside the image) and its image header. A bad
-    record raises :class:`~protomask_jax.data.records.RecordError` naming the file, byte
-    offset and image id — or, with ``skip_bad_records``, is left out of ``good`` and
-    described in ``skipped``, so training and evaluation never see it.
-
-    Attributes:
-      reader: random access to the split's records.
-      labels, image_ids: ``[len(reader)]`` per record (-1 for a skipped record).
-      good: indices of the records that passed the checks (all of them by default).
-      skipped: one message per skipped record.
-    """
+    """The records of one split, each read once at start-up: its CRCs, its schema
+    (``ImageRecord.from_bytes``) and its image header. A bad record raises ``RecordError``
+    naming file, offset and image id, or, with ``skip_bad_records``, is left out of ``good``
+    and described in ``skipped``. ``labels`` and ``image_ids`` are -1 for skipped records."""
 
     def __init__(
         self,
@@ -125,12 +114,10 @@ class RecordSet:
 def split_train_validation(
     labels: np.ndarray, fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified split of record indices into (train, validation).
-
-    Each class gives ``round(fraction * n_c)`` of its images to validation (at least one
-    when it has two or more and ``fraction > 0``), chosen by a seeded permutation, so the
-    split depends only on the labels and the seed. The reference selects models on the
-    test set (§9.6); we select on this held-out part of the training set.
+    """Stratified (train, validation) record indices: each class gives ``round(fraction n_c)``
+    images (at least one when it has two or more), chosen by a seeded permutation. The
+    reference selects models on the test set (``docs/reference.md`` §9.6); we select on this
+    held-out part of the training set.
     """
     rng = np.random.default_rng(seed)
     validation = []
@@ -337,21 +324,9 @@ def train_stream(
     process_index: int = 0,
     process_count: int = 1,
 ) -> BatchIterator:
-    """The endless, shuffled training stream from batch ``start_batch`` on.
-
-    Args:
-      record_set: the split's records.
-      record_indices: which of them to train on (the train part of the split).
-      spec: shapes and options.
-      global_batch: images per global batch (all processes together).
-      seed: shuffle seed; epoch ``e`` uses the permutation seeded by ``(seed, e)``.
-      start_batch: batches already consumed (resume).
-      num_workers: grain worker processes (0: decode in this process, 2 threads).
-      process_index, process_count: this process's slice (multi-host).
-
-    Returns:
-      A :class:`BatchIterator` of process-local numpy batches.
-    """
+    """The endless, shuffled stream of process-local batches of ``record_indices`` from
+    batch ``start_batch`` on; epoch ``e`` uses the permutation seeded by ``(seed, e)``.
+    ``num_workers``: grain worker processes (0: decode in this process, two threads)."""
     element = _StreamElement(
         _Decode(
             record_set.reader, record_indices, spec, _EpochPermutation(len(record_indices), seed)
