@@ -19,14 +19,12 @@ from configs import common
 
 
 def get_config():
-    c = common.get_base_config()
-    c.dataset.name = "cub200"
-    c.dataset.root = "data/CUB_200_2011"
-    c.dataset.records_dir = "data/records/cub200_sam"
-    c.dataset.num_classes = 200
-    c.segmentation.method = "sam"
-    c.input.num_views = 11
-    c.train.backbone_lr = 6e-5
-    c.train.prototype_lr = 3e-3
-    c.train.lr_step_epochs = 35
-    return common.finalize(c)
+    return common.sam_dataset_config(
+        "cub200",
+        "data/CUB_200_2011",
+        200,
+        num_views=11,
+        backbone_lr=6e-5,
+        prototype_lr=3e-3,
+        lr_step_epochs=35,
+    )
