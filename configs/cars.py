@@ -14,12 +14,4 @@ from configs import common
 
 
 def get_config():
-    return common.sam_dataset_config(
-        "cars196",
-        "data/stanford_cars",
-        196,
-        num_views=16,
-        backbone_lr=6e-5,
-        prototype_lr=2e-3,
-        lr_step_epochs=35,
-    )
+    return common.sam_dataset_config("cars196")

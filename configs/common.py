@@ -12,138 +12,100 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
+# Keys are grouped by meaning, several to a line.
+# fmt: off
+
 
 def _dataset() -> ConfigDict:
-    return ConfigDict(
-        dict(
-            name="cub200",  # parts_world | cub200 | dogs | cars196 | folder | tfds
-            root="",  # local folder holding the raw dataset (official layout)
-            tfds_name="",  # for name == "tfds": e.g. caltech_birds2011
-            tfds_data_dir="",
-            records_dir="",  # where the export writes / training reads TFRecords
-            num_classes=200,
-            multi_label=False,
-            # Read only when name == "parts_world" (the embedded synthetic dataset).
-            synthetic=dict(
-                num_classes=8, image_size=96, train_per_class=80, test_per_class=20, seed=0
-            ),
-        )
-    )
+    return ConfigDict(dict(
+        name="cub200",  # parts_world | cub200 | dogs | cars196 | folder | tfds
+        root="",  # local folder holding the raw dataset (official layout)
+        tfds_name="", tfds_data_dir="",  # for name == "tfds": e.g. caltech_birds2011
+        records_dir="",  # where the export writes and training reads TFRecords
+        num_classes=200, multi_label=False,
+        # Read only when name == "parts_world" (the embedded synthetic dataset).
+        synthetic=dict(num_classes=8, image_size=96, train_per_class=80, test_per_class=20,
+                       seed=0),
+    ))
 
 
 def _segmentation() -> ConfigDict:
-    sam = dict(
-        checkpoint="",  # local path, e.g. sam_vit_h_4b8939.pth
-        checkpoint_sha256="",  # verified when given
-        model_type="vit_h",
-        # The rest are SamAutomaticMaskGenerator's arguments.
-        points_per_side=32,
-        points_per_batch=64,
-        pred_iou_thresh=0.86,
-        stability_score_thresh=0.92,
-        crop_n_layers=1,
-        crop_n_points_downscale_factor=2,
-        min_mask_region_area=0,
-    )
-    return ConfigDict(
-        dict(
-            method="sam",  # sam | slic | grid | gt
-            max_masks=16,  # K_max stored per image (largest first)
-            skip_background=0,  # leading (largest) masks to drop; reference: 0
-            min_box_px=2,  # drop masks whose box is <= this many px wide or high
-            shards=dict(train=16, test=8),
-            device="auto",  # torch device for sam: auto | cpu | cuda
-            sam=sam,
-            slic=dict(n_segments=16, compactness=10.0, sigma=1.0),
-            grid=dict(rows=2, cols=2),
-        )
-    )
+    return ConfigDict(dict(
+        method="sam",  # sam | slic | grid | gt
+        max_masks=16,  # K_max stored per image (largest first)
+        skip_background=0,  # leading (largest) masks to drop; the reference: 0
+        min_box_px=2,  # drop masks whose box is <= this many px wide or high
+        shards=dict(train=16, test=8),
+        device="auto",  # torch device for sam: auto | cpu | cuda
+        sam=dict(
+            checkpoint="",  # a local file, e.g. sam_vit_h_4b8939.pth
+            checkpoint_sha256="",  # verified when given
+            model_type="vit_h",
+            # The rest are SamAutomaticMaskGenerator's arguments.
+            points_per_side=32, points_per_batch=64, pred_iou_thresh=0.86,
+            stability_score_thresh=0.92, crop_n_layers=1, crop_n_points_downscale_factor=2,
+            min_mask_region_area=0,
+        ),
+        slic=dict(n_segments=16, compactness=10.0, sigma=1.0),
+        grid=dict(rows=2, cols=2),
+    ))
 
 
 def _input() -> ConfigDict:
-    return ConfigDict(
-        dict(
-            canvas_size=448,  # S: the decoded image is fitted (aspect kept) into S x S
-            num_views=11,  # K (cyclic padding when an image has fewer masks)
-            view_size=224,
-            batch_size=16,  # global batch, images
-            eval_batch_size=64,
-            num_workers=0,  # grain worker processes; 0: the main process
-            prefetch=2,  # batches prefetched to device
-            fill_background="original",  # original (crop the image) | mask (zero outside)
-            mask_size=112,  # resolution of the masks shipped to device for fill == mask
-            validation_fraction=0.1,  # carved out of train (the reference selects on test)
-            skip_bad_records=False,
-            # The reference's "medium" ranges.
-            augment=dict(
-                flip=True,
-                rotate_deg=15.0,
-                shear_deg=15.0,
-                perspective=0.05,
-                brightness=0.15,
-                contrast=0.15,
-                saturation=0.15,
-                hue=0.025,
-            ),
-        )
-    )
+    return ConfigDict(dict(
+        canvas_size=448,  # S: the decoded image is fitted (aspect kept) into S x S
+        num_views=11,  # K (cyclic padding when an image has fewer masks)
+        view_size=224,
+        batch_size=16, eval_batch_size=64,  # global batches, images
+        num_workers=0,  # grain worker processes; 0: the main process
+        prefetch=2,  # batches prefetched to device
+        fill_background="original",  # original (crop the image) | mask (zero outside)
+        mask_size=112,  # resolution of the masks shipped to device for fill == mask
+        validation_fraction=0.1,  # carved out of train (the reference selects on test)
+        skip_bad_records=False,
+        # The reference's "medium" ranges.
+        augment=dict(flip=True, rotate_deg=15.0, shear_deg=15.0, perspective=0.05,
+                     brightness=0.15, contrast=0.15, saturation=0.15, hue=0.025),
+    ))
 
 
 def _model() -> ConfigDict:
-    return ConfigDict(
-        dict(
-            backbone="resnet50",  # resnet18/34/50/101/152 | resnet_tiny | resnet_micro
-            pretrained="",  # local torchvision/ProtoPNet ResNet state_dict (.pth)
-            pretrained_sha256="",
-            import_protomask="",  # local quanproto ProtoMask state_dict to start from
-            prototype_dim=1280,
-            prototypes_per_class=10,
-            incorrect_strength=0.0,  # last-layer init of wrong-class connections
-            similarity_eps=1e-4,  # log((d+1)/(d+eps)); the reference's 1e-14, see §3
-            compute_dtype="bfloat16",  # activations; parameters stay float32
-        )
-    )
+    return ConfigDict(dict(
+        backbone="resnet50",  # resnet18/34/50/101/152 | resnet_tiny | resnet_micro
+        pretrained="", pretrained_sha256="",  # torchvision/ProtoPNet ResNet state_dict
+        import_protomask="",  # a quanproto ProtoMask state_dict to start from
+        prototype_dim=1280, prototypes_per_class=10,
+        incorrect_strength=0.0,  # last-layer init of wrong-class connections
+        similarity_eps=1e-4,  # log((d+1)/(d+eps)); the reference's 1e-14, see §3
+        compute_dtype="bfloat16",  # activations; parameters stay float32
+    ))
 
 
 def _loss() -> ConfigDict:
-    return ConfigDict(
-        dict(
-            ce=1.0,
-            cluster=0.8,
-            separation=0.2,
-            diversity=0.2,
-            l1=1e-3,
-            class_weighted=True,  # w_c = N / (C n_c) from the training split
-            reference_detached_diversity=False,  # §9.3: no gradient
-        )
-    )
+    return ConfigDict(dict(
+        ce=1.0, cluster=0.8, separation=0.2, diversity=0.2, l1=1e-3,
+        class_weighted=True,  # w_c = N / (C n_c) from the training split
+        reference_detached_diversity=False,  # §9.3: no gradient
+    ))
 
 
 def _train() -> ConfigDict:
-    return ConfigDict(
-        dict(
-            warmup_epochs=0,
-            joint_epochs=100,
-            finetune_epochs=10,
-            warmup_lr=1e-3,
-            backbone_lr=6e-5,
-            addon_lr=3e-3,
-            prototype_lr=3e-3,
-            finetune_lr=3e-4,
-            lr_step_epochs=35,  # joint-phase StepLR
-            lr_gamma=0.5,
-            accumulate_steps=4,
-            reference_frozen_addon=False,  # §9.2: the add-on is never optimised
-            push=True,  # project prototypes onto training views before fine-tune
-            reference_push_per_batch=False,  # §9.1: running min reset every batch
-            reference_bn_update_in_finetune=False,  # §9.14: BN statistics move in fine-tune
-            prune=dict(enabled=False, k=6, threshold=3, finetune_epochs=5),
-            eval_every_epochs=10,
-            log_every_steps=50,
-            checkpoint_every_steps=500,
-            keep_checkpoints=3,
-        )
-    )
+    return ConfigDict(dict(
+        warmup_epochs=0, joint_epochs=100, finetune_epochs=10,
+        warmup_lr=1e-3, backbone_lr=6e-5, addon_lr=3e-3, prototype_lr=3e-3, finetune_lr=3e-4,
+        lr_step_epochs=35, lr_gamma=0.5,  # joint-phase StepLR
+        accumulate_steps=4,
+        reference_frozen_addon=False,  # §9.2: the add-on is never optimised
+        push=True,  # project prototypes onto training views before fine-tune
+        reference_push_per_batch=False,  # §9.1: running min reset every batch
+        reference_bn_update_in_finetune=False,  # §9.14: BN statistics move in fine-tune
+        prune=dict(enabled=False, k=6, threshold=3, finetune_epochs=5),
+        eval_every_epochs=10, log_every_steps=50,
+        checkpoint_every_steps=500, keep_checkpoints=3,
+    ))
+
+
+# fmt: on
 
 
 def get_base_config() -> ConfigDict:
@@ -162,26 +124,25 @@ def get_base_config() -> ConfigDict:
     return c
 
 
-def sam_dataset_config(
-    name: str,
-    root: str,
-    num_classes: int,
-    *,
-    num_views: int,
-    backbone_lr: float,
-    prototype_lr: float,
-    lr_step_epochs: int,
-) -> ConfigDict:
-    """A real dataset with SAM masks and the reference's per-dataset values (§5.3), locked."""
+# The reference's per-dataset values with SAM masks (docs/reference.md §5.3).
+SAM_DATASETS = {
+    # name: (root, classes, K views, backbone lr, prototype lr, StepLR period in epochs)
+    "cub200": ("data/CUB_200_2011", 200, 11, 6e-5, 3e-3, 35),
+    "dogs": ("data/stanford_dogs", 120, 13, 1e-5, 3e-3, 30),
+    "cars196": ("data/stanford_cars", 196, 16, 6e-5, 2e-3, 35),
+}
+
+
+def sam_dataset_config(name: str) -> ConfigDict:
+    """The locked config of a dataset of :data:`SAM_DATASETS`."""
+    root, num_classes, num_views, backbone_lr, prototype_lr, step = SAM_DATASETS[name]
     c = get_base_config()
     c.dataset.update(
         name=name, root=root, records_dir=f"data/records/{name}_sam", num_classes=num_classes
     )
     c.segmentation.method = "sam"
     c.input.num_views = num_views
-    c.train.update(
-        backbone_lr=backbone_lr, prototype_lr=prototype_lr, lr_step_epochs=lr_step_epochs
-    )
+    c.train.update(backbone_lr=backbone_lr, prototype_lr=prototype_lr, lr_step_epochs=step)
     return finalize(c)
 
 

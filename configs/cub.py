@@ -19,12 +19,4 @@ from configs import common
 
 
 def get_config():
-    return common.sam_dataset_config(
-        "cub200",
-        "data/CUB_200_2011",
-        200,
-        num_views=11,
-        backbone_lr=6e-5,
-        prototype_lr=3e-3,
-        lr_step_epochs=35,
-    )
+    return common.sam_dataset_config("cub200")

@@ -13,12 +13,4 @@ from configs import common
 
 
 def get_config():
-    return common.sam_dataset_config(
-        "dogs",
-        "data/stanford_dogs",
-        120,
-        num_views=13,
-        backbone_lr=1e-5,
-        prototype_lr=3e-3,
-        lr_step_epochs=30,
-    )
+    return common.sam_dataset_config("dogs")

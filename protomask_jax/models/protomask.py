@@ -237,15 +237,14 @@ def apply(
     views: jax.Array,
     *,
     train: bool,
-    valid: jax.Array | None = None,
-    return_views: bool = False,
+    **options: Any,
 ) -> tuple[ProtoMaskOutput, nnx.State]:
-    """Pure forward pass for ``jax.jit`` / ``jax.grad``: ``(outputs, new_batch_stats)``, the
-    latter ``batch_stats`` itself unless ``train`` (a static Python bool)."""
+    """:meth:`ProtoMask.__call__` as a pure function for ``jax.jit`` / ``jax.grad``:
+    ``(outputs, new_batch_stats)``, the latter ``batch_stats`` itself unless ``train``."""
     # copy=True: fresh Variables owned by the current trace, so BatchNorm can update them
     # inside jax.grad / jax.jit and the caller's states are never mutated.
     model = nnx.merge(graphdef, params, batch_stats, constants, copy=True)
-    outputs = model(views, train=train, valid=valid, return_views=return_views)
+    outputs = model(views, train=train, **options)
     new_batch_stats = nnx.state(model, nnx.BatchStat) if train else batch_stats
     return outputs, new_batch_stats
 
