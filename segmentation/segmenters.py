@@ -36,24 +36,21 @@ class SegmenterError(ValueError):
 
 
 class Segmenter(abc.ABC):
+    """Built once per export process from ``config.segmentation``."""
+
     method: str = ""
 
-    @classmethod
-    @abc.abstractmethod
-    def from_config(cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None) -> Segmenter:
-        """Builds the segmenter from ``config.segmentation``."""
+    def __init__(self, seg: ml_collections.ConfigDict, sam_model: Any = None):
+        self.seg = seg
 
     @staticmethod
-    @abc.abstractmethod
-    def params(seg_config: ml_collections.ConfigDict) -> dict[str, Any]:
+    def params(seg: ml_collections.ConfigDict) -> dict[str, Any]:
         """The values of ``config.segmentation`` that determine the masks (JSON-able)."""
+        return {}
 
     @abc.abstractmethod
     def segment(self, image: np.ndarray, item: SourceItem) -> np.ndarray:
         """bool ``[N, H, W]`` masks of ``image``; ``item`` is what it was decoded from."""
-
-
-# -------------------------------------------------------------------------------- grid
 
 
 class GridSegmenter(Segmenter):
@@ -61,18 +58,12 @@ class GridSegmenter(Segmenter):
 
     method = "grid"
 
-    def __init__(self, rows: int, cols: int):
-        if rows < 1 or cols < 1:
+    def __init__(self, seg: ml_collections.ConfigDict, sam_model: Any = None):
+        self.rows, self.cols = seg.grid.rows, seg.grid.cols
+        if self.rows < 1 or self.cols < 1:
             raise SegmenterError(
-                f"segmentation.grid rows and cols must be >= 1, got {rows} x {cols}."
+                f"segmentation.grid rows and cols must be >= 1, got {self.rows} x {self.cols}."
             )
-        self.rows, self.cols = rows, cols
-
-    @classmethod
-    def from_config(
-        cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None
-    ) -> GridSegmenter:
-        return cls(seg_config.grid.rows, seg_config.grid.cols)
 
     def segment(self, image: np.ndarray, item: SourceItem) -> np.ndarray:
         height, width = image.shape[:2]
@@ -84,11 +75,8 @@ class GridSegmenter(Segmenter):
         return cell[None] == np.arange(self.rows * self.cols)[:, None, None]
 
     @staticmethod
-    def params(seg_config: ml_collections.ConfigDict) -> dict[str, Any]:
-        return dict(rows=seg_config.grid.rows, cols=seg_config.grid.cols)
-
-
-# -------------------------------------------------------------------------------- slic
+    def params(seg: ml_collections.ConfigDict) -> dict[str, Any]:
+        return dict(rows=seg.grid.rows, cols=seg.grid.cols)
 
 
 class SlicSegmenter(Segmenter):
@@ -96,35 +84,15 @@ class SlicSegmenter(Segmenter):
 
     method = "slic"
 
-    def __init__(self, n_segments: int, compactness: float, sigma: float):
-        self.n_segments, self.compactness, self.sigma = n_segments, compactness, sigma
-
-    @classmethod
-    def from_config(
-        cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None
-    ) -> SlicSegmenter:
-        return cls(seg_config.slic.n_segments, seg_config.slic.compactness, seg_config.slic.sigma)
-
     def segment(self, image: np.ndarray, item: SourceItem) -> np.ndarray:
         from skimage.segmentation import slic
 
-        labels = slic(
-            image,
-            n_segments=self.n_segments,
-            compactness=self.compactness,
-            sigma=self.sigma,
-            start_label=0,
-            channel_axis=-1,
-        )
-        present = np.unique(labels)
-        return labels[None] == present[:, None, None]
+        labels = slic(image, **self.seg.slic.to_dict(), start_label=0, channel_axis=-1)
+        return labels[None] == np.unique(labels)[:, None, None]
 
     @staticmethod
-    def params(seg_config: ml_collections.ConfigDict) -> dict[str, Any]:
-        return seg_config.slic.to_dict()
-
-
-# ---------------------------------------------------------------------------------- gt
+    def params(seg: ml_collections.ConfigDict) -> dict[str, Any]:
+        return seg.slic.to_dict()
 
 
 class GroundTruthSegmenter(Segmenter):
@@ -132,39 +100,28 @@ class GroundTruthSegmenter(Segmenter):
 
     method = "gt"
 
-    @classmethod
-    def from_config(
-        cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None
-    ) -> GroundTruthSegmenter:
-        return cls()
-
     def segment(self, image: np.ndarray, item: SourceItem) -> np.ndarray:
         gt = item.gt
         if gt.part_map is not None:
             part_map = np.asarray(gt.part_map)
-            self._check_size(part_map.shape, image, item, "part map")
+            _check_size(part_map.shape, image, item, "part map")
             part_values = np.unique(part_map)
-            part_values = part_values[part_values > 0]
-            return part_map[None] == part_values[:, None, None]
+            return part_map[None] == part_values[part_values > 0][:, None, None]
         if gt.object_mask is not None:
             object_mask = np.asarray(gt.object_mask, dtype=bool)
-            self._check_size(object_mask.shape, image, item, "object mask")
+            _check_size(object_mask.shape, image, item, "object mask")
             return object_mask[None]
         raise SegmenterError(
             f"{item.filename}: segmentation.method='gt' needs ground-truth masks (a part map "
             "or an object mask) but this dataset provides none; choose sam, slic or grid."
         )
 
-    @staticmethod
-    def _check_size(shape: tuple[int, ...], image: np.ndarray, item: SourceItem, what: str) -> None:
-        if tuple(shape) != image.shape[:2]:
-            raise SegmenterError(
-                f"{item.filename}: {what} is {tuple(shape)} but the image is {image.shape[:2]}."
-            )
 
-    @staticmethod
-    def params(seg_config: ml_collections.ConfigDict) -> dict[str, Any]:
-        return {}
+def _check_size(shape: tuple[int, ...], image: np.ndarray, item: SourceItem, what: str) -> None:
+    if tuple(shape) != image.shape[:2]:
+        raise SegmenterError(
+            f"{item.filename}: {what} is {tuple(shape)} but the image is {image.shape[:2]}."
+        )
 
 
 # --------------------------------------------------------------------------------- sam
@@ -241,12 +198,11 @@ class SamSegmenter(Segmenter):
 
     method = "sam"
 
-    def __init__(
-        self, sam_config: ml_collections.ConfigDict, device: str = "auto", model: Any = None
-    ):
+    def __init__(self, seg: ml_collections.ConfigDict, sam_model: Any = None):
         from segment_anything import SamAutomaticMaskGenerator
 
-        if sam_config.min_mask_region_area > 0:
+        sam = seg.sam
+        if sam.min_mask_region_area > 0:
             try:
                 import cv2  # noqa: F401  (segment-anything needs it to remove small regions)
             except ImportError as e:
@@ -254,24 +210,17 @@ class SamSegmenter(Segmenter):
                     "segmentation.sam.min_mask_region_area > 0 needs opencv (pip install "
                     "opencv-python-headless); set it to 0 (the reference's value)."
                 ) from e
+        model = sam_model
         if model is None:
-            model = load_sam_model(
-                sam_config.model_type, sam_config.checkpoint, sam_config.checkpoint_sha256
-            )
-        self.device = resolve_torch_device(device)
+            model = load_sam_model(sam.model_type, sam.checkpoint, sam.checkpoint_sha256)
+        self.device = resolve_torch_device(seg.device)
         model.to(self.device).eval()
-        generator_args = sam_config.to_dict()
+        generator_args = sam.to_dict()
         for key in ("checkpoint", "checkpoint_sha256", "model_type"):
             del generator_args[key]
         self._generator = SamAutomaticMaskGenerator(
             model, output_mode="binary_mask", **generator_args
         )
-
-    @classmethod
-    def from_config(
-        cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None
-    ) -> SamSegmenter:
-        return cls(seg_config.sam, device=seg_config.device, model=sam_model)
 
     def segment(self, image: np.ndarray, item: SourceItem) -> np.ndarray:
         height, width = image.shape[:2]
@@ -288,8 +237,8 @@ class SamSegmenter(Segmenter):
         return np.stack([np.asarray(record["segmentation"], bool) for record in found])
 
     @staticmethod
-    def params(seg_config: ml_collections.ConfigDict) -> dict[str, Any]:
-        params = seg_config.sam.to_dict()
+    def params(seg: ml_collections.ConfigDict) -> dict[str, Any]:
+        params = seg.sam.to_dict()
         # Batching does not change the masks; a resumed export may use another batch size.
         del params["points_per_batch"]
         # The file name identifies the weights; the folder it sits in does not matter.
@@ -298,13 +247,8 @@ class SamSegmenter(Segmenter):
         return params
 
 
-# ---------------------------------------------------------------------------- registry
-
 SEGMENTERS: dict[str, type[Segmenter]] = {
-    "sam": SamSegmenter,
-    "slic": SlicSegmenter,
-    "grid": GridSegmenter,
-    "gt": GroundTruthSegmenter,
+    cls.method: cls for cls in (SamSegmenter, SlicSegmenter, GridSegmenter, GroundTruthSegmenter)
 }
 
 
@@ -320,7 +264,7 @@ def _segmenter_class(config: ml_collections.ConfigDict) -> type[Segmenter]:
 def get_segmenter(config: ml_collections.ConfigDict, sam_model: Any = None) -> Segmenter:
     """The segmenter ``config.segmentation.method`` names; ``sam_model``: a prebuilt SAM
     (the checkpoint is then not read)."""
-    return _segmenter_class(config).from_config(config.segmentation, sam_model)
+    return _segmenter_class(config)(config.segmentation, sam_model)
 
 
 def segmenter_description(config: ml_collections.ConfigDict) -> dict[str, Any]:
