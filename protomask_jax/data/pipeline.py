@@ -184,17 +184,27 @@ def filler_example(spec: PipelineSpec) -> Batch:
     return example
 
 
-class _Decode:
-    """Picklable map function: stream position → example (grain workers pickle it)."""
+class _Element:
+    """Picklable grain map function: this process's row j -> decoded example.
 
-    def __init__(self, reader, record_indices, spec: PipelineSpec, order):
-        self.reader = reader
-        self.record_indices = record_indices
-        self.spec = spec
-        self.order = order
+    Row j is global stream position ``step B + p B/P + row``; ``order`` maps a position to
+    an index into ``record_indices``, or -1 for filler.
+    """
 
-    def __call__(self, position: int) -> Batch:
-        i = self.order(position)
+    def __init__(self, record_set, record_indices, spec, order, global_batch, process, processes):
+        if global_batch % processes:
+            raise ValueError(
+                f"input.batch_size={global_batch} must be divisible by the number of "
+                f"processes ({processes})."
+            )
+        self.reader, self.record_indices = record_set.reader, record_indices
+        self.spec, self.order, self.global_batch = spec, order, global_batch
+        self.local_batch = global_batch // processes
+        self.first_row = process * self.local_batch
+
+    def __call__(self, j: int) -> Batch:
+        step, row = divmod(int(j), self.local_batch)
+        i = self.order(step * self.global_batch + self.first_row + row)
         if i < 0:
             return filler_example(self.spec)
         record_index = int(self.record_indices[i])
@@ -206,7 +216,7 @@ class _Decode:
 
 
 class _EpochPermutation:
-    """Maps a global stream position to an index into the split (one permutation/epoch)."""
+    """Global stream position -> index into the split, one permutation per epoch."""
 
     def __init__(self, size: int, seed: int):
         self.size = size
@@ -233,35 +243,6 @@ class _InOrder:
 
     def __call__(self, position: int) -> int:
         return position if position < self.size else -1
-
-
-class _LocalPositions:
-    """Local row j of this process → global stream position (its rows of each batch)."""
-
-    def __init__(self, global_batch: int, process_index: int, process_count: int):
-        if global_batch % process_count:
-            raise ValueError(
-                f"input.batch_size={global_batch} must be divisible by the number of "
-                f"processes ({process_count})."
-            )
-        self.global_batch = global_batch
-        self.local_batch = global_batch // process_count
-        self.process_index = process_index
-
-    def __call__(self, j: int) -> int:
-        step, row = divmod(j, self.local_batch)
-        return step * self.global_batch + self.process_index * self.local_batch + row
-
-
-class _StreamElement:
-    """Picklable map function of the grain dataset: local row → decoded example."""
-
-    def __init__(self, decode: _Decode, positions: _LocalPositions):
-        self.decode = decode
-        self.positions = positions
-
-    def __call__(self, j: int) -> Batch:
-        return self.decode(self.positions(int(j)))
 
 
 class BatchIterator:
@@ -297,10 +278,8 @@ class BatchIterator:
             close()
 
 
-def _grain_stream(
-    element: _StreamElement, start_batch: int, stop_batch: int | None, num_workers: int
-):
-    local_batch = element.positions.local_batch
+def _grain_stream(element: _Element, start_batch: int, stop_batch: int | None, num_workers: int):
+    local_batch = element.local_batch
     stop = (stop_batch if stop_batch is not None else 1 << 40) * local_batch
     dataset = grain.MapDataset.range(start_batch * local_batch, stop).map(element)
     dataset = dataset.batch(local_batch, drop_remainder=True)
@@ -327,17 +306,12 @@ def train_stream(
     """The endless, shuffled stream of process-local batches of ``record_indices`` from
     batch ``start_batch`` on; epoch ``e`` uses the permutation seeded by ``(seed, e)``.
     ``num_workers``: grain worker processes (0: decode in this process, two threads)."""
-    element = _StreamElement(
-        _Decode(
-            record_set.reader, record_indices, spec, _EpochPermutation(len(record_indices), seed)
-        ),
-        _LocalPositions(global_batch, process_index, process_count),
+    order = _EpochPermutation(len(record_indices), seed)
+    element = _Element(
+        record_set, record_indices, spec, order, global_batch, process_index, process_count
     )
-    return BatchIterator(
-        functools.partial(_grain_stream, element, stop_batch=None, num_workers=num_workers),
-        None,
-        start_batch,
-    )
+    stream = functools.partial(_grain_stream, element, stop_batch=None, num_workers=num_workers)
+    return BatchIterator(stream, None, start_batch)
 
 
 def eval_stream(
@@ -352,14 +326,14 @@ def eval_stream(
 ) -> BatchIterator:
     """One pass over ``record_indices`` in order; the last batch padded with ``weight=0``."""
     num_batches = -(-len(record_indices) // global_batch)
-    element = _StreamElement(
-        _Decode(record_set.reader, record_indices, spec, _InOrder(len(record_indices))),
-        _LocalPositions(global_batch, process_index, process_count),
+    order = _InOrder(len(record_indices))
+    element = _Element(
+        record_set, record_indices, spec, order, global_batch, process_index, process_count
     )
-    return BatchIterator(
-        functools.partial(_grain_stream, element, stop_batch=num_batches, num_workers=num_workers),
-        num_batches,
+    stream = functools.partial(
+        _grain_stream, element, stop_batch=num_batches, num_workers=num_workers
     )
+    return BatchIterator(stream, num_batches)
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
