@@ -51,6 +51,9 @@ _GREY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 # --------------------------------------------------------------------------- configuration
 
+_GEOMETRIC_KEYS = ("flip", "rotate_deg", "shear_deg", "perspective")
+_AUGMENT_KEYS = (*_GEOMETRIC_KEYS, "brightness", "contrast", "saturation", "hue")
+
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
@@ -94,35 +97,20 @@ class AugmentConfig:
         """From ``config.input.augment``: ``flip`` (bool), symmetric ``rotate_deg``,
         ``shear_deg`` and ``hue``, ``perspective`` (upper bound of the scale) and factors
         ``1 +- x`` for ``brightness``, ``contrast``, ``saturation``."""
-        expected = (
-            "flip",
-            "rotate_deg",
-            "shear_deg",
-            "perspective",
-            "brightness",
-            "contrast",
-            "saturation",
-            "hue",
-        )
-        missing = [k for k in expected if k not in augment]
+        missing = [k for k in _AUGMENT_KEYS if k not in augment]
         if missing:
-            raise KeyError(f"config.input.augment lacks {missing}; expected keys {expected}")
-
-        def symmetric(x: float) -> tuple[float, float]:
-            return (-float(x), float(x))
-
-        def factor(x: float) -> tuple[float, float]:
-            return (max(0.0, 1.0 - float(x)), 1.0 + float(x))
-
+            raise KeyError(f"config.input.augment lacks {missing}; expected keys {_AUGMENT_KEYS}")
+        symmetric = lambda key: (-float(augment[key]), float(augment[key]))
+        factor = lambda key: (max(0.0, 1.0 - float(augment[key])), 1.0 + float(augment[key]))
         return cls(
             flip_prob=0.5 if augment["flip"] else 0.0,
-            rotate_deg=symmetric(augment["rotate_deg"]),
-            shear_deg=symmetric(augment["shear_deg"]),
+            rotate_deg=symmetric("rotate_deg"),
+            shear_deg=symmetric("shear_deg"),
             perspective_scale=(0.0, float(augment["perspective"])),
-            brightness=factor(augment["brightness"]),
-            contrast=factor(augment["contrast"]),
-            saturation=factor(augment["saturation"]),
-            hue=symmetric(augment["hue"]),
+            brightness=factor("brightness"),
+            contrast=factor("contrast"),
+            saturation=factor("saturation"),
+            hue=symmetric("hue"),
         )
 
 
