@@ -1,21 +1,12 @@
-"""The datasets the export reads, each registered under its ``config.dataset.name``.
-
-- ``parts_world``: the synthetic dataset (``parts_world.py``), generated on first use;
-  ground truth: part maps and the decisive parts of each class.
-- ``folder``: ``root/<class>/*`` (all train) or ``root/{train,test}/<class>/*``.
-- ``cub200``: ``CUB_200_2011/`` text files; ground truth: the 15 part keypoints, the bird
-  box and, when ``segmentations.tgz`` is unpacked, the bird mask.
-- ``dogs``: ``Images/``, ``lists/{train,test}_list.mat``, ``Annotation/`` (boxes).
-- ``cars196``: ``cars_{train,test}/``, ``devkit/*.mat``, ``cars_test_annos_withlabels.mat``.
-- ``tfds``: a tfds dataset prepared as ``array_record`` (random access without TensorFlow).
+"""The datasets the export reads, registered as ``parts_world``, ``folder``, ``cub200``,
+``dogs``, ``cars196`` and ``tfds`` (``config.dataset.name``).
 
 Files are read in the official layouts (``docs/datasets.md``); nothing is downloaded. A
-missing or damaged file raises :class:`SourceError` naming the file, where it was looked for
-and which archive puts it there. Object boxes are normalised yxyx (pixel / image size,
-clipped to [0, 1], as tfds computes them). Labels are 0-based; stable image ids: CUB's id
-- 1; Dogs: rank of the path among all listed images; Cars: train then test, each by file
-name; tfds: position in the split, splits one after another; folder: rank of the path.
-"""
+missing or damaged file raises :class:`SourceError` naming it, where it was looked for and
+which archive puts it there. Object boxes are normalised yxyx (pixel / image size, clipped
+to [0, 1], as tfds computes them). Labels are 0-based. Image ids are stable: CUB's id - 1;
+Dogs, folder: the rank of the path; Cars: train then test, each by file name; tfds: the
+position in the split, splits one after another."""
 
 from __future__ import annotations
 
@@ -262,8 +253,7 @@ class Cub200Source(_LocalSource):
 
     Keypoints are (y / H, x / W, visible) in part-id order, zero for a hidden part. The
     bird masks (``segmentations/<class>/<image>.png``, value >= 128) are looked for inside
-    the CUB folder, then beside it; without them ``segmentation.method="gt"`` is refused.
-    """
+    the CUB folder, then beside it; without them ``segmentation.method="gt"`` is refused."""
 
     def __init__(self, config: ml_collections.ConfigDict):
         root = require_root(config, _CUB_LAYOUT)

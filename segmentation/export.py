@@ -1,19 +1,14 @@
 """Export a dataset's images with their masks and boxes to sharded TFRecords.
 
-    python -m segmentation.export --config configs/demo.py
     python -m segmentation.export --config configs/cub.py --shard_index 0 --num_shards 4 \\
         --config.segmentation.sam.checkpoint=/path/to/sam_vit_h_4b8939.pth
 
 writes ``config.dataset.records_dir/{split}-{j:05d}-of-{n:05d}.tfrecord`` (+ ``.index``),
-``n = config.segmentation.shards[split]``. Shard ``j`` holds the images ``[j N // n,
-(j + 1) N // n)`` of the split sorted by id; process ``i`` of ``--num_shards`` writes the
-shards with ``j % num_shards == i``, so processes (GPUs, hosts) split one export with no
-overlap and no gap. A shard is written under a temporary name and renamed when complete,
-with a ``.stats.json`` sidecar (counts per class, the settings it was written with); a
-re-run skips complete shards, so a killed export resumes. Whichever process finds every
-shard complete writes ``dataset_info.json`` (``docs/design.md``). The segmenter is built
-once per process, and only if a shard is left to write.
-"""
+``n = config.segmentation.shards[split]``; shard ``j`` holds the images ``[j N // n,
+(j + 1) N // n)`` of the split sorted by id, written by process ``j % num_shards``. A shard
+is written under a temporary name, renamed when complete and described by a ``.stats.json``
+sidecar; a re-run skips complete shards. Whichever process finds every shard complete
+writes ``dataset_info.json`` (``docs/design.md``)."""
 
 from __future__ import annotations
 
@@ -238,8 +233,7 @@ def _load_stats(plan: ShardPlan, num_classes: int, fingerprint: dict[str, Any]) 
 
     A missing sidecar (the process died between publishing the shard and writing it) is
     re-derived from the shard, a fallback being a lone full-image mask; call this only for
-    shards this process owns or whose sidecar exists.
-    """
+    shards this process owns or whose sidecar exists."""
     if not plan.stats_path.exists():
         stats = _empty_stats(plan, num_classes, fingerprint)
         for data in records.iter_records(plan.path):
@@ -353,8 +347,7 @@ def export(
     """Writes this process's shards (those ``j`` with ``j % num_shards == shard_index``).
 
     ``sam_model``: a prebuilt SAM module for ``segmentation.method == "sam"`` (tests);
-    ``progress``: a progress bar (images/s) on stderr.
-    """
+    ``progress``: a progress bar (images/s) on stderr."""
     if not 0 <= shard_index < num_shards:
         raise ExportError(f"--shard_index={shard_index} must be in [0, --num_shards={num_shards}).")
     if not config.dataset.records_dir:

@@ -108,8 +108,7 @@ def class_specs(num_classes: int) -> list[ClassSpec]:
 
     Pair k (classes 2k and 2k + 1) uses part ``DECISIVE_CANDIDATES[k % 4]`` in one signature
     colour with shape 0 or 1; the second class of every other pair also gets a second
-    decisive part with shape 2. Colours advance so no (part, colour, shape) repeats.
-    """
+    decisive part with shape 2. Colours advance so no (part, colour, shape) repeats."""
     if not 2 <= num_classes <= MAX_CLASSES:
         raise ValueError(
             f"parts world num_classes must be in [2, {MAX_CLASSES}], got {num_classes}."
@@ -370,8 +369,7 @@ def generate(
 
     Within a split ids interleave the classes (c0, c1, ..., c0, c1, ...), so any contiguous
     id range is close to class-balanced. A ``root`` generated with other parameters is
-    refused (ValueError).
-    """
+    refused (ValueError)."""
     root = Path(root)
     params = dict(
         num_classes=int(num_classes),

@@ -1,21 +1,13 @@
 """From raw segmenter masks to the masks, boxes and areas stored per image.
 
-The reference's rules (``docs/reference.md`` §1.3), vectorised over masks:
-
-1. boxes and areas of every mask;
-2. sort by area, largest first (stable: equal areas keep the segmenter's order);
-3. drop masks whose box is at most ``min_box_px`` pixels wide or high (the reference's
-   ``x_min >= x_max - 1 or y_min >= y_max - 1`` is ``min_box_px = 2``) and empty masks;
-4. skip the ``skip_background`` largest; with no more than that many left, skip one fewer
-   (the reference's rule);
-5. keep the ``max_masks`` largest.
-
-If nothing survives, the image gets one full-image mask and the result says so (the export
-counts these fallbacks). Boxes are normalised yxyx with half-open pixel edges: pixels in
-rows ``r0..r1`` and columns ``c0..c1`` (inclusive) give ``(r0 / H, c0 / W, (r1 + 1) / H,
-(c1 + 1) / W)``, so a box covers its whole mask (the reference crops half-open from
-inclusive extents and loses the last row and column, §9.8).
-"""
+The reference's rules (``docs/reference.md`` §1.3), vectorised over masks: sort by area,
+largest first (stable); drop empty masks and those whose box is at most ``min_box_px``
+pixels wide or high (the reference's ``x_min >= x_max - 1 or y_min >= y_max - 1`` is
+``min_box_px = 2``); skip the ``skip_background`` largest (one fewer when no more are left);
+keep the ``max_masks`` largest. If nothing survives, the image gets one full-image mask and
+the result says so. Boxes are normalised yxyx with half-open pixel edges: rows ``r0..r1``
+and columns ``c0..c1`` (inclusive) give ``(r0 / H, c0 / W, (r1 + 1) / H, (c1 + 1) / W)``,
+so a box covers its whole mask (the reference's crop loses the last row and column, §9.8)."""
 
 from __future__ import annotations
 

@@ -140,8 +140,7 @@ def load_sam_model(model_type: str, checkpoint: str, checkpoint_sha256: str = ""
 
     The model is built without a checkpoint (``sam_model_registry[model_type]()`` never
     downloads), then the state dict is read with ``weights_only=True`` (no pickled code
-    runs), after checking its SHA-256 when one is given, and loaded strictly.
-    """
+    runs), after checking its SHA-256 when one is given, and loaded strictly."""
     import torch
     from segment_anything import sam_model_registry
 

@@ -1,20 +1,16 @@
 """The host input pipeline: TFRecords -> fixed-shape numpy batches, with grain.
 
-Each record is decoded once, its image fitted into an ``S x S`` canvas and its boxes mapped
-into the canvas and padded cyclically to ``K`` views; crops, augmentation and normalisation
-happen on the device (``data/views.py``). An example is ``canvas uint8 [S, S, 3]``, ``boxes
-float32 [K, 4]``, ``valid bool [K]``, ``num_masks``, ``label``, ``image_id``, ``weight`` (0 for
-filler) and, for ``input.fill_background == "mask"``, ``masks uint8 [K, M, M]``.
+Each record is decoded once into an example: ``canvas uint8 [S, S, 3]`` (the image fitted
+in), ``boxes float32 [K, 4]`` (mapped into the canvas, padded cyclically to K), ``valid
+bool [K]``, ``num_masks``, ``label``, ``image_id``, ``weight`` (0 for filler) and, for
+``input.fill_background == "mask"``, ``masks uint8 [K, M, M]``. Views are cut on the device.
 
 The training stream concatenates one seeded permutation of the training images per epoch,
-cut into global batches of ``B`` consecutive positions: each image appears once in each
-epoch's ``N`` positions, none is dropped and no batch is padded (BatchNorm never sees
-filler). Evaluation streams visit a split once in id order and pad the last batch with
-zero-weight filler. A stream is a pure function of ``(seed, position)``, so its iterator
-state is the number of batches consumed (checkpointed): a resumed run sees the batches an
-uninterrupted one would. Process ``p`` of ``P`` reads rows ``[p B/P, (p+1) B/P)`` of every
-global batch; the global batch is assembled on the devices (``sharding.py``).
-"""
+cut into global batches of B consecutive positions: no image is dropped, no batch padded.
+Evaluation streams visit a split once in order, the last batch padded with zero-weight
+filler. A stream is a pure function of ``(seed, position)``: its state is the number of
+batches consumed, so a resumed run sees the batches an uninterrupted one would. Process
+``p`` of ``P`` reads rows ``[p B/P, (p+1) B/P)`` of every global batch."""
 
 from __future__ import annotations
 
@@ -117,8 +113,7 @@ def split_train_validation(
     """Stratified (train, validation) record indices: each class gives ``round(fraction n_c)``
     images (at least one when it has two or more), chosen by a seeded permutation. The
     reference selects models on the test set (``docs/reference.md`` §9.6); we select on this
-    held-out part of the training set.
-    """
+    held-out part of the training set."""
     rng = np.random.default_rng(seed)
     validation = []
     for c in np.unique(labels):
@@ -188,8 +183,7 @@ class _Element:
     """Picklable grain map function: this process's row j -> decoded example.
 
     Row j is global stream position ``step B + p B/P + row``; ``order`` maps a position to
-    an index into ``record_indices``, or -1 for filler.
-    """
+    an index into ``record_indices``, or -1 for filler."""
 
     def __init__(self, record_set, record_indices, spec, order, global_batch, process, processes):
         if global_batch % processes:

@@ -60,8 +60,7 @@ def write_shard(path: str | os.PathLike, records: Iterable[bytes]) -> int:
 
     Both are written under temporary names (unique per process, ending in ``.tmp``) and the
     index is renamed into place before the shard, so a visible ``.tfrecord`` is complete and
-    has its index.
-    """
+    has its index."""
     path = Path(path)
     tmp_shard = _unique_tmp(path)
     tmp_index = _unique_tmp(path.with_name(path.name + INDEX_SUFFIX))

@@ -284,8 +284,7 @@ def protomask_state_from_torch(
     ``nnx.update``, and the ``[C]`` cross-entropy class weights if the file has them.
 
     P is taken from the file (the reference's pruning may have changed it); backbone, D and
-    C must match the model. ``prototype_class`` ``[P]`` defaults to ``j // (P // C)``.
-    """
+    C must match the model. ``prototype_class`` ``[P]`` defaults to ``j // (P // C)``."""
     problems = _Problems()
     backbone_state, consumed = _convert_resnet(state_dict, model.backbone, "backbone.", problems)
     backbone_channels, prototype_dim = model.add_on.kernel.shape

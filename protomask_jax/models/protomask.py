@@ -8,13 +8,11 @@ B images of K views each (``docs/reference.md`` §3)::
       -> min over views -> min_distances [B, P], winning_view [B, P]
       -> log similarity [B, P] -> logits = similarity @ last_layer [B, C]
 
-The parameter groups are the top-level attributes ``backbone``, ``add_on``, ``prototypes``
-and ``last_layer``. ``last_layer`` is ``[P, C]``, torch's ``last_layer.weight`` transposed,
-so prototypes are the leading axis of every prototype-indexed array (``prototypes``,
-``last_layer``, ``prototype_class``): pruning and model-axis sharding slice one axis. The
-prototype -> class identity ``prototype_class`` is a non-trainable variable of the model
-state, so it is checkpointed and survives pruning (the reference loses it, §9.11). For a
-pure, jit-able step split the model once (:func:`split_model`) and call :func:`apply`.
+The parameter groups are the attributes ``backbone``, ``add_on``, ``prototypes`` and
+``last_layer`` (``[P, C]``, torch's ``last_layer.weight`` transposed: prototypes lead every
+prototype-indexed array, so pruning and model-axis sharding slice one axis). The class of
+each prototype, ``prototype_class``, is model state: checkpointed, and kept by pruning
+(the reference loses it, §9.11). Jitted steps use :func:`split_model` and :func:`apply`.
 """
 
 from __future__ import annotations
@@ -71,14 +69,9 @@ def squared_distances_explicit(embeddings: jax.Array, prototypes: jax.Array) -> 
 
 
 def log_similarity(distances: jax.Array, eps: float) -> jax.Array:
-    """ProtoPNet's similarity ``log((d + 1) / (d + eps))``, written as ``log1p((1 - eps) /
-    (d + eps))`` (the same value without rounding the ratio near 1 for large d).
-
-    ``model.similarity_eps`` defaults to ProtoPNet's 1e-4, not the reference's 1e-14
-    (``docs/reference.md`` §3): in float16 1e-14 underflows, so d = 0 gives inf, and in any
-    dtype the gradient ``-1 / (d + eps)`` reaches 1e14 where a pushed prototype sits on its
-    view. 1e-4 caps the similarity at ~9.2 and the gradient at 1e4.
-    """
+    """ProtoPNet's ``log((d + 1) / (d + eps))`` as ``log1p((1 - eps) / (d + eps))``, which does
+    not round the ratio near 1 for large d. Why eps is 1e-4, not the reference's 1e-14:
+    ``docs/reference.md`` §3 (1e-14 underflows in float16 and lets the gradient reach 1e14)."""
     return jnp.log1p((1.0 - eps) / (distances + eps))
 
 
@@ -101,9 +94,8 @@ def last_layer_init(
 
 
 class ProtoMask(nnx.Module):
-    """``add_on``: Dense with torch's default uniform init; ``prototypes``: ``[P, D]`` init
-    U[0, 1); ``prototype_class``: ``j // prototypes_per_class`` at init; P = C * ppc.
-    ``compute_dtype`` is the backbone's activation dtype; everything after it is float32."""
+    """``add_on``: Dense with torch's default init; ``prototypes`` ``[P, D]`` init U[0, 1);
+    P = C * ppc; everything after the backbone (``compute_dtype``) is float32."""
 
     def __init__(
         self,
@@ -163,10 +155,7 @@ class ProtoMask(nnx.Module):
         valid: jax.Array | None = None,
         return_views: bool = False,
     ) -> ProtoMaskOutput:
-        """``train``: BatchNorm uses batch statistics and updates its running averages (the
-        only train/eval difference). ``valid`` ``[B, K]``: views marked False never win the
-        min (every image needs one valid view); cyclic padding can do without it, as a
-        repeated view changes no minimum."""
+        """``valid`` ``[B, K]``: views marked False never win the min; cyclic padding needs none."""
         embeddings = self.embed(views, train=train)
         return prototype_head(
             embeddings,
@@ -207,9 +196,8 @@ def prototype_head(
 
 
 def build_model(config: Any, num_classes: int, rngs: nnx.Rngs) -> ProtoMask:
-    """A randomly initialised ProtoMask from ``config.model``; pretrained weights are loaded
-    separately (``convert.load_pretrained``), so this also works under ``nnx.eval_shape``
-    for sharded initialisation."""
+    """A randomly initialised ProtoMask; weights come separately (``convert.load_pretrained``),
+    so this also runs under ``nnx.eval_shape`` for sharded initialisation."""
     model_config = config.model
     return ProtoMask(
         model_config.backbone,
@@ -268,14 +256,10 @@ _PROTOTYPE_INDEXED = ("prototypes", "last_layer", "prototype_class")
 
 
 def prune(model_or_state: ProtoMask | nnx.State, keep_indices: Sequence[int] | np.ndarray):
-    """Keeps the prototypes ``keep_indices`` (distinct, in the order given): rows of
-    ``prototypes``, ``last_layer`` and ``prototype_class`` (torch's last-layer *columns*).
-
-    A :class:`ProtoMask` is changed in place and returned; for a state (full, ``params`` or
-    ``constants``) whichever of the three it holds are pruned into a new state. Shapes
-    change: a jitted step recompiles and the optimizer state of ``prototypes`` and
-    ``last_layer`` must be initialised again.
-    """
+    """Keeps the prototypes ``keep_indices`` (distinct, in that order) in ``prototypes``,
+    ``last_layer`` and ``prototype_class``: a model in place, or a (full, ``params`` or
+    ``constants``) state into a new one. Shapes change: a jitted step recompiles, and the
+    optimizer state of ``prototypes`` and ``last_layer`` must be initialised again."""
     if isinstance(model_or_state, ProtoMask):
         num_prototypes = model_or_state.prototypes.shape[0]
     else:

@@ -1,7 +1,5 @@
-"""ResNet backbones in flax.nnx with torchvision's structure and parameter layout.
-
-The module tree mirrors torchvision's ``state_dict`` keys, so importing ImageNet (or
-ProtoPNet/quanproto) weights is a renaming (``models/convert.py``)::
+"""ResNet backbones in flax.nnx with torchvision's module tree, so that importing ImageNet
+(or ProtoPNet/quanproto) weights is a renaming (``models/convert.py``)::
 
     torchvision key                      our state path
     conv1.weight        [O, I, kh, kw]   conv1/kernel           [kh, kw, I, O]
@@ -9,14 +7,11 @@ ProtoPNet/quanproto) weights is a renaming (``models/convert.py``)::
     bn1.running_mean / running_var       bn1/mean / var         (nnx.BatchStat)
     layer2.0.conv1.weight                layer2/0/conv1/kernel
     layer2.0.downsample.0.weight         layer2/0/downsample/0/kernel
-    layer2.0.downsample.1.running_var    layer2/0/downsample/1/var
 
-Images are NHWC; the network returns the last feature map (no head). Padding is explicit
-and symmetric as in torch (7x7/s2 pad 3, 3x3 pad 1, max-pool pad 1 with -inf): ``'SAME'``
-pads asymmetrically on stride 2 and would shift every feature map by one pixel against
-torch, breaking weight import. Activations run in ``compute_dtype`` (e.g. bfloat16);
-parameters and BatchNorm statistics stay float32.
-"""
+Images are NHWC; the network returns the last feature map, in ``compute_dtype`` (e.g.
+bfloat16; parameters and BatchNorm statistics stay float32). Padding is symmetric as in
+torch; ``'SAME'`` pads asymmetrically on stride 2 and would shift every feature map by a
+pixel against torch, breaking weight import."""
 
 from __future__ import annotations
 
@@ -87,18 +82,15 @@ def resnet_spec(name_or_spec: str | ResNetSpec) -> ResNetSpec:
     return RESNET_PRESETS[name_or_spec]
 
 
+# Unlike nnx.BatchNorm, on purpose: the running variance takes the unbiased batch variance
+# (n / (n - 1)), as torch's does; and all arithmetic is float32, only the output is cast to
+# the activation dtype, as cuDNN's BatchNorm under torch autocast. nnx.BatchNorm(dtype=bf16)
+# normalises in bfloat16, backward pass included, where the batch-statistics terms nearly
+# cancel the direct term. Inside XLA's fusions the float32 math moves no extra bytes (H100,
+# ResNet-50 bf16 step on 176 views, two alternating runs: 35.1 -> 35.2, 32.2 -> 34.5 ms).
 class BatchNorm(nnx.Module):
-    """BatchNorm over the channel axis with torch's semantics; ``scale``, ``bias``, ``mean``,
-    ``var`` are torch's ``weight``, ``bias``, ``running_mean``, ``running_var``.
-
-    Unlike ``nnx.BatchNorm``, and on purpose: the running variance takes the unbiased batch
-    variance (n / (n - 1)), as torch's does; and all arithmetic is float32 with only the
-    output cast to the activation dtype, as cuDNN's BatchNorm under torch autocast.
-    ``nnx.BatchNorm(dtype=bfloat16)`` normalises in bfloat16, backward pass included, where
-    the batch-statistics terms nearly cancel the direct term. Inside XLA's fusions the
-    float32 math moves no extra bytes (H100, ResNet-50 bf16 training step on 176 views, two
-    alternating runs: 35.1 -> 35.2 ms and 32.2 -> 34.5 ms).
-    """
+    """torch's BatchNorm over the channel axis: ``scale``, ``bias``, ``mean``, ``var`` are
+    torch's ``weight``, ``bias``, ``running_mean``, ``running_var``."""
 
     def __init__(self, num_features: int, *, momentum: float = 0.9, epsilon: float = 1e-5):
         # momentum in flax's convention: new = momentum * old + (1 - momentum) * batch,
