@@ -145,6 +145,14 @@ class _LocalSource(Source):
         for image_id, filename, label, split, key in sorted(rows, key=lambda r: r[0]):
             self._entries[split].append(SourceEntry(image_id, filename, label, key))
 
+    def _set_entries_by_path(self, files: list[tuple[str, str, str, Any]]) -> None:
+        """``files``: (filename, split, class name, key); classes are the sorted names, ids
+        the rank of the filename."""
+        self.class_names = sorted({c for _, _, c, _ in files})
+        label = {name: i for i, name in enumerate(self.class_names)}
+        rows = enumerate(sorted(files, key=lambda f: f[0]))
+        self._set_entries([(i, f, label[c], split, key) for i, (f, split, c, key) in rows])
+
     def object_boxes(self, entry: SourceEntry, image_bytes: bytes | None = None) -> np.ndarray:
         """float32 ``[M, 4]`` normalised yxyx (``image_bytes`` saves reading the file again)."""
         if image_bytes is None:
@@ -212,22 +220,18 @@ class FolderSource(_LocalSource):
         self.root = require_root(config, _FOLDER_LAYOUT)
         split_dirs = [s for s in ("train", "test") if (self.root / s).is_dir()]
         bases = {s: self.root / s for s in split_dirs} or {"train": self.root}
-        files: list[tuple[str, str, str]] = []  # (relative path, split, class name)
+        files = []
         for split, base in bases.items():
             for class_dir in sorted(p for p in base.iterdir() if p.is_dir()):
                 for path in class_dir.rglob("*"):
                     # Not is_file(): an unreadable "image" should fail later, naming itself.
                     if path.suffix.lower() in IMAGE_SUFFIXES and not path.is_dir():
                         relative = path.relative_to(self.root).as_posix()
-                        files.append((relative, split, class_dir.name))
+                        files.append((relative, split, class_dir.name, None))
         if not files:
             raise SourceError(f"{self.root}: no images found; expected {_FOLDER_LAYOUT}.")
-        self.class_names = sorted({c for _, _, c in files})
-        class_index = {name: i for i, name in enumerate(self.class_names)}
         self._splits = tuple(bases)
-        self._set_entries(
-            [(i, f, class_index[c], split, None) for i, (f, split, c) in enumerate(sorted(files))]
-        )
+        self._set_entries_by_path(files)
         self._splits = tuple(s for s in self._splits if self._entries[s])
 
     def splits(self) -> tuple[str, ...]:
@@ -393,19 +397,17 @@ class StanfordDogsSource(_LocalSource):
                         f"{split_of[relative]}_list.mat and {split}_list.mat)."
                     )
                 split_of[relative] = split
-        self.class_names = sorted({relative.split("/")[0] for relative in split_of})
+        self._set_entries_by_path(
+            [
+                (f"Images/{path}", split, path.split("/")[0], path)
+                for path, split in split_of.items()
+            ]
+        )
         for class_name in self.class_names:
             if not (self.root / "Images" / class_name).is_dir():
                 raise _missing_file(
                     self.root / "Images" / class_name, "unpack images.tar", _DOGS_HOLDS
                 )
-        class_index = {name: i for i, name in enumerate(self.class_names)}
-        self._set_entries(
-            [
-                (i, f"Images/{path}", class_index[path.split("/")[0]], split_of[path], path)
-                for i, path in enumerate(sorted(split_of))
-            ]
-        )
 
     def _read_list(self, split: str) -> list[str]:
         candidates = (self.root / "lists" / f"{split}_list.mat", self.root / f"{split}_list.mat")

@@ -109,9 +109,6 @@ def _postprocess_params(config: ml_collections.ConfigDict) -> dict[str, int]:
     )
 
 
-# ------------------------------------------------------------------------- one image
-
-
 def _decode(item: sources.SourceItem, root: Path) -> tuple[np.ndarray, bytes, str]:
     """(RGB uint8 [H, W, 3], the bytes to store, their format)."""
     from PIL import Image, UnidentifiedImageError
@@ -181,9 +178,6 @@ def build_record(
     return record, processed.used_fallback
 
 
-# ------------------------------------------------------------------------ one shard
-
-
 def _empty_stats(plan: ShardPlan, num_classes: int, fingerprint: dict[str, Any]) -> dict[str, Any]:
     return dict(
         split=plan.split,
@@ -251,9 +245,6 @@ def _load_stats(plan: ShardPlan, num_classes: int, fingerprint: dict[str, Any]) 
             "point config.dataset.records_dir elsewhere) to export again."
         )
     return stats
-
-
-# ------------------------------------------------------------------------ the export
 
 
 def _dataset_info(
@@ -429,9 +420,6 @@ def summary(result: ExportResult) -> str:
             f"{s['num_shards']} shards, {s['num_fallbacks']} full-image fallbacks"
         )
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------- the CLI
 
 
 def _config_key_error(argv: Sequence[str]) -> str | None:

@@ -133,9 +133,6 @@ def class_specs(num_classes: int) -> list[ClassSpec]:
     return specs
 
 
-# ------------------------------------------------------------------------- geometry
-
-
 def _ellipse(
     cx: float,
     cy: float,
@@ -164,47 +161,30 @@ def _polygon(*points: tuple[float, float]) -> np.ndarray:
     return np.asarray(points, dtype=np.float64)
 
 
-def part_polygons(part: int, shape: str) -> list[np.ndarray]:
-    """Outline(s) of a part in object units (x towards the head, y down): list of ``[V, 2]``."""
-    if part == BODY:
-        return [_ellipse(0, 0, 21, 12) if shape == "oval" else _capsule(-20, -11, 20, 11, 6)]
-    if part == HEAD:
-        if shape == "round":
-            return [_ellipse(25, -9, 9, 9)]
-        if shape == "square":
-            return [_polygon((17, -17.5), (34, -17.5), (34, -0.5), (17, -0.5))]
-        return [_polygon((15, -20), (15, 2), (37, -9))]
-    if part == WING:
-        if shape == "leaf":
-            return [_ellipse(-3, -4, 13, 7)]
-        if shape == "pointed":
-            return [_polygon((8, -9), (8, 3), (-19, -8))]
-        return [_polygon((7, -10), (7, 3), (-13, 3), (-16, -10))]
-    if part == TAIL:
-        if shape == "fan":
-            return [_polygon((-14, 0), (-36, -12), (-36, 12))]
-        if shape == "fork":
-            return [_polygon((-14, -4), (-36, -13), (-29, 0), (-36, 13), (-14, 4))]
-        return [_polygon((-14, -5), (-35, -5), (-35, 5), (-14, 5))]
-    if part == LEG:
-        return [
-            _polygon((-9, 7), (-4, 7), (-4, 25), (-9, 25)),
-            _polygon((4, 7), (9, 7), (9, 25), (4, 25)),
-        ]
-    if part == CREST:
-        if shape == "spikes":
-            return [
-                _polygon(
-                    (17, -15), (19, -28), (22, -19), (25, -30), (28, -19), (31, -28), (33, -15)
-                )
-            ]
-        if shape == "dome":
-            return [_ellipse(25, -15, 8, 11, math.pi, 2 * math.pi, 13)]
-        return [_polygon((18, -15), (30, -15), (15, -32))]
-    raise ValueError(f"unknown part {part}")
-
-
-# ------------------------------------------------------------------------ rendering
+# Outlines in object units (x towards the head, y down), by shape; shape names are unique
+# across parts. The leg shape is a pair of legs.
+_OUTLINES = {
+    "oval": [_ellipse(0, 0, 21, 12)],
+    "capsule": [_capsule(-20, -11, 20, 11, 6)],
+    "round": [_ellipse(25, -9, 9, 9)],
+    "square": [_polygon((17, -17.5), (34, -17.5), (34, -0.5), (17, -0.5))],
+    "triangle": [_polygon((15, -20), (15, 2), (37, -9))],
+    "leaf": [_ellipse(-3, -4, 13, 7)],
+    "pointed": [_polygon((8, -9), (8, 3), (-19, -8))],
+    "broad": [_polygon((7, -10), (7, 3), (-13, 3), (-16, -10))],
+    "fan": [_polygon((-14, 0), (-36, -12), (-36, 12))],
+    "fork": [_polygon((-14, -4), (-36, -13), (-29, 0), (-36, 13), (-14, 4))],
+    "bar": [_polygon((-14, -5), (-35, -5), (-35, 5), (-14, 5))],
+    "stick": [
+        _polygon((-9, 7), (-4, 7), (-4, 25), (-9, 25)),
+        _polygon((4, 7), (9, 7), (9, 25), (4, 25)),
+    ],
+    "spikes": [
+        _polygon((17, -15), (19, -28), (22, -19), (25, -30), (28, -19), (31, -28), (33, -15))
+    ],
+    "dome": [_ellipse(25, -15, 8, 11, math.pi, 2 * math.pi, 13)],
+    "horn": [_polygon((18, -15), (30, -15), (15, -32))],
+}
 
 
 @dataclasses.dataclass
@@ -272,9 +252,7 @@ def render_image(rng: np.random.Generator, spec: ClassSpec, size: int) -> Render
     cos, sin = math.cos(angle), math.sin(angle)
     # Object units -> pixels: p_px = R @ diag(mirror, 1) @ p * scale + offset.
     linear = scale * np.array([[cos * mirror, -sin], [sin * mirror, cos]])
-    polygons = {
-        p: [poly @ linear.T for poly in part_polygons(p, a.shape)] for p, a in parts.items()
-    }
+    polygons = {p: [poly @ linear.T for poly in _OUTLINES[a.shape]] for p, a in parts.items()}
     points = np.concatenate([poly for polys in polygons.values() for poly in polys])
     low = -points.min(axis=0) + _MARGIN_PX
     high = size - _MARGIN_PX - points.max(axis=0)
@@ -309,9 +287,6 @@ def render_image(rng: np.random.Generator, spec: ClassSpec, size: int) -> Render
     pixels[boundary] *= OUTLINE_SHADE
     image = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
     return RenderedImage(image=image, part_map=part_map, parts=parts)
-
-
-# ----------------------------------------------------------------------- generation
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
@@ -425,8 +400,6 @@ def generate(
     _write_atomic(root / METADATA_FILE, (json.dumps(metadata, indent=1) + "\n").encode())
     return load_metadata(root)
 
-
-# ---------------------------------------------------------------------- contact sheet
 
 _PART_MAP_PALETTE = np.array(
     [(0, 0, 0), (160, 160, 160), (230, 80, 80), (80, 140, 240), (240, 200, 60), (120, 200, 120),

@@ -124,9 +124,6 @@ def _check_size(shape: tuple[int, ...], image: np.ndarray, item: SourceItem, wha
         )
 
 
-# --------------------------------------------------------------------------------- sam
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -206,9 +206,6 @@ def iter_records(path: str | os.PathLike, verify_crc: bool = True) -> Iterable[b
         reader.close()
 
 
-# ----------------------------------------------------------------------- tf.train.Example
-
-
 def encode_example(features: dict[str, Any]) -> bytes:
     """``bytes``/``str`` (or a list of them) -> bytes_list, integers -> int64_list, floats ->
     float_list; ``None`` and empty values are left out (absent optional features)."""
@@ -254,9 +251,6 @@ def parse_example(data: bytes) -> dict[str, Any]:
         else:
             out[key] = []
     return out
-
-
-# ------------------------------------------------------------------- the image record
 
 
 @dataclasses.dataclass
@@ -419,9 +413,6 @@ def decode_image(data: bytes, where: str = "record") -> np.ndarray:
             return np.asarray(image.convert("RGB"))
     except (UnidentifiedImageError, OSError) as e:
         raise RecordError(f"{where}: image bytes cannot be decoded ({e}).") from e
-
-
-# ------------------------------------------------------------------ directory helpers
 
 
 def list_shards(records_dir: str | os.PathLike, split: str) -> list[Path]:

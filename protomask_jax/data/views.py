@@ -38,8 +38,6 @@ _PERSPECTIVE_MAX_OFFSET = 0.32
 _GREY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 
-# --------------------------------------------------------------------------- configuration
-
 _GEOMETRIC_KEYS = ("flip", "rotate_deg", "shear_deg", "perspective")
 _AUGMENT_KEYS = (*_GEOMETRIC_KEYS, "brightness", "contrast", "saturation", "hue")
 
@@ -106,9 +104,6 @@ class AugmentConfig:
 # Runs the augmentation path and yields the unaugmented views (up to rounding); pass
 # ``augment=None`` or ``key=None`` to skip that work.
 NO_AUGMENT = AugmentConfig()
-
-
-# --------------------------------------------------------------------------- views
 
 
 @functools.partial(jax.jit, static_argnames=("view_size", "augment", "dtype"))
@@ -347,9 +342,6 @@ def _mask_keep(
     return (sampled[..., 0] > 0.5).astype(jnp.float32).reshape(canvas_y.shape)
 
 
-# --------------------------------------------------------------------------- photometric
-
-
 def _grey(images: jax.Array) -> jax.Array:
     weights = jnp.asarray(_GREY_WEIGHTS, images.dtype)
     return jnp.sum(images * weights, axis=-1, keepdims=True)
@@ -388,9 +380,6 @@ def _shift_hue(images: jax.Array, shift: jax.Array) -> jax.Array:
         k = jnp.mod(n + hue * 6.0, 6.0)
         channels.append(value - chroma * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0))
     return jnp.clip(jnp.stack(channels, axis=-1), 0.0, 1.0)
-
-
-# --------------------------------------------------------------------------- canvas geometry
 
 
 def fitted_size(height: int, width: int, canvas_size: int) -> tuple[int, int]:

@@ -63,9 +63,6 @@ class StateDictMismatchError(ValueError):
     """A state_dict does not fit the model: missing, unexpected or wrongly shaped keys."""
 
 
-# --------------------------------------------------------------------------- files
-
-
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -114,9 +111,6 @@ def read_state_dict(
             "torch.save(model.state_dict(), path)."
         )
     return {str(key): _to_numpy(value) for key, value in loaded.items()}
-
-
-# --------------------------------------------------------------------------- errors
 
 
 class _Problems:
@@ -168,9 +162,6 @@ def _prefix_hint(expected_keys: set[str], unexpected_keys: set[str]) -> str:
                     )
                 )
     return ""
-
-
-# --------------------------------------------------------------------------- ResNet
 
 
 def _is_ignored_resnet_key(key: str) -> bool:
@@ -249,9 +240,6 @@ def load_torch_resnet(
     except StateDictMismatchError as error:
         raise StateDictMismatchError(f"{_describe(source)}: {error}") from None
     nnx.update(backbone, state)
-
-
-# --------------------------------------------------------------------------- ProtoMask
 
 
 def _check_shape(
