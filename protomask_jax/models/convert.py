@@ -113,35 +113,44 @@ def read_state_dict(
     return {str(key): _to_numpy(value) for key, value in loaded.items()}
 
 
-class _Problems:
-    """Collects every mismatch so one error lists them all."""
+def _check_shape(
+    state_dict: Mapping[str, np.ndarray],
+    key: str,
+    expected: tuple[int | None, ...],
+    problems: list[str],
+) -> np.ndarray | None:
+    """The array if present with a matching shape (``None`` matches any size); otherwise a
+    line in ``problems``, so that one error lists every mismatch."""
+    shown = [-1 if e is None else e for e in expected]
+    if key not in state_dict:
+        problems.append(f"missing key {key!r}: the model expects shape {shown}")
+        return None
+    found = tuple(state_dict[key].shape)
+    if len(found) != len(expected) or any(
+        e is not None and e != f for e, f in zip(expected, found, strict=True)
+    ):
+        problems.append(
+            f"wrong shape for {key!r}: the file has {list(found)}, the model expects {shown}"
+        )
+        return None
+    return state_dict[key]
 
-    def __init__(self):
-        self.lines: list[str] = []
 
-    def missing(self, key: str, expected_shape: tuple[int, ...]) -> None:
-        self.lines.append(f"missing key {key!r}: the model expects shape {list(expected_shape)}")
-
-    def unexpected(self, key: str, shape: tuple[int, ...]) -> None:
-        self.lines.append(
-            f"unexpected key {key!r} with shape {list(shape)}: the model has no such parameter"
+def _unexpected(state_dict: Mapping[str, np.ndarray], keys: set[str], problems: list[str]):
+    for key in sorted(keys):
+        shape = list(state_dict[key].shape)
+        problems.append(
+            f"unexpected key {key!r} with shape {shape}: the model has no such parameter"
         )
 
-    def wrong_shape(self, key: str, found: tuple[int, ...], expected: tuple[int, ...]) -> None:
-        self.lines.append(
-            f"wrong shape for {key!r}: the file has {list(found)}, "
-            f"the model expects {list(expected)}"
-        )
 
-    def raise_if_any(self, what: str, hint: str, extra_hint: str = "") -> None:
-        if not self.lines:
-            return
-        shown = self.lines[:20]
-        more = len(self.lines) - len(shown)
-        listing = "\n  ".join(shown) + (f"\n  ... and {more} more" if more else "")
+def _raise_if_any(problems: list[str], what: str, hint: str) -> None:
+    if problems:
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise StateDictMismatchError(
-            f"{what} does not match the model ({len(self.lines)} problems):\n  {listing}\n"
-            f"{hint}{extra_hint}"
+            f"{what} does not match the model ({len(problems)} problems):\n  "
+            + "\n  ".join(problems[:20])
+            + f"{more}\n{hint}"
         )
 
 
@@ -170,32 +179,30 @@ def _is_ignored_resnet_key(key: str) -> bool:
     return key.startswith("fc.") or key.endswith(".num_batches_tracked")
 
 
+def _torch_keys(backbone: ResNet) -> list[tuple[tuple, nnx.Variable, str]]:
+    """(state path, variable, torchvision key) of every leaf of the backbone."""
+    state = nnx.state(backbone, nnx.Any(nnx.Param, nnx.BatchStat))
+    return [
+        (path, variable, ".".join(map(str, path[:-1])) + "." + _TORCH_LEAF_NAME[path[-1]])
+        for path, variable in nnx.to_flat_state(state)
+    ]
+
+
 def _convert_resnet(
-    state_dict: Mapping[str, np.ndarray],
-    backbone: ResNet,
-    prefix: str,
-    problems: _Problems,
+    state_dict: Mapping[str, np.ndarray], backbone: ResNet, prefix: str, problems: list[str]
 ) -> tuple[nnx.State, set[str]]:
     """The backbone state from the keys under ``prefix``, and the file keys it consumed
     (used or ignored)."""
-    flat = []
-    consumed = set()
-    for path, variable in nnx.to_flat_state(nnx.state(backbone, nnx.Any(nnx.Param, nnx.BatchStat))):
-        *module_path, leaf = path
-        key = prefix + ".".join(str(part) for part in module_path) + "." + _TORCH_LEAF_NAME[leaf]
-        ours = tuple(variable.shape)
-        expected = (ours[3], ours[2], ours[0], ours[1]) if leaf == "kernel" else ours
-        if key not in state_dict:
-            problems.missing(key, expected)
-            continue
+    flat, consumed = [], set()
+    for path, variable, name in _torch_keys(backbone):
+        key, ours = prefix + name, tuple(variable.shape)
+        is_kernel = path[-1] == "kernel"
+        expected = (ours[3], ours[2], ours[0], ours[1]) if is_kernel else ours
         consumed.add(key)
-        value = state_dict[key]
-        if tuple(value.shape) != expected:
-            problems.wrong_shape(key, tuple(value.shape), expected)
-            continue
-        if leaf == "kernel":
-            value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-        flat.append((path, variable.copy(jnp.asarray(value, jnp.float32))))
+        value = _check_shape(state_dict, key, expected, problems)
+        if value is not None:
+            value = value.transpose(2, 3, 1, 0) if is_kernel else value  # OIHW -> HWIO
+            flat.append((path, variable.copy(jnp.asarray(value, jnp.float32))))
     consumed |= {
         key
         for key in state_dict
@@ -211,18 +218,13 @@ def resnet_state_from_torch(
     ProtoPNet state_dict; ``fc.*`` and ``*.num_batches_tracked`` are ignored, ``prefix``
     (e.g. ``"module."``) is stripped. Every mismatch is listed in one
     :class:`StateDictMismatchError`."""
-    problems = _Problems()
+    problems: list[str] = []
     state, consumed = _convert_resnet(state_dict, backbone, prefix, problems)
     unexpected = set(state_dict) - consumed
-    for key in sorted(unexpected):
-        problems.unexpected(key, tuple(state_dict[key].shape))
-    expected_keys = {
-        ".".join(str(p) for p in path[:-1]) + "." + _TORCH_LEAF_NAME[path[-1]]
-        for path, _ in nnx.to_flat_state(nnx.state(backbone, nnx.Any(nnx.Param, nnx.BatchStat)))
-    }
-    problems.raise_if_any(
-        "ResNet state_dict", _RESNET_HINT, _prefix_hint(expected_keys, unexpected)
-    )
+    _unexpected(state_dict, unexpected, problems)
+    expected_keys = {name for _, _, name in _torch_keys(backbone)}
+    hint = _RESNET_HINT + _prefix_hint(expected_keys, unexpected)
+    _raise_if_any(problems, "ResNet state_dict", hint)
     return state
 
 
@@ -242,26 +244,6 @@ def load_torch_resnet(
     nnx.update(backbone, state)
 
 
-def _check_shape(
-    state_dict: Mapping[str, np.ndarray],
-    key: str,
-    expected: tuple[int | None, ...],
-    problems: _Problems,
-) -> np.ndarray | None:
-    """The array if present with a matching shape (``None`` entries match any size)."""
-    if key not in state_dict:
-        problems.missing(key, tuple(-1 if e is None else e for e in expected))
-        return None
-    value = state_dict[key]
-    found = tuple(value.shape)
-    if len(found) != len(expected) or any(
-        e is not None and e != f for e, f in zip(expected, found, strict=True)
-    ):
-        problems.wrong_shape(key, found, tuple(-1 if e is None else e for e in expected))
-        return None
-    return value
-
-
 def protomask_state_from_torch(
     state_dict: Mapping[str, np.ndarray],
     model: ProtoMask,
@@ -273,7 +255,7 @@ def protomask_state_from_torch(
 
     P is taken from the file (the reference's pruning may have changed it); backbone, D and
     C must match the model. ``prototype_class`` ``[P]`` defaults to ``j // (P // C)``."""
-    problems = _Problems()
+    problems: list[str] = []
     backbone_state, consumed = _convert_resnet(state_dict, model.backbone, "backbone.", problems)
     backbone_channels, prototype_dim = model.add_on.kernel.shape
     num_classes = model.num_classes
@@ -293,9 +275,8 @@ def protomask_state_from_torch(
     for key, shape in expected.items():
         found[key] = _check_shape(state_dict, key, shape, problems)
     consumed |= set(found)
-    for key in sorted(set(state_dict) - consumed):
-        problems.unexpected(key, tuple(state_dict[key].shape))
-    problems.raise_if_any("ProtoMask state_dict", _PROTOMASK_HINT)
+    _unexpected(state_dict, set(state_dict) - consumed, problems)
+    _raise_if_any(problems, "ProtoMask state_dict", _PROTOMASK_HINT)
 
     prototype_class = _resolve_prototype_class(prototype_class, num_prototypes, num_classes)
     state = nnx.state(model)
