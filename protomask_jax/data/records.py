@@ -61,11 +61,9 @@ def write_shard(path: str | os.PathLike, records: Iterable[bytes]) -> int:
     Both are written under temporary names (unique per process, ending in ``.tmp``) and the
     index is renamed into place before the shard, so a visible ``.tfrecord`` is complete and
     has its index."""
-    path = Path(path)
-    tmp_shard = _unique_tmp(path)
-    tmp_index = _unique_tmp(path.with_name(path.name + INDEX_SUFFIX))
-    offsets = []
-    offset = 0
+    path, index_path = Path(path), Path(f"{path}{INDEX_SUFFIX}")
+    tmp_shard, tmp_index = _unique_tmp(path), _unique_tmp(index_path)
+    offsets, offset = [], 0
     with open(tmp_shard, "wb") as f:
         for data in records:
             framed = frame_record(data)
@@ -74,12 +72,11 @@ def write_shard(path: str | os.PathLike, records: Iterable[bytes]) -> int:
             offset += len(framed)
         f.flush()
         os.fsync(f.fileno())
-    index = np.asarray(offsets, dtype="<u8").reshape(-1, 2)
     with open(tmp_index, "wb") as f:
-        f.write(index.tobytes())
+        f.write(np.asarray(offsets, dtype="<u8").reshape(-1, 2).tobytes())
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp_index, path.with_name(path.name + INDEX_SUFFIX))
+    os.replace(tmp_index, index_path)
     os.replace(tmp_shard, path)
     return len(offsets)
 
@@ -297,9 +294,7 @@ class ImageRecord:
                 "gt/object_mask": self.object_mask_png,
                 "gt/keypoints": None if self.keypoints is None else self.keypoints.reshape(-1),
                 "gt/object_boxes": (
-                    None
-                    if self.object_boxes is None or len(self.object_boxes) == 0
-                    else np.asarray(self.object_boxes, np.float32).reshape(-1)
+                    None if self.object_boxes is None else np.asarray(self.object_boxes, np.float32)
                 ),
             }
         )
@@ -371,13 +366,17 @@ def _boxes_in_unit_square(boxes: np.ndarray, *, allow_empty: bool) -> bool:
     )
 
 
-def encode_mask_png(mask: np.ndarray) -> bytes:
-    """bool ``[H, W]`` -> a lossless 1-bit PNG."""
+def _png(array: np.ndarray) -> bytes:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(np.asarray(mask, dtype=bool)).save(buffer, format="PNG", optimize=False)
+    Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def encode_mask_png(mask: np.ndarray) -> bytes:
+    """bool ``[H, W]`` -> a lossless 1-bit PNG."""
+    return _png(np.asarray(mask, dtype=bool))
 
 
 def decode_mask_png(data: bytes) -> np.ndarray:
@@ -390,11 +389,7 @@ def decode_mask_png(data: bytes) -> np.ndarray:
 
 def encode_label_map_png(label_map: np.ndarray) -> bytes:
     """uint8 ``[H, W]`` label map -> a lossless greyscale PNG."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(label_map, dtype=np.uint8), mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
+    return _png(np.asarray(label_map, dtype=np.uint8))
 
 
 def decode_label_map_png(data: bytes) -> np.ndarray:
