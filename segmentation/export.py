@@ -400,18 +400,17 @@ def summary(result: ExportResult) -> str:
         f"Wrote {len(result.shards_written)} shard(s) ({result.images_written} images) "
         f"in {result.seconds:.1f} s; skipped {len(result.shards_skipped)} complete."
     ]
-    if result.dataset_info is None:
+    info = result.dataset_info
+    if info is None:
         lines.append(
             f"Waiting for {len(result.shards_missing)} shard(s) of other processes "
             f"({', '.join(result.shards_missing[:4])}...); dataset_info.json is written by the "
             "process that completes the last shard (or re-run any process)."
         )
         return "\n".join(lines)
-    info = result.dataset_info
     lines.append(
-        f"Records in {result.records_dir} ({info['dataset']}, "
-        f"{info['segmenter']['method']} masks, at most "
-        f"{info['postprocess']['max_masks']} per image):"
+        f"Records in {result.records_dir} ({info['dataset']}, {info['segmenter']['method']} "
+        f"masks, at most {info['postprocess']['max_masks']} per image):"
     )
     for split, s in info["splits"].items():
         lines.append(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import io
 import json
 import math
@@ -442,11 +443,8 @@ def contact_sheet(
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", required=True, help="output folder")
-    parser.add_argument("--num_classes", type=int, default=8)
-    parser.add_argument("--image_size", type=int, default=96)
-    parser.add_argument("--train_per_class", type=int, default=80)
-    parser.add_argument("--test_per_class", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
+    for name, parameter in list(inspect.signature(generate).parameters.items())[1:]:
+        parser.add_argument(f"--{name}", type=int, default=parameter.default)
     args = parser.parse_args(argv)
     metadata = generate(args.root, **{k: v for k, v in vars(args).items() if k != "root"})
     print(
