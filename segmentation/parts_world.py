@@ -1,24 +1,16 @@
 """The "parts world": a procedurally generated fine-grained classification dataset.
 
-Every image shows one creature of 4-6 parts (body, head, wing, tail, optionally leg and
-crest) at a random pose, with colour noise and optional stripes, on a textured background.
-A class is decided by one or two *decisive* parts, each with a class-specific shape and a
-saturated signature colour; every other part has a random shape and a muted colour, so a
-classifier has to look at the right part. A decisive (part, colour, shape) triple belongs to
-one class only; classes come in pairs that differ only by the decisive part's shape. The
-generator also writes each image's part label map, so explanations can be checked against
-the part that decides the class.
+Each image shows one creature of 4-6 parts (body, head, wing, tail, optionally leg and
+crest) at a random pose on a textured background. A class is decided by one or two
+*decisive* parts, each with a class-specific shape and a saturated signature colour that
+no other class shares; every other part has a random shape and a muted colour, and
+classes come in pairs that differ only by the decisive part's shape. Each image's part
+label map is written too, so explanations can be checked against the deciding part.
 
-Layout under ``root`` (ids are global, train first; the same seed gives the same bytes)::
-
-  parts_world.json        metadata, written last (its presence marks a complete dataset)
-  images/{id:05d}.png     RGB, image_size x image_size
-  part_maps/{id:05d}.png  uint8 label map: 0 background, p + 1 = part p
-  contact_sheet.png       a few examples per class, for people
-
-``python -m segmentation.parts_world --root data/parts_world`` makes the default: 8 classes,
-96 px, 80 train + 20 test per class, in a few seconds.
-"""
+Layout under ``root`` (ids are global, train first; the same seed gives the same bytes):
+``images/{id:05d}.png`` (RGB), ``part_maps/{id:05d}.png`` (uint8: 0 background, p + 1 =
+part p), ``contact_sheet.png`` (examples per class, for people) and ``parts_world.json``
+(metadata, written last: its presence marks a complete dataset)."""
 
 from __future__ import annotations
 

@@ -1,16 +1,9 @@
-"""Segmenters: one RGB image ``uint8 [H, W, 3]`` in, boolean masks ``[N, H, W]`` out.
-
-Masks come in any order and number (``postprocess`` sorts, filters and caps them). Each
-segmenter also names the config values that determine its masks (``params``: recorded in
-``dataset_info.json`` and checked when an export resumes, without building the segmenter).
-
-- ``sam``: segment-anything's automatic mask generator; the checkpoint is a local file.
-  torch is imported only when this segmenter is built.
-- ``slic``: scikit-image SLIC superpixels, one mask per superpixel.
-- ``grid``: ``rows x cols`` rectangles covering the image.
-- ``gt``: the dataset's own masks: one per part of a part map (the parts world), else the
-  object mask (CUB's bird).
-"""
+"""Segmenters: one RGB image ``uint8 [H, W, 3]`` in, boolean masks ``[N, H, W]`` out, in any
+order and number (``postprocess`` sorts, filters and caps them): ``sam`` (segment-anything's
+automatic mask generator, a local checkpoint; torch is imported only to build it), ``slic``
+(scikit-image superpixels), ``grid`` (rectangles) and ``gt`` (the dataset's part map, else
+its object mask). ``params`` names the config values that determine a segmenter's masks:
+recorded in ``dataset_info.json`` and checked on resume without building the segmenter."""
 
 from __future__ import annotations
 
