@@ -1,32 +1,18 @@
 """CUB-200-2011 with SAM masks: the reference's ``cub200_sam2`` hyper-parameters.
 
-Commands (from the repository root; CUB_200_2011.tgz unpacked to data/CUB_200_2011 and,
-for the bird masks, segmentations.tgz beside or inside it; the SAM and ResNet-50
-checkpoints downloaded by hand: docs/datasets.md gives the URLs, layout and hash checks):
-
-    python -m segmentation.export --config configs/cub.py \
+    python -m segmentation.export --config configs/cub.py \\
         --config.segmentation.sam.checkpoint=/path/to/sam_vit_h_4b8939.pth
-    python -m protomask_jax.train --config configs/cub.py --workdir workdirs/cub \
+    python -m protomask_jax.train --config configs/cub.py --workdir workdirs/cub \\
         --config.model.pretrained=/path/to/resnet50-19c8e357.pth
 
-Hardware: one GPU with >= 40 GB (H100: see benchmarks/README.md for step throughput),
-or a TPU VM slice; export with SAM ViT-H wants a GPU (about 1 image/s on one H100).
-Expected: the paper's ResNet-50 ProtoMask accuracy on CUB-200 (arXiv 2510.00683); a full
-110-epoch run has not been reproduced with this code yet (no dataset on our build machines).
-"""
+with CUB_200_2011.tgz unpacked to data/CUB_200_2011 and segmentations.tgz beside it
+(archives, checkpoints and hash checks: docs/datasets.md). Hardware: one GPU with >= 40 GB
+(step throughput: benchmarks/README.md) or a TPU VM slice; SAM ViT-H exports about one
+image/s on an H100. Expected: the paper's ResNet-50 accuracy (arXiv 2510.00683); a full
+110-epoch run has not been reproduced here (no dataset on our build machines)."""
 
 from configs import common
 
 
 def get_config():
-    c = common.get_base_config()
-    c.dataset.name = "cub200"
-    c.dataset.root = "data/CUB_200_2011"
-    c.dataset.records_dir = "data/records/cub200_sam"
-    c.dataset.num_classes = 200
-    c.segmentation.method = "sam"
-    c.input.num_views = 11
-    c.train.backbone_lr = 6e-5
-    c.train.prototype_lr = 3e-3
-    c.train.lr_step_epochs = 35
-    return common.finalize(c)
+    return common.sam_dataset_config("cub200")

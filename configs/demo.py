@@ -17,29 +17,20 @@ from configs import common
 def get_config():
     c = common.get_base_config()
     c.seed = 0
-    c.dataset.name = "parts_world"
-    c.dataset.root = "data/parts_world"
-    c.dataset.records_dir = "data/parts_world/records_gt"
-    c.dataset.num_classes = 8
-    c.dataset.synthetic.num_classes = 8
-    c.dataset.synthetic.image_size = 96
-    c.segmentation.method = "gt"
-    c.segmentation.max_masks = 8
-    c.segmentation.shards = dict(train=4, test=2)
-    c.input.canvas_size = 96
-    c.input.num_views = 6
-    c.input.view_size = 64
-    c.input.batch_size = 32
-    c.input.eval_batch_size = 64
-    c.model.backbone = "resnet_tiny"
-    c.model.prototype_dim = 64
-    c.model.prototypes_per_class = 3
-    c.model.compute_dtype = "float32"
-    c.train.joint_epochs = 40
-    c.train.finetune_epochs = 3
-    c.train.backbone_lr = 1e-3
-    c.train.accumulate_steps = 1
-    c.train.lr_step_epochs = 20
-    c.train.eval_every_epochs = 10
-    c.train.log_every_steps = 10
+    c.dataset.update(
+        name="parts_world",
+        root="data/parts_world",
+        records_dir="data/parts_world/records_gt",
+        num_classes=8,
+    )
+    c.dataset.synthetic.update(num_classes=8, image_size=96)
+    c.segmentation.update(method="gt", max_masks=8, shards=dict(train=4, test=2))
+    c.input.update(canvas_size=96, num_views=6, view_size=64, batch_size=32, eval_batch_size=64)
+    # Three stages, widths 16-32-64: the last map stays 4x4 at 64 px views (XLA:CPU is slow
+    # on 2x2 maps).
+    c.model.update(
+        backbone="resnet_tiny", prototype_dim=64, prototypes_per_class=3, compute_dtype="float32"
+    )
+    c.train.update(joint_epochs=40, finetune_epochs=3, backbone_lr=1e-3, accumulate_steps=1)
+    c.train.update(lr_step_epochs=20, eval_every_epochs=10, log_every_steps=10)
     return common.finalize(c)

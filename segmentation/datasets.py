@@ -1,27 +1,12 @@
-"""The real datasets: CUB-200-2011, Stanford Dogs, Stanford Cars and prepared tfds datasets.
+"""The datasets the export reads, registered as ``parts_world``, ``folder``, ``cub200``,
+``dogs``, ``cars196`` and ``tfds`` (``config.dataset.name``).
 
-Each source reads local files in the dataset's official layout (``docs/datasets.md`` says
-where to get the archives and how to unpack them); nothing is downloaded. A missing or
-damaged file raises :class:`~segmentation.sources.SourceError` naming the file, where it
-was looked for and which archive puts it there.
-
-- ``cub200``: ``CUB_200_2011/`` text files; ground truth = the 15 part keypoints and, when
-  ``segmentations.tgz`` is unpacked, the bird mask.
-- ``dogs``: ``Images/``, ``lists/{train,test}_list.mat``; ``Annotation/`` for boxes.
-- ``cars196``: ``cars_train/``, ``cars_test/``, ``devkit/*.mat`` and the labelled test
-  annotations ``cars_test_annos_withlabels.mat``.
-- ``tfds``: a tfds dataset prepared in the ``array_record`` format (random access without
-  TensorFlow), e.g. ``caltech_birds2011``, ``stanford_dogs``, ``cars196``.
-
-Besides what :class:`~segmentation.sources.Source` requires, every source here has
-``object_boxes(entry) -> float32 [M, 4]``: the dataset's object bounding boxes, normalised
-yxyx (pixel coordinate / image size, clipped to [0, 1], as tfds computes them); ``load``
-stores them as ``gt.object_boxes``.
-
-Labels are 0-based. Image ids are unique over all splits and stable: CUB's own ids minus
-one; Dogs: rank of the image path among all listed images; Cars: train images by file
-name, then test images by file name; tfds: position in the split, splits one after another.
-"""
+Files are read in the official layouts (``docs/datasets.md``); nothing is downloaded. A
+missing or damaged file raises :class:`SourceError` naming it, where it was looked for and
+which archive puts it there. Object boxes are normalised yxyx (pixel / image size, clipped
+to [0, 1], as tfds computes them). Labels are 0-based. Image ids are stable: CUB's id - 1;
+Dogs, folder: the rank of the path; Cars: train then test, each by file name; tfds: the
+position in the split, splits one after another."""
 
 from __future__ import annotations
 
@@ -40,16 +25,15 @@ from segmentation.sources import (
     SourceEntry,
     SourceError,
     SourceItem,
-    _require_root,
     register_source,
+    require_root,
 )
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # CUB's bird masks are greyscale PNGs whose value grows with the share of annotators who
-# marked the pixel as bird (0 = nobody, 255 = everybody). A pixel is bird when its value is
-# at least this (half of full agreement; the reference's "> 0.5 after min-max
-# normalisation" gives the same cut for every mask that reaches 255).
+# marked the pixel (255 = all). Half agreement is the cut; the reference's "> 0.5 after
+# min-max normalisation" gives the same cut for every mask that reaches 255.
 OBJECT_MASK_THRESHOLD = 128
-
 DOCS = "docs/datasets.md"
 
 
@@ -57,18 +41,11 @@ DOCS = "docs/datasets.md"
 
 
 def _where(path: Path) -> str:
-    """The path as configured, plus the folder a relative path was resolved against."""
     return str(path) if path.is_absolute() else f"{path} (relative to {Path.cwd()})"
 
 
 def _missing_file(path: Path, unpack: str, root_holds: str) -> SourceError:
-    """The error for a file or folder of the layout that is not there.
-
-    Args:
-      path: where it was looked for.
-      unpack: how to put it there (e.g. "unpack CUB_200_2011.tgz").
-      root_holds: what ``config.dataset.root`` must point at.
-    """
+    """``unpack`` says how to put the file there, ``root_holds`` what the root must hold."""
     return SourceError(
         f"{_where(path)} not found: {unpack} so that {path} exists, or set "
         f"--config.dataset.root to the folder that holds {root_holds} (see {DOCS})."
@@ -78,13 +55,8 @@ def _missing_file(path: Path, unpack: str, root_holds: str) -> SourceError:
 def _read_table(
     path: Path, columns: Sequence[Callable[[str], Any]], unpack: str, root_holds: str
 ) -> list[tuple[Any, ...]]:
-    """Reads a whitespace-separated text file, one converter per column.
-
-    The last column takes the rest of the line (CUB's part names contain spaces).
-
-    Raises:
-      SourceError: missing file, or a line that does not parse (names file and line).
-    """
+    """A whitespace-separated text file, one converter per column; the last column takes
+    the rest of the line (CUB's part names contain spaces)."""
     if not path.is_file():
         raise _missing_file(path, unpack, root_holds)
     rows = []
@@ -95,9 +67,7 @@ def _read_table(
         try:
             if len(fields) != len(columns):
                 raise ValueError(f"{len(fields)} columns, expected {len(columns)}")
-            rows.append(
-                tuple(convert(field) for convert, field in zip(columns, fields, strict=True))
-            )
+            rows.append(tuple(f(field) for f, field in zip(columns, fields, strict=True)))
         except ValueError as e:
             raise SourceError(
                 f"{path}:{line_number}: cannot parse {line!r} ({e}); the file "
@@ -109,7 +79,7 @@ def _read_table(
 
 
 def _image_size(image_bytes: bytes, path: Path) -> tuple[int, int]:
-    """(height, width) from the image header (the pixels are not decoded)."""
+    """(height, width) from the image header; the pixels are not decoded."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -121,7 +91,6 @@ def _image_size(image_bytes: bytes, path: Path) -> tuple[int, int]:
 
 
 def _threshold_soft_mask(image_bytes: bytes, path: Path, size: tuple[int, int]) -> np.ndarray:
-    """Decodes a greyscale soft mask (any PNG mode) to bool ``[H, W]``, value >= 128."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -137,15 +106,8 @@ def _threshold_soft_mask(image_bytes: bytes, path: Path, size: tuple[int, int]) 
     return grey >= OBJECT_MASK_THRESHOLD
 
 
-def _normalised_boxes(pixel_yxyx: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Pixel yxyx boxes ``[M, 4]`` -> float32 normalised yxyx clipped to [0, 1]."""
-    boxes = np.asarray(pixel_yxyx, np.float64).reshape(-1, 4)
-    scale = np.array([height, width, height, width], np.float64)
-    return np.clip(boxes / scale, 0.0, 1.0).astype(np.float32)
-
-
 def _load_mat(path: Path, unpack: str, root_holds: str) -> dict[str, Any]:
-    """Reads a MATLAB v5 file with scipy (squeezed: cells -> object arrays of str)."""
+    """A MATLAB v5 file read with scipy, squeezed (cells become object arrays of str)."""
     if not path.is_file():
         raise _missing_file(path, unpack, root_holds)
     try:
@@ -169,7 +131,8 @@ def _mat_field(mat: dict[str, Any], key: str, path: Path) -> np.ndarray:
 
 
 class _LocalSource(Source):
-    """Shared by the folder-layout datasets: entries per split, decided at construction."""
+    """A dataset of local files whose entries are known at construction; ground truth is
+    at least the object boxes (``object_boxes``)."""
 
     _entries: dict[str, list[SourceEntry]]
 
@@ -177,20 +140,105 @@ class _LocalSource(Source):
         return list(self._entries.get(split, []))
 
     def _set_entries(self, rows: list[tuple[int, str, int, str, Any]]) -> None:
-        """``rows``: (image_id, filename, label, split, key); stored sorted by id."""
+        """``rows``: (image_id, filename, label, split, key), in any order."""
         self._entries = {split: [] for split in self.splits()}
         for image_id, filename, label, split, key in sorted(rows, key=lambda r: r[0]):
             self._entries[split].append(SourceEntry(image_id, filename, label, key))
 
-    def _boxes_for(
-        self, entry: SourceEntry, pixel_yxyx: np.ndarray, image_bytes: bytes | None = None
-    ) -> np.ndarray:
-        """Normalises pixel boxes by the image's size (``image_bytes``, when the caller has
-        read the file already, saves reading it again)."""
+    def _set_entries_by_path(self, files: list[tuple[str, str, str, Any]]) -> None:
+        """``files``: (filename, split, class name, key); classes are the sorted names, ids
+        the rank of the filename."""
+        self.class_names = sorted({c for _, _, c, _ in files})
+        label = {name: i for i, name in enumerate(self.class_names)}
+        rows = enumerate(sorted(files, key=lambda f: f[0]))
+        self._set_entries([(i, f, label[c], split, key) for i, (f, split, c, key) in rows])
+
+    def object_boxes(self, entry: SourceEntry, image_bytes: bytes | None = None) -> np.ndarray:
+        """float32 ``[M, 4]`` normalised yxyx (``image_bytes`` saves reading the file again)."""
         if image_bytes is None:
-            image_bytes = self._read_bytes(entry.filename)
+            image_bytes = self.read_bytes(entry.filename)
         height, width = _image_size(image_bytes, self.root / entry.filename)
-        return _normalised_boxes(pixel_yxyx, height, width)
+        pixel_yxyx = np.asarray(self._pixel_boxes(entry), np.float64).reshape(-1, 4)
+        scale = np.array([height, width, height, width], np.float64)
+        return np.clip(pixel_yxyx / scale, 0.0, 1.0).astype(np.float32)
+
+    def _pixel_boxes(self, entry: SourceEntry) -> Any:
+        """The entry's object boxes in pixels, yxyx."""
+        raise NotImplementedError
+
+    def ground_truth(self, entry: SourceEntry, image_bytes: bytes) -> GroundTruth:
+        return GroundTruth(object_boxes=self.object_boxes(entry, image_bytes))
+
+
+# ----------------------------------------------------------------- parts world, folder
+
+
+@register_source("parts_world")
+class PartsWorldSource(Source):
+    def __init__(self, config: ml_collections.ConfigDict):
+        from segmentation import parts_world
+
+        if not config.dataset.root:
+            raise SourceError(
+                "config.dataset.root is empty; set it to the folder the parts "
+                "world is generated into (e.g. data/parts_world)."
+            )
+        self.root = Path(config.dataset.root)
+        self._metadata = parts_world.generate(self.root, **config.dataset.synthetic.to_dict())
+        self.class_names = list(self._metadata["class_names"])
+        self.part_names = list(self._metadata["part_names"])
+        self._decisive = [
+            np.asarray(c["decisive_parts"], np.int64) for c in self._metadata["classes"]
+        ]
+
+    def entries(self, split: str) -> list[SourceEntry]:
+        rows = [
+            SourceEntry(e["id"], e["image"], e["label"], key=e["part_map"])
+            for e in self._metadata["images"]
+            if e["split"] == split
+        ]
+        return sorted(rows, key=lambda e: e.image_id)
+
+    def ground_truth(self, entry: SourceEntry, image_bytes: bytes) -> GroundTruth:
+        from PIL import Image
+
+        with Image.open(self.root / entry.key) as part_map:
+            part_map = np.asarray(part_map, dtype=np.uint8)
+        return GroundTruth(part_map=part_map, decisive_parts=self._decisive[entry.label])
+
+
+_FOLDER_LAYOUT = (
+    "one sub-folder per class holding its images, optionally under train/ and test/ sub-folders"
+)
+
+
+@register_source("folder")
+class FolderSource(_LocalSource):
+    """Classes are the sorted union of the class folders' names."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.root = require_root(config, _FOLDER_LAYOUT)
+        split_dirs = [s for s in ("train", "test") if (self.root / s).is_dir()]
+        bases = {s: self.root / s for s in split_dirs} or {"train": self.root}
+        files = []
+        for split, base in bases.items():
+            for class_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+                for path in class_dir.rglob("*"):
+                    # Not is_file(): an unreadable "image" should fail later, naming itself.
+                    if path.suffix.lower() in IMAGE_SUFFIXES and not path.is_dir():
+                        relative = path.relative_to(self.root).as_posix()
+                        files.append((relative, split, class_dir.name, None))
+        if not files:
+            raise SourceError(f"{self.root}: no images found; expected {_FOLDER_LAYOUT}.")
+        self._splits = tuple(bases)
+        self._set_entries_by_path(files)
+        self._splits = tuple(s for s in self._splits if self._entries[s])
+
+    def splits(self) -> tuple[str, ...]:
+        return self._splits
+
+    def ground_truth(self, entry: SourceEntry, image_bytes: bytes) -> GroundTruth:
+        return GroundTruth()
 
 
 # ------------------------------------------------------------------------------- CUB
@@ -205,81 +253,28 @@ _CUB_LAYOUT = (
 
 @register_source("cub200")
 class Cub200Source(_LocalSource):
-    """CUB-200-2011 from ``CUB_200_2011.tgz`` (and optionally ``segmentations.tgz``).
+    """``config.dataset.root`` is the ``CUB_200_2011`` folder or the folder holding it.
 
-    ``config.dataset.root`` is the ``CUB_200_2011`` folder (or the folder holding it).
-    Reads ``images.txt`` (ids, paths), ``image_class_labels.txt``, ``classes.txt``,
-    ``train_test_split.txt`` (1 = train), ``bounding_boxes.txt`` (x y width height),
-    ``parts/parts.txt`` and ``parts/part_locs.txt`` (x y visible, pixels). Image id = CUB id
-    - 1, label = CUB class - 1.
-
-    Ground truth: ``keypoints`` float32 ``[15, 3]`` (y / H, x / W, visible) in part-id
-    order, (0, 0, 0) for a part that is not visible; ``object_mask`` from
-    ``segmentations/<class>/<image>.png`` (value >= 128, see ``OBJECT_MASK_THRESHOLD``),
-    looked for inside the CUB folder first, then beside it. Without that folder there is
-    no object mask, and ``segmentation.method == "gt"`` is refused.
-    """
+    Keypoints are (y / H, x / W, visible) in part-id order, zero for a hidden part. The
+    bird masks (``segmentations/<class>/<image>.png``, value >= 128) are looked for inside
+    the CUB folder, then beside it; without them ``segmentation.method="gt"`` is refused."""
 
     def __init__(self, config: ml_collections.ConfigDict):
-        root = _require_root(config, _CUB_LAYOUT)
+        root = require_root(config, _CUB_LAYOUT)
         if not (root / "images.txt").exists() and (root / "CUB_200_2011" / "images.txt").is_file():
             root = root / "CUB_200_2011"
         self.root = root
-
-        def table(name: str, *columns: Callable[[str], Any]) -> list[tuple[Any, ...]]:
-            return _read_table(root / name, columns, _CUB_ARCHIVE, _CUB_HOLDS)
-
-        images = table("images.txt", int, str)
-        labels = dict(table("image_class_labels.txt", int, int))
-        is_train = dict(table("train_test_split.txt", int, int))
-        classes = table("classes.txt", int, str)
-        boxes = {
-            i: (y, x, y + h, x + w)
-            for i, x, y, w, h in table("bounding_boxes.txt", int, float, float, float, float)
-        }
-        parts = table("parts/parts.txt", int, str)
-        part_locs = table("parts/part_locs.txt", int, int, float, float, int)
+        images = self._table("images.txt", int, str)
+        self.class_names = self._names_by_id(self._table("classes.txt", int, str), "classes.txt")
+        parts = self._table("parts/parts.txt", int, str)
+        self.part_names = self._names_by_id(parts, "parts/parts.txt")
         if not (root / "images").is_dir():
             raise _missing_file(root / "images", _CUB_ARCHIVE, _CUB_HOLDS)
-
-        self.class_names = self._names_by_id(classes, root / "classes.txt")
-        self.part_names = self._names_by_id(parts, root / "parts/parts.txt")
         row_of = {cub_id: row for row, (cub_id, _) in enumerate(images)}
         if len(row_of) != len(images):
             raise SourceError(f"{root / 'images.txt'}: an image id appears twice.")
-        # (x, y, visible) in pixels per image row and part; unlisted parts stay invisible.
-        self._part_locs = np.zeros((len(images), len(self.part_names), 3), np.float64)
-        for cub_id, part_id, x, y, visible in part_locs:
-            if cub_id not in row_of or not 1 <= part_id <= len(self.part_names):
-                raise SourceError(
-                    f"{root / 'parts/part_locs.txt'}: image {cub_id} / part "
-                    f"{part_id} is not in images.txt / parts/parts.txt."
-                )
-            self._part_locs[row_of[cub_id], part_id - 1] = (x, y, visible)
-
-        rows = []
-        for row, (cub_id, relative) in enumerate(images):
-            for name, table_of in (
-                ("image_class_labels.txt", labels),
-                ("train_test_split.txt", is_train),
-                ("bounding_boxes.txt", boxes),
-            ):
-                if cub_id not in table_of:
-                    raise SourceError(
-                        f"{root / name}: no line for image {cub_id} "
-                        f"({relative}); {_CUB_ARCHIVE} again."
-                    )
-            label = labels[cub_id] - 1
-            if not 0 <= label < len(self.class_names):
-                raise SourceError(
-                    f"{root / 'image_class_labels.txt'}: image {cub_id} has "
-                    f"class {labels[cub_id]}, not in classes.txt."
-                )
-            split = "train" if is_train[cub_id] == 1 else "test"
-            key = (relative, row, boxes[cub_id])
-            rows.append((cub_id - 1, f"images/{relative}", label, split, key))
-        self._set_entries(rows)
-
+        self._part_locs = self._read_part_locs(row_of)
+        self._set_entries(self._rows(images))
         self.segmentations_dir = next(
             (d for d in (root / "segmentations", root.parent / "segmentations") if d.is_dir()), None
         )
@@ -290,16 +285,59 @@ class Cub200Source(_LocalSource):
                 f"exists: unpack segmentations.tgz inside or beside {root} (see {DOCS})."
             )
 
-    @staticmethod
-    def _names_by_id(rows: list[tuple[int, str]], path: Path) -> list[str]:
-        """Names of 1-based ids 1..N, which must all be present once."""
-        ids = sorted(i for i, _ in rows)
-        if ids != list(range(1, len(rows) + 1)):
-            raise SourceError(f"{path}: ids must be 1..{len(rows)}, each once.")
+    def _table(self, name: str, *columns: Callable[[str], Any]) -> list[tuple[Any, ...]]:
+        return _read_table(self.root / name, columns, _CUB_ARCHIVE, _CUB_HOLDS)
+
+    def _names_by_id(self, rows: list[tuple[int, str]], file: str) -> list[str]:
+        if sorted(i for i, _ in rows) != list(range(1, len(rows) + 1)):
+            raise SourceError(f"{self.root / file}: ids must be 1..{len(rows)}, each once.")
         return [name for _, name in sorted(rows)]
 
+    def _read_part_locs(self, row_of: dict[int, int]) -> np.ndarray:
+        """(x, y, visible) in pixels per image row and part; unlisted parts stay hidden."""
+        part_locs = np.zeros((len(row_of), len(self.part_names), 3), np.float64)
+        for cub_id, part_id, x, y, visible in self._table(
+            "parts/part_locs.txt", int, int, float, float, int
+        ):
+            if cub_id not in row_of or not 1 <= part_id <= len(self.part_names):
+                raise SourceError(
+                    f"{self.root / 'parts/part_locs.txt'}: image {cub_id} / part "
+                    f"{part_id} is not in images.txt / parts/parts.txt."
+                )
+            part_locs[row_of[cub_id], part_id - 1] = (x, y, visible)
+        return part_locs
+
+    def _rows(self, images: list[tuple[int, str]]) -> list[tuple[int, str, int, str, Any]]:
+        labels = dict(self._table("image_class_labels.txt", int, int))
+        is_train = dict(self._table("train_test_split.txt", int, int))
+        boxes = {
+            i: (y, x, y + h, x + w)
+            for i, x, y, w, h in self._table("bounding_boxes.txt", int, float, float, float, float)
+        }
+        rows = []
+        for row, (cub_id, relative) in enumerate(images):
+            for name, table in (
+                ("image_class_labels.txt", labels),
+                ("train_test_split.txt", is_train),
+                ("bounding_boxes.txt", boxes),
+            ):
+                if cub_id not in table:
+                    raise SourceError(
+                        f"{self.root / name}: no line for image {cub_id} "
+                        f"({relative}); {_CUB_ARCHIVE} again."
+                    )
+            label = labels[cub_id] - 1
+            if not 0 <= label < len(self.class_names):
+                raise SourceError(
+                    f"{self.root / 'image_class_labels.txt'}: image {cub_id} has "
+                    f"class {labels[cub_id]}, not in classes.txt."
+                )
+            split = "train" if is_train[cub_id] == 1 else "test"
+            key = (relative, row, boxes[cub_id])
+            rows.append((cub_id - 1, f"images/{relative}", label, split, key))
+        return rows
+
     def keypoints(self, entry: SourceEntry, height: int, width: int) -> np.ndarray:
-        """float32 ``[15, 3]``: (y / H, x / W, visible) per part, clipped to [0, 1]."""
         _, row, _ = entry.key
         x, y, visible = self._part_locs[row].T
         visible = visible > 0
@@ -307,7 +345,6 @@ class Cub200Source(_LocalSource):
         return np.concatenate([yx * visible[:, None], visible[:, None]], axis=-1).astype(np.float32)
 
     def object_mask(self, entry: SourceEntry, height: int, width: int) -> np.ndarray | None:
-        """The bird mask, bool ``[H, W]``, or None when segmentations.tgz is not unpacked."""
         if self.segmentations_dir is None:
             return None
         relative, _, _ = entry.key
@@ -322,24 +359,15 @@ class Cub200Source(_LocalSource):
             ) from e
         return _threshold_soft_mask(data, path, (height, width))
 
-    def object_boxes(self, entry: SourceEntry, image_bytes: bytes | None = None) -> np.ndarray:
-        """float32 ``[1, 4]``: the bird's box from ``bounding_boxes.txt``, normalised yxyx."""
-        _, _, pixel_yxyx = entry.key
-        return self._boxes_for(entry, np.asarray(pixel_yxyx), image_bytes)
+    def _pixel_boxes(self, entry: SourceEntry) -> Any:
+        return entry.key[2]
 
-    def load(self, entry: SourceEntry) -> SourceItem:
-        image_bytes = self._read_bytes(entry.filename)
+    def ground_truth(self, entry: SourceEntry, image_bytes: bytes) -> GroundTruth:
         height, width = _image_size(image_bytes, self.root / entry.filename)
-        return SourceItem(
-            image_id=entry.image_id,
-            filename=entry.filename,
-            image_bytes=image_bytes,
-            label=entry.label,
-            gt=GroundTruth(
-                object_mask=self.object_mask(entry, height, width),
-                keypoints=self.keypoints(entry, height, width),
-                object_boxes=self.object_boxes(entry, image_bytes),
-            ),
+        return GroundTruth(
+            object_mask=self.object_mask(entry, height, width),
+            keypoints=self.keypoints(entry, height, width),
+            object_boxes=self.object_boxes(entry, image_bytes),
         )
 
 
@@ -354,18 +382,12 @@ _DOGS_LAYOUT = (
 
 @register_source("dogs")
 class StanfordDogsSource(_LocalSource):
-    """Stanford Dogs from ``images.tar``, ``annotation.tar`` and ``lists.tar``.
-
-    Splits: the official ``train_list.mat`` / ``test_list.mat`` (variable ``file_list``,
-    paths relative to ``Images/``), read with scipy; looked for in ``lists/`` and, since
-    ``lists.tar`` has no top folder, in the root itself. Classes: the ``<wnid>-<breed>``
-    folder names, sorted (label = rank). Image ids: rank of the path among all listed
-    images. ``Annotation/<wnid-breed>/<image stem>`` (PASCAL VOC XML) gives the boxes and is
-    read only by :meth:`object_boxes`. No masks or keypoints.
-    """
+    """Splits from ``{train,test}_list.mat`` (in ``lists/`` or, since ``lists.tar`` has no
+    top folder, the root); classes are the sorted ``<wnid>-<breed>`` folders; boxes come
+    from the PASCAL VOC files ``Annotation/<wnid-breed>/<image stem>``."""
 
     def __init__(self, config: ml_collections.ConfigDict):
-        self.root = _require_root(config, _DOGS_LAYOUT)
+        self.root = require_root(config, _DOGS_LAYOUT)
         split_of: dict[str, str] = {}
         for split in ("train", "test"):
             for relative in self._read_list(split):
@@ -375,28 +397,20 @@ class StanfordDogsSource(_LocalSource):
                         f"{split_of[relative]}_list.mat and {split}_list.mat)."
                     )
                 split_of[relative] = split
-        self.class_names = sorted({relative.split("/")[0] for relative in split_of})
-        images_dir = self.root / "Images"
-        for class_name in self.class_names:
-            if not (images_dir / class_name).is_dir():
-                raise _missing_file(images_dir / class_name, "unpack images.tar", _DOGS_HOLDS)
-        class_index = {name: i for i, name in enumerate(self.class_names)}
-        self._set_entries(
+        self._set_entries_by_path(
             [
-                (
-                    image_id,
-                    f"Images/{relative}",
-                    class_index[relative.split("/")[0]],
-                    split_of[relative],
-                    relative,
-                )
-                for image_id, relative in enumerate(sorted(split_of))
+                (f"Images/{path}", split, path.split("/")[0], path)
+                for path, split in split_of.items()
             ]
         )
+        for class_name in self.class_names:
+            if not (self.root / "Images" / class_name).is_dir():
+                raise _missing_file(
+                    self.root / "Images" / class_name, "unpack images.tar", _DOGS_HOLDS
+                )
 
     def _read_list(self, split: str) -> list[str]:
-        name = f"{split}_list.mat"
-        candidates = (self.root / "lists" / name, self.root / name)
+        candidates = (self.root / "lists" / f"{split}_list.mat", self.root / f"{split}_list.mat")
         path = next((p for p in candidates if p.is_file()), candidates[0])
         mat = _load_mat(path, f"unpack lists.tar into {self.root / 'lists'}", _DOGS_HOLDS)
         files = [str(f).replace("\\", "/") for f in _mat_field(mat, "file_list", path)]
@@ -404,32 +418,19 @@ class StanfordDogsSource(_LocalSource):
             raise SourceError(f"{path}: file_list entries must be '<wnid-breed>/<file>.jpg'.")
         return files
 
-    def object_boxes(self, entry: SourceEntry, image_bytes: bytes | None = None) -> np.ndarray:
-        """float32 ``[M, 4]``: the dogs' boxes from the VOC XML, normalised yxyx."""
+    def _pixel_boxes(self, entry: SourceEntry) -> Any:
         path = self.root / "Annotation" / Path(entry.key).with_suffix("")
         if not path.is_file():
             raise _missing_file(path, "unpack annotation.tar", _DOGS_HOLDS)
         try:
-            tree = ElementTree.parse(path)
-            pixel_yxyx = [
+            return [
                 [float(box.findtext(k)) for k in ("ymin", "xmin", "ymax", "xmax")]
-                for box in tree.iter("bndbox")
+                for box in ElementTree.parse(path).iter("bndbox")
             ]
         except (ElementTree.ParseError, TypeError, ValueError) as e:
             raise SourceError(
                 f"{path}: not a PASCAL VOC annotation with numeric <bndbox> values ({e})."
             ) from e
-        return self._boxes_for(entry, np.asarray(pixel_yxyx).reshape(-1, 4), image_bytes)
-
-    def load(self, entry: SourceEntry) -> SourceItem:
-        image_bytes = self._read_bytes(entry.filename)
-        return SourceItem(
-            image_id=entry.image_id,
-            filename=entry.filename,
-            image_bytes=image_bytes,
-            label=entry.label,
-            gt=GroundTruth(object_boxes=self.object_boxes(entry, image_bytes)),
-        )
 
 
 # ------------------------------------------------------------------------------ Cars
@@ -444,18 +445,12 @@ _CARS_FIELDS = ("fname", "class", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
 
 @register_source("cars196")
 class StanfordCarsSource(_LocalSource):
-    """Stanford Cars (196 classes) in the official layout.
-
-    Reads ``devkit/cars_meta.mat`` (``class_names``), ``devkit/cars_train_annos.mat`` and
-    ``cars_test_annos_withlabels.mat`` (the labelled test annotations published after the
-    devkit; looked for in the root, then in ``devkit/``): struct arrays ``annotations``
-    with ``fname``, ``class`` (1-based; label = class - 1) and ``bbox_x1/y1/x2/y2``
-    (pixels). Image ids: train images sorted by file name, then test images sorted by
-    file name. No masks or keypoints.
-    """
+    """Annotations (``fname``, 1-based ``class``, pixel ``bbox_*``) from
+    ``devkit/cars_train_annos.mat`` and the labelled test annotations published after the
+    devkit, ``cars_test_annos_withlabels.mat`` (in the root or ``devkit/``)."""
 
     def __init__(self, config: ml_collections.ConfigDict):
-        root = self.root = _require_root(config, _CARS_LAYOUT)
+        root = self.root = require_root(config, _CARS_LAYOUT)
         meta_path = root / "devkit" / "cars_meta.mat"
         meta = _load_mat(meta_path, "unpack car_devkit.tgz", _CARS_HOLDS)
         self.class_names = [str(n) for n in _mat_field(meta, "class_names", meta_path)]
@@ -475,42 +470,33 @@ class StanfordCarsSource(_LocalSource):
         for split, path in annotation_paths.items():
             if not (root / f"cars_{split}").is_dir():
                 raise _missing_file(root / f"cars_{split}", f"unpack cars_{split}.tgz", _CARS_HOLDS)
-            annotations = _mat_field(
-                _load_mat(path, fetch[split], _CARS_HOLDS), "annotations", path
-            )
-            missing = [f for f in _CARS_FIELDS if f not in (annotations.dtype.names or ())]
-            if missing:
-                raise SourceError(
-                    f"{path}: annotations lack the field(s) {missing} (the test file must be "
-                    f"cars_test_annos_withlabels.mat, not devkit/cars_test_annos.mat; see "
-                    f"{DOCS})."
+            mat = _load_mat(path, fetch[split], _CARS_HOLDS)
+            for a in self._annotations(mat, path):
+                yxyx = tuple(float(a[k]) for k in ("bbox_y1", "bbox_x1", "bbox_y2", "bbox_x2"))
+                rows.append(
+                    (len(rows), f"cars_{split}/{a['fname']}", int(a["class"]) - 1, split, yxyx)
                 )
-            for a in sorted(annotations, key=lambda a: str(a["fname"])):
-                label = int(a["class"]) - 1
-                if not 0 <= label < len(self.class_names):
-                    raise SourceError(
-                        f"{path}: {a['fname']} has class {int(a['class'])}; "
-                        f"cars_meta.mat has {len(self.class_names)} classes."
-                    )
-                pixel_yxyx = tuple(
-                    float(a[k]) for k in ("bbox_y1", "bbox_x1", "bbox_y2", "bbox_x2")
-                )
-                rows.append((len(rows), f"cars_{split}/{a['fname']}", label, split, pixel_yxyx))
         self._set_entries(rows)
 
-    def object_boxes(self, entry: SourceEntry, image_bytes: bytes | None = None) -> np.ndarray:
-        """float32 ``[1, 4]``: the car's box from the annotations, normalised yxyx."""
-        return self._boxes_for(entry, np.asarray(entry.key), image_bytes)
+    def _annotations(self, mat: dict[str, Any], path: Path) -> list[Any]:
+        """The struct array ``annotations`` checked and sorted by file name."""
+        annotations = _mat_field(mat, "annotations", path)
+        missing = [f for f in _CARS_FIELDS if f not in (annotations.dtype.names or ())]
+        if missing:
+            raise SourceError(
+                f"{path}: annotations lack the field(s) {missing} (the test file must be "
+                f"cars_test_annos_withlabels.mat, not devkit/cars_test_annos.mat; see {DOCS})."
+            )
+        for a in annotations:
+            if not 1 <= int(a["class"]) <= len(self.class_names):
+                raise SourceError(
+                    f"{path}: {a['fname']} has class {int(a['class'])}; "
+                    f"cars_meta.mat has {len(self.class_names)} classes."
+                )
+        return sorted(annotations, key=lambda a: str(a["fname"]))
 
-    def load(self, entry: SourceEntry) -> SourceItem:
-        image_bytes = self._read_bytes(entry.filename)
-        return SourceItem(
-            image_id=entry.image_id,
-            filename=entry.filename,
-            image_bytes=image_bytes,
-            label=entry.label,
-            gt=GroundTruth(object_boxes=self.object_boxes(entry, image_bytes)),
-        )
+    def _pixel_boxes(self, entry: SourceEntry) -> Any:
+        return entry.key
 
 
 # ------------------------------------------------------------------------------ tfds
@@ -525,17 +511,11 @@ def _tfds_prepare_hint(name: str, data_dir: str) -> str:
 
 @register_source("tfds")
 class TfdsSource(Source):
-    """A tfds dataset prepared as ``array_record`` under ``config.dataset.tfds_data_dir``.
-
-    Read with ``tfds.builder(name, data_dir).as_data_source(split)`` (random access; needs
-    ``array_record``, not TensorFlow). Any dataset with an ``image`` and a ``ClassLabel``
-    ``label`` feature works; ``caltech_birds2011``, ``stanford_dogs`` and ``cars196`` are
-    the ones this project uses. Images are returned as stored (never re-encoded); a
-    ``segmentation_mask`` feature (caltech_birds2011: CUB's soft bird mask) becomes
-    ``gt.object_mask`` (value >= 128); ``bbox`` / ``objects/bbox`` features are returned by
-    :meth:`object_boxes`. Listing a split's entries reads every record of it once (labels
-    and file names live in the records; no image is decoded).
-    """
+    """Any tfds dataset with an ``image`` and a ``ClassLabel`` ``label``, read through
+    ``as_data_source`` (needs ``array_record``, not TensorFlow). Images are returned as
+    stored; ``segmentation_mask`` (caltech_birds2011's soft bird mask) becomes the object
+    mask (>= 128), ``bbox`` / ``objects/bbox`` the object boxes. Listing a split reads each
+    of its records once (labels and names live there; no image is decoded)."""
 
     def __init__(self, config: ml_collections.ConfigDict):
         name, data_dir = config.dataset.tfds_name, config.dataset.tfds_data_dir
@@ -549,46 +529,21 @@ class TfdsSource(Source):
                 "config.dataset.tfds_data_dir is empty; set it to the tfds "
                 f"data_dir that holds the prepared {name}."
             )
-        try:
-            import tensorflow_datasets as tfds
-        except ImportError as e:
-            raise SourceError(
-                "dataset.name='tfds' needs tensorflow-datasets and "
-                "array_record (pip install tensorflow-datasets)."
-            ) from e
-        try:
-            builder = tfds.builder(name, data_dir=data_dir)
-        except tfds.core.registered.DatasetNotFoundError as e:
-            raise SourceError(
-                f"config.dataset.tfds_name={name!r} is not a tfds dataset: {e}"
-            ) from e
-        if not builder.is_prepared():
-            raise SourceError(
-                f"no prepared {name} in {_where(Path(builder.data_dir))}: "
-                f"{_tfds_prepare_hint(name, data_dir)}."
-            )
-        features = builder.info.features
-        label = features["label"] if "label" in features else None
-        if "image" not in features or not isinstance(label, tfds.features.ClassLabel):
-            raise SourceError(
-                f"tfds dataset {name} has features {sorted(features)}; this "
-                "source needs an 'image' and a ClassLabel 'label'."
-            )
-        self._builder, self._data_dir = builder, data_dir
+        builder = self._builder = _tfds_builder(name, data_dir)
+        self._data_dir = data_dir
+        features, tfds = builder.info.features, _tfds()
         self._skip_images = {
             key: tfds.decode.SkipDecoding()
             for key, feature in features.items()
             if isinstance(feature, tfds.features.Image)
         }
         self.root = Path(builder.data_dir)
-        self.class_names = list(label.names)
+        self.class_names = list(features["label"].names)
         known = [s for s in ("train", "validation", "test") if s in builder.info.splits]
         self._splits = tuple(known + sorted(set(builder.info.splits) - set(known)))
-        self._offsets: dict[str, int] = {}
-        offset = 0
+        self._offsets, offset = {}, 0
         for split in self._splits:
-            self._offsets[split] = offset
-            offset += builder.info.splits[split].num_examples
+            self._offsets[split], offset = offset, offset + builder.info.splits[split].num_examples
         self._data_sources: dict[str, Sequence[dict[str, Any]]] = {}
         self._entries: dict[str, list[SourceEntry]] = {}
 
@@ -597,44 +552,30 @@ class TfdsSource(Source):
 
     def _data_source(self, split: str) -> Sequence[dict[str, Any]]:
         if split not in self._data_sources:
-            name = self._builder.info.name
+            builder = self._builder
             try:
-                self._data_sources[split] = self._builder.as_data_source(
+                self._data_sources[split] = builder.as_data_source(
                     split, decoders=self._skip_images
                 )
             except NotImplementedError as e:
                 raise SourceError(
-                    f"{name} in {self._builder.data_dir} is prepared as "
-                    f"{self._builder.info.file_format.value}, which has no random access: "
+                    f"{builder.info.name} in {builder.data_dir} is prepared as "
+                    f"{builder.info.file_format.value}, which has no random access: "
                     f"convert it with tfds convert_format --dataset_version_dir="
-                    f"{self._builder.data_dir} --out_file_format=array_record, or "
-                    f"{_tfds_prepare_hint(name, self._data_dir)}."
+                    f"{builder.data_dir} --out_file_format=array_record, or "
+                    f"{_tfds_prepare_hint(builder.info.name, self._data_dir)}."
                 ) from e
         return self._data_sources[split]
-
-    def _filename(self, example: dict[str, Any], split: str, index: int) -> str:
-        for key in ("image/filename", "id"):
-            if key in example:
-                value = example[key]
-                return value.decode() if isinstance(value, bytes) else str(value)
-        return f"{split}[{index}]"
 
     def entries(self, split: str) -> list[SourceEntry]:
         if split not in self._offsets:
             return []
         if split not in self._entries:
-            data_source = self._data_source(split)
-            rows = []
+            data_source, rows = self._data_source(split), []
             for index in range(len(data_source)):
                 example = data_source[index]
-                rows.append(
-                    SourceEntry(
-                        self._offsets[split] + index,
-                        self._filename(example, split, index),
-                        int(example["label"]),
-                        (split, index),
-                    )
-                )
+                image_id, name = self._offsets[split] + index, _tfds_filename(example, split, index)
+                rows.append(SourceEntry(image_id, name, int(example["label"]), (split, index)))
             self._entries[split] = rows
         return list(self._entries[split])
 
@@ -643,19 +584,8 @@ class TfdsSource(Source):
         return self._data_source(split)[index]
 
     def object_boxes(self, entry: SourceEntry) -> np.ndarray:
-        """float32 ``[M, 4]`` normalised yxyx from ``bbox`` or ``objects/bbox`` ([0, 4]
-        when the dataset has neither)."""
-        return self._boxes_of(self._example(entry))
-
-    @staticmethod
-    def _boxes_of(example: dict[str, Any]) -> np.ndarray:
-        if "bbox" in example:
-            boxes = example["bbox"]
-        elif isinstance(example.get("objects"), dict) and "bbox" in example["objects"]:
-            boxes = example["objects"]["bbox"]
-        else:
-            boxes = ()
-        return np.asarray(boxes, np.float32).reshape(-1, 4)
+        """float32 ``[M, 4]`` normalised yxyx (``[0, 4]`` when the dataset has no boxes)."""
+        return _tfds_boxes(self._example(entry))
 
     def load(self, entry: SourceEntry) -> SourceItem:
         example = self._example(entry)
@@ -665,10 +595,57 @@ class TfdsSource(Source):
             where = Path(f"{self.root}/{entry.filename}:segmentation_mask")
             size = _image_size(image_bytes, self.root / entry.filename)
             object_mask = _threshold_soft_mask(example["segmentation_mask"], where, size)
-        return SourceItem(
-            image_id=entry.image_id,
-            filename=entry.filename,
-            image_bytes=image_bytes,
-            label=entry.label,
-            gt=GroundTruth(object_mask=object_mask, object_boxes=self._boxes_of(example)),
+        gt = GroundTruth(object_mask=object_mask, object_boxes=_tfds_boxes(example))
+        return SourceItem(entry.image_id, entry.filename, image_bytes, entry.label, gt)
+
+
+def _tfds():
+    import tensorflow_datasets as tfds
+
+    return tfds
+
+
+def _tfds_builder(name: str, data_dir: str) -> Any:
+    """The prepared builder, checked to have an ``image`` and a ClassLabel ``label``."""
+    try:
+        tfds = _tfds()
+    except ImportError as e:
+        raise SourceError(
+            "dataset.name='tfds' needs tensorflow-datasets and "
+            "array_record (pip install tensorflow-datasets)."
+        ) from e
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise SourceError(f"config.dataset.tfds_name={name!r} is not a tfds dataset: {e}") from e
+    if not builder.is_prepared():
+        raise SourceError(
+            f"no prepared {name} in {_where(Path(builder.data_dir))}: "
+            f"{_tfds_prepare_hint(name, data_dir)}."
         )
+    features = builder.info.features
+    label = features["label"] if "label" in features else None
+    if "image" not in features or not isinstance(label, tfds.features.ClassLabel):
+        raise SourceError(
+            f"tfds dataset {name} has features {sorted(features)}; this "
+            "source needs an 'image' and a ClassLabel 'label'."
+        )
+    return builder
+
+
+def _tfds_filename(example: dict[str, Any], split: str, index: int) -> str:
+    for key in ("image/filename", "id"):
+        if key in example:
+            value = example[key]
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return f"{split}[{index}]"
+
+
+def _tfds_boxes(example: dict[str, Any]) -> np.ndarray:
+    if "bbox" in example:
+        boxes = example["bbox"]
+    elif isinstance(example.get("objects"), dict) and "bbox" in example["objects"]:
+        boxes = example["objects"]["bbox"]
+    else:
+        boxes = ()
+    return np.asarray(boxes, np.float32).reshape(-1, 4)

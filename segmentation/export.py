@@ -1,24 +1,14 @@
 """Export a dataset's images with their masks and boxes to sharded TFRecords.
 
-Command (from the repository root)::
-
-    python -m segmentation.export --config configs/demo.py
     python -m segmentation.export --config configs/cub.py --shard_index 0 --num_shards 4 \\
         --config.segmentation.sam.checkpoint=/path/to/sam_vit_h_4b8939.pth
 
-writes ``config.dataset.records_dir/{split}-{j:05d}-of-{n:05d}.tfrecord`` (+ ``.index``) for
-``n = config.segmentation.shards[split]``. Shard ``j`` holds a fixed contiguous range of the
-split's images sorted by id (images ``[j N // n, (j + 1) N // n)``). Process ``i`` of
-``--num_shards`` writes the shards with ``j % num_shards == i``, so several processes (GPUs,
-hosts) split one export with no overlap and no gap. Each shard is written to a temporary
-name and renamed when complete, together with a ``.stats.json`` sidecar (image, mask and
-fallback counts per class); a re-run skips complete shards, so a killed export resumes.
-Whichever process finds every shard complete writes ``dataset_info.json``
-(``docs/design.md``); re-running any process re-derives it.
-
-The segmenter (a SAM model) is built once per process, and only if a shard is left to
-write. Nothing here imports jax; only the ``sam`` segmenter imports torch.
-"""
+writes ``config.dataset.records_dir/{split}-{j:05d}-of-{n:05d}.tfrecord`` (+ ``.index``),
+``n = config.segmentation.shards[split]``; shard ``j`` holds the images ``[j N // n,
+(j + 1) N // n)`` of the split sorted by id, written by process ``j % num_shards``. A shard
+is written under a temporary name, renamed when complete and described by a ``.stats.json``
+sidecar; a re-run skips complete shards. Whichever process finds every shard complete
+writes ``dataset_info.json`` (``docs/design.md``)."""
 
 from __future__ import annotations
 
@@ -37,7 +27,12 @@ import numpy as np
 from absl import logging
 
 from protomask_jax.data import records
-from segmentation import postprocess, segmenters, sources
+from segmentation import (
+    datasets,  # noqa: F401  (registers the built-in datasets)
+    postprocess,
+    segmenters,
+    sources,
+)
 
 STATS_SUFFIX = ".stats.json"
 
@@ -66,8 +61,6 @@ class ShardPlan:
 
 @dataclasses.dataclass
 class ExportResult:
-    """What one export process did and, when every shard exists, the dataset totals."""
-
     records_dir: Path
     shards_written: list[str]
     shards_skipped: list[str]
@@ -116,11 +109,8 @@ def _postprocess_params(config: ml_collections.ConfigDict) -> dict[str, int]:
     )
 
 
-# ------------------------------------------------------------------------- one image
-
-
 def _decode(item: sources.SourceItem, root: Path) -> tuple[np.ndarray, bytes, str]:
-    """Returns (RGB uint8 [H, W, 3], the bytes to store, their format)."""
+    """(RGB uint8 [H, W, 3], the bytes to store, their format)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -131,10 +121,11 @@ def _decode(item: sources.SourceItem, root: Path) -> tuple[np.ndarray, bytes, st
             f"{root / item.filename}: cannot decode image (id {item.image_id}): {e}. Replace "
             "or remove the file and re-run (complete shards are skipped)."
         ) from e
-    image_format = sources.image_format(item.image_bytes)
-    if image_format is not None:
-        return rgb, item.image_bytes, image_format
-    # Neither JPEG nor PNG (BMP, GIF, WebP, TIFF): store a lossless PNG of the pixels.
+    if item.image_bytes.startswith(b"\x89PNG\r\n\x1a\n"):
+        return rgb, item.image_bytes, "png"
+    if item.image_bytes.startswith(b"\xff\xd8\xff"):
+        return rgb, item.image_bytes, "jpeg"
+    # BMP, GIF, WebP, TIFF: the pipeline decodes JPEG and PNG only; store a lossless PNG.
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
     return rgb, buffer.getvalue(), "png"
@@ -146,11 +137,8 @@ def build_record(
     config: ml_collections.ConfigDict,
     root: Path,
 ) -> tuple[records.ImageRecord, bool]:
-    """Segments and post-processes one image.
-
-    Returns:
-      The record and whether it fell back to a single full-image mask.
-    """
+    """Segments and post-processes one image; also says whether it fell back to a single
+    full-image mask."""
     rgb, image_bytes, image_format = _decode(item, root)
     height, width = rgb.shape[:2]
     masks = np.asarray(segmenter.segment(rgb, item), dtype=bool)
@@ -169,6 +157,7 @@ def build_record(
             segmenter.method,
         )
     gt = item.gt
+    label = item.label
     record = records.ImageRecord(
         image_id=item.image_id,
         image_bytes=image_bytes,
@@ -176,11 +165,7 @@ def build_record(
         height=height,
         width=width,
         filename=item.filename,
-        label=(
-            int(item.label)
-            if np.ndim(item.label) == 0
-            else np.sort(np.asarray(item.label, np.int64))
-        ),
+        label=int(label) if np.ndim(label) == 0 else np.sort(np.asarray(label, np.int64)),
         boxes=processed.boxes,
         areas=processed.areas,
         mask_pngs=[records.encode_mask_png(m) for m in processed.masks],
@@ -191,9 +176,6 @@ def build_record(
         object_boxes=gt.object_boxes,
     )
     return record, processed.used_fallback
-
-
-# ------------------------------------------------------------------------ one shard
 
 
 def _empty_stats(plan: ShardPlan, num_classes: int, fingerprint: dict[str, Any]) -> dict[str, Any]:
@@ -231,39 +213,27 @@ def _write_shard(
 
     def serialized():
         for entry in plan.entries:
-            item = source.load(entry)
-            record, fallback = build_record(item, segmenter, config, source.root)
+            record, fallback = build_record(source.load(entry), segmenter, config, source.root)
             _count(stats, record.label, record.num_masks, fallback)
             yield record.to_bytes()
             on_image()
 
-    # Records stream into the shard's temporary file; it becomes visible when complete.
     records.write_shard(plan.path, serialized())
     records.write_json_atomic(plan.stats_path, stats)
 
 
-def _stats_from_shard(
-    plan: ShardPlan, num_classes: int, fingerprint: dict[str, Any]
-) -> dict[str, Any]:
-    """Re-derives a complete shard's sidecar by reading its records.
-
-    Only needed when a process died between publishing a shard and writing its sidecar
-    (or the sidecar was deleted). A fallback is recognised as a lone full-image mask.
-    """
-    stats = _empty_stats(plan, num_classes, fingerprint)
-    for data in records.iter_records(plan.path):
-        record = records.ImageRecord.from_bytes(data, where=str(plan.path))
-        lone_full_mask = record.num_masks == 1 and record.areas[0] == 1.0
-        _count(stats, record.label, record.num_masks, lone_full_mask)
-    return stats
-
-
 def _load_stats(plan: ShardPlan, num_classes: int, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """The sidecar of a complete shard, checked against the current export settings
-    (re-derived from the shard if missing; call it only for shards this process owns or
-    whose sidecar exists)."""
+    """The sidecar of a complete shard, checked against the current settings.
+
+    A missing sidecar (the process died between publishing the shard and writing it) is
+    re-derived from the shard, a fallback being a lone full-image mask; call this only for
+    shards this process owns or whose sidecar exists."""
     if not plan.stats_path.exists():
-        stats = _stats_from_shard(plan, num_classes, fingerprint)
+        stats = _empty_stats(plan, num_classes, fingerprint)
+        for data in records.iter_records(plan.path):
+            record = records.ImageRecord.from_bytes(data, where=str(plan.path))
+            lone_full_mask = record.num_masks == 1 and record.areas[0] == 1.0
+            _count(stats, record.label, record.num_masks, lone_full_mask)
         records.write_json_atomic(plan.stats_path, stats)
         return stats
     stats = json.loads(plan.stats_path.read_text())
@@ -275,29 +245,6 @@ def _load_stats(plan: ShardPlan, num_classes: int, fingerprint: dict[str, Any]) 
             "point config.dataset.records_dir elsewhere) to export again."
         )
     return stats
-
-
-def _check_no_foreign_shards(records_dir: Path, split: str, count: int) -> None:
-    foreign = sorted(
-        p.name
-        for p in records_dir.glob(f"{split}-*-of-*.tfrecord")
-        if not p.name.endswith(f"-of-{count:05d}.tfrecord")
-    )
-    if foreign:
-        raise ExportError(
-            f"{records_dir} holds '{split}' shards of an export with a different shard count "
-            f"({foreign[:3]}...), but segmentation.shards.{split}={count}. Delete them or "
-            "export to another config.dataset.records_dir."
-        )
-
-
-def _remove_stale_temporaries(plan: ShardPlan) -> None:
-    """Deletes temporary files a killed process left for this (not yet complete) shard."""
-    for tmp in plan.path.parent.glob(plan.path.name + "*" + records.TMP_SUFFIX):
-        tmp.unlink(missing_ok=True)
-
-
-# ------------------------------------------------------------------------ the export
 
 
 def _dataset_info(
@@ -340,19 +287,44 @@ def _check_config(
     if bool(config.dataset.multi_label) != bool(source.multi_label):
         raise ExportError(
             f"config.dataset.multi_label={config.dataset.multi_label} but the "
-            f"{source.name} source is {'' if source.multi_label else 'not '}"
-            "multi-label."
+            f"{source.name} source is {'' if source.multi_label else 'not '}multi-label."
         )
     shards = config.segmentation.shards
     for split in splits:
         if split not in shards:
             raise ExportError(
-                f"the dataset has a '{split}' split but "
-                f"config.segmentation.shards has no entry for it "
-                f"(has: {sorted(shards.keys())})."
+                f"the dataset has a '{split}' split but config.segmentation.shards has no "
+                f"entry for it (has: {sorted(shards.keys())})."
             )
         if int(shards[split]) < 1:
             raise ExportError(f"config.segmentation.shards.{split} must be >= 1.")
+
+
+def _plan(
+    config: ml_collections.ConfigDict, source: sources.Source, records_dir: Path
+) -> list[ShardPlan]:
+    """Every shard of every split, after refusing shards of an export with other counts."""
+    plans: list[ShardPlan] = []
+    for split in source.splits():
+        count = int(config.segmentation.shards[split])
+        foreign = sorted(
+            p.name
+            for p in records_dir.glob(f"{split}-*-of-*.tfrecord")
+            if not p.name.endswith(f"-of-{count:05d}.tfrecord")
+        )
+        if foreign:
+            raise ExportError(
+                f"{records_dir} holds '{split}' shards of an export with a different shard "
+                f"count ({foreign[:3]}...), but segmentation.shards.{split}={count}. Delete "
+                "them or export to another config.dataset.records_dir."
+            )
+        entries = source.entries(split)
+        if len(entries) < count:
+            logging.warning(
+                "split %s has %d images for %d shards; some stay empty.", split, len(entries), count
+            )
+        plans += plan_shards(entries, split, count, records_dir)
+    return plans
 
 
 def export(
@@ -365,15 +337,8 @@ def export(
 ) -> ExportResult:
     """Writes this process's shards (those ``j`` with ``j % num_shards == shard_index``).
 
-    Args:
-      config: the experiment config (``dataset`` and ``segmentation`` are read).
-      shard_index, num_shards: this process's place among the processes sharing the export.
-      sam_model: optional prebuilt SAM module (for ``segmentation.method == "sam"``).
-      progress: show a progress bar (images/s) on stderr.
-
-    Returns:
-      What was written and skipped, and the dataset info once every shard is complete.
-    """
+    ``sam_model``: a prebuilt SAM module for ``segmentation.method == "sam"`` (tests);
+    ``progress``: a progress bar (images/s) on stderr."""
     if not 0 <= shard_index < num_shards:
         raise ExportError(f"--shard_index={shard_index} must be in [0, --num_shards={num_shards}).")
     if not config.dataset.records_dir:
@@ -382,25 +347,11 @@ def export(
         )
     started = time.perf_counter()
     source = sources.get_source(config)
-    splits = list(source.splits())
-    _check_config(config, source, splits)
+    _check_config(config, source, source.splits())
     records_dir = Path(config.dataset.records_dir)
     records_dir.mkdir(parents=True, exist_ok=True)
     num_classes = len(source.class_names)
-
-    plans: list[ShardPlan] = []
-    for split in splits:
-        count = int(config.segmentation.shards[split])
-        _check_no_foreign_shards(records_dir, split, count)
-        entries = source.entries(split)
-        if len(entries) < count:
-            logging.warning(
-                "split %s has %d images for %d shards; some shards stay empty.",
-                split,
-                len(entries),
-                count,
-            )
-        plans += plan_shards(entries, split, count, records_dir)
+    plans = _plan(config, source, records_dir)
     fingerprints = {plan.path: _fingerprint(config, source, plan) for plan in plans}
 
     mine = [p for p in plans if p.index % num_shards == shard_index]
@@ -408,42 +359,28 @@ def export(
     skipped = [p for p in mine if p.is_complete()]
     for plan in skipped:
         _load_stats(plan, num_classes, fingerprints[plan.path])
-
-    images_written = 0
     if todo:
-        segmenter = segmenters.get_segmenter(config, sam_model=sam_model)
         from tqdm import tqdm
 
-        bar = tqdm(
-            total=sum(len(p.entries) for p in todo),
-            unit="img",
-            disable=not progress,
-            desc=f"export {config.segmentation.method}",
-        )
-        for plan in todo:
-            _remove_stale_temporaries(plan)
-            _write_shard(
-                plan,
-                source,
-                segmenter,
-                config,
-                fingerprints[plan.path],
-                on_image=lambda: bar.update(1),
-            )
-            images_written += len(plan.entries)
-        bar.close()
+        segmenter = segmenters.get_segmenter(config, sam_model=sam_model)
+        total = sum(len(p.entries) for p in todo)
+        method = config.segmentation.method
+        with tqdm(total=total, unit="img", disable=not progress, desc=f"export {method}") as bar:
+            for plan in todo:
+                # Temporaries a killed process left for this (not yet complete) shard.
+                for tmp in plan.path.parent.glob(plan.path.name + "*" + records.TMP_SUFFIX):
+                    tmp.unlink(missing_ok=True)
+                fingerprint = fingerprints[plan.path]
+                _write_shard(plan, source, segmenter, config, fingerprint, lambda: bar.update(1))
 
     # A shard counts once its sidecar exists too: another process publishes its shard a
-    # moment before the sidecar. (This process's own shards have theirs by now.)
+    # moment before the sidecar.
     missing = [p for p in plans if not (p.is_complete() and p.stats_path.exists())]
     dataset_info = None
     if not missing:
-        split_stats = {
-            split: [
-                _load_stats(p, num_classes, fingerprints[p.path]) for p in plans if p.split == split
-            ]
-            for split in splits
-        }
+        split_stats = {split: [] for split in source.splits()}
+        for p in plans:
+            split_stats[p.split].append(_load_stats(p, num_classes, fingerprints[p.path]))
         dataset_info = _dataset_info(config, source, split_stats)
         records.write_json_atomic(records_dir / records.DATASET_INFO, dataset_info)
     return ExportResult(
@@ -451,7 +388,7 @@ def export(
         shards_written=[p.path.name for p in todo],
         shards_skipped=[p.path.name for p in skipped],
         shards_missing=[p.path.name for p in missing],
-        images_written=images_written,
+        images_written=sum(len(p.entries) for p in todo),
         seconds=time.perf_counter() - started,
         dataset_info=dataset_info,
     )
@@ -463,18 +400,17 @@ def summary(result: ExportResult) -> str:
         f"Wrote {len(result.shards_written)} shard(s) ({result.images_written} images) "
         f"in {result.seconds:.1f} s; skipped {len(result.shards_skipped)} complete."
     ]
-    if result.dataset_info is None:
+    info = result.dataset_info
+    if info is None:
         lines.append(
             f"Waiting for {len(result.shards_missing)} shard(s) of other processes "
             f"({', '.join(result.shards_missing[:4])}...); dataset_info.json is written by the "
             "process that completes the last shard (or re-run any process)."
         )
         return "\n".join(lines)
-    info = result.dataset_info
     lines.append(
-        f"Records in {result.records_dir} ({info['dataset']}, "
-        f"{info['segmenter']['method']} masks, at most "
-        f"{info['postprocess']['max_masks']} per image):"
+        f"Records in {result.records_dir} ({info['dataset']}, {info['segmenter']['method']} "
+        f"masks, at most {info['postprocess']['max_masks']} per image):"
     )
     for split, s in info["splits"].items():
         lines.append(
@@ -485,24 +421,9 @@ def summary(result: ExportResult) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------- the CLI
-
-
-def _define_flags() -> None:
-    from absl import flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file(
-        "config", None, "Config file, e.g. configs/demo.py.", lock_config=True
-    )
-    flags.DEFINE_integer("shard_index", 0, "Index of this process among --num_shards.")
-    flags.DEFINE_integer("num_shards", 1, "Number of processes sharing the export.")
-    flags.mark_flags_as_required(["config"])
-
-
 def _config_key_error(argv: Sequence[str]) -> str | None:
     """Names the first ``--config.a.b=`` override whose key does not exist, with the keys
-    valid at that level (ml_collections only suggests one close match)."""
+    valid at that level (ml_collections suggests only one close match)."""
     import runpy
 
     config_path, overrides = None, []
@@ -515,19 +436,17 @@ def _config_key_error(argv: Sequence[str]) -> str | None:
             overrides.append(arg[len("--config.") :].split("=", 1)[0])
     if config_path is None:
         return None
-    node = runpy.run_path(config_path.split(":", 1)[0])["get_config"]()
+    root = runpy.run_path(config_path.split(":", 1)[0])["get_config"]()
     for dotted in overrides:
-        current, prefix = node, "config"
+        node, prefix = root, "config"
         for key in dotted.split("."):
-            if not isinstance(current, ml_collections.ConfigDict) or key not in current:
-                valid = (
-                    sorted(current.keys()) if isinstance(current, ml_collections.ConfigDict) else []
-                )
+            if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+                valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
                 return (
                     f"--config.{dotted}: {prefix} has no key {key!r}; valid keys: "
                     f"{', '.join(valid)}."
                 )
-            current, prefix = current[key], f"{prefix}.{key}"
+            node, prefix = node[key], f"{prefix}.{key}"
     return None
 
 
@@ -537,25 +456,32 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return app.parse_flags_with_usage(argv)
     except (KeyError, AttributeError) as e:
-        sys.exit(f"error: {_config_key_error(argv[1:]) or e}")
+        print(f"error: {_config_key_error(argv[1:]) or e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv: Sequence[str]) -> None:
     from absl import flags
 
-    if len(argv) > 1:
-        raise ExportError(f"unexpected arguments: {argv[1:]}")
     FLAGS = flags.FLAGS
     try:
+        if len(argv) > 1:
+            raise ExportError(f"unexpected arguments: {argv[1:]}")
         result = export(FLAGS.config, FLAGS.shard_index, FLAGS.num_shards)
     except (ExportError, sources.SourceError, segmenters.SegmenterError, records.RecordError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
     print(summary(result))
 
 
 if __name__ == "__main__":
-    from absl import app
+    from absl import app, flags
+    from ml_collections import config_flags
 
-    _define_flags()
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file, e.g. configs/demo.py.", lock_config=True
+    )
+    flags.DEFINE_integer("shard_index", 0, "Index of this process among --num_shards.")
+    flags.DEFINE_integer("num_shards", 1, "Number of processes sharing the export.")
+    flags.mark_flags_as_required(["config"])
     app.run(main, flags_parser=_parse_flags)

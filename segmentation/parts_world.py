@@ -1,39 +1,22 @@
 """The "parts world": a procedurally generated fine-grained classification dataset.
 
-Every image shows one creature made of 4-6 parts (body, head, wing, tail, and optionally leg
-and crest) at a random position, scale, rotation and mirror, with colour noise and an
-optional stripe pattern, on a textured background (noise, stripes or blobs). A class is
-decided by one or two *decisive* parts: each has a class-specific shape and a saturated
-signature colour. Every other part takes a random shape and a muted distractor colour, so
-the class can be read off the decisive part(s) and nowhere else, and a classifier has to
-look at the right part. Each decisive (part, colour, shape) triple belongs to one class
-only, so either decisive part of a two-part class identifies it on its own. Classes come in
-pairs that share the part and colour and differ only by shape (the fine-grained part).
+Each image shows one creature of 4-6 parts (body, head, wing, tail, optionally leg and
+crest) at a random pose on a textured background. A class is decided by one or two
+*decisive* parts, each with a class-specific shape and a saturated signature colour that
+no other class shares; every other part has a random shape and a muted colour, and
+classes come in pairs that differ only by the decisive part's shape. Each image's part
+label map is written too, so explanations can be checked against the deciding part.
 
-The generator also writes the ground truth that real datasets rarely have: a per-image part
-label map (0 background, p + 1 = part p), so explanations can be checked against the part
-that actually decides the class.
-
-Layout written under ``root`` (ids are global across splits, train first)::
-
-  parts_world.json      metadata (written last; its presence marks a complete dataset):
-                        format, version, params, part_names, class_names, classes (decisive
-                        parts and their attributes per class), images (id, split, label,
-                        image, part_map, per-part attributes)
-  images/{id:05d}.png   RGB image, image_size x image_size
-  part_maps/{id:05d}.png  uint8 greyscale label map, 0 background, p + 1 = part p
-  contact_sheet.png     a few examples per class (one row per class), for people
-
-Command: ``python -m segmentation.parts_world --root data/parts_world`` (8 classes, 96 px,
-80 train + 20 test per class: 800 images in a few seconds on one CPU core).
-
-Only numpy and PIL are used; the same seed gives byte-identical files.
-"""
+Layout under ``root`` (ids are global, train first; the same seed gives the same bytes):
+``images/{id:05d}.png`` (RGB), ``part_maps/{id:05d}.png`` (uint8: 0 background, p + 1 =
+part p), ``contact_sheet.png`` (examples per class, for people) and ``parts_world.json``
+(metadata, written last: its presence marks a complete dataset)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import io
 import json
 import math
@@ -70,27 +53,16 @@ SHAPE_NAMES = {
 }
 
 # Saturated colours reserved for decisive parts; muted ones for every other part.
-SIGNATURE_COLOURS = {
-    "red": (220, 40, 40),
-    "blue": (40, 90, 235),
-    "yellow": (245, 215, 30),
-    "magenta": (215, 45, 205),
-    "green": (40, 185, 60),
-}
-DISTRACTOR_COLOURS = {
-    "grey": (150, 150, 150),
-    "brown": (125, 90, 60),
-    "olive": (125, 125, 70),
-    "slate": (90, 105, 130),
-    "sand": (195, 180, 150),
-}
-BACKGROUND_COLOURS = (
-    (205, 200, 185),
-    (180, 190, 170),
-    (170, 180, 190),
-    (150, 145, 135),
-    (215, 210, 200),
-)
+SIGNATURE_COLOURS = dict(
+    red=(220, 40, 40), blue=(40, 90, 235), yellow=(245, 215, 30), magenta=(215, 45, 205),
+    green=(40, 185, 60),
+)  # fmt: skip
+DISTRACTOR_COLOURS = dict(
+    grey=(150, 150, 150), brown=(125, 90, 60), olive=(125, 125, 70), slate=(90, 105, 130),
+    sand=(195, 180, 150),
+)  # fmt: skip
+BACKGROUND_COLOURS = ((205, 200, 185), (180, 190, 170), (170, 180, 190), (150, 145, 135),
+                      (215, 210, 200))  # fmt: skip
 BACKGROUND_KINDS = ("noise", "stripes", "blobs")
 
 COLOUR_JITTER = 20  # max per-channel deviation of a part's colour from its palette colour
@@ -125,15 +97,11 @@ class ClassSpec:
 
 
 def class_specs(num_classes: int) -> list[ClassSpec]:
-    """The classes of a parts world with ``num_classes`` classes (independent of the seed).
+    """The classes of a parts world (independent of the seed).
 
     Pair k (classes 2k and 2k + 1) uses part ``DECISIVE_CANDIDATES[k % 4]`` in one signature
     colour with shape 0 or 1; the second class of every other pair also gets a second
-    decisive part with shape 2. Colours advance so no (part, colour, shape) repeats.
-
-    Raises:
-      ValueError: if ``num_classes`` is not in ``[2, MAX_CLASSES]``.
-    """
+    decisive part with shape 2. Colours advance so no (part, colour, shape) repeats."""
     if not 2 <= num_classes <= MAX_CLASSES:
         raise ValueError(
             f"parts world num_classes must be in [2, {MAX_CLASSES}], got {num_classes}."
@@ -156,9 +124,6 @@ def class_specs(num_classes: int) -> list[ClassSpec]:
     triples = [(p, s, col) for spec in specs for p, (s, col) in spec.decisive.items()]
     assert len(set(triples)) == len(triples), "decisive signatures must be unique"
     return specs
-
-
-# ------------------------------------------------------------------------- geometry
 
 
 def _ellipse(
@@ -189,55 +154,36 @@ def _polygon(*points: tuple[float, float]) -> np.ndarray:
     return np.asarray(points, dtype=np.float64)
 
 
-def part_polygons(part: int, shape: str) -> list[np.ndarray]:
-    """Outline(s) of a part in object units (x towards the head, y down): list of ``[V, 2]``."""
-    if part == BODY:
-        return [_ellipse(0, 0, 21, 12) if shape == "oval" else _capsule(-20, -11, 20, 11, 6)]
-    if part == HEAD:
-        if shape == "round":
-            return [_ellipse(25, -9, 9, 9)]
-        if shape == "square":
-            return [_polygon((17, -17.5), (34, -17.5), (34, -0.5), (17, -0.5))]
-        return [_polygon((15, -20), (15, 2), (37, -9))]
-    if part == WING:
-        if shape == "leaf":
-            return [_ellipse(-3, -4, 13, 7)]
-        if shape == "pointed":
-            return [_polygon((8, -9), (8, 3), (-19, -8))]
-        return [_polygon((7, -10), (7, 3), (-13, 3), (-16, -10))]
-    if part == TAIL:
-        if shape == "fan":
-            return [_polygon((-14, 0), (-36, -12), (-36, 12))]
-        if shape == "fork":
-            return [_polygon((-14, -4), (-36, -13), (-29, 0), (-36, 13), (-14, 4))]
-        return [_polygon((-14, -5), (-35, -5), (-35, 5), (-14, 5))]
-    if part == LEG:
-        return [
-            _polygon((-9, 7), (-4, 7), (-4, 25), (-9, 25)),
-            _polygon((4, 7), (9, 7), (9, 25), (4, 25)),
-        ]
-    if part == CREST:
-        if shape == "spikes":
-            return [
-                _polygon(
-                    (17, -15), (19, -28), (22, -19), (25, -30), (28, -19), (31, -28), (33, -15)
-                )
-            ]
-        if shape == "dome":
-            return [_ellipse(25, -15, 8, 11, math.pi, 2 * math.pi, 13)]
-        return [_polygon((18, -15), (30, -15), (15, -32))]
-    raise ValueError(f"unknown part {part}")
-
-
-# ------------------------------------------------------------------------ rendering
+# Outlines in object units (x towards the head, y down), by shape; shape names are unique
+# across parts. The leg shape is a pair of legs.
+_OUTLINES = {
+    "oval": [_ellipse(0, 0, 21, 12)],
+    "capsule": [_capsule(-20, -11, 20, 11, 6)],
+    "round": [_ellipse(25, -9, 9, 9)],
+    "square": [_polygon((17, -17.5), (34, -17.5), (34, -0.5), (17, -0.5))],
+    "triangle": [_polygon((15, -20), (15, 2), (37, -9))],
+    "leaf": [_ellipse(-3, -4, 13, 7)],
+    "pointed": [_polygon((8, -9), (8, 3), (-19, -8))],
+    "broad": [_polygon((7, -10), (7, 3), (-13, 3), (-16, -10))],
+    "fan": [_polygon((-14, 0), (-36, -12), (-36, 12))],
+    "fork": [_polygon((-14, -4), (-36, -13), (-29, 0), (-36, 13), (-14, 4))],
+    "bar": [_polygon((-14, -5), (-35, -5), (-35, 5), (-14, 5))],
+    "stick": [
+        _polygon((-9, 7), (-4, 7), (-4, 25), (-9, 25)),
+        _polygon((4, 7), (9, 7), (9, 25), (4, 25)),
+    ],
+    "spikes": [
+        _polygon((17, -15), (19, -28), (22, -19), (25, -30), (28, -19), (31, -28), (33, -15))
+    ],
+    "dome": [_ellipse(25, -15, 8, 11, math.pi, 2 * math.pi, 13)],
+    "horn": [_polygon((18, -15), (30, -15), (15, -32))],
+}
 
 
 @dataclasses.dataclass
 class RenderedImage:
-    """One generated image: ``image uint8 [H, W, 3]``, ``part_map uint8 [H, W]``."""
-
-    image: np.ndarray
-    part_map: np.ndarray
+    image: np.ndarray  # uint8 [H, W, 3]
+    part_map: np.ndarray  # uint8 [H, W], equal to the painted parts, occlusion included
     parts: dict[int, PartAttributes]
 
 
@@ -270,19 +216,8 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return pixels
 
 
-def render_image(rng: np.random.Generator, spec: ClassSpec, size: int) -> RenderedImage:
-    """Draws one creature of class ``spec`` at ``size x size`` pixels.
-
-    Args:
-      rng: the image's own generator (all randomness of the image comes from it).
-      spec: the class to draw.
-      size: image side in pixels.
-
-    Returns:
-      The image, its part label map (equal to the painted parts, occlusion included) and the
-      attributes of every present part.
-    """
-    parts: dict[int, PartAttributes] = {}
+def _choose_parts(rng: np.random.Generator, spec: ClassSpec) -> dict[int, PartAttributes]:
+    parts = {}
     distractors = list(DISTRACTOR_COLOURS)
     for part in range(len(PART_NAMES)):
         present_probability = OPTIONAL_PARTS.get(part, 1.0)
@@ -297,17 +232,20 @@ def render_image(rng: np.random.Generator, spec: ClassSpec, size: int) -> Render
             colour = distractors[rng.integers(len(distractors))]
             rgb = DISTRACTOR_COLOURS[colour]
         parts[part] = PartAttributes(shape, colour, _jittered(rng, rgb), pattern)
+    return parts
 
-    # Object pose: mirror, rotate, scale, then translate so the object stays inside.
+
+def render_image(rng: np.random.Generator, spec: ClassSpec, size: int) -> RenderedImage:
+    """Draws one creature of class ``spec``; all its randomness comes from ``rng``."""
+    parts = _choose_parts(rng, spec)
+    # Pose: mirror, rotate, scale, then translate so the object stays inside.
     scale = rng.uniform(*_SCALE_RANGE) * size / _REFERENCE_SIZE
     angle = math.radians(rng.uniform(-_MAX_ROTATION_DEG, _MAX_ROTATION_DEG))
     mirror = -1.0 if rng.random() < 0.5 else 1.0
     cos, sin = math.cos(angle), math.sin(angle)
     # Object units -> pixels: p_px = R @ diag(mirror, 1) @ p * scale + offset.
     linear = scale * np.array([[cos * mirror, -sin], [sin * mirror, cos]])
-    polygons = {
-        p: [poly @ linear.T for poly in part_polygons(p, a.shape)] for p, a in parts.items()
-    }
+    polygons = {p: [poly @ linear.T for poly in _OUTLINES[a.shape]] for p, a in parts.items()}
     points = np.concatenate([poly for polys in polygons.values() for poly in polys])
     low = -points.min(axis=0) + _MARGIN_PX
     high = size - _MARGIN_PX - points.max(axis=0)
@@ -344,9 +282,6 @@ def render_image(rng: np.random.Generator, spec: ClassSpec, size: int) -> Render
     return RenderedImage(image=image, part_map=part_map, parts=parts)
 
 
-# ----------------------------------------------------------------------- generation
-
-
 def _png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
@@ -354,21 +289,11 @@ def _png_bytes(array: np.ndarray) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    # Export processes sharing a fresh root all generate it, and one may read a file
+    # another is rewriting: same bytes, never half-written.
     tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
-
-
-def _params(
-    num_classes: int, image_size: int, train_per_class: int, test_per_class: int, seed: int
-) -> dict[str, int]:
-    return dict(
-        num_classes=int(num_classes),
-        image_size=int(image_size),
-        train_per_class=int(train_per_class),
-        test_per_class=int(test_per_class),
-        seed=int(seed),
-    )
 
 
 def load_metadata(root: str | os.PathLike) -> dict[str, Any] | None:
@@ -382,6 +307,24 @@ def load_metadata(root: str | os.PathLike) -> dict[str, Any] | None:
     return metadata
 
 
+def _write_image(root: Path, image_id: int, rendered: RenderedImage) -> tuple[str, str]:
+    image_file, part_map_file = f"images/{image_id:05d}.png", f"part_maps/{image_id:05d}.png"
+    _write_atomic(root / image_file, _png_bytes(rendered.image))
+    _write_atomic(root / part_map_file, _png_bytes(rendered.part_map))
+    return image_file, part_map_file
+
+
+def _class_metadata(spec: ClassSpec) -> dict[str, Any]:
+    return dict(
+        name=spec.name,
+        decisive_parts=sorted(spec.decisive),
+        decisive={
+            PART_NAMES[p]: dict(shape=s, colour=col)
+            for p, (s, col) in sorted(spec.decisive.items())
+        },
+    )
+
+
 def generate(
     root: str | os.PathLike,
     num_classes: int = 8,
@@ -390,26 +333,19 @@ def generate(
     test_per_class: int = 20,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Generates a parts world under ``root`` (does nothing if it is already there).
+    """Generates a parts world under ``root`` unless it is there already; returns its metadata.
 
-    Ids run over train then test; within a split they interleave classes (id order
-    c0, c1, ..., c0, c1, ...), so any contiguous id range is close to class-balanced.
-
-    Args:
-      root: output folder (created).
-      num_classes: number of classes (2..40).
-      image_size: side of the square images in pixels (>= 32).
-      train_per_class, test_per_class: images per class and split.
-      seed: the same seed gives byte-identical files.
-
-    Returns:
-      The metadata (also written to ``root/parts_world.json``).
-
-    Raises:
-      ValueError: if ``root`` holds a parts world generated with other parameters.
-    """
+    Within a split ids interleave the classes (c0, c1, ..., c0, c1, ...), so any contiguous
+    id range is close to class-balanced. A ``root`` generated with other parameters is
+    refused (ValueError)."""
     root = Path(root)
-    params = _params(num_classes, image_size, train_per_class, test_per_class, seed)
+    params = dict(
+        num_classes=int(num_classes),
+        image_size=int(image_size),
+        train_per_class=int(train_per_class),
+        test_per_class=int(test_per_class),
+        seed=int(seed),
+    )
     existing = load_metadata(root)
     if existing is not None:
         if existing["params"] != params:
@@ -423,21 +359,16 @@ def generate(
     specs = class_specs(num_classes)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "part_maps").mkdir(parents=True, exist_ok=True)
-
     images = []
-    split_sizes = (("train", train_per_class), ("test", test_per_class))
-    image_id = 0
-    for split, per_class in split_sizes:
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
         for _ in range(per_class):
             for label, spec in enumerate(specs):
-                rng = np.random.default_rng([seed, image_id])
-                rendered = render_image(rng, spec, image_size)
-                image_file = f"images/{image_id:05d}.png"
-                part_map_file = f"part_maps/{image_id:05d}.png"
-                # Atomic writes: export processes sharing a fresh root all generate it, and
-                # one may read a file another is rewriting (same bytes, never half-written).
-                _write_atomic(root / image_file, _png_bytes(rendered.image))
-                _write_atomic(root / part_map_file, _png_bytes(rendered.part_map))
+                image_id = len(images)
+                rendered = render_image(np.random.default_rng([seed, image_id]), spec, image_size)
+                image_file, part_map_file = _write_image(root, image_id, rendered)
+                parts = {
+                    PART_NAMES[p]: dataclasses.asdict(a) for p, a in sorted(rendered.parts.items())
+                }
                 images.append(
                     dict(
                         id=image_id,
@@ -445,31 +376,16 @@ def generate(
                         label=label,
                         image=image_file,
                         part_map=part_map_file,
-                        parts={
-                            PART_NAMES[p]: dataclasses.asdict(a)
-                            for p, a in sorted(rendered.parts.items())
-                        },
+                        parts=parts,
                     )
                 )
-                image_id += 1
-
     metadata = dict(
         format=FORMAT,
         version=VERSION,
         params=params,
         part_names=list(PART_NAMES),
         class_names=[spec.name for spec in specs],
-        classes=[
-            dict(
-                name=spec.name,
-                decisive_parts=sorted(spec.decisive),
-                decisive={
-                    PART_NAMES[p]: dict(shape=s, colour=col)
-                    for p, (s, col) in sorted(spec.decisive.items())
-                },
-            )
-            for spec in specs
-        ],
+        classes=[_class_metadata(spec) for spec in specs],
         images=images,
     )
     _write_atomic(root / CONTACT_SHEET_FILE, _png_bytes(contact_sheet(root, metadata)))
@@ -478,20 +394,10 @@ def generate(
     return load_metadata(root)
 
 
-# ---------------------------------------------------------------------- contact sheet
-
 _PART_MAP_PALETTE = np.array(
-    [
-        (0, 0, 0),
-        (160, 160, 160),
-        (230, 80, 80),
-        (80, 140, 240),
-        (240, 200, 60),
-        (120, 200, 120),
-        (210, 90, 210),
-    ],
-    np.uint8,
-)
+    [(0, 0, 0), (160, 160, 160), (230, 80, 80), (80, 140, 240), (240, 200, 60), (120, 200, 120),
+     (210, 90, 210)], np.uint8
+)  # fmt: skip
 
 
 def contact_sheet(
@@ -529,20 +435,10 @@ def contact_sheet(
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", required=True, help="output folder")
-    parser.add_argument("--num_classes", type=int, default=8)
-    parser.add_argument("--image_size", type=int, default=96)
-    parser.add_argument("--train_per_class", type=int, default=80)
-    parser.add_argument("--test_per_class", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
+    for name, parameter in list(inspect.signature(generate).parameters.items())[1:]:
+        parser.add_argument(f"--{name}", type=int, default=parameter.default)
     args = parser.parse_args(argv)
-    metadata = generate(
-        args.root,
-        args.num_classes,
-        args.image_size,
-        args.train_per_class,
-        args.test_per_class,
-        args.seed,
-    )
+    metadata = generate(args.root, **{k: v for k, v in vars(args).items() if k != "root"})
     print(
         f"{args.root}: {len(metadata['images'])} images, {args.num_classes} classes "
         f"({', '.join(metadata['class_names'])}); contact sheet: "

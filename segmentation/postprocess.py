@@ -1,22 +1,13 @@
 """From raw segmenter masks to the masks, boxes and areas stored per image.
 
-The rules follow the reference (reference doc §1.3), vectorised over masks:
-
-1. boxes and areas of every mask (``any`` over each axis, then ``argmax`` from both ends);
-2. sort by area, largest first (stable: equal areas keep the segmenter's order);
-3. drop masks whose box is at most ``min_box_px`` pixels wide or high. With inclusive pixel
-   extents this is the reference's ``x_min >= x_max - 1 or y_min >= y_max - 1`` for
-   ``min_box_px = 2``; empty masks are always dropped;
-4. skip the ``skip_background`` largest masks; when no more than ``skip_background`` masks
-   are left the skip is decremented once (the reference's rule);
-5. keep the ``max_masks`` largest.
-
-If nothing survives, the image gets one full-image mask instead and the result says so
-(the export counts these fallbacks and reports them in ``dataset_info.json``).
-
-Boxes are normalised yxyx with half-open pixel edges: pixels spanning rows ``r0..r1`` and
-columns ``c0..c1`` (inclusive) give ``(r0 / H, c0 / W, (r1 + 1) / H, (c1 + 1) / W)``.
-"""
+The reference's rules (``docs/reference.md`` §1.3), vectorised over masks: sort by area,
+largest first (stable); drop empty masks and those whose box is at most ``min_box_px``
+pixels wide or high (the reference's ``x_min >= x_max - 1 or y_min >= y_max - 1`` is
+``min_box_px = 2``); skip the ``skip_background`` largest (one fewer when no more are left);
+keep the ``max_masks`` largest. If nothing survives, the image gets one full-image mask and
+the result says so. Boxes are normalised yxyx with half-open pixel edges: rows ``r0..r1``
+and columns ``c0..c1`` (inclusive) give ``(r0 / H, c0 / W, (r1 + 1) / H, (c1 + 1) / W)``,
+so a box covers its whole mask (the reference's crop loses the last row and column, §9.8)."""
 
 from __future__ import annotations
 
@@ -27,31 +18,17 @@ import numpy as np
 
 @dataclasses.dataclass
 class ProcessedMasks:
-    """Masks of one image after post-processing, largest first.
+    """Masks of one image after post-processing, largest first."""
 
-    Attributes:
-      masks: bool ``[N, H, W]``, N >= 1.
-      boxes: float32 ``[N, 4]`` normalised yxyx, half-open pixel edges.
-      areas: float32 ``[N]`` mask pixels / (H W).
-      used_fallback: True when no mask survived and ``masks`` is the full image.
-    """
-
-    masks: np.ndarray
-    boxes: np.ndarray
-    areas: np.ndarray
-    used_fallback: bool
+    masks: np.ndarray  # bool [N, H, W], N >= 1
+    boxes: np.ndarray  # float32 [N, 4] normalised yxyx, half-open pixel edges
+    areas: np.ndarray  # float32 [N], mask pixels / (H W)
+    used_fallback: bool  # no mask survived: ``masks`` is the full image
 
 
 def pixel_boxes(masks: np.ndarray) -> np.ndarray:
-    """Inclusive pixel extents of each mask.
-
-    Args:
-      masks: bool ``[N, H, W]``.
-
-    Returns:
-      int64 ``[N, 4]`` ``(y_min, x_min, y_max, x_max)``, inclusive; ``(0, 0, 0, 0)`` for an
-      empty mask (as the reference).
-    """
+    """Inclusive pixel extents ``(y_min, x_min, y_max, x_max)`` of bool ``[N, H, W]`` masks,
+    int64 ``[N, 4]``; ``(0, 0, 0, 0)`` for an empty mask (as the reference)."""
     masks = np.asarray(masks, dtype=bool)
     height, width = masks.shape[1:]
     rows = masks.any(axis=2)  # [N, H]
@@ -65,30 +42,13 @@ def pixel_boxes(masks: np.ndarray) -> np.ndarray:
     return boxes
 
 
-def normalised_boxes(pixel_extents: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Inclusive pixel extents ``[N, 4]`` -> normalised half-open yxyx float32 ``[N, 4]``."""
-    extents = np.asarray(pixel_extents, np.float64)
-    scale = np.array([height, width, height, width], np.float64)
-    return ((extents + np.array([0, 0, 1, 1])) / scale).astype(np.float32)
-
-
 def postprocess(
     masks: np.ndarray,
     max_masks: int,
     skip_background: int = 0,
     min_box_px: int = 2,
 ) -> ProcessedMasks:
-    """Applies the rules in the module docstring to one image's masks.
-
-    Args:
-      masks: bool ``[N, H, W]`` from a segmenter (N may be 0).
-      max_masks: K_max, the number of largest masks kept (>= 1).
-      skip_background: number of largest masks dropped (reference: 0).
-      min_box_px: masks whose box is at most this many pixels wide or high are dropped.
-
-    Returns:
-      The kept masks with their boxes and areas, largest first.
-    """
+    """Applies the rules above to bool ``[N, H, W]`` masks (N may be 0)."""
     if max_masks < 1:
         raise ValueError(f"segmentation.max_masks must be >= 1, got {max_masks}.")
     masks = np.asarray(masks, dtype=bool)
@@ -114,9 +74,10 @@ def postprocess(
             areas=np.ones(1, np.float32),
             used_fallback=True,
         )
+    half_open = extents[selected].astype(np.float64) + np.array([0, 0, 1, 1])
     return ProcessedMasks(
         masks=masks[selected],
-        boxes=normalised_boxes(extents[selected], height, width),
+        boxes=(half_open / np.array([height, width, height, width], np.float64)).astype(np.float32),
         areas=(pixel_counts[selected] / (height * width)).astype(np.float32),
         used_fallback=False,
     )

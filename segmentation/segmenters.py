@@ -1,20 +1,9 @@
-"""Segmenters: one image in, a stack of boolean masks out.
-
-Every segmenter implements ``segment(image uint8 [H, W, 3] RGB, item) -> bool [N, H, W]``
-(any order, any N >= 0; ``segmentation.postprocess`` sorts, filters and caps them), and
-says which config values determine its masks (``params``, recorded in
-``dataset_info.json`` and checked when an export resumes; computed without building the
-segmenter, so no model is loaded to check a finished export). :func:`get_segmenter` builds
-the one ``config.segmentation.method`` names, once per export process.
-
-- ``sam``: segment-anything's automatic mask generator. The checkpoint is a local file
-  (``config.segmentation.sam.checkpoint``); nothing is downloaded. torch is imported here
-  only, when this segmenter is built.
-- ``slic``: scikit-image SLIC superpixels, one mask per superpixel.
-- ``grid``: ``rows x cols`` rectangles covering the image.
-- ``gt``: the dataset's own masks: one per part of a part map (the parts world), else the
-  object mask (CUB's bird).
-"""
+"""Segmenters: one RGB image ``uint8 [H, W, 3]`` in, boolean masks ``[N, H, W]`` out, in any
+order and number (``postprocess`` sorts, filters and caps them): ``sam`` (segment-anything's
+automatic mask generator, a local checkpoint; torch is imported only to build it), ``slic``
+(scikit-image superpixels), ``grid`` (rectangles) and ``gt`` (the dataset's part map, else
+its object mask). ``params`` names the config values that determine a segmenter's masks:
+recorded in ``dataset_info.json`` and checked on resume without building the segmenter."""
 
 from __future__ import annotations
 
@@ -40,53 +29,34 @@ class SegmenterError(ValueError):
 
 
 class Segmenter(abc.ABC):
-    """Interface: ``segment(image, item) -> bool [N, H, W]``."""
+    """Built once per export process from ``config.segmentation``."""
 
     method: str = ""
 
-    @classmethod
-    @abc.abstractmethod
-    def from_config(cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None) -> Segmenter:
-        """Builds the segmenter from ``config.segmentation``."""
+    def __init__(self, seg: ml_collections.ConfigDict, sam_model: Any = None):
+        self.seg = seg
 
     @staticmethod
-    @abc.abstractmethod
-    def params(seg_config: ml_collections.ConfigDict) -> dict[str, Any]:
+    def params(seg: ml_collections.ConfigDict) -> dict[str, Any]:
         """The values of ``config.segmentation`` that determine the masks (JSON-able)."""
+        return {}
 
     @abc.abstractmethod
     def segment(self, image: np.ndarray, item: SourceItem) -> np.ndarray:
-        """Segments one image.
-
-        Args:
-          image: uint8 ``[H, W, 3]`` RGB.
-          item: the source item the image was decoded from (ground truth, names).
-
-        Returns:
-          bool ``[N, H, W]`` masks, N >= 0, in no particular order.
-        """
-
-
-# -------------------------------------------------------------------------------- grid
+        """bool ``[N, H, W]`` masks of ``image``; ``item`` is what it was decoded from."""
 
 
 class GridSegmenter(Segmenter):
-    """``rows x cols`` rectangles with edges at ``round(linspace(0, size, n + 1))``."""
+    """Rectangles with edges at ``round(linspace(0, size, n + 1))``."""
 
     method = "grid"
 
-    def __init__(self, rows: int, cols: int):
-        if rows < 1 or cols < 1:
+    def __init__(self, seg: ml_collections.ConfigDict, sam_model: Any = None):
+        self.rows, self.cols = seg.grid.rows, seg.grid.cols
+        if self.rows < 1 or self.cols < 1:
             raise SegmenterError(
-                f"segmentation.grid rows and cols must be >= 1, got {rows} x {cols}."
+                f"segmentation.grid rows and cols must be >= 1, got {self.rows} x {self.cols}."
             )
-        self.rows, self.cols = rows, cols
-
-    @classmethod
-    def from_config(
-        cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None
-    ) -> GridSegmenter:
-        return cls(seg_config.grid.rows, seg_config.grid.cols)
 
     def segment(self, image: np.ndarray, item: SourceItem) -> np.ndarray:
         height, width = image.shape[:2]
@@ -98,11 +68,8 @@ class GridSegmenter(Segmenter):
         return cell[None] == np.arange(self.rows * self.cols)[:, None, None]
 
     @staticmethod
-    def params(seg_config: ml_collections.ConfigDict) -> dict[str, Any]:
-        return dict(rows=seg_config.grid.rows, cols=seg_config.grid.cols)
-
-
-# -------------------------------------------------------------------------------- slic
+    def params(seg: ml_collections.ConfigDict) -> dict[str, Any]:
+        return dict(rows=seg.grid.rows, cols=seg.grid.cols)
 
 
 class SlicSegmenter(Segmenter):
@@ -110,35 +77,15 @@ class SlicSegmenter(Segmenter):
 
     method = "slic"
 
-    def __init__(self, n_segments: int, compactness: float, sigma: float):
-        self.n_segments, self.compactness, self.sigma = n_segments, compactness, sigma
-
-    @classmethod
-    def from_config(
-        cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None
-    ) -> SlicSegmenter:
-        return cls(seg_config.slic.n_segments, seg_config.slic.compactness, seg_config.slic.sigma)
-
     def segment(self, image: np.ndarray, item: SourceItem) -> np.ndarray:
         from skimage.segmentation import slic
 
-        labels = slic(
-            image,
-            n_segments=self.n_segments,
-            compactness=self.compactness,
-            sigma=self.sigma,
-            start_label=0,
-            channel_axis=-1,
-        )
-        present = np.unique(labels)
-        return labels[None] == present[:, None, None]
+        labels = slic(image, **self.seg.slic.to_dict(), start_label=0, channel_axis=-1)
+        return labels[None] == np.unique(labels)[:, None, None]
 
     @staticmethod
-    def params(seg_config: ml_collections.ConfigDict) -> dict[str, Any]:
-        return seg_config.slic.to_dict()
-
-
-# ---------------------------------------------------------------------------------- gt
+    def params(seg: ml_collections.ConfigDict) -> dict[str, Any]:
+        return seg.slic.to_dict()
 
 
 class GroundTruthSegmenter(Segmenter):
@@ -146,42 +93,28 @@ class GroundTruthSegmenter(Segmenter):
 
     method = "gt"
 
-    @classmethod
-    def from_config(
-        cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None
-    ) -> GroundTruthSegmenter:
-        return cls()
-
     def segment(self, image: np.ndarray, item: SourceItem) -> np.ndarray:
         gt = item.gt
         if gt.part_map is not None:
             part_map = np.asarray(gt.part_map)
-            self._check_size(part_map.shape, image, item, "part map")
+            _check_size(part_map.shape, image, item, "part map")
             part_values = np.unique(part_map)
-            part_values = part_values[part_values > 0]
-            return part_map[None] == part_values[:, None, None]
+            return part_map[None] == part_values[part_values > 0][:, None, None]
         if gt.object_mask is not None:
             object_mask = np.asarray(gt.object_mask, dtype=bool)
-            self._check_size(object_mask.shape, image, item, "object mask")
+            _check_size(object_mask.shape, image, item, "object mask")
             return object_mask[None]
         raise SegmenterError(
             f"{item.filename}: segmentation.method='gt' needs ground-truth masks (a part map "
             "or an object mask) but this dataset provides none; choose sam, slic or grid."
         )
 
-    @staticmethod
-    def _check_size(shape: tuple[int, ...], image: np.ndarray, item: SourceItem, what: str) -> None:
-        if tuple(shape) != image.shape[:2]:
-            raise SegmenterError(
-                f"{item.filename}: {what} is {tuple(shape)} but the image is {image.shape[:2]}."
-            )
 
-    @staticmethod
-    def params(seg_config: ml_collections.ConfigDict) -> dict[str, Any]:
-        return {}
-
-
-# --------------------------------------------------------------------------------- sam
+def _check_size(shape: tuple[int, ...], image: np.ndarray, item: SourceItem, what: str) -> None:
+    if tuple(shape) != image.shape[:2]:
+        raise SegmenterError(
+            f"{item.filename}: {what} is {tuple(shape)} but the image is {image.shape[:2]}."
+        )
 
 
 def _sha256(path: Path) -> str:
@@ -193,24 +126,11 @@ def _sha256(path: Path) -> str:
 
 
 def load_sam_model(model_type: str, checkpoint: str, checkpoint_sha256: str = ""):
-    """Builds a SAM of ``model_type`` and loads its weights from a local checkpoint.
+    """A ``segment_anything`` SAM on the CPU with the weights of a local checkpoint.
 
-    The model is built without a checkpoint (``sam_model_registry[model_type]()``, which
-    never downloads), then the state dict is read with ``weights_only=True`` (no pickled
-    code runs) and loaded strictly.
-
-    Args:
-      model_type: a key of ``segment_anything.sam_model_registry`` (vit_h, vit_l, vit_b).
-      checkpoint: local path of the ``.pth`` file.
-      checkpoint_sha256: when non-empty, the file's SHA-256 must match.
-
-    Returns:
-      The ``segment_anything.modeling.Sam`` module on the CPU.
-
-    Raises:
-      SegmenterError: empty or missing checkpoint, hash mismatch, unknown model type, or a
-        state dict that does not fit the model.
-    """
+    The model is built without a checkpoint (``sam_model_registry[model_type]()`` never
+    downloads), then the state dict is read with ``weights_only=True`` (no pickled code
+    runs), after checking its SHA-256 when one is given, and loaded strictly."""
     import torch
     from segment_anything import sam_model_registry
 
@@ -261,26 +181,17 @@ def resolve_torch_device(device: str) -> str:
 
 
 class SamSegmenter(Segmenter):
-    """segment-anything's ``SamAutomaticMaskGenerator`` on an RGB image.
-
-    The reference converts the image to BGR before calling the generator (reference doc
-    §9.4); SAM was trained on RGB, so we pass RGB.
-    """
+    """The reference feeds SAM BGR images (``docs/reference.md`` §9.4); SAM was trained on
+    RGB, so we pass RGB. Every key of ``segmentation.sam`` but the checkpoint's and the model
+    type is an argument of ``SamAutomaticMaskGenerator``."""
 
     method = "sam"
 
-    def __init__(
-        self, sam_config: ml_collections.ConfigDict, device: str = "auto", model: Any = None
-    ):
-        """Args:
-        sam_config: ``config.segmentation.sam``.
-        device: ``auto``, ``cpu`` or a torch CUDA device.
-        model: a prebuilt ``segment_anything.modeling.Sam`` (tests, notebooks); when None
-          the model is loaded from ``sam_config.checkpoint``.
-        """
+    def __init__(self, seg: ml_collections.ConfigDict, sam_model: Any = None):
         from segment_anything import SamAutomaticMaskGenerator
 
-        if sam_config.min_mask_region_area > 0:
+        sam = seg.sam
+        if sam.min_mask_region_area > 0:
             try:
                 import cv2  # noqa: F401  (segment-anything needs it to remove small regions)
             except ImportError as e:
@@ -288,29 +199,17 @@ class SamSegmenter(Segmenter):
                     "segmentation.sam.min_mask_region_area > 0 needs opencv (pip install "
                     "opencv-python-headless); set it to 0 (the reference's value)."
                 ) from e
+        model = sam_model
         if model is None:
-            model = load_sam_model(
-                sam_config.model_type, sam_config.checkpoint, sam_config.checkpoint_sha256
-            )
-        self.device = resolve_torch_device(device)
+            model = load_sam_model(sam.model_type, sam.checkpoint, sam.checkpoint_sha256)
+        self.device = resolve_torch_device(seg.device)
         model.to(self.device).eval()
+        generator_args = sam.to_dict()
+        for key in ("checkpoint", "checkpoint_sha256", "model_type"):
+            del generator_args[key]
         self._generator = SamAutomaticMaskGenerator(
-            model,
-            points_per_side=sam_config.points_per_side,
-            points_per_batch=sam_config.points_per_batch,
-            pred_iou_thresh=sam_config.pred_iou_thresh,
-            stability_score_thresh=sam_config.stability_score_thresh,
-            crop_n_layers=sam_config.crop_n_layers,
-            crop_n_points_downscale_factor=sam_config.crop_n_points_downscale_factor,
-            min_mask_region_area=sam_config.min_mask_region_area,
-            output_mode="binary_mask",
+            model, output_mode="binary_mask", **generator_args
         )
-
-    @classmethod
-    def from_config(
-        cls, seg_config: ml_collections.ConfigDict, sam_model: Any = None
-    ) -> SamSegmenter:
-        return cls(seg_config.sam, device=seg_config.device, model=sam_model)
 
     def segment(self, image: np.ndarray, item: SourceItem) -> np.ndarray:
         height, width = image.shape[:2]
@@ -327,8 +226,8 @@ class SamSegmenter(Segmenter):
         return np.stack([np.asarray(record["segmentation"], bool) for record in found])
 
     @staticmethod
-    def params(seg_config: ml_collections.ConfigDict) -> dict[str, Any]:
-        params = seg_config.sam.to_dict()
+    def params(seg: ml_collections.ConfigDict) -> dict[str, Any]:
+        params = seg.sam.to_dict()
         # Batching does not change the masks; a resumed export may use another batch size.
         del params["points_per_batch"]
         # The file name identifies the weights; the folder it sits in does not matter.
@@ -337,13 +236,8 @@ class SamSegmenter(Segmenter):
         return params
 
 
-# ---------------------------------------------------------------------------- registry
-
 SEGMENTERS: dict[str, type[Segmenter]] = {
-    "sam": SamSegmenter,
-    "slic": SlicSegmenter,
-    "grid": GridSegmenter,
-    "gt": GroundTruthSegmenter,
+    cls.method: cls for cls in (SamSegmenter, SlicSegmenter, GridSegmenter, GroundTruthSegmenter)
 }
 
 
@@ -357,17 +251,9 @@ def _segmenter_class(config: ml_collections.ConfigDict) -> type[Segmenter]:
 
 
 def get_segmenter(config: ml_collections.ConfigDict, sam_model: Any = None) -> Segmenter:
-    """Builds the segmenter ``config.segmentation.method`` names.
-
-    Args:
-      config: the full experiment config (reads ``config.segmentation``).
-      sam_model: optional prebuilt ``segment_anything.modeling.Sam`` for ``method == "sam"``
-        (the checkpoint is then not read).
-
-    Raises:
-      SegmenterError: for an unknown method (lists the valid ones) or a bad parameter.
-    """
-    return _segmenter_class(config).from_config(config.segmentation, sam_model)
+    """The segmenter ``config.segmentation.method`` names; ``sam_model``: a prebuilt SAM
+    (the checkpoint is then not read)."""
+    return _segmenter_class(config)(config.segmentation, sam_model)
 
 
 def segmenter_description(config: ml_collections.ConfigDict) -> dict[str, Any]:

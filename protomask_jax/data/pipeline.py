@@ -1,21 +1,16 @@
-"""The host input pipeline: TFRecords → fixed-shape numpy batches, with grain.
+"""The host input pipeline: TFRecords -> fixed-shape numpy batches, with grain.
 
-Each record is decoded once, its image fitted into a fixed ``S x S`` canvas and its boxes
-mapped into the canvas frame and padded cyclically to ``K`` views (DESIGN.md, data flow 3).
-Crops, augmentation and normalisation happen later, on the device (``data/views.py``).
+Each record is decoded once into an example: ``canvas uint8 [S, S, 3]`` (the image fitted
+in), ``boxes float32 [K, 4]`` (mapped into the canvas, padded cyclically to K), ``valid
+bool [K]``, ``num_masks``, ``label``, ``image_id``, ``weight`` (0 for filler) and, for
+``input.fill_background == "mask"``, ``masks uint8 [K, M, M]``. Views are cut on the device.
 
-Order of examples. The training stream is the concatenation of one seeded permutation of
-the training images per epoch, cut into global batches of ``B`` consecutive positions: every
-image appears exactly once in each epoch's ``N`` consecutive positions, no image is dropped
-and no batch is padded (BatchNorm never sees filler). Evaluation streams visit the split
-once in id order and pad the last batch with zero-weight filler examples (``weight``).
-
-The stream is a pure function of ``(seed, position)``: its iterator state is just the
-number of batches consumed, which the checkpoint stores, so a resumed run sees exactly the
-batches an uninterrupted run would. With several processes (multi-host), process ``p`` of
-``P`` reads rows ``[p B/P, (p+1) B/P)`` of every global batch — its own slice of records —
-and the global batch is assembled on the devices (``sharding.py``).
-"""
+The training stream concatenates one seeded permutation of the training images per epoch,
+cut into global batches of B consecutive positions: no image is dropped, no batch padded.
+Evaluation streams visit a split once in order, the last batch padded with zero-weight
+filler. A stream is a pure function of ``(seed, position)``: its state is the number of
+batches consumed, so a resumed run sees the batches an uninterrupted one would. Process
+``p`` of ``P`` reads rows ``[p B/P, (p+1) B/P)`` of every global batch."""
 
 from __future__ import annotations
 
@@ -58,20 +53,10 @@ class PipelineSpec:
 
 
 class RecordSet:
-    """The records of one split, checked and indexed once up front.
-
-    Every record is read once at start-up: its CRCs, its schema (``ImageRecord.from_bytes``:
-    ids, labels, at least one mask, boxes inside the image) and its image header. A bad
-    record raises :class:`~protomask_jax.data.records.RecordError` naming the file, byte
-    offset and image id — or, with ``skip_bad_records``, is left out of ``good`` and
-    described in ``skipped``, so training and evaluation never see it.
-
-    Attributes:
-      reader: random access to the split's records.
-      labels, image_ids: ``[len(reader)]`` per record (-1 for a skipped record).
-      good: indices of the records that passed the checks (all of them by default).
-      skipped: one message per skipped record.
-    """
+    """The records of one split, each read once at start-up: its CRCs, its schema
+    (``ImageRecord.from_bytes``) and its image header. A bad record raises ``RecordError``
+    naming file, offset and image id, or, with ``skip_bad_records``, is left out of ``good``
+    and described in ``skipped``. ``labels`` and ``image_ids`` are -1 for skipped records."""
 
     def __init__(
         self,
@@ -125,13 +110,10 @@ class RecordSet:
 def split_train_validation(
     labels: np.ndarray, fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified split of record indices into (train, validation).
-
-    Each class gives ``round(fraction * n_c)`` of its images to validation (at least one
-    when it has two or more and ``fraction > 0``), chosen by a seeded permutation, so the
-    split depends only on the labels and the seed. The reference selects models on the
-    test set (§9.6); we select on this held-out part of the training set.
-    """
+    """Stratified (train, validation) record indices: each class gives ``round(fraction n_c)``
+    images (at least one when it has two or more), chosen by a seeded permutation. The
+    reference selects models on the test set (``docs/reference.md`` §9.6); we select on this
+    held-out part of the training set."""
     rng = np.random.default_rng(seed)
     validation = []
     for c in np.unique(labels):
@@ -197,17 +179,26 @@ def filler_example(spec: PipelineSpec) -> Batch:
     return example
 
 
-class _Decode:
-    """Picklable map function: stream position → example (grain workers pickle it)."""
+class _Element:
+    """Picklable grain map function: this process's row j -> decoded example.
 
-    def __init__(self, reader, record_indices, spec: PipelineSpec, order):
-        self.reader = reader
-        self.record_indices = record_indices
-        self.spec = spec
-        self.order = order
+    Row j is global stream position ``step B + p B/P + row``; ``order`` maps a position to
+    an index into ``record_indices``, or -1 for filler."""
 
-    def __call__(self, position: int) -> Batch:
-        i = self.order(position)
+    def __init__(self, record_set, record_indices, spec, order, global_batch, process, processes):
+        if global_batch % processes:
+            raise ValueError(
+                f"input.batch_size={global_batch} must be divisible by the number of "
+                f"processes ({processes})."
+            )
+        self.reader, self.record_indices = record_set.reader, record_indices
+        self.spec, self.order, self.global_batch = spec, order, global_batch
+        self.local_batch = global_batch // processes
+        self.first_row = process * self.local_batch
+
+    def __call__(self, j: int) -> Batch:
+        step, row = divmod(int(j), self.local_batch)
+        i = self.order(step * self.global_batch + self.first_row + row)
         if i < 0:
             return filler_example(self.spec)
         record_index = int(self.record_indices[i])
@@ -219,7 +210,7 @@ class _Decode:
 
 
 class _EpochPermutation:
-    """Maps a global stream position to an index into the split (one permutation/epoch)."""
+    """Global stream position -> index into the split, one permutation per epoch."""
 
     def __init__(self, size: int, seed: int):
         self.size = size
@@ -246,35 +237,6 @@ class _InOrder:
 
     def __call__(self, position: int) -> int:
         return position if position < self.size else -1
-
-
-class _LocalPositions:
-    """Local row j of this process → global stream position (its rows of each batch)."""
-
-    def __init__(self, global_batch: int, process_index: int, process_count: int):
-        if global_batch % process_count:
-            raise ValueError(
-                f"input.batch_size={global_batch} must be divisible by the number of "
-                f"processes ({process_count})."
-            )
-        self.global_batch = global_batch
-        self.local_batch = global_batch // process_count
-        self.process_index = process_index
-
-    def __call__(self, j: int) -> int:
-        step, row = divmod(j, self.local_batch)
-        return step * self.global_batch + self.process_index * self.local_batch + row
-
-
-class _StreamElement:
-    """Picklable map function of the grain dataset: local row → decoded example."""
-
-    def __init__(self, decode: _Decode, positions: _LocalPositions):
-        self.decode = decode
-        self.positions = positions
-
-    def __call__(self, j: int) -> Batch:
-        return self.decode(self.positions(int(j)))
 
 
 class BatchIterator:
@@ -310,10 +272,8 @@ class BatchIterator:
             close()
 
 
-def _grain_stream(
-    element: _StreamElement, start_batch: int, stop_batch: int | None, num_workers: int
-):
-    local_batch = element.positions.local_batch
+def _grain_stream(element: _Element, start_batch: int, stop_batch: int | None, num_workers: int):
+    local_batch = element.local_batch
     stop = (stop_batch if stop_batch is not None else 1 << 40) * local_batch
     dataset = grain.MapDataset.range(start_batch * local_batch, stop).map(element)
     dataset = dataset.batch(local_batch, drop_remainder=True)
@@ -337,32 +297,15 @@ def train_stream(
     process_index: int = 0,
     process_count: int = 1,
 ) -> BatchIterator:
-    """The endless, shuffled training stream from batch ``start_batch`` on.
-
-    Args:
-      record_set: the split's records.
-      record_indices: which of them to train on (the train part of the split).
-      spec: shapes and options.
-      global_batch: images per global batch (all processes together).
-      seed: shuffle seed; epoch ``e`` uses the permutation seeded by ``(seed, e)``.
-      start_batch: batches already consumed (resume).
-      num_workers: grain worker processes (0: decode in this process, 2 threads).
-      process_index, process_count: this process's slice (multi-host).
-
-    Returns:
-      A :class:`BatchIterator` of process-local numpy batches.
-    """
-    element = _StreamElement(
-        _Decode(
-            record_set.reader, record_indices, spec, _EpochPermutation(len(record_indices), seed)
-        ),
-        _LocalPositions(global_batch, process_index, process_count),
+    """The endless, shuffled stream of process-local batches of ``record_indices`` from
+    batch ``start_batch`` on; epoch ``e`` uses the permutation seeded by ``(seed, e)``.
+    ``num_workers``: grain worker processes (0: decode in this process, two threads)."""
+    order = _EpochPermutation(len(record_indices), seed)
+    element = _Element(
+        record_set, record_indices, spec, order, global_batch, process_index, process_count
     )
-    return BatchIterator(
-        functools.partial(_grain_stream, element, stop_batch=None, num_workers=num_workers),
-        None,
-        start_batch,
-    )
+    stream = functools.partial(_grain_stream, element, stop_batch=None, num_workers=num_workers)
+    return BatchIterator(stream, None, start_batch)
 
 
 def eval_stream(
@@ -377,14 +320,14 @@ def eval_stream(
 ) -> BatchIterator:
     """One pass over ``record_indices`` in order; the last batch padded with ``weight=0``."""
     num_batches = -(-len(record_indices) // global_batch)
-    element = _StreamElement(
-        _Decode(record_set.reader, record_indices, spec, _InOrder(len(record_indices))),
-        _LocalPositions(global_batch, process_index, process_count),
+    order = _InOrder(len(record_indices))
+    element = _Element(
+        record_set, record_indices, spec, order, global_batch, process_index, process_count
     )
-    return BatchIterator(
-        functools.partial(_grain_stream, element, stop_batch=num_batches, num_workers=num_workers),
-        num_batches,
+    stream = functools.partial(
+        _grain_stream, element, stop_batch=num_batches, num_workers=num_workers
     )
+    return BatchIterator(stream, num_batches)
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:

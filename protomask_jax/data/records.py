@@ -1,12 +1,10 @@
-"""TFRecord files without TensorFlow: framing, CRCs, offset indexes and `tf.train.Example`.
+"""TFRecord files without TensorFlow: framing, CRCs, offset indexes and ``tf.train.Example``.
 
 A record on disk is ``uint64 length | masked crc32c(length) | data | masked crc32c(data)``
-(little endian), the framing TensorFlow's own reader checks. Beside every shard we keep an
-offset index (``<shard>.index``: little-endian uint64 pairs ``(offset, length)``, one per
-record, ``offset`` pointing at the record's length field) so the grain pipeline can read any
-record in O(1) without scanning the shard.
-
-Nothing here imports jax or torch: both sides of the project use this module.
+(little endian), the framing TensorFlow's reader checks. Beside every shard an offset index
+(``<shard>.index``: little-endian uint64 pairs ``(offset, length)``, one per record) lets the
+grain pipeline read any record in O(1). One record is one :class:`ImageRecord` (schema:
+``docs/design.md``). Nothing here imports jax or torch: both sides of the project use it.
 """
 
 from __future__ import annotations
@@ -46,7 +44,7 @@ def masked_crc32c(data: bytes) -> int:
 
 
 def frame_record(data: bytes) -> bytes:
-    """Returns ``data`` framed as one TFRecord (header, payload, footer)."""
+    """``data`` framed as one TFRecord (header, payload, footer)."""
     length = struct.pack("<Q", len(data))
     return (
         length + struct.pack("<I", masked_crc32c(length)) + data + _FOOTER.pack(masked_crc32c(data))
@@ -54,29 +52,18 @@ def frame_record(data: bytes) -> bytes:
 
 
 def shard_name(split: str, index: int, count: int) -> str:
-    """``{split}-{index:05d}-of-{count:05d}.tfrecord``."""
     return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
 
 
 def write_shard(path: str | os.PathLike, records: Iterable[bytes]) -> int:
-    """Writes one complete shard and its offset index, atomically.
+    """Writes one shard and its offset index; returns the number of records.
 
-    Both files are written under a temporary name first (unique per process, ending in
-    ``.tmp``); the index is renamed into place before the shard, so a visible ``.tfrecord``
-    always has its index and is complete.
-
-    Args:
-      path: final path of the shard (``.../train-00000-of-00004.tfrecord``).
-      records: serialized payloads (e.g. ``tf.train.Example`` bytes).
-
-    Returns:
-      The number of records written.
-    """
-    path = Path(path)
-    tmp_shard = _unique_tmp(path)
-    tmp_index = _unique_tmp(path.with_name(path.name + INDEX_SUFFIX))
-    offsets = []
-    offset = 0
+    Both are written under temporary names (unique per process, ending in ``.tmp``) and the
+    index is renamed into place before the shard, so a visible ``.tfrecord`` is complete and
+    has its index."""
+    path, index_path = Path(path), Path(f"{path}{INDEX_SUFFIX}")
+    tmp_shard, tmp_index = _unique_tmp(path), _unique_tmp(index_path)
+    offsets, offset = [], 0
     with open(tmp_shard, "wb") as f:
         for data in records:
             framed = frame_record(data)
@@ -85,22 +72,17 @@ def write_shard(path: str | os.PathLike, records: Iterable[bytes]) -> int:
             offset += len(framed)
         f.flush()
         os.fsync(f.fileno())
-    index = np.asarray(offsets, dtype="<u8").reshape(-1, 2)
     with open(tmp_index, "wb") as f:
-        f.write(index.tobytes())
+        f.write(np.asarray(offsets, dtype="<u8").reshape(-1, 2).tobytes())
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp_index, path.with_name(path.name + INDEX_SUFFIX))
+    os.replace(tmp_index, index_path)
     os.replace(tmp_shard, path)
     return len(offsets)
 
 
 def build_index(path: str | os.PathLike) -> np.ndarray:
-    """Scans a shard (e.g. one written by TensorFlow) and returns its ``[N, 2]`` index.
-
-    Raises:
-      RecordError: on a truncated record or a bad length CRC, naming file and offset.
-    """
+    """The ``[N, 2]`` index of a shard (e.g. one written by TensorFlow), by scanning it."""
     path = Path(path)
     offsets = []
     size = path.stat().st_size
@@ -139,12 +121,9 @@ def read_index(path: str | os.PathLike) -> np.ndarray:
 
 
 class ShardedRecords(Sequence):
-    """Random access to the records of several shards through their offset indexes.
-
-    ``records[i]`` returns the payload bytes of the i-th record (shards concatenated in the
-    given order) after checking both CRCs. Files are opened lazily per process, so an
-    instance can be pickled into grain worker processes.
-    """
+    """Random access, through the offset indexes, to the records of several shards in the
+    given order; both CRCs are checked. Files are opened lazily per process, so an instance
+    can be pickled into grain workers."""
 
     def __init__(
         self,
@@ -167,7 +146,7 @@ class ShardedRecords(Sequence):
         return int(self._starts[-1])
 
     def locate(self, i: int) -> tuple[str, int]:
-        """Returns (shard path, byte offset) of record ``i``, for messages."""
+        """(shard path, byte offset) of record ``i``, for messages."""
         shard = int(np.searchsorted(self._starts, i, side="right") - 1)
         return self.paths[shard], int(self._index[i, 0])
 
@@ -224,16 +203,9 @@ def iter_records(path: str | os.PathLike, verify_crc: bool = True) -> Iterable[b
         reader.close()
 
 
-# ----------------------------------------------------------------------- tf.train.Example
-
-
 def encode_example(features: dict[str, Any]) -> bytes:
-    """Serializes a dict to a ``tf.train.Example``.
-
-    Value types: ``bytes``/``str`` or a list of them → bytes_list; integer scalars or
-    integer arrays → int64_list; float scalars or float arrays → float_list. ``None`` and
-    empty lists are skipped (absent optional features).
-    """
+    """``bytes``/``str`` (or a list of them) -> bytes_list, integers -> int64_list, floats ->
+    float_list; ``None`` and empty values are left out (absent optional features)."""
     example = tf_example_pb2.Example()
     for key, value in features.items():
         if value is None:
@@ -278,37 +250,21 @@ def parse_example(data: bytes) -> dict[str, Any]:
     return out
 
 
-# ------------------------------------------------------------------- the image record
-
-
 @dataclasses.dataclass
 class ImageRecord:
-    """One image with its masks, as stored (schema version 1, see docs/design.md).
+    """One image with its masks, as stored (schema version 1, ``docs/design.md``)."""
 
-    Attributes:
-      image_id: unique id within the dataset.
-      image_bytes: the encoded image file.
-      image_format: ``"jpeg"`` or ``"png"``.
-      height, width: decoded size in pixels.
-      filename: path relative to the dataset root.
-      label: class index (single-label) or the sorted positive classes (multi-label).
-      boxes: ``[N, 4]`` float32 normalised yxyx, half-open pixel edges, largest mask first.
-      areas: ``[N]`` float32 fractions of the image.
-      mask_pngs: N encoded 1-bit PNG masks at ``height x width``.
-      part_map_png, decisive_parts, object_mask_png, keypoints: optional ground truth.
-      object_boxes: optional ``[M, 4]`` float32 normalised yxyx object boxes (``gt/object_boxes``).
-    """
-
-    image_id: int
-    image_bytes: bytes
-    image_format: str
+    image_id: int  # unique within the dataset
+    image_bytes: bytes  # the encoded image file
+    image_format: str  # "jpeg" or "png"
     height: int
     width: int
-    filename: str
-    label: int | np.ndarray
-    boxes: np.ndarray
-    areas: np.ndarray
-    mask_pngs: list[bytes]
+    filename: str  # relative to the dataset root
+    label: int | np.ndarray  # class, or the sorted positive classes (multi-label)
+    boxes: np.ndarray  # float32 [N, 4] normalised yxyx, half-open pixel edges, largest first
+    areas: np.ndarray  # float32 [N] fractions of the image
+    mask_pngs: list[bytes]  # N 1-bit PNGs at height x width
+    # Optional ground truth: see segmentation.sources.GroundTruth.
     part_map_png: bytes | None = None
     decisive_parts: np.ndarray | None = None
     object_mask_png: bytes | None = None
@@ -338,9 +294,7 @@ class ImageRecord:
                 "gt/object_mask": self.object_mask_png,
                 "gt/keypoints": None if self.keypoints is None else self.keypoints.reshape(-1),
                 "gt/object_boxes": (
-                    None
-                    if self.object_boxes is None or len(self.object_boxes) == 0
-                    else np.asarray(self.object_boxes, np.float32).reshape(-1)
+                    None if self.object_boxes is None else np.asarray(self.object_boxes, np.float32)
                 ),
             }
         )
@@ -401,8 +355,8 @@ class ImageRecord:
 
 
 def _boxes_in_unit_square(boxes: np.ndarray, *, allow_empty: bool) -> bool:
-    """Whether ``[N, 4]`` yxyx boxes are finite, inside [0, 1] and not inverted (with
-    ``allow_empty=False`` also not empty: y1 > y0 and x1 > x0)."""
+    """``[N, 4]`` yxyx boxes are finite, inside [0, 1], not inverted and, unless
+    ``allow_empty``, not empty."""
     extent = boxes[:, 2:] - boxes[:, :2]
     return bool(
         np.all(np.isfinite(boxes))
@@ -412,17 +366,21 @@ def _boxes_in_unit_square(boxes: np.ndarray, *, allow_empty: bool) -> bool:
     )
 
 
-def encode_mask_png(mask: np.ndarray) -> bytes:
-    """Losslessly encodes a boolean ``[H, W]`` mask as a 1-bit PNG."""
+def _png(array: np.ndarray) -> bytes:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(np.asarray(mask, dtype=bool)).save(buffer, format="PNG", optimize=False)
+    Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
+def encode_mask_png(mask: np.ndarray) -> bytes:
+    """bool ``[H, W]`` -> a lossless 1-bit PNG."""
+    return _png(np.asarray(mask, dtype=bool))
+
+
 def decode_mask_png(data: bytes) -> np.ndarray:
-    """Decodes a mask PNG to a boolean ``[H, W]`` array."""
+    """A mask PNG -> bool ``[H, W]``."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
@@ -430,12 +388,8 @@ def decode_mask_png(data: bytes) -> np.ndarray:
 
 
 def encode_label_map_png(label_map: np.ndarray) -> bytes:
-    """Losslessly encodes a uint8 ``[H, W]`` label map as a greyscale PNG."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(label_map, dtype=np.uint8), mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
+    """uint8 ``[H, W]`` label map -> a lossless greyscale PNG."""
+    return _png(np.asarray(label_map, dtype=np.uint8))
 
 
 def decode_label_map_png(data: bytes) -> np.ndarray:
@@ -446,7 +400,7 @@ def decode_label_map_png(data: bytes) -> np.ndarray:
 
 
 def decode_image(data: bytes, where: str = "record") -> np.ndarray:
-    """Decodes an image file to ``uint8 [H, W, 3]`` RGB (grey and RGBA converted)."""
+    """An image file -> ``uint8 [H, W, 3]`` RGB (grey and RGBA converted)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -456,11 +410,8 @@ def decode_image(data: bytes, where: str = "record") -> np.ndarray:
         raise RecordError(f"{where}: image bytes cannot be decoded ({e}).") from e
 
 
-# ------------------------------------------------------------------ directory helpers
-
-
 def list_shards(records_dir: str | os.PathLike, split: str) -> list[Path]:
-    """The complete shards of ``split`` in ``records_dir``, sorted; errors if none exist."""
+    """The shards of ``split`` in ``records_dir``, sorted; all of them must be there."""
     records_dir = Path(records_dir)
     shards = sorted(records_dir.glob(f"{split}-*-of-*.tfrecord"))
     if not shards:
@@ -503,11 +454,8 @@ def _unique_tmp(path: Path) -> Path:
 
 
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    """Writes JSON to ``path`` through a temporary file and a rename.
-
-    The temporary name is unique per process, so several export processes may write the
-    same file (e.g. ``dataset_info.json``) at once: each rename is atomic and the last wins.
-    """
+    """JSON through a temporary file and a rename; the temporary name is unique per process,
+    so several export processes may write one file (the last rename wins)."""
     path = Path(path)
     tmp = _unique_tmp(path)
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")

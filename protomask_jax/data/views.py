@@ -1,54 +1,21 @@
-"""On-device views: crop-and-resize K boxes per canvas, augment, normalise (DESIGN.md step 4).
+"""On-device views: crop-and-resize K boxes per canvas, augment, normalise.
 
-The host ships one canvas per image (``uint8 [S, S, 3]``) and K boxes; everything that turns
-them into the network's input runs here, inside the jitted step, with fixed shapes:
+From one canvas per image (``uint8 [S, S, 3]``) and K boxes, inside the jitted step:
 
-1. one sampling grid per view: output pixel -> box-relative coordinate, with the random
-   geometric augmentation (flip, perspective, rotation + shear with wrap-around) folded in;
-2. one bilinear sample of the canvas per output pixel (a single gather of the 2x2
-   neighbourhood, packed beforehand), clamped to the box's pixel region;
+1. one sampling grid per view (output pixel -> box-relative point), with the random flip,
+   perspective and rotation + shear (wrap-around border) folded in;
+2. one bilinear sample of the canvas per output pixel, clamped to the box's pixels;
 3. photometric jitter (brightness, contrast, saturation, hue) on [0, 1] values;
-4. optionally zeroing everything outside the view's segmentation mask;
+4. optionally zero outside the view's segmentation mask;
 5. ImageNet normalisation and the cast to the compute dtype.
 
-Coordinate conventions
-----------------------
-A box is ``(y0, x0, y1, x1)`` normalised to the canvas, with half-open pixel edges: it covers
-the continuous canvas rows ``y0*S .. y1*S`` (pixel ``r`` spans ``[r, r+1)`` and has its centre
-at ``r + 0.5``). Output pixel ``(i, j)`` of a ``V x V`` view samples the box-relative point
-``((i + 0.5) / V, (j + 0.5) / V)``, i.e. canvas pixel coordinate
-``y = y0*S + (i + 0.5) / V * (y1 - y0) * S - 0.5``, clamped to the centres of the box's first and
-last pixel (``[y0*S, y1*S - 1]``). For an integer-aligned box this is exactly
-``torch.nn.functional.interpolate(crop, mode="bilinear", align_corners=False)`` of the crop
-(equivalently cv2 ``INTER_LINEAR``), as in the reference (crop, then resize).
-
-The augmented grid composes, from the output pixel backwards (reference order flip ->
-perspective -> affine, applied to the resized crop, so the sampler undoes them in reverse):
-
-* affine: rotation ``theta`` (positive = counter-clockwise as displayed, like ``np.rot90``) and
-  shears ``phi_x, phi_y`` about the view centre, forward map ``R(theta) @ Sx(phi_x) @ Sy(phi_y)``
-  with ``Sx = [[1, tan phi_x], [0, 1]]``, ``Sy = [[1, 0], [tan phi_y, 1]]`` on ``(x, y)``. The
-  reference (albumentations 1.3 ``Affine`` on skimage) uses the same structure; some skimage
-  versions also compress the sheared axis by ``cos phi`` (at most 3.4 % at 15 degrees).
-  Border: wrap (cv2 ``BORDER_WRAP``) as box-relative coordinate modulo 1.
-* perspective (albumentations ``Perspective``): each corner of the unit square moves inwards by
-  ``|N(0, sigma)| mod 0.32`` of the side per axis, ``sigma ~ U(scale range)``; the homography
-  maps the output square onto that quadrilateral. The quadrilateral lies inside the square, so
-  the reference's constant (zero) border is never sampled and is not modelled.
-* horizontal flip: ``x -> 1 - x``.
-
-Photometric jitter follows torchvision's ``ColorJitter`` formulas on [0, 1] values, each result
-clipped to [0, 1]: brightness ``x * b``; contrast ``c * x + (1 - c) * mean(grey(x))`` (mean over
-the view); saturation ``s * x + (1 - s) * grey(x)`` with ``grey = 0.2989 R + 0.587 G + 0.114 B``;
-hue: rotate the HSV hue by ``h`` turns. The order here is fixed (brightness, contrast,
-saturation, hue); torchvision and albumentations draw a random order per call.
-
-Cost: at the paper's shape (B=16, K=11, V=224, S=448; 8.8 M output pixels) one H100 (jax
-0.11.2) takes about 0.46 ms without augmentation, 0.95 ms with the "medium" augmentation and
-1.2 ms with mask fill on top, with ~200 MiB of temporaries. One gather of the packed 12-byte
-neighbourhood, a uint32-bitcast variant and four separate 3-byte gathers all timed the same
-there; the packed form keeps the gather count at one, which matters more on TPUs.
-"""
+A box is ``(y0, x0, y1, x1)`` normalised to the canvas with half-open pixel edges (pixel
+``r`` spans ``[r, r+1)``). Output pixel ``(i, j)`` of a ``V x V`` view samples canvas
+coordinate ``y = y0*S + (i + 0.5) / V * (y1 - y0) * S - 0.5``, clamped to the centres of the
+box's first and last pixel: for an integer-aligned box exactly torch's bilinear
+``interpolate(crop, align_corners=False)``, as the reference crops, then resizes. The
+augmentations follow the reference's definitions and order (``docs/reference.md`` §2.5);
+the sampler undoes them in reverse."""
 
 from __future__ import annotations
 
@@ -71,24 +38,17 @@ _PERSPECTIVE_MAX_OFFSET = 0.32
 _GREY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 
-# --------------------------------------------------------------------------- configuration
+_GEOMETRIC_KEYS = ("flip", "rotate_deg", "shear_deg", "perspective")
+_AUGMENT_KEYS = (*_GEOMETRIC_KEYS, "brightness", "contrast", "saturation", "hue")
 
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    """Ranges of the per-view random augmentation; every range is a closed ``(low, high)``.
-
-    Frozen and hashable, so it can be a static argument of a jitted function.
-
-    Attributes:
-      flip_prob: probability of a horizontal flip.
-      rotate_deg: rotation angle range in degrees (positive = counter-clockwise).
-      shear_deg: shear angle range in degrees; x and y shears are drawn independently from it.
-      perspective_scale: range of the perspective corner-jitter scale ``sigma`` (fraction of
-        the side).
-      brightness, contrast, saturation: multiplicative factor ranges (1 = unchanged).
-      hue: hue shift range in turns of the colour circle (0.5 = 180 degrees).
-    """
+    """Ranges of the per-view random augmentation, each a closed ``(low, high)``; frozen and
+    hashable, so a static argument of a jitted function. Angles in degrees (rotation
+    positive = counter-clockwise; x and y shears drawn independently); ``perspective_scale``:
+    the corner-jitter sigma as a fraction of the side; colour factors multiply (1 = none);
+    ``hue`` in turns of the colour circle."""
 
     flip_prob: float = 0.0
     rotate_deg: tuple[float, float] = (0.0, 0.0)
@@ -121,56 +81,29 @@ class AugmentConfig:
 
     @classmethod
     def from_config(cls, augment: Mapping[str, Any]) -> AugmentConfig:
-        """Builds the ranges from ``config.input.augment`` (reference "medium" by default).
-
-        Args:
-          augment: mapping (``ml_collections.ConfigDict`` or dict) with keys ``flip`` (bool),
-            ``rotate_deg``, ``shear_deg`` (symmetric ranges), ``perspective`` (scale upper
-            bound), ``brightness``, ``contrast``, ``saturation`` (factor ``1 +- x``) and ``hue``
-            (shift ``+- x`` turns).
-
-        Returns:
-          The corresponding AugmentConfig.
-        """
-        expected = (
-            "flip",
-            "rotate_deg",
-            "shear_deg",
-            "perspective",
-            "brightness",
-            "contrast",
-            "saturation",
-            "hue",
-        )
-        missing = [k for k in expected if k not in augment]
+        """From ``config.input.augment``: ``flip`` (bool), symmetric ``rotate_deg``,
+        ``shear_deg`` and ``hue``, ``perspective`` (upper bound of the scale) and factors
+        ``1 +- x`` for ``brightness``, ``contrast``, ``saturation``."""
+        missing = [k for k in _AUGMENT_KEYS if k not in augment]
         if missing:
-            raise KeyError(f"config.input.augment lacks {missing}; expected keys {expected}")
-
-        def symmetric(x: float) -> tuple[float, float]:
-            return (-float(x), float(x))
-
-        def factor(x: float) -> tuple[float, float]:
-            return (max(0.0, 1.0 - float(x)), 1.0 + float(x))
-
+            raise KeyError(f"config.input.augment lacks {missing}; expected keys {_AUGMENT_KEYS}")
+        symmetric = lambda key: (-float(augment[key]), float(augment[key]))
+        factor = lambda key: (max(0.0, 1.0 - float(augment[key])), 1.0 + float(augment[key]))
         return cls(
             flip_prob=0.5 if augment["flip"] else 0.0,
-            rotate_deg=symmetric(augment["rotate_deg"]),
-            shear_deg=symmetric(augment["shear_deg"]),
+            rotate_deg=symmetric("rotate_deg"),
+            shear_deg=symmetric("shear_deg"),
             perspective_scale=(0.0, float(augment["perspective"])),
-            brightness=factor(augment["brightness"]),
-            contrast=factor(augment["contrast"]),
-            saturation=factor(augment["saturation"]),
-            hue=symmetric(augment["hue"]),
+            brightness=factor("brightness"),
+            contrast=factor("contrast"),
+            saturation=factor("saturation"),
+            hue=symmetric("hue"),
         )
 
 
-# All strengths zero. Sampling with it still runs the augmentation path and yields the
-# unaugmented views (up to float rounding); pass ``augment=None`` or ``key=None`` to skip
-# that work.
+# Runs the augmentation path and yields the unaugmented views (up to rounding); pass
+# ``augment=None`` or ``key=None`` to skip that work.
 NO_AUGMENT = AugmentConfig()
-
-
-# --------------------------------------------------------------------------- views
 
 
 @functools.partial(jax.jit, static_argnames=("view_size", "augment", "dtype"))
@@ -184,41 +117,14 @@ def make_views(
     masks: jax.Array | None = None,
     dtype: Any = jnp.bfloat16,
 ) -> jax.Array:
-    """Crops, resizes, augments and normalises K views per canvas.
+    """``[B, K, V, V, 3]`` ImageNet-normalised views in ``dtype``.
 
-    Pure and jit-compiled with fixed shapes; deterministic given ``key``. Augmentation
-    parameters are drawn independently for each of the B*K views.
-
-    Args:
-      canvas: ``uint8 [B, S, S, 3]`` images fitted into the canvas.
-      boxes: ``float32 [B, K, 4]`` normalised yxyx boxes in the canvas frame (half-open pixel
-        edges, see the module docstring).
-      key: PRNG key for the augmentation; ``None`` for the evaluation path (no augmentation).
-      view_size: V, the side of each square view.
-      augment: augmentation ranges; ``None`` means no augmentation.
-      masks: ``uint8 [B, K, M, M]`` per-view masks in the canvas frame (nonzero = inside), or
-        ``None``. Give them when ``config.input.fill_background == "mask"``: pixels outside the
-        view's mask become 0 before normalisation. ``None`` keeps the image as is ("original").
-      dtype: output dtype (the model's compute dtype).
-
-    Returns:
-      ``[B, K, V, V, 3]`` ImageNet-normalised views in ``dtype``.
-    """
-    if canvas.ndim != 4 or canvas.shape[1] != canvas.shape[2] or canvas.shape[3] != 3:
-        raise ValueError(f"make_views: canvas must be [B, S, S, 3], got {canvas.shape}")
-    if canvas.dtype != jnp.uint8:
-        raise ValueError(f"make_views: canvas must be uint8, got {canvas.dtype}")
-    batch, canvas_size = canvas.shape[0], canvas.shape[1]
-    if boxes.ndim != 3 or boxes.shape[0] != batch or boxes.shape[2] != 4:
-        raise ValueError(f"make_views: boxes must be [B={batch}, K, 4], got {boxes.shape}")
-    num_views = boxes.shape[1]
-    if masks is not None and (
-        masks.ndim != 4 or masks.shape[:2] != boxes.shape[:2] or masks.shape[2] != masks.shape[3]
-    ):
-        raise ValueError(
-            f"make_views: masks must be [B={batch}, K={num_views}, M, M], got {masks.shape}"
-        )
-
+    ``canvas`` ``uint8 [B, S, S, 3]``; ``boxes`` ``float32 [B, K, 4]`` in the canvas frame;
+    ``key`` ``None`` (or ``augment`` ``None``): no augmentation, else drawn independently per
+    view. ``masks`` ``uint8 [B, K, M, M]`` in the canvas frame (``fill_background="mask"``):
+    pixels outside a view's mask become 0 before normalisation."""
+    _check_shapes(canvas, boxes, masks)
+    (batch, canvas_size), num_views = canvas.shape[:2], boxes.shape[1]
     # Everything stays [B, K, ...]: merging the batch axis into another would need explicit
     # output shardings when the batch is sharded over a mesh.
     view_shape = (batch, num_views, view_size, view_size)
@@ -258,6 +164,22 @@ def make_views(
     mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
     std = jnp.asarray(IMAGENET_STD, jnp.float32)
     return ((images - mean) / std).astype(dtype)
+
+
+def _check_shapes(canvas: jax.Array, boxes: jax.Array, masks: jax.Array | None) -> None:
+    if canvas.ndim != 4 or canvas.shape[1] != canvas.shape[2] or canvas.shape[3] != 3:
+        raise ValueError(f"make_views: canvas must be [B, S, S, 3], got {canvas.shape}")
+    if canvas.dtype != jnp.uint8:
+        raise ValueError(f"make_views: canvas must be uint8, got {canvas.dtype}")
+    batch = canvas.shape[0]
+    if boxes.ndim != 3 or boxes.shape[0] != batch or boxes.shape[2] != 4:
+        raise ValueError(f"make_views: boxes must be [B={batch}, K, 4], got {boxes.shape}")
+    if masks is not None and (
+        masks.ndim != 4 or masks.shape[:2] != boxes.shape[:2] or masks.shape[2] != masks.shape[3]
+    ):
+        raise ValueError(
+            f"make_views: masks must be [B={batch}, K={boxes.shape[1]}, M, M], got {masks.shape}"
+        )
 
 
 class _ViewParams(NamedTuple):
@@ -305,7 +227,12 @@ def _per_pixel(per_view: jax.Array) -> jax.Array:
 def _augmented_grid(
     rows: jax.Array, cols: jax.Array, params: _ViewParams
 ) -> tuple[jax.Array, jax.Array]:
-    """Maps centred output coordinates ``[B, K, V, V]`` to box-relative source coordinates."""
+    """Maps centred output coordinates ``[B, K, V, V]`` to box-relative source coordinates.
+
+    Forward affine about the view centre: ``R(theta) @ Sx(phi_x) @ Sy(phi_y)`` on ``(x, y)``
+    with ``Sx = [[1, tan phi_x], [0, 1]]``, ``Sy = [[1, 0], [tan phi_y, 1]]``; the
+    perspective maps the output square onto a quadrilateral inside it, so the reference's
+    zero border is never sampled; the flip is ``x -> 1 - x``."""
     # Inverse affine: R(-theta), then the inverse x shear, then the inverse y shear.
     cos, sin = _per_pixel(jnp.cos(params.rotate)), _per_pixel(jnp.sin(params.rotate))
     x = cos * cols - sin * rows
@@ -335,14 +262,9 @@ def _perspective_quads(offsets: jax.Array) -> jax.Array:
 
 
 def _square_to_quad_homography(quads: jax.Array) -> jax.Array:
-    """Homographies taking the unit square's corners onto ``quads`` ``[..., 4, 2]``.
-
-    Closed form (Heckbert 1989) for corners (0,0), (1,0), (1,1), (0,1) -> tl, tr, br, bl.
-
-    Returns:
-      ``[..., 8]`` entries ``(a, b, c, d, e, f, g, h)`` of
-      ``x' = (a x + b y + c) / (g x + h y + 1)``, ``y' = (d x + e y + f) / (g x + h y + 1)``.
-    """
+    """``[..., 8]`` entries ``(a, b, c, d, e, f, g, h)`` of the homographies ``x' = (a x + b y +
+    c) / (g x + h y + 1)``, ``y' = (d x + e y + f) / (g x + h y + 1)`` taking the unit square's
+    corners (0,0), (1,0), (1,1), (0,1) onto ``quads`` ``[..., 4, 2]`` (Heckbert 1989)."""
     (x0, y0), (x1, y1), (x2, y2), (x3, y3) = [
         (quads[..., i, 0], quads[..., i, 1]) for i in range(4)
     ]
@@ -377,11 +299,13 @@ def _box_to_canvas_coords(
     return axis(rel_y, boxes[..., 0], boxes[..., 2]), axis(rel_x, boxes[..., 1], boxes[..., 3])
 
 
+# At the paper's shape (B=16, K=11, V=224, S=448) one H100 (jax 0.11.2) makes the views in
+# 0.46 ms, 0.95 ms with the "medium" augmentation, 1.2 ms with mask fill too. One gather of
+# the packed 12-byte neighbourhood, a uint32 bitcast and four 3-byte gathers timed the
+# same; one gather matters more on TPUs.
 def _pack_neighbourhoods(images: jax.Array) -> jax.Array:
-    """``[..., H, W, C]`` -> ``[..., H, W, 4C]``: pixel, right, below, below-right (edge-clamped).
-
-    One gather of this array fetches a whole bilinear 2x2 neighbourhood.
-    """
+    """``[..., H, W, C]`` -> ``[..., H, W, 4C]``: pixel, right, below, below-right
+    (edge-clamped), so that one gather fetches a whole bilinear neighbourhood."""
     right = jnp.concatenate([images[..., :, 1:, :], images[..., :, -1:, :]], axis=-2)
     below = jnp.concatenate([images[..., 1:, :, :], images[..., -1:, :, :]], axis=-3)
     below_right = jnp.concatenate([right[..., 1:, :, :], right[..., -1:, :, :]], axis=-3)
@@ -389,11 +313,8 @@ def _pack_neighbourhoods(images: jax.Array) -> jax.Array:
 
 
 def _bilinear(packed: jax.Array, y: jax.Array, x: jax.Array) -> jax.Array:
-    """Bilinear samples of one packed image ``[H, W, 4C]`` at in-range coordinates ``[P]``.
-
-    Returns:
-      ``float32 [P, C]``.
-    """
+    """``float32 [P, C]`` bilinear samples of one packed image ``[H, W, 4C]`` at in-range
+    coordinates ``[P]``."""
     height, width, channels4 = packed.shape
     y_floor, x_floor = jnp.floor(y), jnp.floor(x)
     wy, wx = (y - y_floor)[:, None], (x - x_floor)[:, None]
@@ -421,9 +342,6 @@ def _mask_keep(
     return (sampled[..., 0] > 0.5).astype(jnp.float32).reshape(canvas_y.shape)
 
 
-# --------------------------------------------------------------------------- photometric
-
-
 def _grey(images: jax.Array) -> jax.Array:
     weights = jnp.asarray(_GREY_WEIGHTS, images.dtype)
     return jnp.sum(images * weights, axis=-1, keepdims=True)
@@ -435,7 +353,9 @@ def _blend(images: jax.Array, other: jax.Array, factor: jax.Array) -> jax.Array:
 
 
 def _photometric(images: jax.Array, params: _ViewParams) -> jax.Array:
-    """Brightness, contrast, saturation, hue (fixed order) on ``[B, K, V, V, 3]`` in [0, 1]."""
+    """torchvision's ColorJitter formulas on ``[B, K, V, V, 3]`` in [0, 1], each clipped:
+    ``x b``; ``c x + (1 - c) mean(grey(x))`` over the view; ``s x + (1 - s) grey(x)``; the
+    hue rotated by ``h`` turns."""
     images = jnp.clip(images * params.brightness[..., None, None, None], 0.0, 1.0)
     mean_grey = jnp.mean(_grey(images), axis=(-3, -2, -1), keepdims=True)
     images = _blend(images, mean_grey, params.contrast)
@@ -444,10 +364,8 @@ def _photometric(images: jax.Array, params: _ViewParams) -> jax.Array:
 
 
 def _shift_hue(images: jax.Array, shift: jax.Array) -> jax.Array:
-    """Rotates the HSV hue of ``[..., 3]`` RGB values in [0, 1] by ``shift`` turns.
-
-    Value (max channel) and chroma (max - min) are kept; only the hue moves.
-    """
+    """Rotates the HSV hue of ``[..., 3]`` RGB in [0, 1] by ``shift`` turns; value (max) and
+    chroma (max - min) are kept."""
     r, g, b = images[..., 0], images[..., 1], images[..., 2]
     value = jnp.max(images, axis=-1)
     chroma = value - jnp.min(images, axis=-1)
@@ -464,14 +382,9 @@ def _shift_hue(images: jax.Array, shift: jax.Array) -> jax.Array:
     return jnp.clip(jnp.stack(channels, axis=-1), 0.0, 1.0)
 
 
-# --------------------------------------------------------------------------- canvas geometry
-
-
 def fitted_size(height: int, width: int, canvas_size: int) -> tuple[int, int]:
-    """Size ``(h, w)`` of an ``height x width`` image resized so its longer side is the canvas.
-
-    Aspect kept, rounded half up, at least 1 pixel; the longer side is exactly ``canvas_size``.
-    """
+    """``(h, w)`` of the image resized so its longer side is exactly ``canvas_size``: aspect
+    kept, rounded half up, at least 1 pixel."""
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {height}x{width}")
     longer = max(height, width)
@@ -482,18 +395,8 @@ def fitted_size(height: int, width: int, canvas_size: int) -> tuple[int, int]:
 
 
 def fit_image_to_canvas(image: np.ndarray, canvas_size: int) -> np.ndarray:
-    """Resizes an image so its longer side is ``canvas_size`` and pads it to a square canvas.
-
-    The image sits at the top-left; the rest is 0. Bilinear resize with PIL, which filters
-    (antialiases) when shrinking.
-
-    Args:
-      image: ``uint8 [H, W, 3]``.
-      canvas_size: S.
-
-    Returns:
-      ``uint8 [S, S, 3]``.
-    """
+    """``uint8 [H, W, 3]`` -> ``uint8 [S, S, 3]``: resized (PIL bilinear, which antialiases
+    when shrinking) to :func:`fitted_size` at the top-left, zeros elsewhere."""
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(
@@ -510,34 +413,15 @@ def fit_image_to_canvas(image: np.ndarray, canvas_size: int) -> np.ndarray:
 
 
 def fit_box_to_canvas(boxes: np.ndarray, height: int, width: int, canvas_size: int) -> np.ndarray:
-    """Maps image-normalised yxyx boxes ``[..., 4]`` to the canvas frame of
-    :func:`fit_image_to_canvas` (uses the same rounded fitted size, so pixel edges agree).
-
-    Args:
-      boxes: ``[..., 4]`` yxyx normalised to the original ``height x width`` image.
-      height, width: the original image size.
-      canvas_size: S.
-
-    Returns:
-      ``float32 [..., 4]`` yxyx normalised to the canvas.
-    """
+    """Image-normalised yxyx boxes ``[..., 4]`` -> ``float32`` canvas-normalised, for the
+    placement of :func:`fit_image_to_canvas` (the same rounded size, so pixel edges agree)."""
     fit_h, fit_w = fitted_size(height, width, canvas_size)
     scale = np.array([fit_h, fit_w, fit_h, fit_w], np.float64) / canvas_size
     return (np.asarray(boxes, np.float64) * scale).astype(np.float32)
 
 
 def canvas_box_to_image(boxes: np.ndarray, height: int, width: int, canvas_size: int) -> np.ndarray:
-    """Inverse of :func:`fit_box_to_canvas`: canvas-normalised yxyx -> image-normalised.
-
-    Args:
-      boxes: ``[..., 4]`` yxyx normalised to the canvas.
-      height, width: the original image size.
-      canvas_size: S.
-
-    Returns:
-      ``float32 [..., 4]`` yxyx normalised to the original image (beyond 1 where a box
-      reaches into the canvas padding).
-    """
+    """Inverse of :func:`fit_box_to_canvas` (beyond 1 where a box reaches into the padding)."""
     fit_h, fit_w = fitted_size(height, width, canvas_size)
     scale = canvas_size / np.array([fit_h, fit_w, fit_h, fit_w], np.float64)
     return (np.asarray(boxes, np.float64) * scale).astype(np.float32)

@@ -1,9 +1,8 @@
 """Import PyTorch weights: torchvision/ProtoPNet ResNets and whole quanproto ProtoMask models.
 
-torch is imported only inside the functions that read ``.pth`` files, so the JAX side runs
-without it. A state_dict can also be given as a mapping of arrays (numpy or torch tensors).
-
-Name mapping (``models/resnet.py`` mirrors torchvision, so it is a renaming):
+torch is imported only to read ``.pth`` files; a state_dict may also be a mapping of numpy
+arrays or torch tensors. ``models/resnet.py`` mirrors torchvision, so the ResNet mapping is
+a renaming::
 
     torch                                     ours
     <module>.weight (conv, [O, I, kh, kw])     <module>/kernel [kh, kw, I, O]
@@ -11,18 +10,17 @@ Name mapping (``models/resnet.py`` mirrors torchvision, so it is a renaming):
     <module>.running_mean / .running_var       <module>/mean / var
     layer1.0.downsample.0 / .1                 layer1/0/downsample/0 / 1
 
-quanproto ProtoMask state_dict (reference doc §12) -> our ProtoMask:
+A quanproto ProtoMask state_dict (``docs/reference.md`` §12) maps as::
 
-    backbone.*                     backbone (as above)
-    add_on_layers.0.weight [D, C_b, 1, 1] -> add_on/kernel [C_b, D]
-    add_on_layers.0.bias   [D]            -> add_on/bias
-    prototype_vectors      [P, D, 1, 1]   -> prototypes [P, D]
-    last_layer.weight      [C, P]         -> last_layer [P, C] (our kernel is W^T)
-    classification_loss_fn.weight [C]     -> returned class weights (optional key)
+    backbone.*                            backbone (as above)
+    add_on_layers.0.weight [D, C_b, 1, 1] add_on/kernel [C_b, D]
+    add_on_layers.0.bias   [D]            add_on/bias
+    prototype_vectors      [P, D, 1, 1]   prototypes [P, D]
+    last_layer.weight      [C, P]         last_layer [P, C]
+    classification_loss_fn.weight [C]     returned class weights (optional key)
 
-The prototype -> class identity is not in that file. It is taken from an argument, or
-defaults to ``j // (P // C)`` — right for an unpruned model; after the reference's pruning
-the identity is lost (§9.11) and must be supplied.
+The prototype -> class identity is not in that file: it is an argument, by default
+``j // (P // C)`` — right for an unpruned model; the reference's pruning loses it (§9.11).
 """
 
 from __future__ import annotations
@@ -65,11 +63,7 @@ class StateDictMismatchError(ValueError):
     """A state_dict does not fit the model: missing, unexpected or wrongly shaped keys."""
 
 
-# --------------------------------------------------------------------------- files
-
-
 def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -97,16 +91,8 @@ def _to_numpy(value: Any) -> np.ndarray:
 def read_state_dict(
     source: StateDictSource, *, expected_sha256: str | None = None
 ) -> dict[str, np.ndarray]:
-    """Reads a torch state_dict into numpy arrays.
-
-    Args:
-      source: a ``.pth`` path (read with ``torch.load(map_location="cpu",
-        weights_only=True)``) or a mapping of name -> tensor/array.
-      expected_sha256: if given (and ``source`` is a path), the file must have this hash.
-
-    Returns:
-      ``{name: np.ndarray}``.
-    """
+    """``{name: np.ndarray}`` from a mapping or a ``.pth`` file (read with ``torch.load(...,
+    weights_only=True)``, after checking ``expected_sha256`` when given)."""
     if isinstance(source, Mapping):
         if expected_sha256:
             raise ValueError("expected_sha256 applies to a file; got an in-memory state_dict")
@@ -127,38 +113,44 @@ def read_state_dict(
     return {str(key): _to_numpy(value) for key, value in loaded.items()}
 
 
-# --------------------------------------------------------------------------- errors
+def _check_shape(
+    state_dict: Mapping[str, np.ndarray],
+    key: str,
+    expected: tuple[int | None, ...],
+    problems: list[str],
+) -> np.ndarray | None:
+    """The array if present with a matching shape (``None`` matches any size); otherwise a
+    line in ``problems``, so that one error lists every mismatch."""
+    shown = [-1 if e is None else e for e in expected]
+    if key not in state_dict:
+        problems.append(f"missing key {key!r}: the model expects shape {shown}")
+        return None
+    found = tuple(state_dict[key].shape)
+    if len(found) != len(expected) or any(
+        e is not None and e != f for e, f in zip(expected, found, strict=True)
+    ):
+        problems.append(
+            f"wrong shape for {key!r}: the file has {list(found)}, the model expects {shown}"
+        )
+        return None
+    return state_dict[key]
 
 
-class _Problems:
-    """Collects every mismatch so one error lists them all."""
-
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def missing(self, key: str, expected_shape: tuple[int, ...]) -> None:
-        self.lines.append(f"missing key {key!r}: the model expects shape {list(expected_shape)}")
-
-    def unexpected(self, key: str, shape: tuple[int, ...]) -> None:
-        self.lines.append(
-            f"unexpected key {key!r} with shape {list(shape)}: the model has no such parameter"
+def _unexpected(state_dict: Mapping[str, np.ndarray], keys: set[str], problems: list[str]):
+    for key in sorted(keys):
+        shape = list(state_dict[key].shape)
+        problems.append(
+            f"unexpected key {key!r} with shape {shape}: the model has no such parameter"
         )
 
-    def wrong_shape(self, key: str, found: tuple[int, ...], expected: tuple[int, ...]) -> None:
-        self.lines.append(
-            f"wrong shape for {key!r}: the file has {list(found)}, "
-            f"the model expects {list(expected)}"
-        )
 
-    def raise_if_any(self, what: str, hint: str, extra_hint: str = "") -> None:
-        if not self.lines:
-            return
-        shown = self.lines[:20]
-        more = len(self.lines) - len(shown)
-        listing = "\n  ".join(shown) + (f"\n  ... and {more} more" if more else "")
+def _raise_if_any(problems: list[str], what: str, hint: str) -> None:
+    if problems:
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise StateDictMismatchError(
-            f"{what} does not match the model ({len(self.lines)} problems):\n  {listing}\n"
-            f"{hint}{extra_hint}"
+            f"{what} does not match the model ({len(problems)} problems):\n  "
+            + "\n  ".join(problems[:20])
+            + f"{more}\n{hint}"
         )
 
 
@@ -181,43 +173,36 @@ def _prefix_hint(expected_keys: set[str], unexpected_keys: set[str]) -> str:
     return ""
 
 
-# --------------------------------------------------------------------------- ResNet
-
-
 def _is_ignored_resnet_key(key: str) -> bool:
     # The classifier head is not part of a feature extractor; BatchNorm's step counter only
     # matters for momentum=None, which torchvision does not use.
     return key.startswith("fc.") or key.endswith(".num_batches_tracked")
 
 
-def _convert_resnet(
-    state_dict: Mapping[str, np.ndarray],
-    backbone: ResNet,
-    prefix: str,
-    problems: _Problems,
-) -> tuple[nnx.State, set[str]]:
-    """Builds the backbone state from ``state_dict`` keys under ``prefix``.
+def _torch_keys(backbone: ResNet) -> list[tuple[tuple, nnx.Variable, str]]:
+    """(state path, variable, torchvision key) of every leaf of the backbone."""
+    state = nnx.state(backbone, nnx.Any(nnx.Param, nnx.BatchStat))
+    return [
+        (path, variable, ".".join(map(str, path[:-1])) + "." + _TORCH_LEAF_NAME[path[-1]])
+        for path, variable in nnx.to_flat_state(state)
+    ]
 
-    Returns the new state and the set of file keys consumed (used or ignored).
-    """
-    flat = []
-    consumed = set()
-    for path, variable in nnx.to_flat_state(nnx.state(backbone, nnx.Any(nnx.Param, nnx.BatchStat))):
-        *module_path, leaf = path
-        key = prefix + ".".join(str(part) for part in module_path) + "." + _TORCH_LEAF_NAME[leaf]
-        ours = tuple(variable.shape)
-        expected = (ours[3], ours[2], ours[0], ours[1]) if leaf == "kernel" else ours
-        if key not in state_dict:
-            problems.missing(key, expected)
-            continue
+
+def _convert_resnet(
+    state_dict: Mapping[str, np.ndarray], backbone: ResNet, prefix: str, problems: list[str]
+) -> tuple[nnx.State, set[str]]:
+    """The backbone state from the keys under ``prefix``, and the file keys it consumed
+    (used or ignored)."""
+    flat, consumed = [], set()
+    for path, variable, name in _torch_keys(backbone):
+        key, ours = prefix + name, tuple(variable.shape)
+        is_kernel = path[-1] == "kernel"
+        expected = (ours[3], ours[2], ours[0], ours[1]) if is_kernel else ours
         consumed.add(key)
-        value = state_dict[key]
-        if tuple(value.shape) != expected:
-            problems.wrong_shape(key, tuple(value.shape), expected)
-            continue
-        if leaf == "kernel":
-            value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-        flat.append((path, variable.copy(jnp.asarray(value, jnp.float32))))
+        value = _check_shape(state_dict, key, expected, problems)
+        if value is not None:
+            value = value.transpose(2, 3, 1, 0) if is_kernel else value  # OIHW -> HWIO
+            flat.append((path, variable.copy(jnp.asarray(value, jnp.float32))))
     consumed |= {
         key
         for key in state_dict
@@ -229,33 +214,17 @@ def _convert_resnet(
 def resnet_state_from_torch(
     state_dict: Mapping[str, np.ndarray], backbone: ResNet, *, prefix: str = ""
 ) -> nnx.State:
-    """Converts a torchvision/ProtoPNet ResNet state_dict to the backbone's state.
-
-    Args:
-      state_dict: ``{name: array}`` (see :func:`read_state_dict`); ``fc.*`` and
-        ``*.num_batches_tracked`` are ignored.
-      backbone: the target :class:`ResNet` (gives names and shapes; not modified).
-      prefix: strip this from the file's keys (e.g. ``"module."``); other keys are
-        unexpected.
-
-    Returns:
-      An ``nnx.State`` for ``nnx.update(backbone, state)``.
-
-    Raises:
-      StateDictMismatchError: listing every missing, unexpected or wrongly shaped key.
-    """
-    problems = _Problems()
+    """The state of ``backbone`` (not modified) for ``nnx.update``, from a torchvision or
+    ProtoPNet state_dict; ``fc.*`` and ``*.num_batches_tracked`` are ignored, ``prefix``
+    (e.g. ``"module."``) is stripped. Every mismatch is listed in one
+    :class:`StateDictMismatchError`."""
+    problems: list[str] = []
     state, consumed = _convert_resnet(state_dict, backbone, prefix, problems)
     unexpected = set(state_dict) - consumed
-    for key in sorted(unexpected):
-        problems.unexpected(key, tuple(state_dict[key].shape))
-    expected_keys = {
-        ".".join(str(p) for p in path[:-1]) + "." + _TORCH_LEAF_NAME[path[-1]]
-        for path, _ in nnx.to_flat_state(nnx.state(backbone, nnx.Any(nnx.Param, nnx.BatchStat)))
-    }
-    problems.raise_if_any(
-        "ResNet state_dict", _RESNET_HINT, _prefix_hint(expected_keys, unexpected)
-    )
+    _unexpected(state_dict, unexpected, problems)
+    expected_keys = {name for _, _, name in _torch_keys(backbone)}
+    hint = _RESNET_HINT + _prefix_hint(expected_keys, unexpected)
+    _raise_if_any(problems, "ResNet state_dict", hint)
     return state
 
 
@@ -266,14 +235,7 @@ def load_torch_resnet(
     expected_sha256: str | None = None,
     prefix: str = "",
 ) -> None:
-    """Loads torchvision/ProtoPNet ResNet weights into ``backbone`` in place.
-
-    Args:
-      backbone: the :class:`ResNet` to fill.
-      source: ``.pth`` path or state_dict mapping.
-      expected_sha256: verify the file first (see :func:`verify_sha256`).
-      prefix: strip this from the file's keys.
-    """
+    """Loads torchvision/ProtoPNet ResNet weights into ``backbone`` in place."""
     state_dict = read_state_dict(source, expected_sha256=expected_sha256)
     try:
         state = resnet_state_from_torch(state_dict, backbone, prefix=prefix)
@@ -282,103 +244,59 @@ def load_torch_resnet(
     nnx.update(backbone, state)
 
 
-# --------------------------------------------------------------------------- ProtoMask
-
-
-def _check_shape(
-    state_dict: Mapping[str, np.ndarray],
-    key: str,
-    expected: tuple[int | None, ...],
-    problems: _Problems,
-) -> np.ndarray | None:
-    """Returns the array if present with a matching shape (``None`` entries match any size)."""
-    if key not in state_dict:
-        problems.missing(key, tuple(-1 if e is None else e for e in expected))
-        return None
-    value = state_dict[key]
-    found = tuple(value.shape)
-    if len(found) != len(expected) or any(
-        e is not None and e != f for e, f in zip(expected, found, strict=True)
-    ):
-        problems.wrong_shape(key, found, tuple(-1 if e is None else e for e in expected))
-        return None
-    return value
-
-
 def protomask_state_from_torch(
     state_dict: Mapping[str, np.ndarray],
     model: ProtoMask,
     *,
     prototype_class: np.ndarray | None = None,
 ) -> tuple[nnx.State, np.ndarray | None]:
-    """Converts a quanproto ProtoMask state_dict to the model's full state.
+    """``(state, class_weights)``: the full state of ``model`` (not modified) for
+    ``nnx.update``, and the ``[C]`` cross-entropy class weights if the file has them.
 
-    The number of prototypes P is taken from the file (it may differ from the model's after
-    the reference's pruning); backbone, D and C must match the model.
-
-    Args:
-      state_dict: ``{name: array}`` (see :func:`read_state_dict`).
-      model: the target :class:`ProtoMask` (gives names and shapes; not modified).
-      prototype_class: ``[P]`` class of each prototype; default ``j // (P // C)``, which
-        requires P divisible by C.
-
-    Returns:
-      ``(state, class_weights)``: an ``nnx.State`` for ``nnx.update(model, state)`` and the
-      ``[C]`` float32 cross-entropy class weights (None if the file has none).
-
-    Raises:
-      StateDictMismatchError: listing every missing, unexpected or wrongly shaped key.
-    """
-    problems = _Problems()
+    P is taken from the file (the reference's pruning may have changed it); backbone, D and
+    C must match the model. ``prototype_class`` ``[P]`` defaults to ``j // (P // C)``."""
+    problems: list[str] = []
     backbone_state, consumed = _convert_resnet(state_dict, model.backbone, "backbone.", problems)
     backbone_channels, prototype_dim = model.add_on.kernel.shape
     num_classes = model.num_classes
-    add_on_weight = _check_shape(
-        state_dict, "add_on_layers.0.weight", (prototype_dim, backbone_channels, 1, 1), problems
-    )
-    add_on_bias = _check_shape(state_dict, "add_on_layers.0.bias", (prototype_dim,), problems)
-    prototypes = _check_shape(
-        state_dict, "prototype_vectors", (None, prototype_dim, 1, 1), problems
-    )
-    num_prototypes = None if prototypes is None else prototypes.shape[0]
-    last_layer = _check_shape(
-        state_dict, "last_layer.weight", (num_classes, num_prototypes), problems
-    )
-    consumed |= {
-        "add_on_layers.0.weight",
-        "add_on_layers.0.bias",
-        "prototype_vectors",
-        "last_layer.weight",
-    }
-    class_weights = None
-    if "classification_loss_fn.weight" in state_dict:
-        class_weights = _check_shape(
-            state_dict, "classification_loss_fn.weight", (num_classes,), problems
+    found = {
+        key: _check_shape(state_dict, key, shape, problems)
+        for key, shape in (
+            ("add_on_layers.0.weight", (prototype_dim, backbone_channels, 1, 1)),
+            ("add_on_layers.0.bias", (prototype_dim,)),
+            ("prototype_vectors", (None, prototype_dim, 1, 1)),
         )
-        consumed.add("classification_loss_fn.weight")
-    for key in sorted(set(state_dict) - consumed):
-        problems.unexpected(key, tuple(state_dict[key].shape))
-    problems.raise_if_any("ProtoMask state_dict", _PROTOMASK_HINT)
+    }
+    prototypes = found["prototype_vectors"]
+    num_prototypes = None if prototypes is None else prototypes.shape[0]
+    expected = {"last_layer.weight": (num_classes, num_prototypes)}
+    if "classification_loss_fn.weight" in state_dict:
+        expected["classification_loss_fn.weight"] = (num_classes,)
+    for key, shape in expected.items():
+        found[key] = _check_shape(state_dict, key, shape, problems)
+    consumed |= set(found)
+    _unexpected(state_dict, set(state_dict) - consumed, problems)
+    _raise_if_any(problems, "ProtoMask state_dict", _PROTOMASK_HINT)
 
     prototype_class = _resolve_prototype_class(prototype_class, num_prototypes, num_classes)
     state = nnx.state(model)
     new_state = nnx.State(dict(state.items()))
+
+    def like(variable: nnx.Variable, value: np.ndarray, dtype=jnp.float32) -> nnx.Variable:
+        return variable.copy(jnp.asarray(value, dtype))
+
     new_state["backbone"] = backbone_state
+    add_on = state["add_on"]
     new_state["add_on"] = nnx.State(
         {
-            "kernel": state["add_on"]["kernel"].copy(
-                jnp.asarray(add_on_weight[:, :, 0, 0].T, jnp.float32)
-            ),
-            "bias": state["add_on"]["bias"].copy(jnp.asarray(add_on_bias, jnp.float32)),
+            "kernel": like(add_on["kernel"], found["add_on_layers.0.weight"][:, :, 0, 0].T),
+            "bias": like(add_on["bias"], found["add_on_layers.0.bias"]),
         }
     )
-    new_state["prototypes"] = state["prototypes"].copy(
-        jnp.asarray(prototypes[:, :, 0, 0], jnp.float32)
-    )
-    new_state["last_layer"] = state["last_layer"].copy(jnp.asarray(last_layer.T, jnp.float32))
-    new_state["prototype_class"] = state["prototype_class"].copy(
-        jnp.asarray(prototype_class, jnp.int32)
-    )
+    new_state["prototypes"] = like(state["prototypes"], prototypes[:, :, 0, 0])
+    new_state["last_layer"] = like(state["last_layer"], found["last_layer.weight"].T)
+    new_state["prototype_class"] = like(state["prototype_class"], prototype_class, jnp.int32)
+    class_weights = found.get("classification_loss_fn.weight")
     if class_weights is not None:
         class_weights = np.asarray(class_weights, np.float32)
     return new_state, class_weights
@@ -413,17 +331,8 @@ def load_quanproto_protomask(
     expected_sha256: str | None = None,
     prototype_class: np.ndarray | None = None,
 ) -> np.ndarray | None:
-    """Loads a whole quanproto ProtoMask state_dict into ``model`` in place.
-
-    Args:
-      model: the :class:`ProtoMask` to fill (its P follows the file).
-      source: ``.pth`` path or state_dict mapping.
-      expected_sha256: verify the file first.
-      prototype_class: see :func:`protomask_state_from_torch`.
-
-    Returns:
-      The ``[C]`` class weights stored with the reference's loss, or None.
-    """
+    """Loads a whole quanproto ProtoMask state_dict into ``model`` in place (its P follows
+    the file); returns the class weights stored with the reference's loss, or None."""
     state_dict = read_state_dict(source, expected_sha256=expected_sha256)
     try:
         state, class_weights = protomask_state_from_torch(
@@ -436,14 +345,9 @@ def load_quanproto_protomask(
 
 
 def load_pretrained(model: ProtoMask, config: Any) -> np.ndarray | None:
-    """Applies ``config.model.pretrained`` or ``config.model.import_protomask`` to ``model``.
-
-    ``model.pretrained`` (verified against ``model.pretrained_sha256`` when set) fills the
-    backbone; ``model.import_protomask`` fills the whole model. Setting both is an error.
-
-    Returns:
-      Class weights from an imported ProtoMask state_dict, else None.
-    """
+    """Applies ``model.pretrained`` (backbone weights, verified against
+    ``model.pretrained_sha256`` when set) or ``model.import_protomask`` (the whole model, whose
+    class weights are returned) to ``model``."""
     model_config = config.model
     if model_config.pretrained and model_config.import_protomask:
         raise ValueError(

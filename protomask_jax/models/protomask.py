@@ -1,20 +1,18 @@
 """The ProtoMask network: per-view embeddings, prototype distances, min over views, logits.
 
-Data flow for B images of K views each (reference doc §3, §11)::
+B images of K views each (``docs/reference.md`` §3)::
 
     views [B, K, H, W, 3] -> fold to [B*K, H, W, 3] -> ResNet -> [B*K, h, w, C_b]
       -> global average pool -> add-on Dense(C_b -> D) -> sigmoid -> z [B, K, D] (float32)
       -> squared L2 to P prototypes [P, D] -> view_distances [B, K, P]
       -> min over views -> min_distances [B, P], winning_view [B, P]
-      -> log similarity [B, P] -> logits = similarity @ W^T [B, C]
+      -> log similarity [B, P] -> logits = similarity @ last_layer [B, C]
 
-Parameter groups are the four top-level attributes ``backbone``, ``add_on``, ``prototypes``
-and ``last_layer`` (see :func:`param_group_labels`). The prototype -> class identity is the
-non-trainable variable ``prototype_class``, part of the model state, so it is checkpointed
-and survives pruning (the reference keeps it outside its state_dict and loses it, §9.11).
-
-For a pure, jit-able step split the model once with :func:`split_model` and call
-:func:`apply`; params and batch statistics are separate pytrees.
+The parameter groups are the attributes ``backbone``, ``add_on``, ``prototypes`` and
+``last_layer`` (``[P, C]``, torch's ``last_layer.weight`` transposed: prototypes lead every
+prototype-indexed array, so pruning and model-axis sharding slice one axis). The class of
+each prototype, ``prototype_class``, is model state: checkpointed, and kept by pruning
+(the reference loses it, §9.11). Jitted steps use :func:`split_model` and :func:`apply`.
 """
 
 from __future__ import annotations
@@ -41,37 +39,19 @@ class PrototypeClass(nnx.Variable):
 
 
 class ProtoMaskOutput(NamedTuple):
-    """What the network returns (a pytree; the optional fields are ``None`` unless asked).
+    """A pytree; the per-view fields are ``None`` unless ``return_views``."""
 
-    Attributes:
-      logits: ``[B, C]`` float32.
-      min_distances: ``[B, P]`` float32, squared L2 distance of each prototype to its
-        nearest view.
-      winning_view: ``[B, P]`` int32, the index k of that nearest view (the explanation).
-      view_distances: ``[B, K, P]`` float32 (``return_views=True`` only).
-      embeddings: ``[B, K, D]`` float32 (``return_views=True`` only).
-    """
-
-    logits: jax.Array
-    min_distances: jax.Array
-    winning_view: jax.Array
-    view_distances: jax.Array | None = None
-    embeddings: jax.Array | None = None
+    logits: jax.Array  # [B, C] float32
+    min_distances: jax.Array  # [B, P] float32: squared L2 to the nearest view
+    winning_view: jax.Array  # [B, P] int32: the index of that view (the explanation)
+    view_distances: jax.Array | None = None  # [B, K, P] float32
+    embeddings: jax.Array | None = None  # [B, K, D] float32
 
 
 def squared_distances(embeddings: jax.Array, prototypes: jax.Array) -> jax.Array:
-    """Squared L2 distances ``|z|^2 - 2 z.p + |p|^2``, clamped at 0, in float32.
-
-    One matrix product instead of materialising ``[..., P, D]`` differences. The clamp
-    removes the small negative values that rounding produces when z is close to p.
-
-    Args:
-      embeddings: ``[..., D]`` (cast to float32).
-      prototypes: ``[P, D]`` (cast to float32).
-
-    Returns:
-      ``[..., P]`` float32.
-    """
+    """``[..., D]``, ``[P, D]`` -> ``[..., P]`` float32 ``|z|^2 - 2 z.p + |p|^2`` clamped at 0:
+    one matrix product instead of ``[..., P, D]`` differences; the clamp removes the small
+    negative values rounding leaves when z is close to p."""
     z = embeddings.astype(jnp.float32)
     p = prototypes.astype(jnp.float32)
     cross = jnp.einsum("...d,pd->...p", z, p, precision=_DISTANCE_PRECISION)
@@ -81,33 +61,17 @@ def squared_distances(embeddings: jax.Array, prototypes: jax.Array) -> jax.Array
 
 
 def squared_distances_explicit(embeddings: jax.Array, prototypes: jax.Array) -> jax.Array:
-    """Readable ``sum((z - p)^2)`` over explicit differences; for tests only.
-
-    Args:
-      embeddings: ``[N, D]``.
-      prototypes: ``[P, D]``.
-
-    Returns:
-      ``[N, P]`` float32.
-    """
+    """``sum((z - p)^2)`` over explicit differences, ``[N, D]``, ``[P, D]`` -> ``[N, P]``;
+    for tests."""
     z = embeddings.astype(jnp.float32)
     p = prototypes.astype(jnp.float32)
     return jnp.sum(jnp.square(z[:, None, :] - p[None, :, :]), axis=-1)
 
 
 def log_similarity(distances: jax.Array, eps: float) -> jax.Array:
-    """ProtoPNet's similarity ``log((d + 1) / (d + eps))``, large when d is small.
-
-    Written as ``log1p((1 - eps) / (d + eps))``, the same value without the rounding of the
-    ratio near 1 for large d.
-
-    Why eps defaults to 1e-4 (``model.similarity_eps``) and not the reference's 1e-14: in
-    float16 1e-14 underflows to 0, so d = 0 gives log(1/0) = inf; and in any dtype the
-    gradient ``-1 / (d + eps)`` reaches 1e14 near d = 0 (after push a prototype sits exactly
-    on a view), a scale no optimiser state survives. 1e-4 is ProtoPNet's value and caps the
-    similarity at ~9.2 and the gradient at 1e4. Set ``model.similarity_eps=1e-14`` to
-    reproduce the reference.
-    """
+    """ProtoPNet's ``log((d + 1) / (d + eps))`` as ``log1p((1 - eps) / (d + eps))``, which does
+    not round the ratio near 1 for large d. Why eps is 1e-4, not the reference's 1e-14:
+    ``docs/reference.md`` §3 (1e-14 underflows in float16 and lets the gradient reach 1e14)."""
     return jnp.log1p((1.0 - eps) / (distances + eps))
 
 
@@ -124,27 +88,14 @@ def _torch_default_uniform(fan_in: int) -> nnx.Initializer:
 def last_layer_init(
     prototype_class: jax.Array, num_classes: int, incorrect_strength: float
 ) -> jax.Array:
-    """Initial last-layer kernel ``[P, C]``: 1 for the prototype's own class, else
-    ``incorrect_strength``."""
+    """``[P, C]``: 1 for the prototype's own class, else ``incorrect_strength``."""
     own_class = jax.nn.one_hot(prototype_class, num_classes, dtype=jnp.float32)
     return own_class + (1.0 - own_class) * incorrect_strength
 
 
 class ProtoMask(nnx.Module):
-    """ProtoMask: a prototype classifier over mask views (reference doc §3).
-
-    Attributes (the four parameter groups and the class identity):
-      backbone: :class:`ResNet`.
-      add_on: ``nnx.Linear(C_b -> D)`` with bias, torch's default uniform init.
-      prototypes: ``nnx.Param [P, D]`` float32, init U[0, 1).
-      last_layer: ``nnx.Param [P, C]`` float32 — stored transposed relative to torch's
-        ``last_layer.weight [C, P]`` (W), i.e. this is W^T and ``logits = similarity @
-        last_layer``. Prototypes are the leading axis of every prototype-indexed array
-        (prototypes, last_layer, prototype_class), so pruning and model-axis sharding slice
-        the same axis everywhere.
-      prototype_class: :class:`PrototypeClass` ``[P]`` int32, ``j // prototypes_per_class``
-        at init.
-    """
+    """``add_on``: Dense with torch's default init; ``prototypes`` ``[P, D]`` init U[0, 1);
+    P = C * ppc; everything after the backbone (``compute_dtype``) is float32."""
 
     def __init__(
         self,
@@ -158,18 +109,6 @@ class ProtoMask(nnx.Module):
         compute_dtype: jnp.dtype | str = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        """Args:
-        backbone: ResNet preset name or spec.
-        num_classes: C.
-        prototypes_per_class: ppc; P = C * ppc. Kept as ``max_prototypes_per_class``
-          (pruning only removes prototypes, so no class ever has more).
-        prototype_dim: D.
-        incorrect_strength: last-layer init for connections to other classes.
-        similarity_eps: eps of :func:`log_similarity`.
-        compute_dtype: backbone activation dtype; parameters and everything after the
-          backbone are float32.
-        rngs: initialisation randomness (streams ``params``/default).
-        """
         num_prototypes = num_classes * prototypes_per_class
         self.backbone = ResNet(backbone, compute_dtype=compute_dtype, rngs=rngs)
         backbone_channels = self.backbone.out_channels
@@ -192,19 +131,12 @@ class ProtoMask(nnx.Module):
             last_layer_init(prototype_class, num_classes, incorrect_strength)
         )
         self.num_classes = num_classes
+        # Pruning only removes prototypes, so no class ever has more.
         self.max_prototypes_per_class = prototypes_per_class
         self.similarity_eps = float(similarity_eps)
 
     def embed(self, views: jax.Array, *, train: bool) -> jax.Array:
-        """Embeds every view.
-
-        Args:
-          views: ``[B, K, H, W, 3]`` normalised views.
-          train: BatchNorm in training mode.
-
-        Returns:
-          ``[B, K, D]`` float32 in (0, 1).
-        """
+        """``[B, K, H, W, 3]`` normalised views -> ``[B, K, D]`` float32 in (0, 1)."""
         batch, num_views = views.shape[:2]
         feature_map = self.backbone(views.reshape((-1, *views.shape[2:])), train=train)
         # The reference applies the 1x1 conv to every pixel, then average-pools, then the
@@ -223,20 +155,7 @@ class ProtoMask(nnx.Module):
         valid: jax.Array | None = None,
         return_views: bool = False,
     ) -> ProtoMaskOutput:
-        """Classifies images from their views.
-
-        Args:
-          views: ``[B, K, H, W, 3]`` normalised views (any float dtype).
-          train: BatchNorm uses batch statistics and updates its running averages (the only
-            train/eval difference in this network).
-          valid: optional ``[B, K]`` bool; views marked False never win the min. Every image
-            needs at least one valid view. With cyclic padding it can be left out: a
-            repeated view changes no minimum.
-          return_views: also return ``view_distances`` and ``embeddings``.
-
-        Returns:
-          :class:`ProtoMaskOutput`.
-        """
+        """``valid`` ``[B, K]``: views marked False never win the min; cyclic padding needs none."""
         embeddings = self.embed(views, train=train)
         return prototype_head(
             embeddings,
@@ -257,19 +176,8 @@ def prototype_head(
     valid: jax.Array | None = None,
     return_views: bool = False,
 ) -> ProtoMaskOutput:
-    """Everything after the embeddings: distances, min over views, similarity, logits.
-
-    Args:
-      embeddings: ``[B, K, D]``.
-      prototypes: ``[P, D]``.
-      last_layer: ``[P, C]`` kernel (W^T).
-      similarity_eps: eps of :func:`log_similarity`.
-      valid: optional ``[B, K]`` bool; invalid views get +inf distance before the min.
-      return_views: also return ``view_distances`` and ``embeddings``.
-
-    Returns:
-      :class:`ProtoMaskOutput`.
-    """
+    """Everything after the embeddings ``[B, K, D]``: distances to ``prototypes`` ``[P, D]``,
+    min over views (invalid ones at +inf), similarity, logits (``last_layer`` ``[P, C]``)."""
     view_distances = squared_distances(embeddings, prototypes)
     candidates = view_distances
     if valid is not None:
@@ -288,18 +196,8 @@ def prototype_head(
 
 
 def build_model(config: Any, num_classes: int, rngs: nnx.Rngs) -> ProtoMask:
-    """Builds a randomly initialised ProtoMask from ``config.model``.
-
-    Reads ``model.backbone``, ``model.prototypes_per_class``, ``model.prototype_dim``,
-    ``model.incorrect_strength``, ``model.similarity_eps`` and ``model.compute_dtype``.
-    Pretrained weights are loaded separately (``models.convert.load_pretrained``) so that
-    this function also works under ``nnx.eval_shape`` for sharded initialisation.
-
-    Args:
-      config: the full config (an ``ml_collections.ConfigDict``).
-      num_classes: C.
-      rngs: initialisation randomness.
-    """
+    """A randomly initialised ProtoMask; weights come separately (``convert.load_pretrained``),
+    so this also runs under ``nnx.eval_shape`` for sharded initialisation."""
     model_config = config.model
     return ProtoMask(
         model_config.backbone,
@@ -314,12 +212,8 @@ def build_model(config: Any, num_classes: int, rngs: nnx.Rngs) -> ProtoMask:
 
 
 def split_model(model: ProtoMask) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
-    """Splits the model for pure functions: ``(graphdef, params, batch_stats, constants)``.
-
-    ``params`` holds every ``nnx.Param`` (the trainable groups), ``batch_stats`` the
-    BatchNorm running averages, ``constants`` the rest (``prototype_class``). Rebuild with
-    ``nnx.merge(graphdef, params, batch_stats, constants)``.
-    """
+    """``(graphdef, params, batch_stats, constants)``: every ``nnx.Param``, the BatchNorm
+    running averages, the rest (``prototype_class``); ``nnx.merge`` rebuilds the model."""
     return nnx.split(model, nnx.Param, nnx.BatchStat, ...)
 
 
@@ -331,40 +225,21 @@ def apply(
     views: jax.Array,
     *,
     train: bool,
-    valid: jax.Array | None = None,
-    return_views: bool = False,
+    **options: Any,
 ) -> tuple[ProtoMaskOutput, nnx.State]:
-    """Pure forward pass, for use inside ``jax.jit`` / ``jax.grad``.
-
-    Args:
-      graphdef, params, batch_stats, constants: from :func:`split_model`.
-      views: ``[B, K, H, W, 3]``.
-      train: Python bool (static): BatchNorm in training mode.
-      valid: optional ``[B, K]`` bool.
-      return_views: also return per-view distances and embeddings.
-
-    Returns:
-      ``(outputs, new_batch_stats)``; ``new_batch_stats`` is ``batch_stats`` unchanged when
-      ``train`` is False.
-    """
+    """:meth:`ProtoMask.__call__` as a pure function for ``jax.jit`` / ``jax.grad``:
+    ``(outputs, new_batch_stats)``, the latter ``batch_stats`` itself unless ``train``."""
     # copy=True: fresh Variables owned by the current trace, so BatchNorm can update them
     # inside jax.grad / jax.jit and the caller's states are never mutated.
     model = nnx.merge(graphdef, params, batch_stats, constants, copy=True)
-    outputs = model(views, train=train, valid=valid, return_views=return_views)
+    outputs = model(views, train=train, **options)
     new_batch_stats = nnx.state(model, nnx.BatchStat) if train else batch_stats
     return outputs, new_batch_stats
 
 
 def param_group_labels(params: nnx.State) -> nnx.State:
-    """Labels each leaf of ``params`` with its group name, for ``optax.multi_transform``.
-
-    Args:
-      params: the ``params`` state of :func:`split_model` (or any state of the model).
-
-    Returns:
-      A pytree with the structure of ``params`` whose leaves are one of
-      ``"backbone"``, ``"add_on"``, ``"prototypes"``, ``"last_layer"``.
-    """
+    """The pytree of ``params`` with each leaf replaced by its group name (one of
+    ``PARAM_GROUPS``), for ``optax.multi_transform``."""
 
     def label(path, _leaf):
         group = path[0].key
@@ -381,21 +256,10 @@ _PROTOTYPE_INDEXED = ("prototypes", "last_layer", "prototype_class")
 
 
 def prune(model_or_state: ProtoMask | nnx.State, keep_indices: Sequence[int] | np.ndarray):
-    """Keeps only the prototypes ``keep_indices`` (rows of ``prototypes``, ``last_layer`` and
-    ``prototype_class``; torch's last-layer *columns*).
-
-    Shapes change, so a jitted step recompiles and optimizer state for ``prototypes`` and
-    ``last_layer`` must be re-initialised afterwards.
-
-    Args:
-      model_or_state: a :class:`ProtoMask` (modified in place and returned) or a state of
-        one (full, ``params`` or ``constants``: whichever of the three prototype-indexed
-        entries it holds are pruned; a new state is returned).
-      keep_indices: ``[P']`` distinct prototype indices, in the order to keep.
-
-    Returns:
-      The pruned model or a new pruned state.
-    """
+    """Keeps the prototypes ``keep_indices`` (distinct, in that order) in ``prototypes``,
+    ``last_layer`` and ``prototype_class``: a model in place, or a (full, ``params`` or
+    ``constants``) state into a new one. Shapes change: a jitted step recompiles, and the
+    optimizer state of ``prototypes`` and ``last_layer`` must be initialised again."""
     if isinstance(model_or_state, ProtoMask):
         num_prototypes = model_or_state.prototypes.shape[0]
     else:

@@ -1,7 +1,5 @@
-"""ResNet backbones in flax.nnx with torchvision's structure and parameter layout.
-
-The module tree mirrors torchvision's ``state_dict`` keys so that importing ImageNet (or
-ProtoPNet/quanproto) weights is a mechanical renaming (``models/convert.py``):
+"""ResNet backbones in flax.nnx with torchvision's module tree, so that importing ImageNet
+(or ProtoPNet/quanproto) weights is a renaming (``models/convert.py``)::
 
     torchvision key                      our state path
     conv1.weight        [O, I, kh, kw]   conv1/kernel           [kh, kw, I, O]
@@ -9,16 +7,11 @@ ProtoPNet/quanproto) weights is a mechanical renaming (``models/convert.py``):
     bn1.running_mean / running_var       bn1/mean / var         (nnx.BatchStat)
     layer2.0.conv1.weight                layer2/0/conv1/kernel
     layer2.0.downsample.0.weight         layer2/0/downsample/0/kernel
-    layer2.0.downsample.1.running_var    layer2/0/downsample/1/var
 
-Images are NHWC. There is no classifier head: the network returns the last feature map.
-Padding is explicit and symmetric (7x7/s2 pad 3, 3x3 pad 1, 3x3/s2 max-pool pad 1 with -inf),
-exactly as torch pads; ``'SAME'`` pads asymmetrically on stride 2 and would shift every
-feature map by one pixel relative to torch, breaking weight import.
-
-Activations run in ``compute_dtype`` (e.g. bfloat16) while parameters and BatchNorm
-statistics stay float32.
-"""
+Images are NHWC; the network returns the last feature map, in ``compute_dtype`` (e.g.
+bfloat16; parameters and BatchNorm statistics stay float32). Padding is symmetric as in
+torch; ``'SAME'`` pads asymmetrically on stride 2 and would shift every feature map by a
+pixel against torch, breaking weight import."""
 
 from __future__ import annotations
 
@@ -36,16 +29,9 @@ _CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 @dataclasses.dataclass(frozen=True)
 class ResNetSpec:
-    """Architecture of a ResNet.
-
-    Attributes:
-      block: ``"basic"`` (two 3x3 convs, expansion 1: ResNet-18/34) or ``"bottleneck"``
-        (1x1, 3x3, 1x1 with the stride on the 3x3 conv — torchvision's "v1.5" — and
-        expansion 4: ResNet-50/101/152).
-      blocks_per_stage: number of blocks in ``layer1``, ``layer2``, ...
-      widths: planes of each stage (the output has ``width * expansion`` channels).
-      stem_width: output channels of the 7x7 stem convolution.
-    """
+    """``block``: ``"basic"`` (two 3x3 convs: ResNet-18/34) or ``"bottleneck"`` (1x1, 3x3
+    with the stride — torchvision's "v1.5" —, 1x1 expanding by 4: ResNet-50/101/152);
+    ``widths``: planes per stage (the output has ``widths[-1] * expansion`` channels)."""
 
     block: Literal["basic", "bottleneck"]
     blocks_per_stage: tuple[int, ...]
@@ -69,7 +55,6 @@ class ResNetSpec:
 
     @property
     def out_channels(self) -> int:
-        """Channels of the last feature map."""
         return self.widths[-1] * self.expansion
 
 
@@ -79,16 +64,14 @@ RESNET_PRESETS: dict[str, ResNetSpec] = {
     "resnet50": ResNetSpec("bottleneck", (3, 4, 6, 3), (64, 128, 256, 512)),
     "resnet101": ResNetSpec("bottleneck", (3, 4, 23, 3), (64, 128, 256, 512)),
     "resnet152": ResNetSpec("bottleneck", (3, 8, 36, 3), (64, 128, 256, 512)),
-    # CPU demo: 64x64 views -> stem /4 -> 16x16, then 8x8, 4x4 (stays off the XLA CPU
-    # small-map cliff described in ENVIRONMENT.md).
+    # CPU demo: 64x64 views -> stem /4 -> 16x16, then 8x8, 4x4 (stays off the XLA:CPU
+    # slow path for 2x2 maps).
     "resnet_tiny": ResNetSpec("basic", (1, 1, 1), (16, 32, 64), stem_width=16),
-    # Fast unit tests.
-    "resnet_micro": ResNetSpec("basic", (1, 1), (8, 16), stem_width=8),
+    "resnet_micro": ResNetSpec("basic", (1, 1), (8, 16), stem_width=8),  # fast unit tests
 }
 
 
 def resnet_spec(name_or_spec: str | ResNetSpec) -> ResNetSpec:
-    """Returns the spec of a preset name (``resnet18`` ... ``resnet_micro``) or the spec itself."""
     if isinstance(name_or_spec, ResNetSpec):
         return name_or_spec
     if name_or_spec not in RESNET_PRESETS:
@@ -99,30 +82,19 @@ def resnet_spec(name_or_spec: str | ResNetSpec) -> ResNetSpec:
     return RESNET_PRESETS[name_or_spec]
 
 
+# Unlike nnx.BatchNorm, on purpose: the running variance takes the unbiased batch variance
+# (n / (n - 1)), as torch's does; and all arithmetic is float32, only the output is cast to
+# the activation dtype, as cuDNN's BatchNorm under torch autocast. nnx.BatchNorm(dtype=bf16)
+# normalises in bfloat16, backward pass included, where the batch-statistics terms nearly
+# cancel the direct term. Inside XLA's fusions the float32 math moves no extra bytes (H100,
+# ResNet-50 bf16 step on 176 views, two alternating runs: 35.1 -> 35.2, 32.2 -> 34.5 ms).
 class BatchNorm(nnx.Module):
-    """BatchNorm over the last (channel) axis with torch's semantics, statistics in float32.
-
-    Differences from ``nnx.BatchNorm``, all deliberate:
-      * the running variance is updated with the unbiased batch variance (n / (n - 1)),
-        as torch does, so running statistics evolve as in the reference;
-      * all arithmetic is float32, only the output is cast to the activation dtype (as
-        cuDNN's BatchNorm under torch autocast does). nnx.BatchNorm with
-        ``dtype=bfloat16`` normalises in bfloat16, and so does its backward pass, where the
-        batch-statistics terms nearly cancel the direct term. Inside XLA's fusions the
-        float32 math moves no extra bytes (H100, ResNet-50 bf16 training step on 176
-        views, two alternating runs: 35.1 -> 35.2 ms and 32.2 -> 34.5 ms).
-
-    Attributes ``scale``, ``bias`` (nnx.Param) and ``mean``, ``var`` (nnx.BatchStat) are
-    torch's ``weight``, ``bias``, ``running_mean``, ``running_var``.
-    """
+    """torch's BatchNorm over the channel axis: ``scale``, ``bias``, ``mean``, ``var`` are
+    torch's ``weight``, ``bias``, ``running_mean``, ``running_var``."""
 
     def __init__(self, num_features: int, *, momentum: float = 0.9, epsilon: float = 1e-5):
-        """Args:
-        num_features: channels C.
-        momentum: decay of the running averages in flax's convention
-          (``new = momentum * old + (1 - momentum) * batch``); 0.9 equals torch's 0.1.
-        epsilon: added to the variance; torch's default 1e-5.
-        """
+        # momentum in flax's convention: new = momentum * old + (1 - momentum) * batch,
+        # so 0.9 is torch's 0.1.
         self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
         self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
@@ -131,19 +103,13 @@ class BatchNorm(nnx.Module):
         self.epsilon = epsilon
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        """Normalises ``x [..., C]``.
-
-        Args:
-          x: activations, any float dtype; the output has the same dtype.
-          train: use the batch's statistics and update the running averages (torch's
-            ``train()``); otherwise use the running averages (torch's ``eval()``).
-        """
+        """``train``: batch statistics, running averages updated (torch's ``train()``)."""
         x32 = x.astype(jnp.float32)
         if train:
             reduce_axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(x32, axis=reduce_axes)
-            # One pass E[x^2] - E[x]^2 in float32 (as nnx.BatchNorm does); clamped because
-            # rounding can make it slightly negative.
+            # One pass E[x^2] - E[x]^2 in float32 (as nnx.BatchNorm); rounding can make it
+            # slightly negative.
             var = jnp.maximum(jnp.mean(jnp.square(x32), axis=reduce_axes) - jnp.square(mean), 0.0)
             count = x.size // x.shape[-1]
             unbiased_var = var * (count / max(count - 1, 1))
@@ -184,66 +150,53 @@ def _conv(
     )
 
 
-def _make_downsample(
-    in_channels: int, out_channels: int, stride: int, dtype: jnp.dtype, rngs: nnx.Rngs
-) -> nnx.List | None:
-    """torchvision's ``downsample = Sequential(conv1x1, BatchNorm)`` when the shape changes."""
-    if stride == 1 and in_channels == out_channels:
-        return None
-    return nnx.List(
-        [_conv(in_channels, out_channels, 1, stride, dtype, rngs), BatchNorm(out_channels)]
-    )
+class _ResidualBlock(nnx.Module):
+    """``conv1``/``bn1``, ``conv2``/``bn2``, ... (ReLU between) plus the shortcut, which is
+    torchvision's ``downsample = [conv1x1, BatchNorm]`` when the shape changes.
+    ``kernel_sizes`` gives each conv; the stride sits on the first 3x3."""
 
-
-def _apply_downsample(downsample: nnx.List | None, x: jax.Array, train: bool) -> jax.Array:
-    if downsample is None:
-        return x
-    conv, bn = downsample
-    return bn(conv(x), train=train)
-
-
-class BasicBlock(nnx.Module):
-    """Two 3x3 convolutions with a residual connection (ResNet-18/34)."""
-
-    expansion = 1
-
-    def __init__(
-        self, in_channels: int, planes: int, stride: int, dtype: jnp.dtype, rngs: nnx.Rngs
-    ):
-        self.conv1 = _conv(in_channels, planes, 3, stride, dtype, rngs)
-        self.bn1 = BatchNorm(planes)
-        self.conv2 = _conv(planes, planes, 3, 1, dtype, rngs)
-        self.bn2 = BatchNorm(planes)
-        self.downsample = _make_downsample(in_channels, planes, stride, dtype, rngs)
-
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        y = jax.nn.relu(self.bn1(self.conv1(x), train=train))
-        y = self.bn2(self.conv2(y), train=train)
-        return jax.nn.relu(y + _apply_downsample(self.downsample, x, train))
-
-
-class Bottleneck(nnx.Module):
-    """1x1 reduce, 3x3 (carries the stride: torchvision v1.5), 1x1 expand by 4."""
-
-    expansion = 4
+    expansion: int
+    kernel_sizes: tuple[int, ...]
 
     def __init__(
         self, in_channels: int, planes: int, stride: int, dtype: jnp.dtype, rngs: nnx.Rngs
     ):
         out_channels = planes * self.expansion
-        self.conv1 = _conv(in_channels, planes, 1, 1, dtype, rngs)
-        self.bn1 = BatchNorm(planes)
-        self.conv2 = _conv(planes, planes, 3, stride, dtype, rngs)
-        self.bn2 = BatchNorm(planes)
-        self.conv3 = _conv(planes, out_channels, 1, 1, dtype, rngs)
-        self.bn3 = BatchNorm(out_channels)
-        self.downsample = _make_downsample(in_channels, out_channels, stride, dtype, rngs)
+        channels, strided = in_channels, self.kernel_sizes.index(3)
+        for i, kernel_size in enumerate(self.kernel_sizes):
+            width = out_channels if i == len(self.kernel_sizes) - 1 else planes
+            conv = _conv(channels, width, kernel_size, stride if i == strided else 1, dtype, rngs)
+            setattr(self, f"conv{i + 1}", conv)
+            setattr(self, f"bn{i + 1}", BatchNorm(width))
+            channels = width
+        downsample = None
+        if stride != 1 or in_channels != out_channels:
+            downsample = nnx.List(
+                [_conv(in_channels, out_channels, 1, stride, dtype, rngs), BatchNorm(out_channels)]
+            )
+        self.downsample = downsample
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        y = jax.nn.relu(self.bn1(self.conv1(x), train=train))
-        y = jax.nn.relu(self.bn2(self.conv2(y), train=train))
-        y = self.bn3(self.conv3(y), train=train)
-        return jax.nn.relu(y + _apply_downsample(self.downsample, x, train))
+        y = x
+        for i in range(1, len(self.kernel_sizes) + 1):
+            if i > 1:
+                y = jax.nn.relu(y)
+            y = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(y), train=train)
+        shortcut = x
+        if self.downsample is not None:
+            conv, bn = self.downsample
+            shortcut = bn(conv(x), train=train)
+        return jax.nn.relu(y + shortcut)
+
+
+class BasicBlock(_ResidualBlock):
+    expansion = 1
+    kernel_sizes = (3, 3)
+
+
+class Bottleneck(_ResidualBlock):
+    expansion = 4
+    kernel_sizes = (1, 3, 1)
 
 
 def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
@@ -259,11 +212,9 @@ def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
 
 
 class ResNet(nnx.Module):
-    """ResNet feature extractor: stem, ``layer1`` .. ``layerN``; no pooling head, no fc.
-
-    Attributes mirror torchvision: ``conv1``, ``bn1``, ``layer{i}`` (an ``nnx.List`` of
-    blocks). ``out_channels`` is the channel count of the returned feature map.
-    """
+    """Stem (``conv1``, ``bn1``, max-pool), then ``layer1`` .. ``layerN`` (``nnx.List`` of
+    blocks); ``[N, H, W, 3]`` images -> ``[N, H / 2^(1 + N), W / 2^(1 + N), out_channels]``
+    in ``compute_dtype`` (224 -> 7 for the four-stage presets)."""
 
     def __init__(
         self,
@@ -272,11 +223,6 @@ class ResNet(nnx.Module):
         compute_dtype: jnp.dtype | str = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        """Args:
-        spec: a preset name (see ``RESNET_PRESETS``) or a ``ResNetSpec``.
-        compute_dtype: activation dtype (parameters are always float32).
-        rngs: parameter initialisation randomness.
-        """
         self.spec = resnet_spec(spec)
         self.compute_dtype = jnp.dtype(compute_dtype)
         block_cls = BasicBlock if self.spec.block == "basic" else Bottleneck
@@ -299,16 +245,6 @@ class ResNet(nnx.Module):
         return [getattr(self, f"layer{i + 1}") for i in range(len(self.spec.widths))]
 
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
-        """Computes the last feature map.
-
-        Args:
-          images: ``[N, H, W, 3]`` normalised images (any float dtype).
-          train: BatchNorm in training mode (batch statistics, running averages updated).
-
-        Returns:
-          ``[N, H / 2^(1 + num_stages), W / 2^(1 + num_stages), out_channels]`` in
-          ``compute_dtype`` (e.g. 224 -> 7 for the four-stage presets).
-        """
         x = images.astype(self.compute_dtype)
         x = jax.nn.relu(self.bn1(self.conv1(x), train=train))
         x = _max_pool_3x3_s2(x)
