@@ -1,14 +1,12 @@
 """ProtoMask's training losses (docs/reference.md §4), pure functions on float32 arrays.
 
-Shapes: B images, C classes, P prototypes of dimension D. ``prototype_class [P]`` int32 is
-the class of each prototype; ``last_layer [P, C]`` is the model's stored kernel (W^T of
-torch's ``last_layer.weight [C, P]``). Single-label batches carry ``labels [B]`` int,
-multi-label batches ``labels [B, C]`` multi-hot; :func:`protomask_loss` picks the variant
-from ``labels.ndim``.
+B images, C classes, P prototypes of dimension D; ``prototype_class [P]`` int32;
+``last_layer [P, C]`` is the model's kernel (W^T of torch's ``[C, P]`` weight). Labels are
+``[B]`` int (single-label) or ``[B, C]`` multi-hot (multi-label).
 
-Cluster and separation costs are exact masked minima. The reference computes them as
-``Dmax - max_j((Dmax - d) * mask)`` with ``Dmax = D``, which equals the masked minimum only
-while every distance is at most D (true inside [0, 1]^D, not once prototypes leave it).
+Cluster and separation costs are exact masked minima. The reference's
+``Dmax - max_j((Dmax - d) * mask)`` with ``Dmax = D`` equals them only while every distance
+is at most D (true inside [0, 1]^D, not once prototypes leave it).
 """
 
 from __future__ import annotations
@@ -40,9 +38,7 @@ def weighted_cross_entropy(
 
 def multilabel_margin_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """torch's ``MultiLabelMarginLoss(reduction="sum")`` on multi-hot ``targets [B, C]``:
-    ``sum_b sum_{j pos} sum_{i neg} max(0, 1 - (x[j] - x[i])) / C``. torch takes the
-    positives as an index list; the reference builds it from the multi-hot vector, so only
-    the set matters."""
+    ``sum_b sum_{j pos} sum_{i neg} max(0, 1 - (x[j] - x[i])) / C``."""
     x = logits.astype(jnp.float32)
     positive = targets.astype(jnp.float32)
     margins = jax.nn.relu(1.0 - x[:, :, None] + x[:, None, :])  # [B, j, i]
@@ -65,12 +61,9 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
 def cluster_and_separation(
     min_distances: jax.Array, labels: jax.Array, prototype_class: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """``(cluster, separation)``, batch means of the distance to the own and other classes.
-
-    Single-label: the nearest prototype of the sample's class, and of any other class.
-    Multi-label (§4): per class the nearest of its prototypes, averaged over the sample's
-    positive classes (cluster) and over its negative ones (separation). A sample with no
-    prototype to compare with (possible after pruning) contributes 0.
+    """Batch means of the distance to the own class (cluster) and to the others
+    (separation). Multi-label (§4): per class its nearest prototype, averaged over the
+    positive (cluster) or negative (separation) classes. An empty choice counts 0.
     """
     distances = min_distances.astype(jnp.float32)
     if labels.ndim == 1:
@@ -98,9 +91,9 @@ def _class_spread(
     classes: jax.Array,
     max_prototypes_per_class: int,
 ) -> jax.Array:
-    """``[N]``: per class in ``classes [N]``, the summed L2 distance over ordered pairs of
-    its prototypes. NaN for a class with more than ``max_prototypes_per_class`` (a static
-    bound): a bound too small would otherwise drop pairs silently; the trainer stops on NaN."""
+    """``[N]``: per class of ``classes [N]``, the summed L2 distance over ordered pairs of
+    its prototypes; NaN for more than ``max_prototypes_per_class`` (dropping pairs silently
+    would be worse; the trainer stops on NaN)."""
 
     def members(c):
         is_member = prototype_class == c
@@ -126,13 +119,9 @@ def diversity_loss(
     reference_detached: bool = False,
 ) -> jax.Array:
     """``mean_b exp(-0.001 S_b)``, S_b the spread of sample b's class: pushes a class's
-    prototypes apart.
-
-    Multi-label is our extension (the reference's path crashes, §4): per sample, the mean
-    of ``exp(-0.001 S_c)`` over its positive classes. ``reference_detached`` drops the
-    gradient as the reference's ``.item()`` does (§9.3), so the term only shifts the logged
-    loss. ``max_prototypes_per_class`` is the model's bound, which pruning does not change.
-    """
+    prototypes apart. Multi-label, our extension (the reference's crashes, §4): the mean over
+    a sample's positive classes. ``reference_detached``: no gradient, as the reference's
+    ``.item()`` (§9.3)."""
     if labels.ndim == 1:
         spread = _class_spread(prototypes, prototype_class, labels, max_prototypes_per_class)
         loss = jnp.mean(jnp.exp(-_DIVERSITY_SCALE * spread))
@@ -167,14 +156,10 @@ def protomask_loss(
     *,
     max_prototypes_per_class: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """``(total, terms)``: the reference's loss for one phase and its unweighted terms.
-
-    warmup / joint: ``ce * CE + cluster * clst - separation * sep + diversity * div``;
-    finetune: ``ce * CE + l1 * L1``, coefficients from ``config.loss`` (reference values
-    1, 0.8, 0.2, 0.2, 1e-3). Multi-label ``labels [B, C]`` classify with
-    :func:`multilabel_margin_loss`, which takes no class weights.
-    ``max_prototypes_per_class`` defaults to P // C, right only for an unpruned model.
-    """
+    """``(total, unweighted terms)``: warmup / joint ``ce*CE + cluster*clst - separation*sep
+    + diversity*div``, finetune ``ce*CE + l1*L1``; coefficients from ``config.loss``. The
+    multi-label margin loss takes no class weights. ``max_prototypes_per_class`` defaults to
+    P // C, right only before pruning."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     num_prototypes, num_classes = last_layer_w.shape

@@ -1,12 +1,9 @@
 """``train_and_evaluate(config, workdir)``: the whole training run, resumable at any step.
 
-Sections follow the run: set-up (mesh, records, parameters born sharded) → resume → phases →
-test evaluation. A phase starts in :func:`enter_phase` (prune before the post-pruning
-fine-tune, the phase's fresh optimizer state, push before fine-tuning, a checkpoint) and
-trains in :func:`run_phase`, which validates each epoch, keeps the best-on-validation
-checkpoint, saves on schedule or SIGTERM, and stops on a NaN without saving it.
-``train.py`` only parses flags; tests and benchmarks call ``train_and_evaluate`` too.
-:func:`restore_trained` hands a finished run's model to evaluation and explanations.
+Set-up (mesh, records, parameters born sharded) → resume → phases → test evaluation. A
+phase starts in :func:`enter_phase` (prune, fresh optimizer state, push, save) and trains in
+:func:`run_phase` (validation per epoch, best checkpoint, saves on schedule or SIGTERM, stop
+on NaN). :func:`restore_trained` hands a finished run to evaluation and explanations.
 """
 
 from __future__ import annotations
@@ -69,20 +66,14 @@ class _ModelOnMesh:
         # Parameters keep the placement they have (None); the batch is sharded over `data`.
         return jax.jit(
             steps_lib.make_eval_step(self.graphdef, self.step_config, return_views=return_views),
-            in_shardings=(None, None, None, _batch_shardings(self.mesh, self.spec)),
+            in_shardings=(None, None, None, sharding_lib.batch_sharding(self.mesh)),
         )
 
     def eval_batches(self, record_set, indices) -> Iterator[dict[str, jax.Array]]:
-        """Device batches of one unaugmented pass over ``indices`` (last one zero-weight
-        padded)."""
+        """Device batches of one unaugmented pass over ``indices`` (zero-weight filler last)."""
+        batch_size = self.config.input.eval_batch_size
         stream = pipeline.eval_stream(
-            record_set,
-            indices,
-            self.spec,
-            global_batch=self.config.input.eval_batch_size,
-            num_workers=self.config.input.num_workers,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
+            record_set, indices, self.spec, global_batch=batch_size, **_stream_args(self.config)
         )
         try:
             yield from _device_batches(stream, self.mesh, self.config.input.prefetch)
@@ -96,10 +87,16 @@ def _model_on_mesh(config, mesh) -> dict[str, Any]:
         config=config,
         graphdef=model_lib.split_model(abstract_model)[0],
         mesh=mesh,
-        step_config=steps_lib.StepConfig.from_config(
-            config, max_prototypes_per_class=config.model.prototypes_per_class
-        ),
+        step_config=steps_lib.StepConfig.from_config(config),
         spec=pipeline.PipelineSpec.from_config(config),
+    )
+
+
+def _stream_args(config) -> dict[str, int]:
+    return dict(
+        num_workers=config.input.num_workers,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
 
 
@@ -118,13 +115,6 @@ def _device_batches(iterator, mesh, prefetch: int) -> Iterator[dict[str, jax.Arr
         yield queue.popleft()
 
 
-def _batch_shardings(mesh, spec: pipeline.PipelineSpec) -> dict[str, Any]:
-    keys = ["canvas", "boxes", "valid", "num_masks", "label", "image_id", "weight"]
-    if spec.with_masks:
-        keys.append("masks")
-    return {key: sharding_lib.batch_sharding(mesh) for key in keys}
-
-
 def _abstract_train_state(config, mesh, phase: phases_lib.Phase, num_prototypes: int):
     """Shapes and shardings of the train state of ``phase`` with ``num_prototypes``: the
     target a checkpoint is restored onto."""
@@ -133,14 +123,8 @@ def _abstract_train_state(config, mesh, phase: phases_lib.Phase, num_prototypes:
         model = _build_model(config, 0)
         if num_prototypes != model.prototypes.shape[0]:
             model_lib.prune(model, np.arange(num_prototypes))
-        _, params, batch_stats, constants = model_lib.split_model(model)
-        return steps_lib.TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            batch_stats=batch_stats,
-            constants=constants,
-            opt_state=phases_lib.make_optimizer(phase).init(params),
-        )
+        _, *state = model_lib.split_model(model)
+        return steps_lib.TrainState.create(*state, tx=phases_lib.make_optimizer(phase))
 
     abstract = jax.eval_shape(build)
     shardings = sharding_lib.tree_shardings(mesh, abstract)
@@ -185,15 +169,7 @@ def _initial_state(config, mesh) -> tuple[steps_lib.TrainState, np.ndarray | Non
     else:
         shardings = sharding_lib.tree_shardings(mesh, jax.eval_shape(init, key))
         state = jax.jit(init, out_shardings=shardings)(key)
-    params, batch_stats, constants = state
-    initial = steps_lib.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=batch_stats,
-        constants=constants,
-        opt_state=None,
-    )
-    return initial, imported_weights
+    return steps_lib.TrainState.create(*state), imported_weights
 
 
 def _set_up(config, workdir: Path) -> tuple[RunContext, steps_lib.TrainState]:
@@ -257,7 +233,7 @@ def _resume(ctx: RunContext) -> steps_lib.TrainState | None:
     latest = ctx.manager.latest_step()
     if latest is None:
         return None
-    meta = ckpt.latest_meta(ctx.manager, latest)
+    meta = ckpt.read_meta(ctx.manager, latest)
     diffs = ckpt.config_differences(meta["fingerprint"], ctx.meta["fingerprint"])
     if diffs:
         raise config_checks.ConfigError(
@@ -270,23 +246,27 @@ def _resume(ctx: RunContext) -> steps_lib.TrainState | None:
     phase = next(p for p in ctx.phases if p.name == meta["phase"])
     abstract = _abstract_train_state(ctx.config, ctx.mesh, phase, meta["num_prototypes"])
     state = ckpt.restore_state(ctx.manager, latest, abstract)
-    ckpt.log_restored(latest, meta)
+    log.info("resuming from step %d (phase %s, epoch %s)", latest, meta["phase"], meta["epoch"])
     return state
 
 
-def _meta(ctx: RunContext, step: int, phase: str) -> dict[str, Any]:
-    ctx.meta.update(
-        step=step,
-        phase=phase,
-        epoch=step // ctx.steps_per_epoch,
-        data_state={"batches_consumed": step},
-    )
-    return dict(ctx.meta)
-
-
-def _save(ctx: RunContext, state, phase: str) -> None:
+def _save(ctx: RunContext, state, phase: str, manager=None, metrics=None) -> None:
+    """Saves ``state`` with the run's metadata in ``manager`` (default: ``checkpoints/``)."""
     step = int(jax.device_get(state.step))
-    ckpt.save(ctx.manager, step, state, _meta(ctx, step, phase))
+    epoch = step // ctx.steps_per_epoch
+    ctx.meta.update(step=step, phase=phase, epoch=epoch, data_state={"batches_consumed": step})
+    manager = ctx.manager if manager is None else manager
+    ckpt.save(manager, step, state, dict(ctx.meta), metrics=metrics)
+
+
+def _best_checkpoint(workdir: Path, phase_name: str):
+    """``(manager, step)`` of ``best_<phase>/``'s best checkpoint, or None."""
+    if (workdir / f"best_{phase_name}").exists():
+        manager = ckpt.manager(workdir / f"best_{phase_name}", max_to_keep=1, best=True)
+        if manager.best_step() is not None:
+            return manager, manager.best_step()
+        manager.close()
+    return None
 
 
 def _close(ctx: RunContext) -> None:
@@ -335,15 +315,13 @@ def final_evaluation(ctx: RunContext, state) -> dict[str, Any]:
             "test": len(test_records.skipped),
         },
     }
-    best_dir = ctx.workdir / f"best_{ctx.phases[-1].name}"
-    if best_dir.exists():
-        best_manager = ckpt.manager(best_dir, max_to_keep=1, best=True)
-        best_step = best_manager.best_step()
-        if best_step is not None:
-            # the live state is the target: same shapes and shardings
-            best_state = ckpt.restore_state(best_manager, best_step, state)
-            results["best"] = evaluate_indices(ctx, best_state, test_records, test_indices, eval_fn)
-            results["best"]["step"] = int(best_step)
+    best = _best_checkpoint(ctx.workdir, ctx.phases[-1].name)
+    if best is not None:
+        best_manager, best_step = best
+        # the live state is the target: same shapes and shardings
+        best_state = ckpt.restore_state(best_manager, best_step, state)
+        results["best"] = evaluate_indices(ctx, best_state, test_records, test_indices, eval_fn)
+        results["best"]["step"] = int(best_step)
         best_manager.close()
     results["test_accuracy"] = results.get("best", results["final"])["accuracy"]
     ctx.writer.write(
@@ -427,9 +405,9 @@ def prune_prototypes(ctx: RunContext, state: steps_lib.TrainState) -> steps_lib.
 def enter_phase(
     ctx: RunContext, phase: phases_lib.Phase, state: steps_lib.TrainState
 ) -> steps_lib.TrainState:
-    """The state ``phase`` starts from, saved: pruned first for the post-pruning fine-tune,
-    then a fresh optimizer state (as the reference's per-phase optimizers), then pushed
-    for fine-tuning (the optimizer state depends only on shapes, so push may come after)."""
+    """The saved state ``phase`` starts from: pruned for the post-pruning fine-tune, a fresh
+    optimizer state (as the reference's per-phase optimizers; it depends only on shapes, so
+    push may follow), pushed for fine-tuning."""
     if phase.name == phases_lib.PRUNE_FINETUNE and not ctx.meta["pruned"]:
         state = prune_prototypes(ctx, state)
     state = state.replace(opt_state=phases_lib.make_optimizer(phase).init(state.params))
@@ -444,9 +422,7 @@ def enter_phase(
 class _StopFlag:
     """Set by SIGTERM (TPU VM preemption, ``kill``): the loop saves and returns."""
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
+    requested = False
 
     def __enter__(self):
         try:
@@ -474,7 +450,8 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _diverged(ctx: RunContext, what: str, step: int, phase, last_saved) -> TrainingDiverged:
+def _diverged(ctx: RunContext, what: str, step: int, phase) -> TrainingDiverged:
+    last_saved = ctx.manager.latest_step()
     where = (
         f"the last good checkpoint is step {last_saved} in {ctx.manager.directory}"
         if last_saved is not None
@@ -494,7 +471,7 @@ def _compile_train_step(ctx: RunContext, phase: phases_lib.Phase, state):
         steps_lib.make_train_step(
             ctx.graphdef, phase, phases_lib.make_optimizer(phase), ctx.step_config
         ),
-        in_shardings=(state_shardings, _batch_shardings(ctx.mesh, ctx.spec), replicated),
+        in_shardings=(state_shardings, sharding_lib.batch_sharding(ctx.mesh), replicated),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
@@ -508,8 +485,7 @@ def _validate(ctx: RunContext, phase: phases_lib.Phase, state, step: int, eval_f
         return
     ctx.meta["best_val_accuracy"][phase.name] = val["accuracy"]
     best_manager = ckpt.manager(ctx.workdir / f"best_{phase.name}", max_to_keep=1, best=True)
-    meta = _meta(ctx, step, phase.name)
-    ckpt.save(best_manager, step, state, meta, metrics={"val_accuracy": val["accuracy"]})
+    _save(ctx, state, phase.name, best_manager, metrics={"val_accuracy": val["accuracy"]})
     best_manager.close()
 
 
@@ -521,7 +497,7 @@ def run_phase(
     max_steps: int | None,
 ) -> tuple[steps_lib.TrainState, bool]:
     """Trains through ``phase`` from ``state.step``; returns (state, finished)."""
-    config, spe = ctx.config, ctx.steps_per_epoch
+    config, t, spe = ctx.config, ctx.config.train, ctx.steps_per_epoch
     train_step = _compile_train_step(ctx, phase, state)
     eval_fn = ctx.eval_fn()
     step = int(jax.device_get(state.step))
@@ -532,49 +508,41 @@ def run_phase(
         global_batch=config.input.batch_size,
         seed=config.seed,
         start_batch=step,
-        num_workers=config.input.num_workers,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        **_stream_args(config),
     )
     batches = _device_batches(stream, ctx.mesh, config.input.prefetch)
     progress = ProgressBar(phase.name, spe, config.input.batch_size)
     pending: list[dict] = []
-    last_saved = ctx.manager.latest_step()
     try:
         while step < phase.end_step:
-            if step % spe == 0 or progress.total is None:
+            if step % spe == 0 or not progress.in_epoch:
                 progress.start_epoch(step // spe, step % spe)
             state, metrics = train_step(state, next(batches), ctx.class_weights)
             pending.append(metrics)
             step += 1
             progress.advance()
             epoch_done = step % spe == 0
-            if epoch_done or step % config.train.log_every_steps == 0:
+            if epoch_done or step % t.log_every_steps == 0:
                 values = _host_metrics(pending)
                 pending = []
                 if not math.isfinite(values["loss"]):
-                    raise _diverged(ctx, f"loss became {values['loss']}", step, phase, last_saved)
+                    raise _diverged(ctx, f"loss became {values['loss']}", step, phase)
                 progress.set_metrics(values)
                 ctx.writer.write(step, {f"train/{k}": v for k, v in values.items()}, phase.name)
             if epoch_done:
                 progress.end_epoch()
-                due = (step // spe) % config.train.eval_every_epochs == 0
+                due = (step // spe) % t.eval_every_epochs == 0
                 if (due or step == phase.end_step) and len(ctx.val_indices):
                     _validate(ctx, phase, state, step, eval_fn)
             stopping = stop.requested or step == max_steps
             # Phases are whole epochs: the phase's last step always ends an epoch.
-            if (
-                step % config.train.checkpoint_every_steps == 0
-                or step == phase.end_step
-                or stopping
-            ):
+            if stopping or step == phase.end_step or step % t.checkpoint_every_steps == 0:
                 # Never save a state that has gone bad: the last checkpoint stays good.
                 if pending and not math.isfinite(_host_metrics(pending)["loss"]):
-                    raise _diverged(ctx, "the loss became NaN/inf", step, phase, last_saved)
+                    raise _diverged(ctx, "the loss became NaN/inf", step, phase)
                 if not bool(_all_finite(state.params)):
-                    raise _diverged(ctx, "parameters became NaN/inf", step, phase, last_saved)
+                    raise _diverged(ctx, "parameters became NaN/inf", step, phase)
                 _save(ctx, state, phase.name)
-                last_saved = step
             if stopping:
                 return state, False
     finally:
@@ -587,14 +555,11 @@ def run_phase(
 
 
 def train_and_evaluate(config, workdir: str | Path, *, max_steps: int | None = None) -> dict:
-    """Trains ProtoMask as ``config`` says, evaluates it on the test split and returns the
-    results (also in ``workdir/results.json``).
+    """Trains ProtoMask as ``config`` says and returns (and writes) the test results.
 
-    A workdir that holds a checkpoint is resumed from it (same next batch, same parameters
-    as if never stopped); one made with a different config is refused. ``max_steps`` stops
-    after saving at that global step and returns ``{"stopped_at_step": n}``; a later call
-    resumes. ``workdir`` receives checkpoints/, best_<phase>/, metrics.jsonl, tensorboard/,
-    push.json and results.json.
+    A workdir holding a checkpoint is resumed (same next batch, same parameters as if never
+    stopped); one of another config is refused. ``max_steps`` stops after saving at that
+    global step, returning ``{"stopped_at_step": n}``; a later call resumes.
     """
     workdir = Path(workdir)
     ctx, state = _set_up(config, workdir)
@@ -627,10 +592,8 @@ def train_and_evaluate(config, workdir: str | Path, *, max_steps: int | None = N
 
 @dataclasses.dataclass
 class TrainedModel(_ModelOnMesh):
-    """A model restored from a workdir for evaluation and explanations: besides what
-    :meth:`eval_fn` and :meth:`eval_batches` need, the restored :class:`~steps.TrainState`,
-    its checkpoint metadata (phase, push gallery, kept prototypes, ...) and which checkpoint
-    it came from (``"best_<phase> step n"`` or ``"checkpoints step n"``)."""
+    """A model restored from a workdir: the state, its checkpoint metadata (push gallery,
+    kept prototypes, ...) and which checkpoint it is (``"best_joint step 12"``)."""
 
     state: steps_lib.TrainState
     meta: dict[str, Any]
@@ -638,11 +601,9 @@ class TrainedModel(_ModelOnMesh):
 
 
 def restore_trained(config, workdir: str | Path, which: str = "best") -> TrainedModel:
-    """The model a finished (or stopped) run left in ``workdir``.
-
-    ``which="best"`` takes the best-on-validation checkpoint of the last phase that has one
-    (what the run's test accuracy reports), else the latest; ``"latest"`` the latest.
-    """
+    """The model a run left in ``workdir``: with ``which="best"`` the best-on-validation
+    checkpoint of the last phase that has one (what the test accuracy reports), else the
+    latest."""
     if which not in ("best", "latest"):
         raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
     workdir = Path(workdir)
@@ -654,12 +615,11 @@ def restore_trained(config, workdir: str | Path, which: str = "best") -> Trained
             f"`python -m protomask_jax.train --config <config> --workdir {workdir}`."
         )
     for phase_name in _BEST_PHASES if which == "best" else ():
-        if (workdir / f"best_{phase_name}").exists():
-            best = ckpt.manager(workdir / f"best_{phase_name}", max_to_keep=1, best=True)
-            if best.best_step() is not None:
-                manager, step, source = best, best.best_step(), f"best_{phase_name}"
-                break
-    meta = ckpt.latest_meta(manager, step)
+        best = _best_checkpoint(workdir, phase_name)
+        if best is not None:
+            (manager, step), source = best, f"best_{phase_name}"
+            break
+    meta = ckpt.read_meta(manager, step)
     mesh = sharding_lib.make_mesh(config)
     # Only the phase's optimizer *structure* matters here, not its step counts.
     plan = phases_lib.plan_phases(config, 1, pruned=True)
