@@ -15,8 +15,6 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-STATE = "state"
-META = "meta"
 _MAY_CHANGE_ON_RESUME = {
     "train": ("log_every_steps", "eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints"),
     "input": ("num_workers", "prefetch", "eval_batch_size", "skip_bad_records"),
@@ -37,7 +35,7 @@ def manager(directory: str | Path, *, max_to_keep: int | None, best: bool = Fals
         keep_checkpoints_without_metrics=False if best else True,
     )
     return ocp.CheckpointManager(
-        Path(directory).absolute(), options=options, item_names=(STATE, META)
+        Path(directory).absolute(), options=options, item_names=("state", "meta")
     )
 
 
@@ -46,19 +44,13 @@ def save(mngr, step: int, state, meta: dict[str, Any], metrics: dict | None = No
     prune) saves again at the step where the previous phase ended."""
     if step in mngr.all_steps():
         mngr.delete(step)
-    mngr.save(
-        step,
-        args=ocp.args.Composite(
-            **{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
-        ),
-        metrics=metrics,
-        force=True,
-    )
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    mngr.save(step, args=args, metrics=metrics, force=True)
     mngr.wait_until_finished()
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-    return mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
 def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
@@ -66,13 +58,12 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
     )
-    args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target)})
-    return mngr.restore(step, args=args)[STATE]
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    return mngr.restore(step, args=args)["state"]
 
 
 def config_fingerprint(config_dict: dict[str, Any]) -> dict[str, Any]:
-    """The resolved config without the keys a resumed run may change (logging, evaluation
-    cadence, workers)."""
+    """The resolved config without the keys a resumed run may change (logging, workers)."""
     out = json.loads(json.dumps(config_dict, default=str))
     for section, keys in _MAY_CHANGE_ON_RESUME.items():
         for key in keys:

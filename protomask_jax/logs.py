@@ -48,8 +48,7 @@ def read_metrics(workdir: str | Path) -> list[dict]:
 
 
 class ProgressBar:
-    """One tqdm bar per epoch counting images (so tqdm shows images/s), with the latest
-    logged loss and accuracy, and a line per finished epoch."""
+    """A tqdm bar per epoch counting images (tqdm shows images/s) with the last loss."""
 
     def __init__(self, phase: str, steps_per_epoch: int, global_batch: int):
         self.phase = phase

@@ -61,10 +61,8 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
 def cluster_and_separation(
     min_distances: jax.Array, labels: jax.Array, prototype_class: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """Batch means of the distance to the own class (cluster) and to the others
-    (separation). Multi-label (§4): per class its nearest prototype, averaged over the
-    positive (cluster) or negative (separation) classes. An empty choice counts 0.
-    """
+    """Batch means of the distance to the own class (cluster) and to the others (separation);
+    multi-label (§4) averages each class's nearest over the positive or negative classes."""
     distances = min_distances.astype(jnp.float32)
     if labels.ndim == 1:
         own = prototype_class[None, :] == labels[:, None]
@@ -91,9 +89,8 @@ def _class_spread(
     classes: jax.Array,
     max_prototypes_per_class: int,
 ) -> jax.Array:
-    """``[N]``: per class of ``classes [N]``, the summed L2 distance over ordered pairs of
-    its prototypes; NaN for more than ``max_prototypes_per_class`` (dropping pairs silently
-    would be worse; the trainer stops on NaN)."""
+    """``[N]`` summed L2 distances over ordered pairs of each class's prototypes; NaN (the
+    trainer stops) rather than silently dropped pairs above ``max_prototypes_per_class``."""
 
     def members(c):
         is_member = prototype_class == c
@@ -118,18 +115,15 @@ def diversity_loss(
     max_prototypes_per_class: int,
     reference_detached: bool = False,
 ) -> jax.Array:
-    """``mean_b exp(-0.001 S_b)``, S_b the spread of sample b's class: pushes a class's
-    prototypes apart. Multi-label, our extension (the reference's crashes, §4): the mean over
-    a sample's positive classes. ``reference_detached``: no gradient, as the reference's
-    ``.item()`` (§9.3)."""
+    """``mean_b exp(-0.001 S_b)``, S_b the spread of sample b's class. Multi-label (ours; the
+    reference's crashes, §4) averages over the positive classes. ``reference_detached``
+    drops the gradient as the reference's ``.item()`` does (§9.3)."""
     if labels.ndim == 1:
         spread = _class_spread(prototypes, prototype_class, labels, max_prototypes_per_class)
         loss = jnp.mean(jnp.exp(-_DIVERSITY_SCALE * spread))
     else:
-        num_classes = labels.shape[-1]
-        spread = _class_spread(
-            prototypes, prototype_class, jnp.arange(num_classes), max_prototypes_per_class
-        )
+        classes = jnp.arange(labels.shape[-1])
+        spread = _class_spread(prototypes, prototype_class, classes, max_prototypes_per_class)
         class_loss = jnp.exp(-_DIVERSITY_SCALE * spread)  # [C]
         positive = (labels > 0).astype(jnp.float32)
         per_sample = positive @ class_loss / jnp.maximum(jnp.sum(positive, axis=-1), 1.0)
@@ -189,10 +183,6 @@ def protomask_loss(
         max_prototypes_per_class=max_prototypes_per_class,
         reference_detached=config_loss.reference_detached_diversity,
     )
-    total = (
-        config_loss.ce * ce
-        + config_loss.cluster * cluster
-        - config_loss.separation * separation
-        + config_loss.diversity * diversity
-    )
+    c = config_loss
+    total = c.ce * ce + c.cluster * cluster - c.separation * separation + c.diversity * diversity
     return total, dict(ce=ce, cluster=cluster, separation=separation, diversity=diversity)

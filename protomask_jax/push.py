@@ -52,9 +52,10 @@ def init_push_carry(prototypes: jax.Array) -> dict[str, jax.Array]:
         "distance": jnp.full((num_prototypes,), jnp.inf, jnp.float32),
         # a copy: the carry is donated to the update, the caller's prototypes must survive
         "embedding": jnp.array(prototypes, dtype=jnp.float32, copy=True),
-        "image_id": jnp.full((num_prototypes,), -1, jnp.int32),
-        "view_index": jnp.full((num_prototypes,), -1, jnp.int32),
-        "mask_index": jnp.full((num_prototypes,), -1, jnp.int32),
+        **{
+            k: jnp.full((num_prototypes,), -1, jnp.int32)
+            for k in ("image_id", "view_index", "mask_index")
+        },
         "box": jnp.zeros((num_prototypes, 4), jnp.float32),
     }
 
@@ -91,10 +92,8 @@ def push_update(
         "mask_index": (view % batch["num_masks"][image]).astype(jnp.int32),
         "box": boxes[best_flat],
     }
-    if reference_per_batch:
-        take = jnp.any(eligible_image, axis=0)
-    else:
-        take = best_distance < carry["distance"]
+    nearer = best_distance < carry["distance"]
+    take = jnp.any(eligible_image, axis=0) if reference_per_batch else nearer
     return {
         key: jnp.where(take.reshape((-1,) + (1,) * (value.ndim - 1)), candidate[key], value)
         for key, value in carry.items()
@@ -110,9 +109,8 @@ def run_push(
     reference_per_batch: bool = False,
     update_fn: Callable | None = None,
 ) -> PushResult:
-    """Streams ``batches`` (the training split, unaugmented, each image once) through the
-    jitted ``forward`` (per-view distances and embeddings) and returns where each prototype
-    lands. ``update_fn`` is a jitted :func:`push_update`, built here when not given."""
+    """Where each prototype lands, streaming ``batches`` (the training split, unaugmented,
+    each image once) through ``forward`` and ``update_fn`` (a jitted :func:`push_update`)."""
     if update_fn is None:
         update_fn = jax.jit(
             lambda c, o, b, pc: push_update(c, o, b, pc, reference_per_batch=reference_per_batch),
@@ -138,9 +136,8 @@ def init_prune_carry(num_prototypes: int, k: int) -> dict[str, jax.Array]:
 def prune_update(
     carry: dict[str, jax.Array], min_distances: jax.Array, batch: dict[str, jax.Array]
 ) -> dict[str, jax.Array]:
-    """Merges one batch's ``min_distances [B, P]`` into the ``[P, k]`` distances and labels
-    of the k nearest images so far; filler rows (weight 0) never count, ties keep the
-    earlier image."""
+    """Merges ``min_distances [B, P]`` into the ``[P, k]`` nearest images so far; filler rows
+    (weight 0) never count, ties keep the earlier image."""
     k = carry["distance"].shape[1]
     distances = jnp.where(batch["weight"][:, None] > 0, min_distances, jnp.inf).T  # [P, B]
     labels = jnp.broadcast_to(batch["label"][None, :], distances.shape).astype(jnp.int32)

@@ -31,10 +31,9 @@ _LAUNCHER_MARKERS = (
 
 
 def maybe_initialize_distributed() -> None:
-    """Joins the other processes when a launcher says so; must run before anything touches
-    a JAX backend, or each process silently trains alone. TPU pods, SLURM and Open MPI are
-    detected by jax; other launchers set ``JAX_COORDINATOR_ADDRESS=host:port``,
-    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. On CPU the collectives use gloo."""
+    """Joins the other processes when a launcher says so, before anything touches a backend
+    (else each trains alone). jax detects TPU pods, SLURM and Open MPI; others set
+    ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``."""
     if any(os.environ.get(m) for m in _LAUNCHER_MARKERS) and not jax.distributed.is_initialized():
         names = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
         kwargs = {key: _env_int(name) for key, name in names.items() if name in os.environ}
@@ -96,17 +95,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def param_sharding(mesh: Mesh, path: tuple, leaf: Any) -> NamedSharding:
-    """With ``model > 1``: prototypes ``[P, D]``, the last layer ``[P, C]`` and the class
-    identity ``[P]`` split over P, unless ``model`` does not divide P (pruning can leave any
-    count); everything else replicated."""
-    if mesh.shape[MODEL] == 1 or not hasattr(leaf, "shape"):
-        return replicated(mesh)
+    """Prototypes, last layer and class identity split over their P axis when ``model > 1``
+    divides P (pruning can leave any count); everything else replicated."""
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    shape = leaf.shape
-    if not shape or shape[0] % mesh.shape[MODEL]:
-        return replicated(mesh)
+    shape = getattr(leaf, "shape", ())
     split = ("prototypes" in names or "last_layer" in names) and len(shape) == 2
-    if split or ("prototype_class" in names and len(shape) == 1):
+    split = split or ("prototype_class" in names and len(shape) == 1)
+    if mesh.shape[MODEL] > 1 and split and shape[0] % mesh.shape[MODEL] == 0:
         return NamedSharding(mesh, PartitionSpec(MODEL, *[None] * (len(shape) - 1)))
     return replicated(mesh)
 
@@ -119,10 +114,7 @@ def tree_shardings(mesh: Mesh, tree: Any) -> Any:
 def global_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Assembles process-local numpy batches into global arrays sharded over ``data``."""
     sharding = batch_sharding(mesh)
-    return {
-        key: jax.make_array_from_process_local_data(sharding, value)
-        for key, value in local_batch.items()
-    }
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
 def check_batch_divisible(global_batch_size: int, mesh: Mesh, what: str) -> None:

@@ -36,6 +36,8 @@ from protomask_jax.data import records as records_lib
 from protomask_jax.logs import MetricsWriter, ProgressBar
 from protomask_jax.models import convert
 from protomask_jax.models import protomask as model_lib
+from protomask_jax.phases import Phase
+from protomask_jax.steps import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,7 @@ _BEST_PHASES = (phases_lib.PRUNE_FINETUNE, phases_lib.FINETUNE, phases_lib.JOINT
 
 
 class TrainingDiverged(FloatingPointError):
-    """The loss or the parameters became NaN/inf; the message names the step and the last
-    good checkpoint."""
+    """Loss or parameters became NaN/inf; the message names the step and the last checkpoint."""
 
 
 # =================================================================== the model on a mesh
@@ -115,16 +116,15 @@ def _device_batches(iterator, mesh, prefetch: int) -> Iterator[dict[str, jax.Arr
         yield queue.popleft()
 
 
-def _abstract_train_state(config, mesh, phase: phases_lib.Phase, num_prototypes: int):
-    """Shapes and shardings of the train state of ``phase`` with ``num_prototypes``: the
-    target a checkpoint is restored onto."""
+def _abstract_train_state(config, mesh, phase: Phase, num_prototypes: int):
+    """The restore target: shapes and shardings of ``phase``'s state with ``num_prototypes``."""
 
     def build():
         model = _build_model(config, 0)
         if num_prototypes != model.prototypes.shape[0]:
             model_lib.prune(model, np.arange(num_prototypes))
         _, *state = model_lib.split_model(model)
-        return steps_lib.TrainState.create(*state, tx=phases_lib.make_optimizer(phase))
+        return TrainState.create(*state, tx=phases_lib.make_optimizer(phase))
 
     abstract = jax.eval_shape(build)
     shardings = sharding_lib.tree_shardings(mesh, abstract)
@@ -145,14 +145,14 @@ class RunContext(_ModelOnMesh):
     train_indices: np.ndarray
     val_indices: np.ndarray
     class_weights: jax.Array
-    phases: list[phases_lib.Phase]
+    phases: list[Phase]
     steps_per_epoch: int
     writer: MetricsWriter
     manager: Any
     meta: dict[str, Any]
 
 
-def _initial_state(config, mesh) -> tuple[steps_lib.TrainState, np.ndarray | None]:
+def _initial_state(config, mesh) -> tuple[TrainState, np.ndarray | None]:
     """Step-0 parameters born sharded (or loaded, then placed), without optimizer state, and
     the class weights an imported ProtoMask brings (None otherwise)."""
     key = jax.random.key(config.seed)
@@ -169,22 +169,19 @@ def _initial_state(config, mesh) -> tuple[steps_lib.TrainState, np.ndarray | Non
     else:
         shardings = sharding_lib.tree_shardings(mesh, jax.eval_shape(init, key))
         state = jax.jit(init, out_shardings=shardings)(key)
-    return steps_lib.TrainState.create(*state), imported_weights
+    return TrainState.create(*state), imported_weights
 
 
-def _set_up(config, workdir: Path) -> tuple[RunContext, steps_lib.TrainState]:
+def _set_up(config, workdir: Path) -> tuple[RunContext, TrainState]:
     config_checks.validate(config)
     workdir.mkdir(parents=True, exist_ok=True)
     sharding_lib.maybe_initialize_distributed()
     mesh = sharding_lib.make_mesh(config)
     sharding_lib.check_batch_divisible(config.input.batch_size, mesh, "input.batch_size")
     sharding_lib.check_batch_divisible(config.input.eval_batch_size, mesh, "input.eval_batch_size")
-    config_checks.check_dataset_info(
-        config, records_lib.load_dataset_info(config.dataset.records_dir)
-    )
-    train_records = pipeline.RecordSet(
-        config.dataset.records_dir, "train", skip_bad_records=config.input.skip_bad_records
-    )
+    records_dir, skip_bad = config.dataset.records_dir, config.input.skip_bad_records
+    config_checks.check_dataset_info(config, records_lib.load_dataset_info(records_dir))
+    train_records = pipeline.RecordSet(records_dir, "train", skip_bad_records=skip_bad)
     good = train_records.good
     train_positions, val_positions = pipeline.split_train_validation(
         train_records.labels[good], config.input.validation_fraction, config.seed
@@ -206,9 +203,7 @@ def _set_up(config, workdir: Path) -> tuple[RunContext, steps_lib.TrainState]:
         train_records=train_records,
         train_indices=train_indices,
         val_indices=good[val_positions],
-        class_weights=jax.device_put(
-            jnp.asarray(np.asarray(weights, np.float32)), sharding_lib.replicated(mesh)
-        ),
+        class_weights=jax.device_put(np.float32(weights), sharding_lib.replicated(mesh)),
         phases=phases,
         steps_per_epoch=phases_lib.steps_per_epoch(len(train_indices), config.input.batch_size),
         writer=MetricsWriter(workdir, enabled=jax.process_index() == 0),
@@ -228,7 +223,7 @@ def _set_up(config, workdir: Path) -> tuple[RunContext, steps_lib.TrainState]:
     return ctx, state
 
 
-def _resume(ctx: RunContext) -> steps_lib.TrainState | None:
+def _resume(ctx: RunContext) -> TrainState | None:
     """The state of the workdir's latest checkpoint (None if it has none)."""
     latest = ctx.manager.latest_step()
     if latest is None:
@@ -277,9 +272,7 @@ def _close(ctx: RunContext) -> None:
 # ======================================================================== evaluation
 
 
-def evaluate_indices(
-    ctx: RunContext, state, record_set: pipeline.RecordSet, indices: np.ndarray, eval_fn
-) -> dict[str, float]:
+def evaluate_indices(ctx: RunContext, state, record_set, indices, eval_fn) -> dict[str, float]:
     """Accuracy of ``state`` on ``indices`` of ``record_set``, gathered over processes."""
     if len(indices) == 0:
         return {}
@@ -298,22 +291,19 @@ def evaluate_indices(
 
 
 def final_evaluation(ctx: RunContext, state) -> dict[str, Any]:
-    """Test accuracy of the final state and of the last phase's best-on-validation
-    checkpoint; ``test_accuracy`` is the latter when there is one."""
+    """Test accuracy of the final state and of the last phase's best checkpoint (if any)."""
     config = ctx.config
     test_records = pipeline.RecordSet(
         config.dataset.records_dir, "test", skip_bad_records=config.input.skip_bad_records
     )
     test_indices = test_records.good
     eval_fn = ctx.eval_fn()
+    skipped = {"train": len(ctx.train_records.skipped), "test": len(test_records.skipped)}
     results: dict[str, Any] = {
         "final": evaluate_indices(ctx, state, test_records, test_indices, eval_fn),
         "best_val_accuracy": dict(ctx.meta["best_val_accuracy"]),
         "num_prototypes": int(state.params["prototypes"].shape[0]),
-        "skipped_records": {
-            "train": len(ctx.train_records.skipped),
-            "test": len(test_records.skipped),
-        },
+        "skipped_records": skipped,
     }
     best = _best_checkpoint(ctx.workdir, ctx.phases[-1].name)
     if best is not None:
@@ -324,16 +314,15 @@ def final_evaluation(ctx: RunContext, state) -> dict[str, Any]:
         results["best"]["step"] = int(best_step)
         best_manager.close()
     results["test_accuracy"] = results.get("best", results["final"])["accuracy"]
-    ctx.writer.write(
-        int(jax.device_get(state.step)), {"test/accuracy": results["test_accuracy"]}, "test"
-    )
+    step = int(jax.device_get(state.step))
+    ctx.writer.write(step, {"test/accuracy": results["test_accuracy"]}, "test")
     return results
 
 
 # ====================================================================== push, prune
 
 
-def push_prototypes(ctx: RunContext, state: steps_lib.TrainState) -> steps_lib.TrainState:
+def push_prototypes(ctx: RunContext, state: TrainState) -> TrainState:
     """Projects every prototype onto its nearest training view (one streaming pass), writes
     the gallery to ``push.json`` and the metadata, and logs validation accuracy after it."""
     start = time.perf_counter()
@@ -368,7 +357,7 @@ def push_prototypes(ctx: RunContext, state: steps_lib.TrainState) -> steps_lib.T
     return state
 
 
-def prune_prototypes(ctx: RunContext, state: steps_lib.TrainState) -> steps_lib.TrainState:
+def prune_prototypes(ctx: RunContext, state: TrainState) -> TrainState:
     """Drops prototypes whose k nearest training images are mostly of other classes; the
     result has host parameters and no optimizer state."""
     config = ctx.config
@@ -402,12 +391,9 @@ def prune_prototypes(ctx: RunContext, state: steps_lib.TrainState) -> steps_lib.
 # ============================================================================ phases
 
 
-def enter_phase(
-    ctx: RunContext, phase: phases_lib.Phase, state: steps_lib.TrainState
-) -> steps_lib.TrainState:
-    """The saved state ``phase`` starts from: pruned for the post-pruning fine-tune, a fresh
-    optimizer state (as the reference's per-phase optimizers; it depends only on shapes, so
-    push may follow), pushed for fine-tuning."""
+def enter_phase(ctx: RunContext, phase: Phase, state: TrainState) -> TrainState:
+    """The saved state ``phase`` starts from: pruned, a fresh optimizer state (as the
+    reference's per-phase optimizers; it depends only on shapes, so push may follow), pushed."""
     if phase.name == phases_lib.PRUNE_FINETUNE and not ctx.meta["pruned"]:
         state = prune_prototypes(ctx, state)
     state = state.replace(opt_state=phases_lib.make_optimizer(phase).init(state.params))
@@ -451,12 +437,9 @@ def _all_finite(tree) -> jax.Array:
 
 
 def _diverged(ctx: RunContext, what: str, step: int, phase) -> TrainingDiverged:
-    last_saved = ctx.manager.latest_step()
-    where = (
-        f"the last good checkpoint is step {last_saved} in {ctx.manager.directory}"
-        if last_saved is not None
-        else "no checkpoint was saved yet"
-    )
+    last_saved, where = ctx.manager.latest_step(), "no checkpoint was saved yet"
+    if last_saved is not None:
+        where = f"the last good checkpoint is step {last_saved} in {ctx.manager.directory}"
     return TrainingDiverged(
         f"{what} at step {step} (phase {phase.name}, epoch {(step - 1) // ctx.steps_per_epoch}); "
         f"nothing later was saved and {where}. Lower the learning rates (config.train.*_lr) "
@@ -464,7 +447,7 @@ def _diverged(ctx: RunContext, what: str, step: int, phase) -> TrainingDiverged:
     )
 
 
-def _compile_train_step(ctx: RunContext, phase: phases_lib.Phase, state):
+def _compile_train_step(ctx: RunContext, phase: Phase, state):
     state_shardings = sharding_lib.tree_shardings(ctx.mesh, state)
     replicated = sharding_lib.replicated(ctx.mesh)
     return jax.jit(
@@ -477,7 +460,7 @@ def _compile_train_step(ctx: RunContext, phase: phases_lib.Phase, state):
     )
 
 
-def _validate(ctx: RunContext, phase: phases_lib.Phase, state, step: int, eval_fn) -> None:
+def _validate(ctx: RunContext, phase: Phase, state, step: int, eval_fn) -> None:
     """Validation accuracy; a new best for the phase is kept in ``best_<phase>/``."""
     val = evaluate_indices(ctx, state, ctx.train_records, ctx.val_indices, eval_fn)
     ctx.writer.write(step, {"val/accuracy": val["accuracy"]}, phase.name)
@@ -490,12 +473,8 @@ def _validate(ctx: RunContext, phase: phases_lib.Phase, state, step: int, eval_f
 
 
 def run_phase(
-    ctx: RunContext,
-    phase: phases_lib.Phase,
-    state: steps_lib.TrainState,
-    stop: _StopFlag,
-    max_steps: int | None,
-) -> tuple[steps_lib.TrainState, bool]:
+    ctx: RunContext, phase: Phase, state: TrainState, stop: _StopFlag, max_steps: int | None
+) -> tuple[TrainState, bool]:
     """Trains through ``phase`` from ``state.step``; returns (state, finished)."""
     config, t, spe = ctx.config, ctx.config.train, ctx.steps_per_epoch
     train_step = _compile_train_step(ctx, phase, state)
@@ -595,15 +574,14 @@ class TrainedModel(_ModelOnMesh):
     """A model restored from a workdir: the state, its checkpoint metadata (push gallery,
     kept prototypes, ...) and which checkpoint it is (``"best_joint step 12"``)."""
 
-    state: steps_lib.TrainState
+    state: TrainState
     meta: dict[str, Any]
     checkpoint: str
 
 
 def restore_trained(config, workdir: str | Path, which: str = "best") -> TrainedModel:
-    """The model a run left in ``workdir``: with ``which="best"`` the best-on-validation
-    checkpoint of the last phase that has one (what the test accuracy reports), else the
-    latest."""
+    """The model a run left in ``workdir``; ``which="best"``: the best-on-validation checkpoint
+    of the last phase that has one (what the test accuracy reports), else the latest."""
     if which not in ("best", "latest"):
         raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
     workdir = Path(workdir)
