@@ -400,7 +400,6 @@ def enter_phase(ctx: RunContext, phase: Phase, state: TrainState) -> TrainState:
     state = jax.device_put(state, sharding_lib.tree_shardings(ctx.mesh, state))
     if phase.name == phases_lib.FINETUNE and ctx.config.train.push and not ctx.meta["pushed"]:
         state = push_prototypes(ctx, state)
-    ctx.meta["phase"] = phase.name
     _save(ctx, state, phase.name)
     return state
 
