@@ -9,6 +9,17 @@ from typing import Any
 
 from protomask_jax.models.resnet import resnet_spec
 
+# The smallest value each key accepts.
+_AT_LEAST = {
+    0: "train.warmup_lr train.backbone_lr train.addon_lr train.prototype_lr train.finetune_lr "
+    "train.warmup_epochs train.joint_epochs train.finetune_epochs",
+    1: "input.num_views input.batch_size input.eval_batch_size train.accumulate_steps "
+    "train.lr_step_epochs train.eval_every_epochs train.log_every_steps "
+    "train.checkpoint_every_steps model.prototypes_per_class model.prototype_dim",
+    2: "dataset.num_classes",
+    8: "input.view_size input.canvas_size",
+}
+
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the key and what to do."""
@@ -21,28 +32,12 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 def validate(config: Any) -> None:
     """Checks the values ``train_and_evaluate`` relies on."""
-    i, t, m = config.input, config.train, config.model
-    at_least = {
-        "input.num_views": (i.num_views, 1),
-        "input.view_size": (i.view_size, 8),
-        "input.canvas_size": (i.canvas_size, 8),
-        "input.batch_size": (i.batch_size, 1),
-        "input.eval_batch_size": (i.eval_batch_size, 1),
-        "train.accumulate_steps": (t.accumulate_steps, 1),
-        "train.lr_step_epochs": (t.lr_step_epochs, 1),
-        "train.eval_every_epochs": (t.eval_every_epochs, 1),
-        "train.log_every_steps": (t.log_every_steps, 1),
-        "train.checkpoint_every_steps": (t.checkpoint_every_steps, 1),
-        "model.prototypes_per_class": (m.prototypes_per_class, 1),
-        "model.prototype_dim": (m.prototype_dim, 1),
-        "dataset.num_classes": (config.dataset.num_classes, 2),
-    }
-    for key in ("warmup_lr", "backbone_lr", "addon_lr", "prototype_lr", "finetune_lr"):
-        at_least[f"train.{key}"] = (t[key], 0)
-    for key in ("warmup_epochs", "joint_epochs", "finetune_epochs"):
-        at_least[f"train.{key}"] = (t[key], 0)
-    for key, (value, low) in at_least.items():
-        _require(value >= low, key, f"must be >= {low}, got {value}")
+    i, m = config.input, config.model
+    for low, keys in _AT_LEAST.items():
+        for key in keys.split():
+            section, name = key.split(".")
+            value = config[section][name]
+            _require(value >= low, key, f"must be >= {low}, got {value}")
     _require(m.similarity_eps > 0, "model.similarity_eps", "must be > 0")
     _require(
         0.0 <= i.validation_fraction < 1.0,
