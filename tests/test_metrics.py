@@ -29,11 +29,11 @@ def vlc(masks):
 
 
 def intra_prototype_distance(prototypes, ids):
-    return contrastivity.intra_prototype_distance_per_image(prototypes, ids).mean()
+    return contrastivity.intra_vector_distance_per_image(prototypes, ids).mean()
 
 
 def inter_prototype_distance(prototypes, ids, labels, num_classes):
-    return contrastivity.inter_prototype_distance_per_class(
+    return contrastivity.inter_vector_distance_per_class(
         prototypes, ids, labels, num_classes
     ).mean()
 
@@ -459,7 +459,7 @@ def test_intra_prototype_distance_hand_case():
     # ids (0, 3): 1 - cos = 1 - 1/sqrt(1 + 1e-6) = 5e-7 < 1e-5 -> 0.
     ids = np.array([[0, 1, 2], [0, 3, 3]])
     np.testing.assert_allclose(
-        contrastivity.intra_prototype_distance_per_image(prototypes, ids), [2 / 3, 0.0]
+        contrastivity.intra_vector_distance_per_image(prototypes, ids), [2 / 3, 0.0]
     )
     assert intra_prototype_distance(prototypes, ids) == pytest.approx(1 / 3)
 
@@ -478,7 +478,7 @@ def test_intra_prototype_distance_matches_loop():
                     pairs.append(distance if distance >= 1e-5 else 0.0)
         expected.append(np.mean(pairs))
     np.testing.assert_allclose(
-        contrastivity.intra_prototype_distance_per_image(prototypes, ids), expected, rtol=1e-12
+        contrastivity.intra_vector_distance_per_image(prototypes, ids), expected, rtol=1e-12
     )
 
 
@@ -490,23 +490,23 @@ def test_inter_prototype_distance_hand_case():
     # image 1 (0 vs 2: 2, 0 vs 1: 1) -> 1.5; mean 1.25.
     # class 1 (image 2) vs images 0, 1: (2 + 0) / 2 = 1 and (2 + 1) / 2 = 1.5 -> 1.25.
     # class 2 absent -> 0.
-    per_class = contrastivity.inter_prototype_distance_per_class(prototypes, ids, labels, 3)
+    per_class = contrastivity.inter_vector_distance_per_class(prototypes, ids, labels, 3)
     np.testing.assert_allclose(per_class, [1.25, 1.25, 0.0])
     assert inter_prototype_distance(prototypes, ids, labels, 3) == pytest.approx(2.5 / 3)
     # a single present class gives zeros (reference).
     np.testing.assert_array_equal(
-        contrastivity.inter_prototype_distance_per_class(prototypes, ids, np.zeros(3, int), 3), 0.0
+        contrastivity.inter_vector_distance_per_class(prototypes, ids, np.zeros(3, int), 3), 0.0
     )
     # multi-hot labels with one present class but an unlabelled image 2: still one class -> 0.
     only_class_0 = np.array([[1, 0, 0], [1, 0, 0], [0, 0, 0]])
     np.testing.assert_array_equal(
-        contrastivity.inter_prototype_distance_per_class(prototypes, ids, only_class_0, 3), 0.0
+        contrastivity.inter_vector_distance_per_class(prototypes, ids, only_class_0, 3), 0.0
     )
     # a class labelled on every image has no other images: 0 (the reference gives nan);
     # class 1 (image 2) vs images 0, 1 as above -> 1.25.
     all_class_0 = np.array([[1, 0, 0], [1, 0, 0], [1, 1, 0]])
     np.testing.assert_allclose(
-        contrastivity.inter_prototype_distance_per_class(prototypes, ids, all_class_0, 3),
+        contrastivity.inter_vector_distance_per_class(prototypes, ids, all_class_0, 3),
         [0.0, 1.25, 0.0],
     )
 
@@ -517,7 +517,7 @@ def test_inter_prototype_distance_matches_reference_loop():
     ids = np.stack([rng.permutation(15)[:5] for _ in range(12)])
     labels = rng.choice([0, 1, 3, 4], size=12)  # classes 2 and 5 absent
     np.testing.assert_allclose(
-        contrastivity.inter_prototype_distance_per_class(prototypes, ids, labels, 6),
+        contrastivity.inter_vector_distance_per_class(prototypes, ids, labels, 6),
         loop_inter_pd_per_class(prototypes, ids, labels, 6),
         rtol=1e-10,
         atol=1e-12,
