@@ -134,11 +134,11 @@ class ImagePerturbation:
 def rank_of(scores, ids) -> np.ndarray:
     """int64 ``[n, r]``: the place of prototypes ``ids [n, r]`` when ``scores [n, P]`` are
     sorted in descending order, ties broken by index (0 = the most similar)."""
-    scores = np.asarray(scores)
+    scores, ids = np.asarray(scores), np.asarray(ids)
     target = np.take_along_axis(scores, ids, axis=1)[..., None]
     index = np.arange(scores.shape[1])
     higher = scores[:, None, :] > target
-    tied_before = (scores[:, None, :] == target) & (index < np.asarray(ids)[..., None])
+    tied_before = (scores[:, None, :] == target) & (index < ids[..., None])
     return np.count_nonzero(higher | tied_before, axis=-1)
 
 
