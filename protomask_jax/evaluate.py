@@ -105,15 +105,15 @@ def _noise_outside(views, batch, std: float, seed) -> jax.Array:
     return (views.astype(jnp.float32) + std * noise * outside[..., None]).astype(views.dtype)
 
 
-def eval_forward(trained, noise_std: float = 0.0) -> Callable:
-    """A jitted ``(params, batch_stats, constants, batch, seed) -> dict`` of device arrays:
-    the :class:`EvalOutputs` fields of the batch. ``batch`` may carry ``ids [B, k]`` (the
-    prototypes to explain; default the ``k = min(5, P)`` most similar) and ``noise_box [B, 4]``
-    (then :func:`_noise_outside` with ``noise_std``)."""
+def eval_forward(trained) -> Callable:
+    """A jitted ``(params, batch_stats, constants, batch, seed, noise_std) -> dict`` of device
+    arrays: the :class:`EvalOutputs` fields of the batch. ``batch`` may carry ``ids [B, k]``
+    (the prototypes to explain; default the ``k = min(5, P)`` most similar) and ``noise_box
+    [B, 4]`` (then :func:`_noise_outside`)."""
     graphdef, step_config = trained.graphdef, trained.step_config
     eps = trained.config.model.similarity_eps
 
-    def forward(params, batch_stats, constants, batch, seed):
+    def forward(params, batch_stats, constants, batch, seed, noise_std):
         views = steps_lib.device_views(batch, None, step_config)
         if "noise_box" in batch:
             views = _noise_outside(views, batch, noise_std, seed)
@@ -140,17 +140,12 @@ def eval_forward(trained, noise_std: float = 0.0) -> Callable:
     return jax.jit(forward)
 
 
-_BATCH_KEYS = ("label", "image_id", "weight", "num_masks")
-
-
-def _collect(trained, forward, batches, record_set, indices, seed=0, bar=None) -> EvalOutputs:
+def _collect(trained, forward, batches, record_set, indices, seed=0, std=0.0) -> EvalOutputs:
     """The outputs of ``forward`` over ``batches`` (the images ``indices``, in order)."""
     state, columns = trained.state, []
     for batch in batches:
-        out = forward(state.params, state.batch_stats, state.constants, batch, seed)
-        columns.append(out | {key: batch[key] for key in _BATCH_KEYS})
-        if bar is not None:
-            bar.update(1)
+        out = forward(state.params, state.batch_stats, state.constants, batch, seed, std)
+        columns.append(out | {k: batch[k] for k in ("label", "image_id", "weight", "num_masks")})
     arrays = {key: np.concatenate([to_host(c[key]) for c in columns]) for key in columns[0]}
     real = arrays.pop("weight") > 0
     arrays = {key: value[real] for key, value in arrays.items()}
@@ -161,20 +156,15 @@ def _collect(trained, forward, batches, record_set, indices, seed=0, bar=None) -
             f"order (first ids {image_ids[:5].tolist()}, expected "
             f"{record_set.image_ids[indices][:5].tolist()})"
         )
-    min_distances = arrays["min_distances"].astype(np.float32)
-    similarity = model_lib.log_similarity(min_distances, trained.config.model.similarity_eps)
+    similarity = model_lib.log_similarity(
+        arrays["min_distances"], trained.config.model.similarity_eps
+    )
     return EvalOutputs(
         record_indices=indices,
         image_ids=image_ids,
-        labels=arrays["label"].astype(np.int64),
-        logits=arrays["logits"].astype(np.float32),
-        min_distances=min_distances,
+        labels=arrays.pop("label").astype(np.int64),
         similarities=np.asarray(similarity, np.float32),
-        winning_view=arrays["winning_view"].astype(np.int32),
-        num_masks=arrays["num_masks"].astype(np.int32),
-        top_ids=arrays["top_ids"].astype(np.int64),
-        top_view_similarities=arrays["top_view_similarities"].astype(np.float32),
-        top_embeddings=arrays["top_embeddings"].astype(np.float32),
+        **arrays,
     )
 
 
@@ -194,39 +184,37 @@ def run_model(
     sharding_lib.check_batch_divisible(
         config.input.eval_batch_size, trained.mesh, "input.eval_batch_size"
     )
-    with tqdm(
+    batches = tqdm(
+        trained.eval_batches(record_set, indices),
         total=-(-len(indices) // config.input.eval_batch_size),
         desc=f"evaluating {record_set.split}",
         unit="batch",
         disable=not progress,
         leave=False,
-    ) as bar:
-        batches = trained.eval_batches(record_set, indices)
-        return _collect(trained, eval_forward(trained), batches, record_set, indices, bar=bar)
+    )
+    return _collect(trained, eval_forward(trained), batches, record_set, indices)
 
 
-def run_perturbed(trained, record_set, chunk, top_ids, perturbation, forwards) -> EvalOutputs:
-    """The forward of ``chunk``'s images under ``perturbation``, explaining ``top_ids``: a
-    ``completeness.OutsideBoxNoise`` on the device, else a host ``image_transform``
-    (``continuity.ImagePerturbation``). ``forwards``: jitted forwards by noise std (a cache)."""
-    indices = chunk.outputs.record_indices
-    spec, extras, seed, std = trained.spec, {"ids": np.asarray(top_ids, np.int32)}, 0, 0.0
+def run_perturbed(trained, record_set, forward, chunk, top_ids, perturbation) -> EvalOutputs:
+    """``forward`` (:func:`eval_forward`) of ``chunk``'s images under ``perturbation``,
+    explaining ``top_ids``: ``completeness.OutsideBoxNoise`` on the device, else a host
+    ``image_transform`` (``continuity.ImagePerturbation``)."""
+    indices, spec, seed, std = chunk.outputs.record_indices, trained.spec, 0, 0.0
+    extras = {"ids": np.asarray(top_ids, np.int32)}
     if isinstance(perturbation, completeness.OutsideBoxNoise):
-        canvas = trained.spec.canvas_size
+        boxes = zip(perturbation.boxes, chunk.maps.sizes, strict=True)
         extras["noise_box"] = np.stack(
-            [
-                views_lib.fit_box_to_canvas(box, height, width, canvas)
-                for box, (height, width) in zip(perturbation.boxes, chunk.maps.sizes, strict=True)
-            ]
-        ).astype(np.float32)
+            [views_lib.fit_box_to_canvas(box, h, w, spec.canvas_size) for box, (h, w) in boxes]
+        )
         seed, std = perturbation.seed, perturbation.std
     else:
         spec = dataclasses.replace(spec, image_transform=perturbation)
-    if std not in forwards:
-        forwards[std] = eval_forward(trained, std)
     global_size = trained.config.input.eval_batch_size
     local_size = global_size // jax.process_count()
-    offset = jax.process_index() * local_size
+    filler = -len(indices) % global_size  # rows of the last batch's zero-weight filler
+    extras = {
+        k: np.concatenate([v, np.zeros_like(v[:1]).repeat(filler, 0)]) for k, v in extras.items()
+    }
     stream = pipeline.eval_stream(
         record_set,
         indices,
@@ -239,17 +227,13 @@ def run_perturbed(trained, record_set, chunk, top_ids, perturbation, forwards) -
     def batches():
         try:
             for step, local in enumerate(stream):  # this process's rows of global batch `step`
-                rows = step * global_size + offset + np.arange(local_size)
-                for key, values in extras.items():
-                    padded = np.zeros((len(rows), *values.shape[1:]), values.dtype)
-                    real = rows < len(values)
-                    padded[real] = values[rows[real]]
-                    local[key] = padded
+                start = step * global_size + jax.process_index() * local_size
+                local |= {k: v[start : start + local_size] for k, v in extras.items()}
                 yield sharding_lib.global_batch(trained.mesh, local)
         finally:
             stream.close()
 
-    return _collect(trained, forwards[std], batches(), record_set, indices, seed)
+    return _collect(trained, forward, batches(), record_set, indices, seed, std)
 
 
 @dataclasses.dataclass
@@ -370,7 +354,7 @@ def evaluate(
     arrays = model_arrays(trained)
     run, batch = None, config.input.eval_batch_size
     if set(techniques) & set(evaluators.PERTURBED):
-        run = functools.partial(run_perturbed, trained, record_set, forwards={})
+        run = functools.partial(run_perturbed, trained, record_set, eval_forward(trained))
     metrics = compute_metrics(
         outputs,
         arrays,

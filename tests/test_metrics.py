@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import scipy.special
 
 from protomask_jax.evaluators import (
     chunk,
@@ -396,7 +397,7 @@ def test_precision_recall_roc_auc_match_sklearn_with_balanced_weights():
             )
             scores = classification.macro_scores(logits, labels, balanced=True)
             assert scores[name] == pytest.approx(100 * expected), name
-        probabilities = classification.softmax(logits)
+        probabilities = scipy.special.softmax(logits, axis=1)
         expected = sklearn_metrics.roc_auc_score(
             labels, probabilities, multi_class="ovr", average="macro", sample_weight=weights
         )

@@ -12,6 +12,7 @@ averages of the predictions ``logit > threshold``; ROC AUC is one-vs-rest on the
 from __future__ import annotations
 
 import numpy as np
+from scipy import special
 
 from protomask_jax.evaluators.chunk import divide
 
@@ -130,12 +131,6 @@ def binary_auc(scores, positive, weights) -> np.ndarray:
     return divide(ordered, pairs, np.nan)
 
 
-def softmax(logits) -> np.ndarray:
-    shifted = np.asarray(logits, np.float64) - np.max(logits, axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
 def roc_auc(logits, labels, balanced: bool = False) -> float:
     """Macro one-vs-rest ROC AUC of the softmax over the classes present in ``labels``
     (sklearn refuses a class without test samples; it has no AUC)."""
@@ -143,7 +138,8 @@ def roc_auc(logits, labels, balanced: bool = False) -> float:
     weights = balanced_sample_weights(labels) if balanced else np.ones(len(labels))
     positive = labels[:, None] == np.arange(logits.shape[1])
     present = positive.any(axis=0)
-    auc = binary_auc(softmax(logits)[:, present], positive[:, present], weights[:, None])
+    probabilities = special.softmax(logits, axis=1)[:, present]
+    auc = binary_auc(probabilities, positive[:, present], weights[:, None])
     return float(100.0 * np.nanmean(auc))
 
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import io
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from protomask_jax.data import views as views_lib
 from protomask_jax.evaluators.chunk import divide
 from protomask_jax.evaluators.complexity import keypoints_on_masks
 from protomask_jax.evaluators.contrastivity import (
@@ -63,22 +65,11 @@ def saturation(image: np.ndarray, factor: float) -> np.ndarray:
 
 
 def hue(image: np.ndarray, shift: float) -> np.ndarray:
-    """Rotates the HSV hue by ``shift`` turns, keeping value and chroma (in floating point;
-    OpenCV's uint8 path first rounds the hue to 2-degree steps)."""
-    rgb = image.astype(np.float64)
-    value, low = rgb.max(axis=-1), rgb.min(axis=-1)
-    chroma = value - low
-    safe = np.where(chroma > 0, chroma, 1.0)
-    r, g, b = ((value[..., None] - rgb) / safe[..., None]).transpose(2, 0, 1)
-    sixths = np.where(
-        rgb[..., 0] == value, b - g, np.where(rgb[..., 1] == value, 2 + r - b, 4 + g - r)
-    )
-    turns = np.mod(sixths / 6 + shift, 1.0)
-    # HSV -> RGB without branches: channel n (R 5, G 3, B 1) is v - c clip(min(q, 4 - q), 0, 1)
-    # with q = (n + 6 hue) mod 6.
-    q = np.mod(np.array([5.0, 3.0, 1.0]) + 6 * turns[..., None], 6)
-    out = value[..., None] - chroma[..., None] * np.clip(np.minimum(q, 4 - q), 0, 1)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    """Rotates the HSV hue by ``shift`` turns, keeping value and chroma: the training
+    augmentation's rotation, in floating point (OpenCV's uint8 path first rounds the hue to
+    2-degree steps)."""
+    rotated = views_lib._shift_hue(jnp.asarray(image, jnp.float32) / 255.0, shift)
+    return np.clip(np.rint(np.asarray(rotated) * 255.0), 0, 255).astype(np.uint8)
 
 
 def gaussian_noise(image: np.ndarray, rng: np.random.Generator, variance: float) -> np.ndarray:
