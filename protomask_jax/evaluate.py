@@ -87,11 +87,12 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _noise_outside(views, batch, std: float, seed) -> jax.Array:
+def _noise_outside(views, batch, std, seed) -> jax.Array:
     """``views [B, K, V, V, 3]`` plus N(0, std) at every view pixel whose centre, mapped into
     the canvas through its view box, lies outside ``batch["noise_box"] [B, 4]`` (canvas yxyx,
-    half-open); the noise is drawn from ``(seed, image id)``."""
-    size = views.shape[2]
+    half-open). The noise is drawn from ``(seed, image id, mask)``: the cyclic repeats of a
+    mask stay identical views, so padding changes nothing, as in the clean pass."""
+    num_views, size = views.shape[1:3]
     centres = (jnp.arange(size) + 0.5) / size
     boxes, region = batch["boxes"][..., None], batch["noise_box"][:, None, :, None]
     y = boxes[:, :, 0] + centres * (boxes[:, :, 2] - boxes[:, :, 0])  # [B, K, V]
@@ -99,9 +100,11 @@ def _noise_outside(views, batch, std: float, seed) -> jax.Array:
     rows = (y >= region[:, :, 0]) & (y < region[:, :, 2])
     cols = (x >= region[:, :, 1]) & (x < region[:, :, 3])
     outside = ~(rows[..., :, None] & cols[..., None, :])
-    base = jax.random.key(seed)
-    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.maximum(batch["image_id"], 0))
-    noise = jax.vmap(lambda key: jax.random.normal(key, views.shape[1:]))(keys)
+    masks = jnp.arange(num_views) % batch["num_masks"][:, None]  # [B, K]
+    fold = jax.vmap(jax.random.fold_in)
+    image_keys = fold(jnp.broadcast_to(jax.random.key(seed), masks.shape[:1]), batch["image_id"])
+    keys = jax.vmap(fold)(jnp.broadcast_to(image_keys[:, None], masks.shape), masks)
+    noise = jax.vmap(jax.vmap(lambda key: jax.random.normal(key, views.shape[2:])))(keys)
     return (views.astype(jnp.float32) + std * noise * outside[..., None]).astype(views.dtype)
 
 

@@ -352,14 +352,17 @@ def test_a_chunk_without_a_model_refuses_perturbed_passes():
 def test_view_noise_lands_exactly_outside_the_box():
     views = np.zeros((2, 2, 8, 8, 3), np.float32)
     batch = {
-        # image 0: view 0 is the whole canvas, view 1 its top-left quarter
+        # image 0: view 0 the whole canvas, view 1 its top-left quarter; image 1: one mask
+        # (its box) shown twice
         "boxes": np.array(
-            [[[0, 0, 1, 1], [0, 0, 0.5, 0.5]], [[0, 0, 1, 1], [0.5, 0.5, 1, 1]]], np.float32
+            [[[0, 0, 1, 1], [0, 0, 0.5, 0.5]], [[0.5, 0.5, 1, 1], [0.5, 0.5, 1, 1]]], np.float32
         ),
         "noise_box": np.array([[0.25, 0.25, 0.75, 1.0], [0, 0, 0, 0]], np.float32),
-        "image_id": np.array([3, -1], np.int32),
+        "image_id": np.array([3, 4], np.int32),
+        "num_masks": np.array([2, 1], np.int32),
     }
-    noisy = np.asarray(jax.jit(evaluate._noise_outside, static_argnums=2)(views, batch, 0.05, 1))
+    noise = jax.jit(evaluate._noise_outside)
+    noisy = np.asarray(noise(views, batch, 0.05, 1))
     for b, v, i, j in np.ndindex(2, 2, 8, 8):
         y0, x0, y1, x1 = batch["boxes"][b, v]
         y, x = y0 + (i + 0.5) / 8 * (y1 - y0), x0 + (j + 0.5) / 8 * (x1 - x0)
@@ -367,8 +370,10 @@ def test_view_noise_lands_exactly_outside_the_box():
         inside = e0 <= y < e1 and f0 <= x < f1
         assert (noisy[b, v, i, j] == 0).all() == inside, (b, v, i, j)
     assert noisy[1].std() == pytest.approx(0.05, rel=0.1)  # an empty box: noise everywhere
-    again = jax.jit(evaluate._noise_outside, static_argnums=2)(views, batch, 0.05, 1)
-    np.testing.assert_array_equal(noisy, again)  # drawn from (seed, image id)
+    np.testing.assert_array_equal(noisy[1, 0], noisy[1, 1])  # a repeated mask: the same view
+    assert not np.array_equal(noisy[0, 0], noisy[0, 1])
+    np.testing.assert_array_equal(noisy, noise(views, batch, 0.05, 1))  # (seed, image, mask)
+    assert not np.array_equal(noisy, noise(views, batch, 0.05, 2))
 
 
 # ------------------------------------------------------------------------ tiny trained run

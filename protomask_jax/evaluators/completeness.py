@@ -39,7 +39,7 @@ def region_boxes(masks) -> np.ndarray:
 class OutsideBoxNoise:
     """The completeness perturbation of ``n`` images: noise of ``std`` outside ``boxes
     [n, 4]`` (image-normalised yxyx, half-open; an empty box noises the whole image), drawn
-    from ``(seed, image id)``."""
+    from ``(seed, image id, mask)``."""
 
     boxes: np.ndarray
     std: float = NOISE_STD

@@ -139,7 +139,8 @@ def explanation_state(chunk) -> dict[str, np.ndarray]:
     state = {
         "mask": chunk.explanations.mask,
         "values": sorted_maps(chunk.explanations),
-        "view": np.take_along_axis(np.asarray(outputs.winning_view), ids, axis=1),
+        # the winning view's mask: a cyclic repeat of a mask is the same location
+        "view": np.take_along_axis(outputs.winning_view, ids, axis=1) % outputs.num_masks[:, None],
         "score": np.take_along_axis(np.asarray(outputs.similarities), ids, axis=1),
         "rank": rank_of(outputs.similarities, ids),
     }
