@@ -282,6 +282,31 @@ def test_continuity_of_an_unchanged_pass_is_perfect():
     assert group["stability"] == 100.0 and group["k"] == 2 and group["num_images"] == 2
 
 
+def test_continuity_reads_any_explanation_type():
+    """A float producer (as PRP will be): maps from the outputs, post-processed at the 95th
+    percentile; an unchanged pass changes nothing, a changed one moves VLC and VAC."""
+
+    def relevance(source):  # the peak moves and grows with the winning view
+        views = np.take_along_axis(source.outputs.winning_view, source.top_ids, axis=1)
+        views = views[..., None, None]
+        maps = np.mod(np.arange(16.0).reshape(4, 4) + 5 * views, 16) * (1 + views)
+        return chunk.ExplanationMaps.from_relevance(maps)
+
+    def unchanged(source, top_ids, perturbation):
+        return _outputs_like(source.outputs, top_ids=top_ids)
+
+    def moved(source, top_ids, perturbation):
+        return _outputs_like(source.outputs, winning_view=source.outputs.winning_view + 1)
+
+    for run, changed in ((unchanged, False), (moved, True)):
+        hand = _hand_chunk(run)
+        hand.explain = relevance
+        evaluator = continuity.Evaluator(None)
+        evaluator.update(hand)
+        group = evaluator.result()
+        assert (group["vlc"] > 0) == changed and (group["vac"] > 0) == changed
+
+
 def test_continuity_hand_case():
     def run(source, top_ids, perturbation):
         return _outputs_like(
