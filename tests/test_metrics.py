@@ -803,7 +803,8 @@ def test_contrastivity_evaluator_group():
     outputs = SimpleNamespace(
         labels=np.array([0, 1]),
         similarities=np.array([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]]),
-        winning_view=np.array([[0, 2, 1], [1, 1, 0]]),
+        winning_view=np.array([[0, 2, 1], [1, 4, 0]]),  # view 4 repeats mask 1 (of 3)
+        num_masks=np.array([3, 3]),
         top_view_similarities=np.array([[[3, 1, 1], [1, 1, 2.0]], [[1, 1, 3], [2, 2, 1.0]]]),
         top_embeddings=np.array([[[1, 0], [0, 1.0]], [[1, 1], [1, 1.0]]]),
     )

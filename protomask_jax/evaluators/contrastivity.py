@@ -181,7 +181,8 @@ class Evaluator:
             return
         self._add("vlc", vlc_per_image(chunk.explanations.mask))
         self._add("vac", vac_per_image(sorted_maps(chunk.explanations)))
-        self._add("plc", plc_per_image(np.take_along_axis(outputs.winning_view, ids, axis=1)))
+        views = np.take_along_axis(outputs.winning_view, ids, axis=1)
+        self._add("plc", plc_per_image(views % outputs.num_masks[:, None]))  # repeats: one view
         self._add("intra_prototype_distance", intra_vector_distance_per_image(self.prototypes, ids))
         if getattr(outputs, "top_view_similarities", None) is not None:
             self._add("palc", vlc_per_image(min_max_view_masks(outputs.top_view_similarities)))
