@@ -371,3 +371,19 @@ def test_maps_match_torch_reference_tiny():
 def test_maps_match_torch_reference_real_structure(name):
     # resnet18 included: the reference's own canonized resnet18 cannot be built.
     _check_against_torch(name, 64, 3)
+
+
+@pytest.mark.slow
+def test_benchmark_reports_speedup_and_parity(tmp_path):
+    pytest.importorskip("torch")
+    import json
+
+    from benchmarks import prp as prp_benchmark
+
+    result = json.loads(prp_benchmark.run("micro", out_dir=tmp_path).read_text())
+    assert result["parity"]["winners_equal"]
+    assert result["parity"]["max_abs_diff_over_max"] < 1e-4
+    figures = result["figures"]
+    fastest_torch = max(v["maps_per_s"] for k, v in figures.items() if k.startswith("torch"))
+    assert result["speedup"] == pytest.approx(figures["jax_batched"]["maps_per_s"] / fastest_torch)
+    assert result["versions"]["torch"] and result["device"]["host_cpu_count"]
