@@ -64,28 +64,18 @@ class FusedConv:
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["convs", "downsample"], meta_fields=[]
-)
-@dataclasses.dataclass(frozen=True)
-class FusedBlock:
-    """A residual block: the main branch's convs in order, the shortcut's conv (or None)."""
-
-    convs: tuple[FusedConv, ...]
-    downsample: FusedConv | None
-
-
-@functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["stem", "blocks", "add_on_kernel", "add_on_bias", "prototypes"],
     meta_fields=["bn_gain"],
 )
 @dataclasses.dataclass(frozen=True)
 class CanonicalProtoMask:
-    """The network PRP runs on. ``add_on_kernel [C_b, D]``, ``prototypes [P, D]``;
-    ``bn_gain`` = 1/sqrt(1 + eps), what each reset BatchNorm multiplies by."""
+    """The network PRP runs on. ``blocks``: per residual block ``(main-branch convs, shortcut
+    conv or None)``; ``add_on_kernel [C_b, D]``; ``prototypes [P, D]``; ``bn_gain`` =
+    1/sqrt(1 + eps), what each reset BatchNorm multiplies by."""
 
     stem: FusedConv
-    blocks: tuple[FusedBlock, ...]
+    blocks: tuple[tuple[tuple[FusedConv, ...], FusedConv | None], ...]
     add_on_kernel: jax.Array
     add_on_bias: jax.Array
     prototypes: jax.Array
@@ -121,7 +111,7 @@ def canonize(model: ModelLike) -> CanonicalProtoMask:
             names = ("1", "2", "3") if hasattr(block, "conv3") else ("1", "2")
             convs = tuple(fuse(getattr(block, "conv" + n), getattr(block, "bn" + n)) for n in names)
             shortcut = None if block.downsample is None else fuse(*block.downsample)
-            blocks.append(FusedBlock(convs, shortcut))
+            blocks.append((convs, shortcut))
     return CanonicalProtoMask(
         stem=fuse(backbone.conv1, backbone.bn1),
         blocks=tuple(blocks),
@@ -169,8 +159,8 @@ def zplus_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int) ->
     return _conv(x, kernel, stride) + bias
 
 
-def _zplus_fwd(x, kernel, bias, stride):
-    return zplus_conv(x, kernel, bias, stride), (x, kernel)
+def _conv_fwd(x, kernel, bias, stride):
+    return _conv(x, kernel, stride) + bias, (x, kernel)
 
 
 def _zplus_bwd(stride, residuals, relevance):
@@ -180,7 +170,7 @@ def _zplus_bwd(stride, residuals, relevance):
     return x * _conv_transpose(ratio, x.shape, positive, stride), None, None
 
 
-zplus_conv.defvjp(_zplus_fwd, _zplus_bwd)
+zplus_conv.defvjp(_conv_fwd, _zplus_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -188,10 +178,6 @@ def zbeta_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int) ->
     """Conv + bias on normalised pixels; backward: the z-beta rule with the pixel bounds
     (PIXEL_LOW, PIXEL_HIGH), bias ignored, signed epsilon ZBETA_EPS."""
     return _conv(x, kernel, stride) + bias
-
-
-def _zbeta_fwd(x, kernel, bias, stride):
-    return zbeta_conv(x, kernel, bias, stride), (x, kernel)
 
 
 def _zbeta_bwd(stride, residuals, relevance):
@@ -209,7 +195,7 @@ def _zbeta_bwd(stride, residuals, relevance):
     return x * g + low * -g_pos + high * -g_neg, None, None
 
 
-zbeta_conv.defvjp(_zbeta_fwd, _zbeta_bwd)
+zbeta_conv.defvjp(_conv_fwd, _zbeta_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -301,13 +287,13 @@ def embed(model: CanonicalProtoMask, views: jax.Array) -> jax.Array:
     stem = model.stem
     x = _relu(_reset_bn(zbeta_conv(views, stem.kernel, stem.bias, stem.stride), gain))
     x = _max_pool(x)
-    for block in model.blocks:
+    for convs, downsample in model.blocks:
         y = x
-        for index, conv in enumerate(block.convs):
+        for index, conv in enumerate(convs):
             y = _fused(conv, y, gain)
-            if index < len(block.convs) - 1:
+            if index < len(convs) - 1:
                 y = _relu(y)
-        shortcut = x if block.downsample is None else _fused(block.downsample, x, gain)
+        shortcut = x if downsample is None else _fused(downsample, x, gain)
         x = _relu(eps_sum(y, shortcut))
     # The reference's add-on order: 1x1 conv on every pixel, average pool, sigmoid.
     per_pixel = zplus_conv(x, model.add_on_kernel[None, None], model.add_on_bias, 1)
@@ -327,6 +313,13 @@ def input_relevance(
     return relevance
 
 
+def _gather_prototypes(prototypes: jax.Array, ids: jax.Array) -> jax.Array:
+    """``prototypes[ids]`` as an exact one-hot product (x * 1 plus zeros): unlike an indexing
+    gather it needs no output sharding when ``ids`` is sharded over an explicit mesh axis."""
+    one_hot = jax.nn.one_hot(ids, prototypes.shape[0], dtype=prototypes.dtype)
+    return jnp.einsum("...p,pd->...d", one_hot, prototypes, precision=_HIGHEST)
+
+
 def winning_views(
     model: CanonicalProtoMask,
     views: jax.Array,
@@ -338,7 +331,7 @@ def winning_views(
     batch, num_views = views.shape[:2]
     flat = views.reshape(batch * num_views, *views.shape[2:]).astype(jnp.float32)
     z = embed(model, flat).reshape(batch, num_views, -1)  # [B, K, D]
-    p = model.prototypes[prototype_ids]  # [B, J, D]
+    p = _gather_prototypes(model.prototypes, prototype_ids)  # [B, J, D]
     cross = jnp.einsum("bkd,bjd->bkj", z, p, precision=_HIGHEST)
     z_sq = jnp.sum(jnp.square(z), axis=-1)[:, :, None]
     p_sq = jnp.sum(jnp.square(p), axis=-1)[:, None, :]
@@ -353,11 +346,12 @@ def winning_views(
 def _relevance_maps(model, views, prototype_ids, valid, prototype_rule):
     batch, num_prototypes = prototype_ids.shape
     winners = winning_views(model, views, prototype_ids, valid)
-    chosen = jax.vmap(lambda v, k: v[k])(views, winners)  # [B, J, V, V, 3]
+    one_hot = jax.nn.one_hot(winners, views.shape[1], dtype=jnp.float32)  # [B, J, K]
+    chosen = jnp.einsum("bjk,bk...->bj...", one_hot, views.astype(jnp.float32), precision=_HIGHEST)
     relevance = input_relevance(
         model,
         chosen.reshape(batch * num_prototypes, *views.shape[2:]),
-        model.prototypes[prototype_ids].reshape(batch * num_prototypes, -1),
+        _gather_prototypes(model.prototypes, prototype_ids).reshape(batch * num_prototypes, -1),
         prototype_rule,
     )
     maps = jax.nn.relu(jnp.sum(relevance, axis=-1))

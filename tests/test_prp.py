@@ -251,21 +251,30 @@ def test_maps_are_float32_for_a_bfloat16_model(micro):
     np.testing.assert_array_equal(ours, prp.relevance_maps(model, views, ids)[0])
 
 
-def test_relevance_maps_sharded_over_data(micro):
+@pytest.mark.parametrize("axis_type", ["auto", "explicit"])
+def test_relevance_maps_sharded_over_data(micro, axis_type):
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (fake) devices; tests/conftest.py sets them up")
     _, canonical, views = micro
     views8 = jnp.concatenate([views] * 4)
     ids = jnp.asarray(np.random.default_rng(5).integers(0, 6, (8, 2)))
+    boxes = jnp.asarray(np.tile([0.1, 0.2, 0.6, 0.9], (8, 2, 1)), jnp.float32)
     expected = prp.relevance_maps(canonical, views8, ids)
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 (fake) devices; tests/conftest.py sets them up")
-    # The project's mesh (protomask_jax.sharding.make_mesh): automatic axes.
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]), ("data",))
+    expected_frame = prp.paste_into_frame(expected[0], boxes, 40)
+    if axis_type == "auto":  # the project's mesh (protomask_jax.sharding.make_mesh)
+        mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]), ("data",))
+    else:
+        mesh = jax.make_mesh((8,), ("data",), (jax.sharding.AxisType.Explicit,))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    sharded = prp.relevance_maps(
-        canonical, jax.device_put(views8, sharding), jax.device_put(ids, sharding)
-    )
-    np.testing.assert_array_equal(sharded[1], expected[1])
-    np.testing.assert_allclose(sharded[0], expected[0], rtol=1e-5, atol=1e-6)
+    with jax.set_mesh(mesh):
+        maps, winners = prp.relevance_maps(
+            canonical, jax.device_put(views8, sharding), jax.device_put(ids, sharding)
+        )
+        frame = prp.paste_into_frame(maps, jax.device_put(boxes, sharding), 40)
+    assert maps.sharding.spec[0] == "data" and frame.sharding.spec[0] == "data"
+    np.testing.assert_array_equal(winners, expected[1])
+    np.testing.assert_allclose(maps, expected[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(frame, expected_frame, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------- image frame
