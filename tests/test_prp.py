@@ -35,8 +35,8 @@ def _windows(x, kh, stride, pad):
 
 def _hand_lrp_conv(x, kernel, relevance, stride, contributions):
     """LRP of one conv by explicit loops: each output's relevance is shared among the inputs
-    of its window in proportion to ``contributions(window, kernel) [kh, kh, C, O]``, divided
-    by their sum (the reference's stabilisers are handled by the caller's function)."""
+    of its window by the fractions ``contributions(window, rows, cols) [kh, kh, C, O]`` (the
+    rule under test, stabiliser included)."""
     kh = kernel.shape[0]
     pad = kh // 2
     size, padded = _windows(x, kh, stride, pad)
