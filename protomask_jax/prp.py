@@ -371,7 +371,8 @@ def relevance_maps(
     Args:
       model: a ProtoMask, its ``split_model`` tuple or :func:`canonize`'s result (canonize
         once when calling for many batches).
-      views: ``[B, K, V, V, 3]`` normalised views without augmentation (``views.make_views``).
+      views: ``[B, K, V, V, 3]`` normalised views without augmentation, best in float32
+        (``views.make_views(..., dtype=jnp.float32)``); other dtypes are upcast.
       prototype_ids: ``[B, J]`` int.
       valid: optional ``[B, K]`` bool; False views never win.
       prototype_rule: see :func:`prototype_relevance`.
