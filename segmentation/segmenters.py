@@ -15,6 +15,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from protomask_jax.cli import UserError
 from segmentation.sources import SourceItem
 
 SAM_CHECKPOINT_URLS = {
@@ -24,7 +25,7 @@ SAM_CHECKPOINT_URLS = {
 }
 
 
-class SegmenterError(ValueError):
+class SegmenterError(UserError):
     """A segmenter cannot be built or cannot segment an image."""
 
 
