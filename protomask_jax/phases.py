@@ -10,7 +10,6 @@ the step, ``stop_gradient``, so XLA never computes their gradients.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import optax
 
@@ -31,7 +30,7 @@ class Phase:
     num_steps: int
     learning_rates: dict[str, float]  # per trained group; the groups absent are frozen
     accumulate_steps: int  # batches per optimizer update
-    lr_decay_steps: float = 0  # optimizer updates between StepLR decays; 0 for none
+    lr_decay_batches: int = 0  # global steps (batches) between StepLR decays; 0 for none
     lr_gamma: float = 1.0
     loss_phase: str = JOINT  # the loss variant: joint (also for warmup) or finetune
     bn_train: bool = True  # batch statistics, running averages move
@@ -46,8 +45,9 @@ class Phase:
 
 
 def steps_per_epoch(num_train_images: int, global_batch: int) -> int:
-    """Steps covering every training image at least once (the stream never drops one)."""
-    return max(1, math.ceil(num_train_images / global_batch))
+    """Full global batches in one pass over the training images (the stream's epoch; the
+    trainer refuses fewer images than one batch)."""
+    return max(1, num_train_images // global_batch)
 
 
 def plan_phases(config, num_train_images: int, *, pruned: bool = False) -> list[Phase]:
@@ -65,10 +65,10 @@ def plan_phases(config, num_train_images: int, *, pruned: bool = False) -> list[
         loss_phase=FINETUNE,
         bn_train=t.reference_bn_update_in_finetune,
     )
-    decay = t.lr_step_epochs * epoch / t.accumulate_steps
+    decay = t.lr_step_epochs * epoch
     specs = [
         (WARMUP, t.warmup_epochs, dict(learning_rates=warm_rates)),
-        (JOINT, t.joint_epochs, dict(learning_rates=joint_rates, lr_decay_steps=decay)),
+        (JOINT, t.joint_epochs, dict(learning_rates=joint_rates, lr_decay_batches=decay)),
         (FINETUNE, t.finetune_epochs, finetune),
     ]
     if pruned and t.prune.enabled:
@@ -78,11 +78,21 @@ def plan_phases(config, num_train_images: int, *, pruned: bool = False) -> list[
         if epochs <= 0:
             continue
         options = {"accumulate_steps": t.accumulate_steps, **options}
-        if options.get("lr_decay_steps"):
+        if options.get("lr_decay_batches"):
             options["lr_gamma"] = t.lr_gamma
         phases.append(Phase(name=name, first_step=step, num_steps=epochs * epoch, **options))
         step += epochs * epoch
     return phases
+
+
+def step_lr(rate: float, phase: Phase) -> optax.Schedule:
+    """The reference's StepLR (stepped at every epoch end) as a function of the optimizer
+    update count u: update u applies the gradients of the phase's batches up to
+    ``b = (u + 1) k - 1`` and runs in that batch's epoch, after ``b // lr_decay_batches``
+    decays. (A period of updates, ``lr_decay_batches / k``, would land a fractional boundary
+    one update late.)"""
+    k, period, gamma = phase.accumulate_steps, phase.lr_decay_batches, phase.lr_gamma
+    return lambda count: rate * gamma ** (((count + 1) * k - 1) // period)
 
 
 def make_optimizer(phase: Phase) -> optax.GradientTransformation:
@@ -93,10 +103,8 @@ def make_optimizer(phase: Phase) -> optax.GradientTransformation:
         if rate is None:
             transforms[group] = optax.set_to_zero()
             continue
-        if phase.lr_decay_steps:
-            rate = optax.exponential_decay(
-                rate, phase.lr_decay_steps, phase.lr_gamma, staircase=True
-            )
+        if phase.lr_decay_batches:
+            rate = step_lr(rate, phase)
         transforms[group] = optax.adam(rate, b1=0.9, b2=0.999, eps=1e-8)
     tx = optax.multi_transform(transforms, param_group_labels)
     if phase.accumulate_steps > 1:

@@ -77,6 +77,16 @@ class StepConfig:
         )
 
 
+# nnx draws parameter-initialisation keys as fold_in(key(seed), n): the augmentation keys are
+# folded from a tagged key so they never repeat those.
+_AUGMENTATION_TAG = 0x61756720  # "aug "
+
+
+def augmentation_key(seed: int, step: jax.Array | int) -> jax.Array:
+    """The key of training step ``step``'s view augmentation."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _AUGMENTATION_TAG), step)
+
+
 def device_views(
     batch: dict[str, jax.Array], key: jax.Array | None, step_config: StepConfig
 ) -> jax.Array:
@@ -104,7 +114,7 @@ def make_train_step(
 
     def step(state: TrainState, batch: dict, class_weights: jax.Array):
         # The augmentation key depends only on (seed, step): a resumed run draws the same.
-        key = jax.random.fold_in(jax.random.key(step_config.seed), state.step)
+        key = augmentation_key(step_config.seed, state.step)
         views = device_views(batch, key, step_config)
         labels = batch["label"]
         prototype_class = state.constants["prototype_class"][...]

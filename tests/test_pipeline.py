@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from protomask_jax.cli import UserError
 from protomask_jax.data import pipeline
 from protomask_jax.data import records as records_lib
 
@@ -89,15 +90,27 @@ def test_stratified_validation_split_is_deterministic():
     assert [int(np.sum(labels[val] == c)) for c in range(3)] == [2, 2, 1]
 
 
-def test_train_stream_visits_every_image_once_per_epoch(record_set):
+def test_train_stream_epochs_are_single_passes_without_a_straddling_batch(record_set):
     records, _ = record_set
     indices = np.arange(len(records))
+    # 10 images, batches of 4: an epoch is 2 batches; the 2 images its permutation puts
+    # last sit that epoch out.
     stream = pipeline.train_stream(records, indices, SPEC, global_batch=4, seed=7)
-    ids = np.concatenate([next(stream)["image_id"] for _ in range(5)])  # 20 = 2 epochs
+    ids = np.stack([next(stream)["image_id"] for _ in range(6)]).reshape(3, 8)
     stream.close()
-    assert sorted(ids[:10]) == list(range(100, 110))
-    assert sorted(ids[10:]) == list(range(100, 110))
-    assert list(ids[:10]) != list(ids[10:])  # a fresh permutation each epoch
+    for epoch in range(3):
+        order = np.random.default_rng((7, epoch)).permutation(10)
+        np.testing.assert_array_equal(ids[epoch], 100 + order[:8])
+        assert len(set(ids[epoch].tolist())) == 8
+    assert len({tuple(sorted(e)) for e in ids.tolist()}) > 1  # a different few sit out
+    # 8 images in batches of 4: every image exactly once per epoch.
+    stream = pipeline.train_stream(records, indices[:8], SPEC, global_batch=4, seed=3)
+    ids = np.stack([next(stream)["image_id"] for _ in range(6)]).reshape(3, 8)
+    stream.close()
+    for epoch in range(3):
+        assert sorted(ids[epoch].tolist()) == list(range(100, 108))
+    with pytest.raises(UserError, match="batch_size=16 is larger than the 10"):
+        pipeline.train_stream(records, indices, SPEC, global_batch=16, seed=3)
 
 
 def test_train_stream_resumes_with_the_same_batches(record_set):
@@ -108,6 +121,7 @@ def test_train_stream_resumes_with_the_same_batches(record_set):
     state = full.get_state()
     full.close()
     assert state == {"batches_consumed": 6}
+    # batch 3 is the middle of epoch 1 (2 batches per epoch)
     resumed = pipeline.train_stream(records, indices, SPEC, global_batch=4, seed=1, start_batch=3)
     for expected in batches[3:]:
         got = next(resumed)

@@ -1,5 +1,7 @@
 """The jitted train step: phases move only their groups, it compiles once, accumulation."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,11 +116,11 @@ def test_gradient_accumulation_updates_every_k_batches():
 
 def test_phase_plan_follows_the_config():
     config = small_config(warmup_epochs=1, joint_epochs=4, finetune_epochs=2, accumulate_steps=2)
-    plan = phases.plan_phases(config, num_train_images=70)  # batch 32 -> 3 steps per epoch
+    plan = phases.plan_phases(config, num_train_images=70)  # batch 32 -> 2 full steps per epoch
     assert [(p.name, p.first_step, p.num_steps) for p in plan] == [
-        ("warmup", 0, 3),
-        ("joint", 3, 12),
-        ("finetune", 15, 6),
+        ("warmup", 0, 2),
+        ("joint", 2, 8),
+        ("finetune", 10, 4),
     ]
     joint = plan[1]
     assert joint.learning_rates == {
@@ -126,6 +128,40 @@ def test_phase_plan_follows_the_config():
         "add_on": config.train.addon_lr,
         "prototypes": config.train.prototype_lr,
     }
-    # StepLR every lr_step_epochs epochs, counted in optimizer updates (3 steps / 2 per update)
-    assert joint.lr_decay_steps == pytest.approx(config.train.lr_step_epochs * 3 / 2)
+    assert joint.lr_decay_batches == config.train.lr_step_epochs * 2
     assert plan[2].trainable == ("last_layer",) and not plan[2].bn_train
+
+
+def test_step_lr_decays_from_the_first_update_that_ends_in_the_decay_epoch():
+    # CUB: 338 steps per epoch, StepLR every 35 epochs, 4 batches per update. Update u ends
+    # on batch 4u + 3; the first decay comes at epoch 35 = batch 11830, so update 2956 (batch
+    # 11827, epoch 34) keeps the rate and update 2957 (batch 11831) has it halved; the second
+    # decay at batch 23660 falls between updates 5914 (23659) and 5915 (23663).
+    cub = phases.Phase("joint", 0, 33800, {"prototypes": 1.0}, 4, lr_decay_batches=35 * 338)
+    cub = dataclasses.replace(cub, lr_gamma=0.5)
+    schedule = phases.step_lr(1.0, cub)
+    rates = [float(schedule(jnp.int32(u))) for u in (0, 2956, 2957, 5914, 5915)]
+    assert rates == [1.0, 1.0, 0.5, 0.5, 0.25]
+    # Through the optimizer: constant gradients make each Adam update the rate itself. Three
+    # batches per epoch, a decay every epoch, two batches per update: updates 0-3 end on
+    # batches 1, 3, 5, 7, in epochs 0, 1, 1, 2.
+    phase = phases.Phase("joint", 0, 8, {"prototypes": 0.1}, 2, lr_decay_batches=3, lr_gamma=0.5)
+    tx = phases.make_optimizer(phase)
+    params = {group: jnp.zeros(()) for group in ("backbone", "add_on", "prototypes", "last_layer")}
+    grads = jax.tree.map(jnp.ones_like, params)
+    state, moves = tx.init(params), []
+    for _ in range(8):
+        updates, state = tx.update(grads, state, params)
+        moves.append(-float(updates["prototypes"]))
+    np.testing.assert_allclose(moves[1::2], [0.1, 0.05, 0.05, 0.025], rtol=1e-4)
+    assert moves[0::2] == [0.0] * 4
+
+
+def test_augmentation_keys_are_not_the_parameter_initialisation_keys():
+    rngs = nnx.Rngs(params=jax.random.key(4861))
+    init_keys = {tuple(np.asarray(jax.random.key_data(rngs.params())).tolist()) for _ in range(500)}
+    augment_keys = {
+        tuple(np.asarray(jax.random.key_data(steps.augmentation_key(4861, s))).tolist())
+        for s in range(500)
+    }
+    assert len(init_keys) == len(augment_keys) == 500 and not init_keys & augment_keys

@@ -5,8 +5,11 @@ in), ``boxes float32 [K, 4]`` (mapped into the canvas, padded cyclically to K), 
 bool [K]``, ``num_masks``, ``label``, ``image_id``, ``weight`` (0 for filler) and, for
 ``input.fill_background == "mask"``, ``masks uint8 [K, M, M]``. Views are cut on the device.
 
-The training stream concatenates one seeded permutation of the training images per epoch,
-cut into global batches of B consecutive positions: no image is dropped, no batch padded.
+The training stream draws one seeded permutation of the training images per epoch and cuts
+its first ``floor(N / B) B`` positions into global batches: an epoch is exactly one pass, no
+image appears twice in it, and the last ``N mod B`` images of each epoch's permutation (a
+different few every epoch) sit that epoch out (the reference's DataLoader keeps a smaller
+last batch instead; ours has a fixed shape and BatchNorm sees no filler rows).
 Evaluation streams visit a split once in order, the last batch padded with zero-weight
 filler. A stream is a pure function of ``(seed, position)``: its state is the number of
 batches consumed, so a resumed run sees the batches an uninterrupted one would. Process
@@ -57,7 +60,8 @@ class PipelineSpec:
 
 class RecordSet:
     """The records of one split, each read once at start-up: its CRCs, its schema
-    (``ImageRecord.from_bytes``) and its image header. A bad record raises ``RecordError``
+    (``ImageRecord.from_bytes``), its labels (in ``[0, num_classes)`` when that is given) and
+    its image header. A bad record raises ``RecordError``
     naming file, offset and image id, or, with ``skip_bad_records``, is left out of ``good``
     and described in ``skipped``. ``labels`` and ``image_ids`` are -1 for skipped records."""
 
@@ -67,8 +71,10 @@ class RecordSet:
         split: str,
         verify_crc: bool = True,
         skip_bad_records: bool = False,
+        num_classes: int | None = None,
     ):
         self.records_dir = Path(records_dir)
+        self.num_classes = num_classes
         self.split = split
         self.reader = records_lib.ShardedRecords(
             records_lib.list_shards(records_dir, split), verify_crc=verify_crc
@@ -95,6 +101,7 @@ class RecordSet:
                         f"{where} (image id {record.image_id}): the image cannot be "
                         f"decoded ({e}); re-export it or set input.skip_bad_records=True."
                     ) from e
+                self._check_label(record, where)
             except records_lib.RecordError as e:
                 if not skip_bad_records:
                     raise
@@ -105,6 +112,14 @@ class RecordSet:
             labels[i] = label if np.ndim(label) == 0 else label[0]
             ids[i] = record.image_id
         return labels, ids
+
+    def _check_label(self, record: records_lib.ImageRecord, where: str) -> None:
+        classes = np.atleast_1d(record.label)
+        if self.num_classes and np.any((classes < 0) | (classes >= self.num_classes)):
+            raise records_lib.RecordError(
+                f"{where} (image id {record.image_id}): label {classes.tolist()} is not in "
+                f"[0, {self.num_classes}) (num_classes of dataset_info.json); re-export it."
+            )
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -216,25 +231,25 @@ class _Element:
 
 
 class _EpochPermutation:
-    """Global stream position -> index into the split, one permutation per epoch."""
+    """Global stream position -> index into the split: epoch ``e`` is the first ``per_epoch``
+    entries of the permutation seeded by ``(seed, e)``."""
 
-    def __init__(self, size: int, seed: int):
-        self.size = size
-        self.seed = seed
+    def __init__(self, size: int, seed: int, per_epoch: int):
+        self.size, self.seed, self.per_epoch = size, seed, per_epoch
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 (one object per pipeline, small cache)
     def permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng((self.seed, epoch)).permutation(self.size)
 
     def __call__(self, position: int) -> int:
-        epoch, i = divmod(position, self.size)
+        epoch, i = divmod(position, self.per_epoch)
         return int(self.permutation(epoch)[i])
 
     def __getstate__(self):
-        return {"size": self.size, "seed": self.seed}
+        return {"size": self.size, "seed": self.seed, "per_epoch": self.per_epoch}
 
     def __setstate__(self, state):
-        self.__init__(state["size"], state["seed"])
+        self.__init__(**state)
 
 
 class _InOrder:
@@ -304,9 +319,16 @@ def train_stream(
     process_count: int = 1,
 ) -> BatchIterator:
     """The endless, shuffled stream of process-local batches of ``record_indices`` from
-    batch ``start_batch`` on; epoch ``e`` uses the permutation seeded by ``(seed, e)``.
-    ``num_workers``: grain worker processes (0: decode in this process, two threads)."""
-    order = _EpochPermutation(len(record_indices), seed)
+    batch ``start_batch`` on; epoch ``e`` (``len // global_batch`` batches) uses the
+    permutation seeded by ``(seed, e)``. ``num_workers``: grain worker processes (0: decode
+    in this process, two threads)."""
+    per_epoch = len(record_indices) // global_batch * global_batch
+    if per_epoch == 0:
+        raise UserError(
+            f"config.input.batch_size={global_batch} is larger than the {len(record_indices)} "
+            "training images; lower it."
+        )
+    order = _EpochPermutation(len(record_indices), seed, per_epoch)
     element = _Element(
         record_set, record_indices, spec, order, global_batch, process_index, process_count
     )
