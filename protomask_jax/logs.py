@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -11,16 +12,30 @@ from tqdm.auto import tqdm
 
 class MetricsWriter:
     """Appends one JSON line per logged step to ``workdir/metrics.jsonl`` and mirrors the
-    scalars to TensorBoard event files in ``workdir/tensorboard`` (process 0 only)."""
+    scalars to TensorBoard event files in ``workdir/tensorboard`` (process 0 only).
 
-    def __init__(self, workdir: str | Path, enabled: bool = True):
+    ``resumed_step``: a run resumed from that step's checkpoint redoes the steps after it,
+    so their rows (and the test rows of an unfinished final evaluation) are removed from
+    ``metrics.jsonl`` and hidden in TensorBoard (its ``purge_step``)."""
+
+    def __init__(self, workdir: str | Path, enabled: bool = True, resumed_step: int | None = None):
         self.enabled = enabled
         self.path = Path(workdir) / "metrics.jsonl"
         self._tensorboard = None
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            if resumed_step is not None and self.path.exists():
+                kept = [
+                    row
+                    for row in read_metrics(workdir)
+                    if row.get("step", 0) <= resumed_step and row.get("phase") != "test"
+                ]
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+                os.replace(tmp, self.path)
+            purge = None if resumed_step is None else resumed_step + 1
+            self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, scalars: dict[str, float], phase: str) -> None:
         if not self.enabled:
@@ -44,7 +59,13 @@ def read_metrics(workdir: str | Path) -> list[dict]:
     path = Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line cut short by a kill
+            continue
+    return [row for row in rows if isinstance(row, dict)]
 
 
 class ProgressBar:

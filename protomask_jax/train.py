@@ -7,6 +7,7 @@ the valid ones. The same command on the same workdir resumes from its latest che
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
 from absl import app, flags
@@ -28,6 +29,8 @@ def main(argv: list[str]) -> int:
         raise app.UsageError("--config is required, e.g. --config configs/demo.py")
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required, e.g. --workdir workdirs/demo")
+    # Until the trainer takes SIGTERM over (while jax is imported), it stops here.
+    signal.signal(signal.SIGTERM, _stop_before_training)
     from protomask_jax import cli, trainer
     from protomask_jax.logs import setup_cli_logging
 
@@ -43,6 +46,11 @@ def main(argv: list[str]) -> int:
         return 2
     print(summary(results))
     return 0
+
+
+def _stop_before_training(signum, frame) -> None:
+    print("stopped before training started (SIGTERM); run the same command to resume")
+    sys.exit(0)
 
 
 def summary(results: dict) -> str:

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -142,6 +143,7 @@ class RunContext(_ModelOnMesh):
 
     workdir: Path
     train_records: pipeline.RecordSet
+    test_records: pipeline.RecordSet
     train_indices: np.ndarray
     val_indices: np.ndarray
     class_weights: jax.Array
@@ -152,9 +154,10 @@ class RunContext(_ModelOnMesh):
     meta: dict[str, Any]
 
 
-def _initial_state(config, mesh) -> tuple[TrainState, np.ndarray | None]:
+def _initial_state(config, mesh, fresh: bool) -> tuple[TrainState, np.ndarray | None]:
     """Step-0 parameters born sharded (or loaded, then placed), without optimizer state, and
-    the class weights an imported ProtoMask brings (None otherwise)."""
+    the class weights an imported ProtoMask brings (None otherwise). ``fresh``: no
+    checkpoint will replace them, so say where they come from."""
     key = jax.random.key(config.seed)
 
     def init(key):
@@ -167,50 +170,123 @@ def _initial_state(config, mesh) -> tuple[TrainState, np.ndarray | None]:
         state = model_lib.split_model(model)[1:]
         state = jax.device_put(state, sharding_lib.tree_shardings(mesh, state))
     else:
+        if fresh:
+            convert.warn_without_pretrained(config)
         shardings = sharding_lib.tree_shardings(mesh, jax.eval_shape(init, key))
         state = jax.jit(init, out_shardings=shardings)(key)
     return TrainState.create(*state), imported_weights
 
 
-def _set_up(config, workdir: Path, source: dict | None) -> tuple[RunContext, TrainState]:
+def _check_workdir(workdir: Path) -> None:
+    """Refuses a workdir that cannot hold a run, before anything is written."""
+    existing = workdir.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise cli.UserError(f"--workdir {workdir}: {existing} is a file; give a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise cli.UserError(
+            f"--workdir {workdir}: {existing} is read-only; give a folder you can write to."
+        )
+
+
+def scan_records(config) -> tuple[dict, pipeline.RecordSet, pipeline.RecordSet]:
+    """``dataset_info.json`` and both splits, each record read once (CRCs, schema, labels,
+    image headers) and checked against it: a bad test record is found before training."""
+    records_dir, skip = config.dataset.records_dir, config.input.skip_bad_records
+    info = records_lib.load_dataset_info(records_dir)
+    config_checks.check_dataset_info(config, info)
+    log.info("checking the records in %s", records_dir)
+    scanned = []
+    for split in ("train", "test"):
+        record_set = pipeline.RecordSet(
+            records_dir, split, skip_bad_records=skip, num_classes=config.dataset.num_classes
+        )
+        config_checks.check_scanned_split(info, record_set)
+        scanned.append(record_set)
+    return info, scanned[0], scanned[1]
+
+
+def _run_to_resume(config, workdir: Path, fingerprint: dict, info: dict) -> dict | None:
+    """The metadata of the workdir's latest checkpoint (None: nothing to resume), after
+    refusing a run of another config or of other records."""
+    if not (workdir / "checkpoints").is_dir():
+        return None
+    manager = ckpt.manager(workdir / "checkpoints", max_to_keep=None)
+    try:
+        latest = manager.latest_step()
+        meta = None if latest is None else ckpt.read_meta(manager, latest)
+    finally:
+        manager.close()
+    if meta is None:
+        return None
+    diffs = ckpt.config_differences(meta["fingerprint"], fingerprint)
+    if diffs:
+        raise config_checks.ConfigError(
+            f"{workdir} holds a checkpoint of a run with a different config:\n  "
+            + "\n  ".join(diffs[:20])
+            + "\nUse a new --workdir, or run with the same config to resume."
+        )
+    records_dir = config.dataset.records_dir
+    config_checks.check_same_records(meta.get("records"), info, records_dir, names_only=False)
+    return meta
+
+
+def _set_up(
+    config, workdir: Path, source: dict | None, max_steps: int | None
+) -> tuple[RunContext, TrainState]:
+    # Every check runs before anything slow and before anything is written to the workdir.
     config_checks.validate(config)
-    workdir.mkdir(parents=True, exist_ok=True)
+    if max_steps is not None and max_steps < 1:
+        raise cli.UserError(f"--max_steps={max_steps}: must be >= 1 (the step to stop after).")
+    _check_workdir(workdir)
+    convert.check_weights(config)
     sharding_lib.maybe_initialize_distributed()
     mesh = sharding_lib.make_mesh(config)
     sharding_lib.check_batch_divisible(config.input.batch_size, mesh, "input.batch_size")
     sharding_lib.check_batch_divisible(config.input.eval_batch_size, mesh, "input.eval_batch_size")
-    records_dir, skip_bad = config.dataset.records_dir, config.input.skip_bad_records
-    config_checks.check_dataset_info(config, records_lib.load_dataset_info(records_dir))
-    train_records = pipeline.RecordSet(records_dir, "train", skip_bad_records=skip_bad)
+    info, train_records, test_records = scan_records(config)
     good = train_records.good
     train_positions, val_positions = pipeline.split_train_validation(
         train_records.labels[good], config.input.validation_fraction, config.seed
     )
     train_indices = good[train_positions]
-    phases = phases_lib.plan_phases(config, len(train_indices), pruned=True)
-    if not phases:
+    if len(train_indices) < config.input.batch_size:
         raise config_checks.ConfigError(
-            "config.train: every phase has 0 epochs; set train.joint_epochs etc."
+            f"config.input.batch_size={config.input.batch_size} is more than the "
+            f"{len(train_indices)} training images (after input.validation_fraction); lower it."
         )
-    state, weights = _initial_state(config, mesh)
+    fingerprint = ckpt.config_fingerprint(config.to_dict())
+    resumed = _run_to_resume(config, workdir, fingerprint, info)
+    reached = None if resumed is None else resumed["step"]
+    if max_steps is not None and reached is not None and max_steps <= reached:
+        raise cli.UserError(
+            f"--max_steps={max_steps}: the run in {workdir} is at step {reached} already; give "
+            "a larger --max_steps, or leave it out to finish the run."
+        )
+    state, weights = _initial_state(config, mesh, fresh=resumed is None)
     if weights is None:
         weights = pipeline.class_weights(
             train_records.labels[train_indices], config.dataset.num_classes
         )
+    # ------------------------------------------------------------ the workdir is written
+    workdir.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(
         **_model_on_mesh(config, mesh),
         workdir=workdir,
         train_records=train_records,
+        test_records=test_records,
         train_indices=train_indices,
         val_indices=good[val_positions],
         class_weights=jax.device_put(np.float32(weights), sharding_lib.replicated(mesh)),
-        phases=phases,
+        phases=phases_lib.plan_phases(config, len(train_indices), pruned=True),
         steps_per_epoch=phases_lib.steps_per_epoch(len(train_indices), config.input.batch_size),
-        writer=MetricsWriter(workdir, enabled=jax.process_index() == 0),
+        writer=MetricsWriter(workdir, enabled=jax.process_index() == 0, resumed_step=reached),
         manager=ckpt.manager(workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints),
         meta={
             "config": json.loads(config.to_json()),
-            "fingerprint": ckpt.config_fingerprint(config.to_dict()),
+            "fingerprint": fingerprint,
+            "records": config_checks.records_identity(info),
             "num_prototypes": int(state.params["prototypes"].shape[0]),
             "kept_prototypes": None,
             "pushed": False,
@@ -220,28 +296,23 @@ def _set_up(config, workdir: Path, source: dict | None) -> tuple[RunContext, Tra
             "phase": None,
         },
     )
+    if resumed is not None:
+        state = _restore(ctx, resumed)
+    if jax.process_index() == 0:
+        cli.save_run_config(workdir, config, source)
     return ctx, state
 
 
-def _resume(ctx: RunContext) -> TrainState | None:
-    """The state of the workdir's latest checkpoint (None if it has none)."""
-    latest = ctx.manager.latest_step()
-    if latest is None:
-        return None
-    meta = ckpt.read_meta(ctx.manager, latest)
-    diffs = ckpt.config_differences(meta["fingerprint"], ctx.meta["fingerprint"])
-    if diffs:
-        raise config_checks.ConfigError(
-            f"{ctx.workdir} holds a checkpoint of a run with a different config:\n  "
-            + "\n  ".join(diffs[:20])
-            + "\nUse a new --workdir, or run with the same config to resume."
-        )
+def _restore(ctx: RunContext, meta: dict) -> TrainState:
+    """The state of the checkpoint ``meta`` describes (the workdir's latest)."""
     ctx.meta.update(meta)
     # The checkpoint holds the optimizer state of the phase that saved it.
     phase = next(p for p in ctx.phases if p.name == meta["phase"])
     abstract = _abstract_train_state(ctx.config, ctx.mesh, phase, meta["num_prototypes"])
-    state = ckpt.restore_state(ctx.manager, latest, abstract)
-    log.info("resuming from step %d (phase %s, epoch %s)", latest, meta["phase"], meta["epoch"])
+    state = ckpt.restore_state(ctx.manager, meta["step"], abstract)
+    log.info(
+        "resuming from step %d (phase %s, epoch %s)", meta["step"], meta["phase"], meta["epoch"]
+    )
     return state
 
 
@@ -292,10 +363,7 @@ def evaluate_indices(ctx: RunContext, state, record_set, indices, eval_fn) -> di
 
 def final_evaluation(ctx: RunContext, state) -> dict[str, Any]:
     """Test accuracy of the final state and of the last phase's best checkpoint (if any)."""
-    config = ctx.config
-    test_records = pipeline.RecordSet(
-        config.dataset.records_dir, "test", skip_bad_records=config.input.skip_bad_records
-    )
+    test_records = ctx.test_records
     test_indices = test_records.good
     eval_fn = ctx.eval_fn()
     skipped = {"train": len(ctx.train_records.skipped), "test": len(test_records.skipped)}
@@ -314,8 +382,6 @@ def final_evaluation(ctx: RunContext, state) -> dict[str, Any]:
         results["best"]["step"] = int(best_step)
         best_manager.close()
     results["test_accuracy"] = results.get("best", results["final"])["accuracy"]
-    step = int(jax.device_get(state.step))
-    ctx.writer.write(step, {"test/accuracy": results["test_accuracy"]}, "test")
     return results
 
 
@@ -404,10 +470,17 @@ def enter_phase(ctx: RunContext, phase: Phase, state: TrainState) -> TrainState:
     return state
 
 
+class _Stopped(Exception):
+    """SIGTERM arrived while there was nothing to save (start-up, final evaluation)."""
+
+
 class _StopFlag:
-    """Set by SIGTERM (TPU VM preemption, ``kill``): the loop saves and returns."""
+    """SIGTERM (TPU VM preemption, ``kill``) for the whole run: while ``immediate`` (start-up,
+    final evaluation: every completed step is saved) it raises :class:`_Stopped`; during
+    training it sets ``requested``, and the loop saves and returns."""
 
     requested = False
+    immediate = True
 
     def __enter__(self):
         try:
@@ -417,8 +490,11 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        log.warning("SIGTERM received: saving a checkpoint and stopping.")
         self.requested = True
+        if self.immediate:
+            log.warning("SIGTERM received: stopping (every completed step is saved).")
+            raise _Stopped
+        log.warning("SIGTERM received: saving a checkpoint and stopping.")
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -539,18 +615,32 @@ def train_and_evaluate(
 
     A workdir holding a checkpoint is resumed (same next batch, same parameters as if never
     stopped); one of another config is refused. ``max_steps`` stops after saving at that
-    global step, returning ``{"stopped_at_step": n}``; a later call resumes. ``source`` (the
-    config file and overrides of the command) goes to ``config.json`` with the config.
+    global step, returning ``{"stopped_at_step": n}``; a later call resumes, as after
+    SIGTERM. ``source`` (the config file and overrides of the command) goes to
+    ``config.json`` with the config.
     """
     workdir = Path(workdir)
-    ctx, state = _set_up(config, workdir, source)
-    started = time.time()
-    resumed = _resume(ctx)
-    state = state if resumed is None else resumed
-    if jax.process_index() == 0:  # after _resume: a refused config must not replace the run's
-        cli.save_run_config(workdir, config, source)
-
     with _StopFlag() as stop:
+        try:
+            return _run(config, workdir, max_steps, source, stop)
+        except _Stopped:
+            return {"stopped_at_step": _latest_step(workdir)}
+
+
+def _latest_step(workdir: Path) -> int:
+    if not (workdir / "checkpoints").is_dir():
+        return 0
+    manager = ckpt.manager(workdir / "checkpoints", max_to_keep=None)
+    step = manager.latest_step()
+    manager.close()
+    return step or 0
+
+
+def _run(config, workdir: Path, max_steps: int | None, source, stop: _StopFlag) -> dict:
+    started = time.time()
+    ctx, state = _set_up(config, workdir, source, max_steps)
+    try:
+        stop.immediate = False
         for phase in ctx.phases:
             if int(jax.device_get(state.step)) >= phase.end_step:
                 continue
@@ -558,16 +648,21 @@ def train_and_evaluate(
                 state = enter_phase(ctx, phase, state)
             state, finished = run_phase(ctx, phase, state, stop, max_steps)
             if not finished:
-                _close(ctx)
                 return {"stopped_at_step": int(jax.device_get(state.step))}
-
-    results = final_evaluation(ctx, state)
-    results["train_time_s"] = time.time() - started
-    results["workdir"] = str(workdir)
-    if jax.process_index() == 0:
-        records_lib.write_json_atomic(workdir / "results.json", results)
-    _close(ctx)
-    return results
+        stop.immediate = True
+        if stop.requested:
+            raise _Stopped
+        results = final_evaluation(ctx, state)
+        stop.immediate = False  # from here on a SIGTERM waits for the results to be written
+        step = int(jax.device_get(state.step))
+        ctx.writer.write(step, {"test/accuracy": results["test_accuracy"]}, "test")
+        results["train_time_s"] = time.time() - started
+        results["workdir"] = str(workdir)
+        if jax.process_index() == 0:
+            records_lib.write_json_atomic(workdir / "results.json", results)
+        return results
+    finally:
+        _close(ctx)
 
 
 # ========================================================================= inference
@@ -602,6 +697,10 @@ def restore_trained(config, workdir: str | Path, which: str = "best") -> Trained
             (manager, step), source = best, f"best_{phase_name}"
             break
     meta = ckpt.read_meta(manager, step)
+    records_dir = config.dataset.records_dir
+    if (Path(records_dir) / records_lib.DATASET_INFO).is_file():
+        info = records_lib.load_dataset_info(records_dir)
+        config_checks.check_same_records(meta.get("records"), info, records_dir, names_only=True)
     mesh = sharding_lib.make_mesh(config)
     # Only the phase's optimizer *structure* matters here, not its step counts.
     plan = phases_lib.plan_phases(config, 1, pruned=True)

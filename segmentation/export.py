@@ -12,6 +12,7 @@ writes ``dataset_info.json`` (``docs/design.md``)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -306,7 +307,14 @@ def _plan(
     """Every shard of every split, after refusing shards of an export with other counts."""
     plans: list[ShardPlan] = []
     for split in source.splits():
+        entries = source.entries(split)
         count = int(config.segmentation.shards[split])
+        if len(entries) < count:  # more shards than images would leave empty shard files
+            logging.warning(
+                "split %s has %d images: writing %d shards, not segmentation.shards.%s=%d.",
+                split, len(entries), max(1, len(entries)), split, count,
+            )  # fmt: skip
+            count = max(1, len(entries))
         foreign = sorted(
             p.name
             for p in records_dir.glob(f"{split}-*-of-*.tfrecord")
@@ -317,11 +325,6 @@ def _plan(
                 f"{records_dir} holds '{split}' shards of an export with a different shard "
                 f"count ({foreign[:3]}...), but segmentation.shards.{split}={count}. Delete "
                 "them or export to another config.dataset.records_dir."
-            )
-        entries = source.entries(split)
-        if len(entries) < count:
-            logging.warning(
-                "split %s has %d images for %d shards; some stay empty.", split, len(entries), count
             )
         plans += plan_shards(entries, split, count, records_dir)
     return plans
@@ -349,7 +352,6 @@ def export(
     source = sources.get_source(config)
     _check_config(config, source, source.splits())
     records_dir = Path(config.dataset.records_dir)
-    records_dir.mkdir(parents=True, exist_ok=True)
     num_classes = len(source.class_names)
     plans = _plan(config, source, records_dir)
     fingerprints = {plan.path: _fingerprint(config, source, plan) for plan in plans}
@@ -357,19 +359,21 @@ def export(
     mine = [p for p in plans if p.index % num_shards == shard_index]
     todo = [p for p in mine if not p.is_complete()]
     skipped = [p for p in mine if p.is_complete()]
+    # The segmenter (and its weights) is checked before anything is written.
+    segmenter = segmenters.get_segmenter(config, sam_model=sam_model) if todo else None
+    records_dir.mkdir(parents=True, exist_ok=True)
+    for plan in mine:  # what a killed run of this process left: no other process writes these
+        for tmp in records_dir.glob(plan.path.name + ".*" + records.TMP_SUFFIX):
+            tmp.unlink(missing_ok=True)
     for plan in skipped:
         _load_stats(plan, num_classes, fingerprints[plan.path])
     if todo:
         from tqdm import tqdm
 
-        segmenter = segmenters.get_segmenter(config, sam_model=sam_model)
         total = sum(len(p.entries) for p in todo)
         method = config.segmentation.method
         with tqdm(total=total, unit="img", disable=not progress, desc=f"export {method}") as bar:
             for plan in todo:
-                # Temporaries a killed process left for this (not yet complete) shard.
-                for tmp in plan.path.parent.glob(plan.path.name + "*" + records.TMP_SUFFIX):
-                    tmp.unlink(missing_ok=True)
                 fingerprint = fingerprints[plan.path]
                 _write_shard(plan, source, segmenter, config, fingerprint, lambda: bar.update(1))
 
@@ -383,6 +387,11 @@ def export(
             split_stats[p.split].append(_load_stats(p, num_classes, fingerprints[p.path]))
         dataset_info = _dataset_info(config, source, split_stats)
         records.write_json_atomic(records_dir / records.DATASET_INFO, dataset_info)
+        # Another process may be writing its own copy now; one a minute old is a killed run's.
+        for tmp in records_dir.glob(records.DATASET_INFO + ".*" + records.TMP_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - tmp.stat().st_mtime > 60:
+                    tmp.unlink()
     return ExportResult(
         records_dir=records_dir,
         shards_written=[p.path.name for p in todo],

@@ -158,7 +158,13 @@ def load_sam_model(model_type: str, checkpoint: str, checkpoint_sha256: str = ""
                 "or a different model."
             )
     model = sam_model_registry[model_type]()
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a file it cannot read
+        raise SegmenterError(
+            f"SAM checkpoint {path} is not a file torch.load(weights_only=True) can read "
+            f"({type(e).__name__}); check segmentation.sam.checkpoint."
+        ) from None
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:

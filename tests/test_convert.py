@@ -185,14 +185,18 @@ def test_whole_protomask_file_given_as_backbone_suggests_import():
         convert.load_torch_resnet(ResNet(BASIC, rngs=nnx.Rngs(0)), state_dict)
 
 
-def test_file_load_with_sha256(tmp_path):
+def test_file_load_with_sha256(tmp_path, caplog):
     torch_model = _torch_resnet(BASIC)
     path = tmp_path / "backbone.pth"
     torch.save(torch_model.state_dict(), path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
 
     backbone = ResNet(BASIC, rngs=nnx.Rngs(0))
-    convert.load_torch_resnet(backbone, path, expected_sha256=digest.upper())
+    with caplog.at_level("INFO", logger="protomask_jax"):
+        convert.load_torch_resnet(backbone, path, expected_sha256=digest.upper())
+    # What was loaded is logged: the file's hash and its tensor count.
+    count = len(torch_model.state_dict())
+    assert f"sha256 {digest}, {count} tensors" in caplog.text
     np.testing.assert_array_equal(backbone.bn1.var[...], torch_model.bn1.running_var.numpy())
     np.testing.assert_array_equal(
         backbone.conv1.kernel[...], torch_model.conv1.weight.detach().numpy().transpose(2, 3, 1, 0)
@@ -223,3 +227,24 @@ def test_load_pretrained_from_config(tmp_path):
     config.model.pretrained = str(path)
     with pytest.raises(ValueError, match="only one"):
         convert.load_pretrained(model, config)
+
+
+def test_weights_mistakes_are_user_errors_and_random_weights_are_announced(tmp_path, caplog):
+    from configs import common
+    from protomask_jax.cli import UserError
+
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a torch file")
+    for path, sha, message in (
+        (tmp_path / "missing.pth", "", "No state_dict file"),
+        (garbage, "0" * 64, "SHA-256 mismatch"),
+        (garbage, "", "torch.load"),
+    ):
+        with pytest.raises(UserError, match=message):
+            convert.read_state_dict(path, expected_sha256=sha)
+    config = common.get_base_config()
+    for backbone, warned in (("resnet50", True), ("resnet_micro", False)):
+        config.model.backbone = backbone
+        caplog.clear()
+        convert.warn_without_pretrained(config)
+        assert ("starts from random weights" in caplog.text) == warned

@@ -184,9 +184,21 @@ def test_resume_rewrites_only_missing_shards_identically(tmp_path):
         records_dir / records.DATASET_INFO,
     ):
         path.unlink()
-    stale = records_dir / f"{victim.name}.4242-1.tmp"  # left by a killed process
-    stale.write_bytes(b"partial")
+    # Temporaries killed processes left: a shard's, a complete shard's sidecar's, and a
+    # dataset_info.json's (an old one; a fresh one may be another process's, kept).
+    stale = [
+        records_dir / f"{victim.name}.4242-1.tmp",
+        records_dir / f"{kept.name}{export.STATS_SUFFIX}.4242-2.tmp",
+        records_dir / f"{records.DATASET_INFO}.4242-3.tmp",
+    ]
+    for path in stale:
+        path.write_bytes(b"partial")
+    os.utime(stale[2], (time.time() - 120,) * 2)
+    fresh = records_dir / f"{records.DATASET_INFO}.4243-1.tmp"
+    fresh.write_bytes(b"being written")
     result = export.export(config, progress=False)
+    assert fresh.exists() and not any(path.exists() for path in stale)
+    fresh.unlink()
     assert result.shards_written == [victim.name]
     assert len(result.shards_skipped) == 3
     assert kept.stat().st_mtime_ns == kept_mtime
@@ -207,6 +219,18 @@ def test_other_settings_or_shard_counts_are_refused(tmp_path):
     config.segmentation.shards.train = 2
     with pytest.raises(export.ExportError, match="different shard count"):
         export.export(config, progress=False)
+
+
+def test_more_shards_than_images_writes_one_shard_per_image(tmp_path):
+    config = _parts_world_config(tmp_path, "grid")  # 4 test images
+    config.segmentation.shards.test = 9
+    info = export.export(config, progress=False).dataset_info
+    shards = records.list_shards(config.dataset.records_dir, "test")
+    assert [s.name for s in shards] == [f"test-0000{j}-of-00004.tfrecord" for j in range(4)]
+    assert [len(records.read_index(s)) for s in shards] == [1, 1, 1, 1]
+    assert info["splits"]["test"]["num_shards"] == 4
+    # the same config resumes onto the same (clamped) shards
+    assert export.export(config, progress=False).shards_written == []
 
 
 def test_config_and_dataset_errors(tmp_path):

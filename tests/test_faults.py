@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from test_train import TINY_OVERRIDES, final_state_leaves, tiny_config
 
-from protomask_jax import trainer
+from protomask_jax import cli, config_checks, trainer
 from protomask_jax.data import pipeline
 from protomask_jax.data import records as records_lib
+from protomask_jax.logs import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -241,3 +242,215 @@ def test_cli_refuses_bad_input_with_what_to_fix(tmp_path, args, message):
     assert message in result.stderr
     if message.startswith("config."):  # our own checks: one line, exit code 2, no traceback
         assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------ user mistakes: one line, nothing written
+
+
+def _one_line(completed) -> str:
+    """The single ``error:`` line of a refused command (exit code 2, no traceback)."""
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 2 and "Traceback" not in output, output[-3000:]
+    errors = [line for line in completed.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, completed.stderr[-3000:]
+    return errors[0]
+
+
+def _damaged_records(tiny_records, tmp_path):
+    """Copies of the tiny records, each with one fault, by name."""
+    damaged = {}
+    for name, fault in {
+        "info_bytes": lambda d: (d / "dataset_info.json").write_bytes(bytes(range(256))),
+        "info_text": lambda d: (d / "dataset_info.json").write_text("8 classes of birds\n"),
+        "info_null": lambda d: (d / "dataset_info.json").write_text("null"),
+        "info_names": _drop_a_class_name,
+        "test_shard": _flip_a_record_byte,
+        "train_index": _flip_an_index_byte,
+    }.items():
+        damaged[name] = _copy_records(tiny_records, tmp_path / name)
+        fault(damaged[name])
+    return damaged
+
+
+def _drop_a_class_name(records_dir):
+    info = json.loads((records_dir / "dataset_info.json").read_text())
+    info["class_names"].pop()
+    (records_dir / "dataset_info.json").write_text(json.dumps(info))
+
+
+def _flip_a_record_byte(records_dir):
+    shard = records_lib.list_shards(records_dir, "test")[0]
+    data = bytearray(shard.read_bytes())
+    data[int(records_lib.read_index(shard)[2, 0]) + 50] ^= 0x10
+    shard.write_bytes(bytes(data))
+
+
+def _flip_an_index_byte(records_dir):
+    index = Path(f"{records_lib.list_shards(records_dir, 'train')[1]}.index")
+    data = bytearray(index.read_bytes())
+    data[16 * 3] ^= 0x01  # the offset of record 3
+    index.write_bytes(bytes(data))
+
+
+def test_user_mistakes_end_in_one_line_before_anything_is_written(tiny_records, tmp_path):
+    """Each mistake through the real CLI: exit code 2, one line naming what to fix, no
+    traceback, and no workdir (nor records folder) left behind."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests import _trained_run
+
+    config_file = _trained_run.write_config_file(tmp_path / "tiny.py", tiny_records)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(os.urandom(1000))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.access(read_only, os.W_OK):  # root writes anywhere; /proc/sys is read-only even so
+        read_only = Path("/proc/sys")
+    damaged = _damaged_records(tiny_records, tmp_path)
+    train = {
+        "weights_missing": (["--config.model.pretrained=/nonexistent/r50.pth"], "No state_dict"),
+        "weights_hash": (
+            [f"--config.model.pretrained={garbage}", "--config.model.pretrained_sha256=ab"],
+            "SHA-256 mismatch",
+        ),
+        "protomask_not_torch": ([f"--config.model.import_protomask={garbage}"], "torch.load"),
+        "seed": (["--config.seed=-1"], "config.seed: must be in [0, 2**32), got -1"),
+        # Found before the records are read (their folder does not exist).
+        "no_epochs": (
+            [
+                "--config.train.joint_epochs=0",
+                "--config.train.finetune_epochs=0",
+                "--config.dataset.records_dir=/nonexistent",
+            ],
+            "every phase has 0 epochs",
+        ),  # fmt: skip
+        "keep_none": (["--config.train.keep_checkpoints=0"], "config.train.keep_checkpoints"),
+        "max_steps": (["--max_steps=0"], "--max_steps=0: must be >= 1"),
+        "mesh": (["--config.mesh.data=16"], "config.mesh.data=16"),
+        "batch": (["--config.input.batch_size=24"], "more than the 20 training images"),
+        "workdir_file": ([], "is a file; give a folder"),
+        "workdir_read_only": ([], "is read-only"),
+        "info_bytes": ([], "dataset_info.json is not valid JSON"),
+        "info_text": ([], "dataset_info.json is not valid JSON"),
+        "info_null": ([], "dataset_info.json holds null"),
+        "info_names": ([], "class_names must be 4 distinct"),
+        "test_shard": ([], "test-00000-of-00001.tfrecord at byte offset"),
+        "train_index": ([], "train-00001-of-00002.tfrecord.index: the offsets"),
+    }
+    workdirs = {"workdir_file": a_file, "workdir_read_only": read_only / "run"}
+
+    def run_train(name):
+        args, _ = train[name]
+        records = [f"--config.dataset.records_dir={damaged[name]}"] if name in damaged else []
+        workdir = workdirs.get(name, tmp_path / f"run_{name}")
+        return _trained_run.run_module(
+            "protomask_jax.train", "--config", str(config_file), "--workdir", str(workdir),
+            *records, *args,
+        )  # fmt: skip
+
+    sam = [
+        "--config", "configs/demo.py", f"--config.dataset.root={tiny_records.parent}/dataset",
+        "--config.dataset.num_classes=4", "--config.dataset.synthetic.num_classes=4",
+        "--config.dataset.synthetic.image_size=64", "--config.dataset.synthetic.train_per_class=6",
+        "--config.dataset.synthetic.test_per_class=2", "--config.segmentation.method=sam",
+        f"--config.dataset.records_dir={tmp_path / 'sam_records'}",
+    ]  # fmt: skip
+    export = {
+        "sam_missing": (["--config.segmentation.sam.checkpoint=/nonexistent/sam.pth"], "not found"),
+        "sam_hash": (
+            [
+                f"--config.segmentation.sam.checkpoint={garbage}",
+                "--config.segmentation.sam.checkpoint_sha256=ab",
+            ],
+            "does not match segmentation.sam.checkpoint_sha256=ab",
+        ),  # fmt: skip
+        "sam_not_torch": ([f"--config.segmentation.sam.checkpoint={garbage}"], "torch.load"),
+    }
+
+    def run_export(name):
+        return _trained_run.run_module("segmentation.export", *sam, *export[name][0])
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        done = {name: pool.submit(run_train, name) for name in train}
+        done.update({name: pool.submit(run_export, name) for name in export})
+        for name, needle in [(n, m) for n, (_, m) in {**train, **export}.items()]:
+            line = _one_line(done[name].result())
+            assert needle in line, (name, line)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(("run_", "sam_"))]
+    assert leftovers == [] and not (read_only / "run").exists()
+
+
+def _sigterm_then(function):
+    def wrapped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled before the next line runs
+        return function(*args, **kwargs)
+
+    return wrapped
+
+
+def test_a_resumed_run_logs_each_step_once_and_refuses_what_would_go_wrong(
+    tiny_records, tmp_path, monkeypatch
+):
+    records_dir = _copy_records(tiny_records, tmp_path / "records")
+    workdir = tmp_path / "run"
+    extra = {"train.log_every_steps": 1}
+    config = cli.absolute_paths(tiny_config(records_dir, **extra))  # as the CLI resolves it
+    # 18 training images in batches of 8: 2 steps per epoch, 6 in all (joint 4, finetune 2).
+    assert trainer.train_and_evaluate(config, workdir, max_steps=3) == {"stopped_at_step": 3}
+    # As if killed after logging step 4 (and half a line) but before its checkpoint.
+    metrics = workdir / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write(json.dumps({"step": 4, "phase": "joint", "train/loss": 99.0}) + '\n{"step": 5')
+    before = metrics.read_bytes()
+    # --max_steps at or below the step reached trains nothing: one line.
+    command = _command(records_dir, workdir, **extra) + ["--max_steps=3"]
+    assert "the run in" in _one_line(_run(command)) and metrics.read_bytes() == before
+
+    # Records whose class names changed: neither resumed nor evaluated.
+    info_path = records_dir / "dataset_info.json"
+    original = info_path.read_text()
+    info = json.loads(original)
+    info["class_names"][1] = "renamed"
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(config_checks.ConfigError, match="class 1 is 'renamed' here but 'red-"):
+        trainer.train_and_evaluate(config, workdir)
+    with pytest.raises(config_checks.ConfigError, match="class 1 is 'renamed' here"):
+        trainer.restore_trained(config, workdir)
+    info_path.write_text(original)
+
+    # SIGTERM during start-up, then during the final evaluation: stopped, nothing lost.
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "_initial_state", _sigterm_then(trainer._initial_state))
+        assert trainer.train_and_evaluate(config, workdir) == {"stopped_at_step": 3}
+    assert metrics.read_bytes() == before
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "final_evaluation", _sigterm_then(trainer.final_evaluation))
+        assert trainer.train_and_evaluate(config, workdir) == {"stopped_at_step": 6}
+    assert not (workdir / "results.json").exists()
+    trainer.train_and_evaluate(config, workdir)
+    rows = read_metrics(workdir)
+    assert [row["step"] for row in rows if "train/loss" in row] == [1, 2, 3, 4, 5, 6]
+    assert 99.0 not in [row.get("train/loss") for row in rows]
+    logged = [(row["step"], row["phase"], key) for row in rows for key in row if "/" in key]
+    assert len(logged) == len(set(logged)) and sum("test/accuracy" in r for r in rows) == 1
+
+
+def test_sigterm_during_start_up_stops_with_the_loop_s_message(tiny_records, tmp_path):
+    process = subprocess.Popen(
+        _command(tiny_records, tmp_path / "run"),
+        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if "checking the records" in line:  # the trainer's start-up has begun
+            process.send_signal(signal.SIGTERM)
+            break
+    out, err = process.communicate(timeout=600)
+    err = "".join(seen) + err
+    assert "checking the records" in err and process.returncode == 0, err[-3000:]
+    assert "SIGTERM received" in err and "Traceback" not in err
+    assert "stopped at step" in out and "run the same command to resume" in out

@@ -21,6 +21,7 @@ from typing import Any
 
 import google_crc32c
 import numpy as np
+from google.protobuf.message import DecodeError
 from tensorflow_datasets.proto import tf_example_pb2
 
 from protomask_jax.cli import UserError
@@ -117,9 +118,20 @@ def read_index(path: str | os.PathLike) -> np.ndarray:
             "`python -m protomask_jax.data.records --reindex <shard>` or re-run the export."
         )
     raw = index_path.read_bytes()
+    rebuild = f"rebuild it: python -m protomask_jax.data.records --reindex {path}"
     if len(raw) % 16:
-        raise RecordError(f"{index_path}: size {len(raw)} is not a multiple of 16 bytes.")
-    return np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
+        raise RecordError(f"{index_path}: size {len(raw)} is not a multiple of 16 bytes; {rebuild}")
+    index = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
+    # Records lie back to back from offset 0 and the index covers the whole shard; a shard
+    # shorter than its index is left to the reader (truncated records, skippable one by one).
+    lengths = index[:, 1].astype(np.int64) if np.all(index[:, 1] < 1 << 40) else None
+    ends = None if lengths is None else np.cumsum(lengths + _HEADER.size + _FOOTER.size)
+    if ends is None or not np.array_equal(index[:, 0], np.concatenate([[0], ends])[:-1]):
+        raise RecordError(f"{index_path}: the offsets are not those of the shard; {rebuild}")
+    size = Path(path).stat().st_size
+    if (int(ends[-1]) if len(ends) else 0) < size:
+        raise RecordError(f"{index_path} does not cover all of {path} ({size} bytes); {rebuild}")
+    return index
 
 
 class ShardedRecords(Sequence):
@@ -159,13 +171,15 @@ class ShardedRecords(Sequence):
         i %= n
         shard = int(np.searchsorted(self._starts, i, side="right") - 1)
         offset, length = (int(v) for v in self._index[i])
-        fd = self._files.get(shard)
-        if fd is None:
-            fd = self._files[shard] = os.open(self.paths[shard], os.O_RDONLY)
-        # pread: no shared file position, so grain's reader threads can share the descriptor.
-        raw = os.pread(fd, _HEADER.size + length + _FOOTER.size, offset)
+        if shard not in self._files:
+            fd = os.open(self.paths[shard], os.O_RDONLY)
+            self._files[shard] = fd, os.fstat(fd).st_size
+        fd, size = self._files[shard]
         where = f"{self.paths[shard]} at byte offset {offset} (record {i - self._starts[shard]})"
-        if len(raw) != _HEADER.size + length + _FOOTER.size:
+        total = _HEADER.size + length + _FOOTER.size
+        # pread: no shared file position, so grain's reader threads can share the descriptor.
+        raw = os.pread(fd, total, offset) if offset + total <= size else b""
+        if len(raw) != total:
             raise RecordError(f"{where}: truncated record; re-run the export for this shard.")
         stored_length, length_crc = _HEADER.unpack_from(raw)
         data = raw[_HEADER.size : _HEADER.size + length]
@@ -190,7 +204,7 @@ class ShardedRecords(Sequence):
         return state
 
     def close(self) -> None:
-        for fd in self._files.values():
+        for fd, _ in self._files.values():
             os.close(fd)
         self._files.clear()
 
@@ -237,7 +251,10 @@ def encode_example(features: dict[str, Any]) -> bytes:
 def parse_example(data: bytes) -> dict[str, Any]:
     """Parses ``tf.train.Example`` bytes into ``{key: list[bytes] | int64[] | float32[]}``."""
     example = tf_example_pb2.Example()
-    example.ParseFromString(data)
+    try:
+        example.ParseFromString(data)
+    except DecodeError as e:
+        raise RecordError(f"not a tf.train.Example ({e})") from None
     out: dict[str, Any] = {}
     for key, feature in example.features.feature.items():
         kind = feature.WhichOneof("kind")
@@ -304,6 +321,18 @@ class ImageRecord:
     @classmethod
     def from_bytes(cls, data: bytes, where: str = "record") -> ImageRecord:
         """Parses and validates one record; ``where`` names it in error messages."""
+        try:
+            return cls._from_bytes(data, where)
+        except RecordError as e:
+            raise RecordError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+        except (ValueError, TypeError, IndexError, AttributeError, UnicodeDecodeError) as e:
+            raise RecordError(
+                f"{where}: a feature has the wrong type or size ({type(e).__name__}: {e}); "
+                "not a protomask record. Re-export it or set input.skip_bad_records=True."
+            ) from None
+
+    @classmethod
+    def _from_bytes(cls, data: bytes, where: str) -> ImageRecord:
         f = parse_example(data)
         required = ("image/encoded", "image/id", "image/label", "masks/count")
         missing = [k for k in required if k not in f]
@@ -435,19 +464,70 @@ def list_shards(records_dir: str | os.PathLike, split: str) -> list[Path]:
 
 
 def load_dataset_info(records_dir: str | os.PathLike) -> dict[str, Any]:
-    """Reads ``dataset_info.json`` and checks its schema version."""
+    """Reads ``dataset_info.json`` and checks its schema: version, types and counts."""
     path = Path(records_dir) / DATASET_INFO
     if not path.exists():
         raise RecordError(
             f"{path} not found. Run `python -m segmentation.export --config <config>` first."
         )
-    info = json.loads(path.read_text())
+    redo = "re-run the export (python -m segmentation.export --config <config>) to rewrite it"
+    try:
+        info = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise RecordError(f"{path} is not valid JSON ({e}); {redo}.") from None
+    if not isinstance(info, dict):
+        raise RecordError(f"{path} holds {json.dumps(info)[:40]}, not a JSON object; {redo}.")
     if info.get("schema_version") != SCHEMA_VERSION:
         raise RecordError(
             f"{path}: schema version {info.get('schema_version')} but this code reads "
             f"version {SCHEMA_VERSION}; re-export the dataset."
         )
+    problem = _dataset_info_problem(info)
+    if problem:
+        raise RecordError(f"{path}: {problem}; {redo}.")
     return info
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _dataset_info_problem(info: dict[str, Any]) -> str | None:
+    """What is wrong with a parsed ``dataset_info.json`` (None if nothing)."""
+    num_classes, names = info.get("num_classes"), info.get("class_names")
+    if not _is_count(num_classes) or num_classes < 1:
+        return f"num_classes must be a positive integer, got {num_classes!r}"
+    if (
+        not (isinstance(names, list) and all(isinstance(n, str) and n for n in names))
+        or len(set(names)) != len(names)
+        or len(names) != num_classes
+    ):
+        return f"class_names must be {num_classes} distinct non-empty strings, got {names!r:.200}"
+    if not isinstance(info.get("multi_label"), bool) or not isinstance(info.get("dataset"), str):
+        return "multi_label must be true or false and dataset a string"
+    parts = info.get("part_names", [])
+    if not (isinstance(parts, list) and all(isinstance(n, str) for n in parts)):
+        return f"part_names must be a list of strings, got {parts!r:.200}"
+    splits = info.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        return f"splits must map each split to its counts, got {splits!r:.200}"
+    for split, counts in splits.items():
+        if not isinstance(counts, dict):
+            return f"splits.{split} must be an object, got {counts!r:.200}"
+        bad = [k for k in ("num_images", "num_masks", "num_shards") if not _is_count(counts.get(k))]
+        per_class = counts.get("class_counts")
+        if not (isinstance(per_class, list) and len(per_class) == num_classes):
+            bad.append(f"class_counts (need {num_classes} counts)")
+        elif not all(_is_count(c) for c in per_class):
+            bad.append("class_counts")
+        if bad:
+            return f"splits.{split}: {', '.join(bad)} must be non-negative integers"
+        images = counts["num_images"]
+        if counts["num_shards"] < 1 or counts["num_masks"] < images:
+            return f"splits.{split}: needs num_shards >= 1 and num_masks >= num_images"
+        if not info["multi_label"] and sum(per_class) != images:
+            return f"splits.{split}: class_counts sum to {sum(per_class)}, not num_images={images}"
+    return None
 
 
 def _unique_tmp(path: Path) -> Path:

@@ -25,7 +25,9 @@ The prototype -> class identity is not in that file: it is an argument, by defau
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -34,8 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from protomask_jax.cli import UserError
 from protomask_jax.models.protomask import ProtoMask
 from protomask_jax.models.resnet import ResNet
+
+log = logging.getLogger(__name__)
 
 StateDictSource = str | os.PathLike | Mapping[str, Any]
 
@@ -59,11 +64,21 @@ _PROTOMASK_HINT = (
 )
 
 
-class StateDictMismatchError(ValueError):
+class WeightsError(UserError):
+    """A weights file is missing, has another SHA-256 or is not a state_dict."""
+
+
+class StateDictMismatchError(UserError):
     """A state_dict does not fit the model: missing, unexpected or wrongly shaped keys."""
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    stat = os.stat(path)
+    return _sha256(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)  # checked at start-up, hashed again when loaded and logged
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -72,10 +87,10 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def verify_sha256(path: str | os.PathLike, expected_sha256: str) -> None:
-    """Raises ValueError naming both hashes if the file's SHA-256 is not ``expected_sha256``."""
+    """Raises WeightsError naming both hashes if the file's SHA-256 is not ``expected_sha256``."""
     actual = file_sha256(path)
     if actual.lower() != expected_sha256.strip().lower():
-        raise ValueError(
+        raise WeightsError(
             f"SHA-256 mismatch for {os.fspath(path)}: expected {expected_sha256.strip()}, "
             f"the file has {actual}. The file is corrupt or a different checkpoint; fix the "
             "path or the expected hash in the config."
@@ -98,19 +113,31 @@ def read_state_dict(
             raise ValueError("expected_sha256 applies to a file; got an in-memory state_dict")
         return {str(key): _to_numpy(value) for key, value in source.items()}
     path = os.fspath(source)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No state_dict file at {path!r}; check the path in the config.")
-    if expected_sha256:
-        verify_sha256(path, expected_sha256)
+    check_file(path, expected_sha256)
     import torch  # lazy: only reading .pth files needs torch
 
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a file it cannot read
+        raise WeightsError(
+            f"{path} is not a file torch.load(weights_only=True) can read ({type(e).__name__});"
+            " check the path in the config (a torch.save(model.state_dict(), path) file)."
+        ) from None
     if not isinstance(loaded, Mapping):
-        raise ValueError(
+        raise WeightsError(
             f"{path} holds a {type(loaded).__name__}, not a state_dict; save the model with "
             "torch.save(model.state_dict(), path)."
         )
+    log.info("read %s: sha256 %s, %d tensors", path, file_sha256(path), len(loaded))
     return {str(key): _to_numpy(value) for key, value in loaded.items()}
+
+
+def check_file(path: str, expected_sha256: str | None = None) -> None:
+    """The weights file exists (and has ``expected_sha256`` when one is given)."""
+    if not os.path.isfile(path):
+        raise WeightsError(f"No state_dict file at {path!r}; check the path in the config.")
+    if expected_sha256:
+        verify_sha256(path, expected_sha256)
 
 
 def _check_shape(
@@ -307,7 +334,7 @@ def _resolve_prototype_class(
 ) -> np.ndarray:
     if prototype_class is None:
         if num_prototypes % num_classes:
-            raise ValueError(
+            raise StateDictMismatchError(
                 f"The checkpoint has {num_prototypes} prototypes for {num_classes} classes "
                 "(not a multiple: it was pruned), and the reference does not save which class "
                 "each prototype belongs to. Pass prototype_class=[P] explicitly."
@@ -348,12 +375,8 @@ def load_pretrained(model: ProtoMask, config: Any) -> np.ndarray | None:
     """Applies ``model.pretrained`` (backbone weights, verified against
     ``model.pretrained_sha256`` when set) or ``model.import_protomask`` (the whole model, whose
     class weights are returned) to ``model``."""
+    check_weights(config)
     model_config = config.model
-    if model_config.pretrained and model_config.import_protomask:
-        raise ValueError(
-            "Set only one of model.pretrained (backbone weights) and model.import_protomask "
-            "(a whole ProtoMask, backbone included)."
-        )
     if model_config.import_protomask:
         return load_quanproto_protomask(model, model_config.import_protomask)
     if model_config.pretrained:
@@ -363,6 +386,32 @@ def load_pretrained(model: ProtoMask, config: Any) -> np.ndarray | None:
             expected_sha256=model_config.pretrained_sha256 or None,
         )
     return None
+
+
+def check_weights(config: Any) -> None:
+    """The weights files ``config.model`` names exist and have their given SHA-256: a check
+    that runs before anything slow, so a mistake costs seconds."""
+    model_config = config.model
+    if model_config.pretrained and model_config.import_protomask:
+        raise WeightsError(
+            "Set only one of model.pretrained (backbone weights) and model.import_protomask "
+            "(a whole ProtoMask, backbone included)."
+        )
+    if model_config.import_protomask:
+        check_file(model_config.import_protomask)
+    if model_config.pretrained:
+        check_file(model_config.pretrained, model_config.pretrained_sha256 or None)
+
+
+def warn_without_pretrained(config: Any) -> None:
+    """Warns that a ResNet with published ImageNet weights starts from random ones."""
+    if config.model.backbone in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
+        log.warning(
+            "model.pretrained is empty: the %s backbone starts from random weights. For "
+            "ImageNet weights pass --config.model.pretrained=<torchvision .pth file> "
+            "(docs/datasets.md, 'Weights').",
+            config.model.backbone,
+        )
 
 
 def _describe(source: StateDictSource) -> str:
