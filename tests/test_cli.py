@@ -87,7 +87,7 @@ def test_cub_commands_as_written_after_training_with_overrides(tmp_path):
         "--config.model.backbone=resnet_micro", "--config.model.prototype_dim=8",
         "--config.model.prototypes_per_class=2", "--config.model.compute_dtype=float32",
         "--config.input.canvas_size=32", "--config.input.view_size=32",
-        "--config.input.num_views=4", "--config.input.batch_size=8",
+        "--config.input.num_views=4", "--config.input.batch_size=6", "--config.mesh.data=2",
         "--config.input.eval_batch_size=8", "--config.input.validation_fraction=0",
         "--config.train.joint_epochs=1", "--config.train.finetune_epochs=1",
     ]  # fmt: skip

@@ -251,10 +251,7 @@ def encode_example(features: dict[str, Any]) -> bytes:
 def parse_example(data: bytes) -> dict[str, Any]:
     """Parses ``tf.train.Example`` bytes into ``{key: list[bytes] | int64[] | float32[]}``."""
     example = tf_example_pb2.Example()
-    try:
-        example.ParseFromString(data)
-    except DecodeError as e:
-        raise RecordError(f"not a tf.train.Example ({e})") from None
+    example.ParseFromString(data)
     out: dict[str, Any] = {}
     for key, feature in example.features.feature.items():
         kind = feature.WhichOneof("kind")
@@ -323,12 +320,12 @@ class ImageRecord:
         """Parses and validates one record; ``where`` names it in error messages."""
         try:
             return cls._from_bytes(data, where)
-        except RecordError as e:
-            raise RecordError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
-        except (ValueError, TypeError, IndexError, AttributeError, UnicodeDecodeError) as e:
+        except RecordError:
+            raise
+        except (DecodeError, ValueError, TypeError, IndexError, AttributeError) as e:
             raise RecordError(
-                f"{where}: a feature has the wrong type or size ({type(e).__name__}: {e}); "
-                "not a protomask record. Re-export it or set input.skip_bad_records=True."
+                f"{where}: not a protomask record ({type(e).__name__}: {e}); re-export it or "
+                "set input.skip_bad_records=True."
             ) from None
 
     @classmethod

@@ -25,7 +25,6 @@ The prototype -> class identity is not in that file: it is an argument, by defau
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -73,28 +72,11 @@ class StateDictMismatchError(UserError):
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    stat = os.stat(path)
-    return _sha256(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=8)  # checked at start-up, hashed again when loaded and logged
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def verify_sha256(path: str | os.PathLike, expected_sha256: str) -> None:
-    """Raises WeightsError naming both hashes if the file's SHA-256 is not ``expected_sha256``."""
-    actual = file_sha256(path)
-    if actual.lower() != expected_sha256.strip().lower():
-        raise WeightsError(
-            f"SHA-256 mismatch for {os.fspath(path)}: expected {expected_sha256.strip()}, "
-            f"the file has {actual}. The file is corrupt or a different checkpoint; fix the "
-            "path or the expected hash in the config."
-        )
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -113,7 +95,7 @@ def read_state_dict(
             raise ValueError("expected_sha256 applies to a file; got an in-memory state_dict")
         return {str(key): _to_numpy(value) for key, value in source.items()}
     path = os.fspath(source)
-    check_file(path, expected_sha256)
+    digest = check_file(path, expected_sha256)
     import torch  # lazy: only reading .pth files needs torch
 
     try:
@@ -128,16 +110,22 @@ def read_state_dict(
             f"{path} holds a {type(loaded).__name__}, not a state_dict; save the model with "
             "torch.save(model.state_dict(), path)."
         )
-    log.info("read %s: sha256 %s, %d tensors", path, file_sha256(path), len(loaded))
+    log.info("read %s: sha256 %s, %d tensors", path, digest, len(loaded))
     return {str(key): _to_numpy(value) for key, value in loaded.items()}
 
 
-def check_file(path: str, expected_sha256: str | None = None) -> None:
-    """The weights file exists (and has ``expected_sha256`` when one is given)."""
+def check_file(path: str, expected_sha256: str | None = None) -> str:
+    """The SHA-256 of a weights file that exists (and has ``expected_sha256`` if given)."""
     if not os.path.isfile(path):
         raise WeightsError(f"No state_dict file at {path!r}; check the path in the config.")
-    if expected_sha256:
-        verify_sha256(path, expected_sha256)
+    actual = file_sha256(path)
+    if expected_sha256 and actual != expected_sha256.strip().lower():
+        raise WeightsError(
+            f"SHA-256 mismatch for {path}: expected {expected_sha256.strip()}, the file has "
+            f"{actual}. The file is corrupt or a different checkpoint; fix the path or the "
+            "expected hash in the config."
+        )
+    return actual
 
 
 def _check_shape(
