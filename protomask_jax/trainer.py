@@ -1,6 +1,7 @@
 """``train_and_evaluate(config, workdir)``: the whole training run, resumable at any step.
 
-Set-up (mesh, records, parameters born sharded) → resume → phases → test evaluation. A
+Set-up (every check first, cheapest first, and nothing written to the workdir until they
+pass; mesh, records, parameters born sharded) → resume → phases → test evaluation. A
 phase starts in :func:`enter_phase` (prune, fresh optimizer state, push, save) and trains in
 :func:`run_phase` (validation per epoch, best checkpoint, saves on schedule or SIGTERM, stop
 on NaN). :func:`restore_trained` hands a finished run to evaluation and explanations.
