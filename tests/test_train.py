@@ -130,9 +130,12 @@ def test_push_leaves_prototypes_on_training_views(tiny_records, tmp_path):
 
 def test_workdir_of_another_config_is_refused(tiny_records, tmp_path):
     trainer.train_and_evaluate(tiny_config(tiny_records), tmp_path, max_steps=1)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     other = tiny_config(tiny_records, **{"train.prototype_lr": 1e-2})
     with pytest.raises(config_checks.ConfigError, match="train.prototype_lr"):
         trainer.train_and_evaluate(other, tmp_path)
+    # nothing written: no new TensorBoard file, config.json and metrics untouched
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
 
 
 @pytest.mark.parametrize(
