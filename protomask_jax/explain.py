@@ -24,7 +24,7 @@ from protomask_jax import cli, config_checks
 from protomask_jax import evaluate as evaluate_lib
 from protomask_jax.data import pipeline
 from protomask_jax.data import records as records_lib
-from protomask_jax.report import curves, gallery, html, panels, pictures
+from protomask_jax.report import curves, gallery, html, panels, pictures, relevance, topimages
 
 REPORT_DIR = "report"
 DEFAULT_NUM_IMAGES = 12
@@ -79,6 +79,12 @@ def _highlights(workdir: Path, eval_results: dict | None) -> list[tuple[str, str
     return highlights
 
 
+def _explained_by(config) -> str:
+    if config.explain.explanation_type == "prp":
+        return f"PRP maps ({config.explain.prp_rule} rule)"
+    return "masks of the winning views"
+
+
 def explain(
     config,
     workdir: str | Path,
@@ -96,6 +102,7 @@ def explain(
     from protomask_jax import trainer
 
     evaluate_lib.require_single_label(config)
+    evaluate_lib.check_explain_config(config)
     workdir, records_dir = Path(workdir), config.dataset.records_dir
     info = records_lib.load_dataset_info(records_dir)
     config_checks.check_dataset_info(config, info)
@@ -112,22 +119,34 @@ def explain(
     if jax.process_index() != 0:
         return out_dir / "index.html"  # every process joins the forward pass; process 0 writes
     sources = gallery.prototype_sources(trained.meta, num_prototypes)
-    train_images = None
-    if any(source.image_id is not None for source in sources):
-        train_set = pipeline.RecordSet(records_dir, "train", skip_bad_records=skip)
-        train_images = pictures.RecordImages(train_set)
+    train_images = pictures.RecordImages(
+        pipeline.RecordSet(records_dir, "train", skip_bad_records=skip)
+    )
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     canvas = pictures.Canvas(out_dir, class_names, pictures.class_colours(num_classes))
     top_k = max(1, min(top_k, num_prototypes))
-    total = num_prototypes + len(chosen) + 1
+    heatmaps = None
+    if config.explain.explanation_type == "prp":
+        view_relevance = relevance.ViewRelevance(trained, config.explain.prp_rule)
+        heatmaps = relevance.Heatmaps(view_relevance, canvas, sources, train_images)
+    total = num_prototypes + len(chosen) + 2
     with tqdm(total=total, desc="rendering report", unit="picture", disable=not progress) as bar:
         training = curves.section(workdir, out_dir)
         bar.update()
         prototypes, drawn = gallery.section(canvas, arrays, sources, train_images, bar.update)
         images = pictures.RecordImages(test_set)
-        explanations = panels.section(canvas, outputs, arrays, images, drawn, top_k, bar.update)
+        explanations = panels.section(
+            canvas, outputs, arrays, images, drawn, top_k, bar.update, heatmaps
+        )
+        shown = panels.shown_prototypes(outputs, arrays, top_k)
+        by_split = {"train": train_images, split: images}
+        if "test" not in by_split:
+            test_set = pipeline.RecordSet(records_dir, "test", skip_bad_records=skip)
+            by_split["test"] = pictures.RecordImages(test_set)
+        top = topimages.section(canvas, workdir, shown, by_split, trained.checkpoint)
+        bar.update()
     eval_results = evaluate_lib.load_eval(workdir)
     facts = [
         ("dataset", config.dataset.name),
@@ -135,9 +154,11 @@ def explain(
         ("checkpoint", trained.checkpoint),
         ("backbone", config.model.backbone),
         ("views per image", str(config.input.num_views)),
+        ("explanations", _explained_by(config)),
         ("workdir", str(workdir)),
     ]
-    sections = [html.metrics_section(eval_results, workdir), training, prototypes, explanations]
+    metrics = html.metrics_section(eval_results, workdir)
+    sections = [metrics, training, prototypes, explanations, top]
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     page = html.page(
         f"ProtoMask explanations: {config.dataset.name}",
