@@ -246,14 +246,14 @@ def run_perturbed(trained, record_set, forward, chunk, top_ids, perturbation) ->
     return _collect(trained, forward, batches, record_set, indices, seed, std)
 
 
-def _prp_frames(model, batch, seed, noise_std, *, view_size, rule, resolution, outside_noise):
+def _prp_frames(model, batch, seed, noise_std, *, view_size, rule, resolution):
     """PRP maps ``[B, j, R, R]`` of prototypes ``batch["ids"] [B, j]`` on their winning views
-    (views in float32, no augmentation), pasted at those views' ``frame_boxes [B, K, 4]``."""
+    (float32, no augmentation), pasted at those views' ``frame_boxes [B, K, 4]``."""
     masks = batch.get("masks")
     views = views_lib.make_views(
         batch["canvas"], batch["boxes"], None, view_size=view_size, masks=masks, dtype=jnp.float32
     )
-    if outside_noise:
+    if "noise_box" in batch:  # the completeness pass's noise (its model pass draws the same)
         views = _noise_outside(views, batch, noise_std, seed)
     maps, winners = prp.relevance_maps(
         model, views, batch["ids"], batch["valid"], prototype_rule=rule
@@ -265,10 +265,9 @@ def _prp_frames(model, batch, seed, noise_std, *, view_size, rule, resolution, o
 class PrpExplanations:
     """The chunks' explanation producer for ``explain.explanation_type="prp"``: the PRP maps
     (docs/prp.md) of a chunk's prototypes ``top_ids [n, j]``, on the device in batches of
-    ``explain.prp_batch_size`` images made as for the chunk's model pass (its perturbation
+    ``explain.prp_batch_size`` images made as for the chunk's model pass (perturbation
     included), pasted into the ``R x R`` frame at the winning view's box
-    (``FrameMaps.view_boxes``) and post-processed as the reference
-    (``ExplanationMaps.from_relevance``)."""
+    (``FrameMaps.view_boxes``), post-processed as the reference (``from_relevance``)."""
 
     def __init__(self, trained, record_set: pipeline.RecordSet, resolution: int):
         config, state = trained.config, trained.state
@@ -277,36 +276,22 @@ class PrpExplanations:
         sharding_lib.check_batch_divisible(self.batch_size, trained.mesh, "explain.prp_batch_size")
         split = (trained.graphdef, state.params, state.batch_stats, state.constants)
         self.model = prp.canonize(split)
-        self.frames = {
-            noise: jax.jit(
-                functools.partial(
-                    _prp_frames,
-                    view_size=config.input.view_size,
-                    rule=config.explain.prp_rule,
-                    resolution=resolution,
-                    outside_noise=noise,
-                )
-            )
-            for noise in (False, True)
-        }
+        rule, view_size = config.explain.prp_rule, config.input.view_size
+        self.frames = jax.jit(
+            functools.partial(_prp_frames, view_size=view_size, rule=rule, resolution=resolution)
+        )
 
-    def relevance(self, chunk) -> np.ndarray:
-        """float32 ``[n, j, R, R]``: the pasted maps before post-processing."""
-        indices = chunk.outputs.record_indices
+    def __call__(self, chunk) -> chunk_lib.ExplanationMaps:
         spec, extras, seed, std = _perturbed_input(self.trained, chunk, chunk.perturbation)
         extras["ids"] = np.asarray(chunk.top_ids, np.int32)
         extras["frame_boxes"] = chunk.maps.view_boxes.astype(np.float32)
-        frames = self.frames["noise_box" in extras]
-        parts = []
+        indices, maps = chunk.outputs.record_indices, []
         for batch in _chunk_batches(
             self.trained, self.record_set, indices, spec, self.batch_size, extras
         ):
-            maps = frames(self.model, batch, seed, std)
-            parts.append(to_host(maps)[to_host(batch["weight"]) > 0])
-        return np.concatenate(parts)
-
-    def __call__(self, chunk) -> chunk_lib.ExplanationMaps:
-        return chunk_lib.ExplanationMaps.from_relevance(self.relevance(chunk))
+            real = to_host(batch["weight"]) > 0
+            maps.append(to_host(self.frames(self.model, batch, seed, std))[real])
+        return chunk_lib.ExplanationMaps.from_relevance(np.concatenate(maps))
 
 
 @dataclasses.dataclass
@@ -537,20 +522,13 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, list[tuple[str, str, 
     return [(title, rows) for title, rows, _ in _sections(results)]
 
 
-def _explained_by(results: dict[str, Any]) -> str:
-    """How eval.json's maps were made (eval.json files from before PRP have no such key)."""
-    kind = results.get("explanation_type")
-    if kind is None:
-        return ""
-    return f", {kind} maps" + (f" ({results['prp_rule']} rule)" if kind == "prp" else "")
-
-
 def format_table(results: dict[str, Any]) -> str:
     """The metrics of :func:`evaluate` as an aligned text table for a person."""
     lines = [
         f"{results.get('dataset', '')} / {results['split']}: {results['num_images']} images, "
         f"{results['num_prototypes']} prototypes, {results['checkpoint']}, "
-        f"mask frame {results['resolution']}x{results['resolution']}{_explained_by(results)}"
+        f"mask frame {results['resolution']}x{results['resolution']}"
+        + "".join(f", {k} {results[k]}" for k in ("explanation_type", "prp_rule") if k in results)
     ]
     for title, rows, notes in _sections(results):
         lines += ["", title, "-" * 64]

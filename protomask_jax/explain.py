@@ -79,12 +79,6 @@ def _highlights(workdir: Path, eval_results: dict | None) -> list[tuple[str, str
     return highlights
 
 
-def _explained_by(config) -> str:
-    if config.explain.explanation_type == "prp":
-        return f"PRP maps ({config.explain.prp_rule} rule)"
-    return "masks of the winning views"
-
-
 def explain(
     config,
     workdir: str | Path,
@@ -119,9 +113,10 @@ def explain(
     if jax.process_index() != 0:
         return out_dir / "index.html"  # every process joins the forward pass; process 0 writes
     sources = gallery.prototype_sources(trained.meta, num_prototypes)
-    train_images = pictures.RecordImages(
-        pipeline.RecordSet(records_dir, "train", skip_bad_records=skip)
-    )
+    record_sets = {split: test_set}  # the train images are the prototypes' sources
+    for other in {"train", "test"} - {split}:
+        record_sets[other] = pipeline.RecordSet(records_dir, other, skip_bad_records=skip)
+    images = {name: pictures.RecordImages(s) for name, s in record_sets.items()}
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
@@ -130,41 +125,43 @@ def explain(
     heatmaps = None
     if config.explain.explanation_type == "prp":
         view_relevance = relevance.ViewRelevance(trained, config.explain.prp_rule)
-        heatmaps = relevance.Heatmaps(view_relevance, canvas, sources, train_images)
+        heatmaps = relevance.Heatmaps(view_relevance, canvas, sources, images["train"])
     total = num_prototypes + len(chosen) + 2
     with tqdm(total=total, desc="rendering report", unit="picture", disable=not progress) as bar:
         training = curves.section(workdir, out_dir)
         bar.update()
-        prototypes, drawn = gallery.section(canvas, arrays, sources, train_images, bar.update)
-        images = pictures.RecordImages(test_set)
+        prototypes, drawn = gallery.section(canvas, arrays, sources, images["train"], bar.update)
         explanations = panels.section(
-            canvas, outputs, arrays, images, drawn, top_k, bar.update, heatmaps
+            canvas, outputs, arrays, images[split], drawn, top_k, bar.update, heatmaps
         )
         shown = panels.shown_prototypes(outputs, arrays, top_k)
-        by_split = {"train": train_images, split: images}
-        if "test" not in by_split:
-            test_set = pipeline.RecordSet(records_dir, "test", skip_bad_records=skip)
-            by_split["test"] = pictures.RecordImages(test_set)
-        top = topimages.section(canvas, workdir, shown, by_split, trained.checkpoint)
+        top = topimages.section(canvas, workdir, shown, images, trained.checkpoint)
         bar.update()
-    eval_results = evaluate_lib.load_eval(workdir)
+    sections = [training, prototypes, explanations, top]
+    return _write_page(config, workdir, out_dir, trained.checkpoint, config_name, sections)
+
+
+def _write_page(config, workdir, out_dir, checkpoint: str, config_name, sections) -> Path:
+    """``out_dir/index.html``: the run's facts, eval.json's metrics and ``sections``."""
+    explained_by = "masks of the winning views"
+    if config.explain.explanation_type == "prp":
+        explained_by = f"PRP maps ({config.explain.prp_rule} rule)"
     facts = [
         ("dataset", config.dataset.name),
         ("config", config_name or "(given in code)"),
-        ("checkpoint", trained.checkpoint),
+        ("checkpoint", checkpoint),
         ("backbone", config.model.backbone),
         ("views per image", str(config.input.num_views)),
-        ("explanations", _explained_by(config)),
+        ("explanations", explained_by),
         ("workdir", str(workdir)),
     ]
-    metrics = html.metrics_section(eval_results, workdir)
-    sections = [metrics, training, prototypes, explanations, top]
+    eval_results = evaluate_lib.load_eval(workdir)
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     page = html.page(
         f"ProtoMask explanations: {config.dataset.name}",
         facts,
         _highlights(workdir, eval_results),
-        sections,
+        [html.metrics_section(eval_results, workdir), *sections],
         f"generated {now} by protomask_jax.explain",
     )
     (out_dir / "index.html").write_text(page, encoding="utf-8")

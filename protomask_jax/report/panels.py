@@ -155,6 +155,10 @@ def _panel(canvas, image_id: int, predicted: int, true: int, logits, rows) -> tu
     ), probability
 
 
+def _read(canvas, name: str | None) -> np.ndarray | None:
+    return None if name is None else np.asarray(Image.open(canvas.out_dir / name).convert("RGB"))
+
+
 def _explain_image(canvas, outputs, n, arrays, images, prototype_pictures, top_k, heatmaps):
     image_id, logits = int(outputs.image_ids[n]), outputs.logits[n]
     decoded = images.get(image_id)
@@ -177,30 +181,25 @@ def _explain_image(canvas, outputs, n, arrays, images, prototype_pictures, top_k
         views, kind = heatmaps.views(decoded, masks, ids, "match_view"), "prp"
     rows, figure_rows = [], []
     for rank, (match, view) in enumerate(zip(matches, views, strict=True), start=1):
-        own = int(arrays.prototype_class[match.prototype])
+        j = match.prototype
+        own = int(arrays.prototype_class[j])
         overlay = decoded.overlay(match.mask_index, canvas.colours[own], "match")
-        stem = f"images/{image_id}_r{rank}"
-        source, source_view = prototype_pictures[match.prototype]
+        source, source_view = prototype_pictures[j]
         if heatmaps is not None and source is not None:
-            source_view = heatmaps.source(match.prototype)
-        drawn = (
-            canvas.save(overlay, f"{stem}_mask.png"),
-            canvas.save(view, f"{stem}_{kind}.png"),
-            source,
-            source_view,
-        )
+            source_view = heatmaps.source(j)
+        stem = f"images/{image_id}_r{rank}"
+        mask_picture = canvas.save(overlay, f"{stem}_mask.png")
+        drawn = (mask_picture, canvas.save(view, f"{stem}_{kind}.png"), source, source_view)
         rows.append(_match_row(rank, match, own, canvas, drawn, float(logits[predicted])))
-        if source is not None:
-            source = np.asarray(Image.open(canvas.out_dir / source).convert("RGB"))
+        this, that = overlay, _read(canvas, source)
         if heatmaps is not None:  # the figure shows each outline beside its heatmap
-            overlay = relevance.hstack(overlay, view)
-            if source is not None:
-                source_heat = np.asarray(Image.open(canvas.out_dir / source_view).convert("RGB"))
-                source = relevance.hstack(source, source_heat)
+            this = relevance.side_by_side(overlay, view)
+            if that is not None:
+                that = relevance.side_by_side(that, _read(canvas, source_view))
         caption = textwrap.fill(canvas.class_names[own], 24, break_on_hyphens=False)
         caption += f"\nsimilarity {match.similarity:.2f}\n"
         caption += f"x weight {match.weight:.2f} = {match.contribution:.2f}"
-        figure_rows.append((overlay, source, f"#{rank}: prototype {match.prototype}", caption))
+        figure_rows.append((this, that, f"#{rank}: prototype {j}", caption))
     panel, probability = _panel(canvas, image_id, predicted, true, logits, rows)
     details = textwrap.fill(f"true: {canvas.class_names[true]}", 26, break_on_hyphens=False)
     explanation_figure(
