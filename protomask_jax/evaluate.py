@@ -6,11 +6,13 @@ the logits ``[N, C]``, the similarity of every prototype's nearest view and the 
 view (the explanation) ``[N, P]``, and for the top-k prototypes the similarity of every view
 ``[N, k, K]`` and the embedding of the winning view ``[N, k, D]``. :func:`compute_metrics`
 walks the images in chunks (``evaluators.chunk.Chunk``: masks and ground truth in one
-``R x R`` frame of the whole image, explanation maps of the top prototypes) through the
-evaluators of the chosen techniques (``protomask_jax/evaluators/``); their groups go to
-``DIR/eval.json`` and a table on stdout. Continuity and output completeness rerun the model on
-a chunk's images perturbed (:func:`run_perturbed`: a photometric change applied by the host
-pipeline, or noise outside a box added to the views on the device).
+``R x R`` frame of the whole image, explanation maps ``[n, k, R, R]`` of the top prototypes:
+PRP maps made on the device per chunk, :class:`PrpExplanations`, or the winning views' masks)
+through the evaluators of the chosen techniques (``protomask_jax/evaluators/``); their groups
+go to ``DIR/eval.json`` and a table on stdout. Continuity and output completeness rerun the
+model on a chunk's images perturbed (:func:`run_perturbed`: a photometric change applied by
+the host pipeline, or noise outside a box added to the views on the device); ``topk`` also
+reads the other split, chunk by chunk, and writes ``DIR/topk.json``.
 """
 
 from __future__ import annotations

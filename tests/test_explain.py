@@ -129,6 +129,17 @@ def test_class_colours_are_distinct():
         assert len(colours) == count == len(set(colours))
 
 
+def test_top_images_section_asks_for_a_topk_json_of_the_checkpoint(tmp_path):
+    from protomask_jax.report import topimages
+
+    section = topimages.section(None, tmp_path, [0], {}, "best_finetune step 9")
+    assert "No topk.json yet" in section.note and not section.body
+    (tmp_path / "topk.json").write_text('{"checkpoint": "best_joint step 3", "prototypes": []}')
+    section = topimages.section(None, tmp_path, [0], {}, "best_finetune step 9")
+    assert "topk.json is of best_joint step 3" in section.note and not section.body
+    assert "--techniques topk` (on best_finetune step 9)" in section.note
+
+
 # ------------------------------------------------------------------ tiny trained run
 
 

@@ -31,13 +31,14 @@ def section(canvas, workdir: Path, prototypes, images: dict, checkpoint: str) ->
     """The rows of ``prototypes`` (ids), ``images[split]`` their ``pictures.RecordImages``."""
     key, nav, heading = "topk", "Top images", "Top images per prototype"
     path = Path(workdir) / evaluate.TOPK_FILE
-    if not path.exists():
+    top = json.loads(path.read_text()) if path.exists() else {}
+    if top.get("checkpoint") != checkpoint:
+        made = f"{path.name} is of {top['checkpoint']}" if top else f"No {path.name} yet"
         note = (
-            f"No {evaluate.TOPK_FILE} yet: run `python -m protomask_jax.evaluate --workdir "
-            f"{workdir} --techniques topk` and re-run this report."
+            f"{made}: run `python -m protomask_jax.evaluate --workdir {workdir} --techniques "
+            f"topk` (on {checkpoint}) and re-run this report."
         )
         return html.Section(key, nav, heading, note)
-    top = json.loads(path.read_text())
     rows = []
     for j in prototypes:
         entry = top["prototypes"][j]
@@ -54,10 +55,9 @@ def section(canvas, workdir: Path, prototypes, images: dict, checkpoint: str) ->
             f'<div class="topk" data-prototype="{j}"><div class="proto">{chip}'
             f'<a href="#prototype-{j}">prototype {j}</a><br>{name}</div>{groups}</div>'
         )
-    stale = "" if top.get("checkpoint") == checkpoint else f" (from {top.get('checkpoint')})"
     note = (
-        f"The {top['k']} training and test images most similar to each prototype shown above"
-        f"{stale}, the matched view's mask outlined in the prototype's class colour; under "
-        "each the true class's colour and the similarity."
+        f"The {top['k']} training and test images most similar to each prototype shown above, "
+        "the matched view's mask outlined in the prototype's class colour; under each the "
+        "true class's colour and the similarity."
     )
     return html.Section(key, nav, heading, note, "".join(rows))
