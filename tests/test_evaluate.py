@@ -303,6 +303,14 @@ def _with(config, **explain):
     return config
 
 
+def _independent(restored, test_set):
+    """``independent_outputs`` and the log-similarities ``[N, P]`` of their distances."""
+    independent = independent_outputs(restored, test_set)
+    eps = restored.config.model.similarity_eps
+    distances = independent["min_distances"].astype(np.float64)
+    return independent, np.log((distances + 1) / (distances + eps))
+
+
 @pytest.mark.slow
 def test_eval_json_matches_metrics_of_independently_collected_arrays(trained):
     from protomask_jax import trainer
@@ -322,10 +330,7 @@ def test_eval_json_matches_metrics_of_independently_collected_arrays(trained):
     # records (the images are 64 px, so the 64 px frame is the image itself).
     test_set = pipeline.RecordSet(records_dir, "test")
     restored = trainer.restore_trained(config, workdir)
-    independent = independent_outputs(restored, test_set)
-    eps = config.model.similarity_eps
-    distances = independent["min_distances"].astype(np.float64)
-    similarities = np.log((distances + 1) / (distances + eps))
+    independent, similarities = _independent(restored, test_set)
     logits, labels = independent["logits"], independent["labels"]
     last_layer = np.asarray(restored.state.params["last_layer"][...]).T
     prototypes = np.asarray(restored.state.params["prototypes"][...])
@@ -586,10 +591,7 @@ def test_eval_json_with_prp_matches_metrics_of_independent_maps(trained):
     assert (results["explanation_type"], results["prp_rule"]) == ("prp", "reference")
     test_set = pipeline.RecordSet(records_dir, "test")
     restored = trainer.restore_trained(config, workdir)
-    independent = independent_outputs(restored, test_set)
-    eps = config.model.similarity_eps
-    distances = independent["min_distances"].astype(np.float64)
-    similarities = np.log((distances + 1) / (distances + eps))
+    independent, similarities = _independent(restored, test_set)
     top5 = chunk.top_indices(similarities, 5)
     maps, _ = _independent_prp(restored, test_set, top5, resolution)
     explanations = chunk.ExplanationMaps.from_relevance(maps)
