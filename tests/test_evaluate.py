@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -38,8 +37,6 @@ from protomask_jax.evaluators import (
     faithfulness,
     frame,
 )
-
-GOLDEN = Path(__file__).parent / "golden"
 
 # ------------------------------------------------------------------------ pixel frame
 
@@ -636,24 +633,3 @@ def _masks(test_set, num_views=4, resolution=32):
         test_set, np.arange(len(test_set)), num_views=num_views, resolution=resolution
     )
     return maps.masks, maps.decisive_masks
-
-
-@pytest.mark.slow
-def test_mask_explanations_give_the_eval_json_of_main(trained):
-    """eval.json of every family with ``explanation_type=mask`` equals the one main wrote for
-    the same weights (held in tests/golden) but for the new ``explanation_type`` key."""
-    from protomask_jax import trainer
-
-    records_dir, workdir = trained
-    golden = json.loads((GOLDEN / "tiny_eval_main.json").read_text())
-    config = _with(tiny_config(records_dir), explanation_type="mask")
-    restored = trainer.restore_trained(config, workdir)
-    prototypes = np.asarray(restored.state.params["prototypes"][...], np.float32)
-    if hashlib.sha256(prototypes.tobytes()).hexdigest() != golden["prototypes_sha256"]:
-        pytest.skip("the tiny run trained to other weights here (XLA:CPU's last bits differ")
-    techniques = [name for name in evaluate.evaluators.TECHNIQUES if name != "topk"]
-    results = evaluate.evaluate(
-        config, workdir, resolution=golden["resolution"], techniques=techniques, progress=False
-    )
-    assert results.pop("explanation_type") == "mask"
-    assert results == golden["eval"]
