@@ -38,6 +38,8 @@ from protomask_jax.evaluators import (
     frame,
 )
 
+GOLDEN = Path(__file__).parent / "golden"
+
 # ------------------------------------------------------------------------ pixel frame
 
 
