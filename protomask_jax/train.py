@@ -44,6 +44,7 @@ def main(argv: list[str]) -> int:
     except trainer.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # everything is written: finish the summary
     print(summary(results))
     return 0
 

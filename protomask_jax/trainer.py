@@ -234,7 +234,7 @@ def _run_to_resume(config, workdir: Path, fingerprint: dict, info: dict) -> dict
 
 
 def _set_up(
-    config, workdir: Path, source: dict | None, max_steps: int | None
+    config, workdir: Path, source: dict | None, max_steps: int | None, stop: _StopFlag
 ) -> tuple[RunContext, TrainState]:
     # Every check runs before anything slow and before anything is written to the workdir.
     config_checks.validate(config)
@@ -247,6 +247,7 @@ def _set_up(
     sharding_lib.check_batch_divisible(config.input.batch_size, mesh, "input.batch_size")
     sharding_lib.check_batch_divisible(config.input.eval_batch_size, mesh, "input.eval_batch_size")
     info, train_records, test_records = scan_records(config)
+    stop.check()
     good = train_records.good
     train_positions, val_positions = pipeline.split_train_validation(
         train_records.labels[good], config.input.validation_fraction, config.seed
@@ -270,6 +271,7 @@ def _set_up(
         weights = pipeline.class_weights(
             train_records.labels[train_indices], config.dataset.num_classes
         )
+    stop.check()
     # ------------------------------------------------------------ the workdir is written
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(
@@ -344,12 +346,17 @@ def _close(ctx: RunContext) -> None:
 # ======================================================================== evaluation
 
 
-def evaluate_indices(ctx: RunContext, state, record_set, indices, eval_fn) -> dict[str, float]:
-    """Accuracy of ``state`` on ``indices`` of ``record_set``, gathered over processes."""
+def evaluate_indices(
+    ctx: RunContext, state, record_set, indices, eval_fn, stop: _StopFlag | None = None
+) -> dict[str, float]:
+    """Accuracy of ``state`` on ``indices`` of ``record_set``, gathered over processes;
+    ``stop``: a SIGTERM ends it between two batches."""
     if len(indices) == 0:
         return {}
     logits, labels, weights = [], [], []
     for batch in ctx.eval_batches(record_set, indices):
+        if stop is not None:
+            stop.check()
         logits.append(eval_fn(state.params, state.batch_stats, state.constants, batch).logits)
         labels.append(batch["label"])
         weights.append(batch["weight"])
@@ -362,14 +369,14 @@ def evaluate_indices(ctx: RunContext, state, record_set, indices, eval_fn) -> di
     return {"accuracy": float(np.mean(predictions == labels[keep])), "num_images": int(keep.sum())}
 
 
-def final_evaluation(ctx: RunContext, state) -> dict[str, Any]:
+def final_evaluation(ctx: RunContext, state, stop: _StopFlag | None = None) -> dict[str, Any]:
     """Test accuracy of the final state and of the last phase's best checkpoint (if any)."""
     test_records = ctx.test_records
     test_indices = test_records.good
     eval_fn = ctx.eval_fn()
     skipped = {"train": len(ctx.train_records.skipped), "test": len(test_records.skipped)}
     results: dict[str, Any] = {
-        "final": evaluate_indices(ctx, state, test_records, test_indices, eval_fn),
+        "final": evaluate_indices(ctx, state, test_records, test_indices, eval_fn, stop),
         "best_val_accuracy": dict(ctx.meta["best_val_accuracy"]),
         "num_prototypes": int(state.params["prototypes"].shape[0]),
         "skipped_records": skipped,
@@ -379,7 +386,9 @@ def final_evaluation(ctx: RunContext, state) -> dict[str, Any]:
         best_manager, best_step = best
         # the live state is the target: same shapes and shardings
         best_state = ckpt.restore_state(best_manager, best_step, state)
-        results["best"] = evaluate_indices(ctx, best_state, test_records, test_indices, eval_fn)
+        results["best"] = evaluate_indices(
+            ctx, best_state, test_records, test_indices, eval_fn, stop
+        )
         results["best"]["step"] = int(best_step)
         best_manager.close()
     results["test_accuracy"] = results.get("best", results["final"])["accuracy"]
@@ -476,12 +485,13 @@ class _Stopped(Exception):
 
 
 class _StopFlag:
-    """SIGTERM (TPU VM preemption, ``kill``) for the whole run: while ``immediate`` (start-up,
-    final evaluation: every completed step is saved) it raises :class:`_Stopped`; during
-    training it sets ``requested``, and the loop saves and returns."""
+    """Set by SIGTERM (TPU VM preemption, ``kill``) at any time of the run. The training
+    loop then saves and returns; start-up and the final evaluation, with nothing to save,
+    stop at their next :meth:`check` (never inside jax: an exception raised from the
+    handler in the middle of an XLA compilation crashed the interpreter at exit)."""
 
     requested = False
-    immediate = True
+    training = False
 
     def __enter__(self):
         try:
@@ -492,10 +502,12 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         self.requested = True
-        if self.immediate:
-            log.warning("SIGTERM received: stopping (every completed step is saved).")
+        saving = "saving a checkpoint and stopping" if self.training else "stopping"
+        log.warning("SIGTERM received: %s (every completed step is saved).", saving)
+
+    def check(self) -> None:
+        if self.requested:
             raise _Stopped
-        log.warning("SIGTERM received: saving a checkpoint and stopping.")
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -639,9 +651,10 @@ def _latest_step(workdir: Path) -> int:
 
 def _run(config, workdir: Path, max_steps: int | None, source, stop: _StopFlag) -> dict:
     started = time.time()
-    ctx, state = _set_up(config, workdir, source, max_steps)
+    ctx, state = _set_up(config, workdir, source, max_steps, stop)
     try:
-        stop.immediate = False
+        stop.check()
+        stop.training = True
         for phase in ctx.phases:
             if int(jax.device_get(state.step)) >= phase.end_step:
                 continue
@@ -650,11 +663,9 @@ def _run(config, workdir: Path, max_steps: int | None, source, stop: _StopFlag) 
             state, finished = run_phase(ctx, phase, state, stop, max_steps)
             if not finished:
                 return {"stopped_at_step": int(jax.device_get(state.step))}
-        stop.immediate = True
-        if stop.requested:
-            raise _Stopped
-        results = final_evaluation(ctx, state)
-        stop.immediate = False  # from here on a SIGTERM waits for the results to be written
+        stop.training = False
+        stop.check()
+        results = final_evaluation(ctx, state, stop)
         step = int(jax.device_get(state.step))
         ctx.writer.write(step, {"test/accuracy": results["test_accuracy"]}, "test")
         results["train_time_s"] = time.time() - started

@@ -93,8 +93,10 @@ def test_topk_json_of_a_run_equals_an_argsort_of_an_independent_forward(
             rows = order[:, j]
             got = [e["image_id"] for e in entry[split]]
             assert got == independent["image_ids"][rows].tolist(), (split, j)
+            # Near a pushed prototype (d ~ 1e-4) the similarity moves by 1 / (d + eps) ~ 4e3
+            # per unit of distance: float32 rounding of d (~1e-7) moves it by up to ~1e-3.
             np.testing.assert_allclose(
-                [e["similarity"] for e in entry[split]], similarities[rows, j], rtol=1e-4
+                [e["similarity"] for e in entry[split]], similarities[rows, j], rtol=1e-4, atol=2e-3
             )
             views = independent["winning_view"][rows, j]
             assert [e["view"] for e in entry[split]] == views.tolist()
