@@ -126,7 +126,7 @@ class Shape:
 
 
 SHAPES = {
-    # The paper's CUB-200 setting (reference doc §11): 16 images x 11 SAM2 views of 224^2.
+    # The paper's CUB-200 setting (docs/reference.md §11): 16 images x 11 SAM2 views of 224^2.
     "cub": Shape("resnet50", 16, 11, 448, 224, 1280, 10, 200, warmup=5, steps=20),
     # Seconds per step on a 2-core CPU; the last feature map is 4x4 (off the XLA CPU cliff).
     "cpu": Shape("resnet18", 4, 4, 256, 128, 128, 10, 10, warmup=5, steps=10),
@@ -412,15 +412,31 @@ def _xla_peak_bytes(memory: Any) -> int | None:
 # --------------------------------------------------------------------------- torch
 
 
+def torch_model(shape: Shape, *, reference_style: bool = False, class_weights: Any = None) -> Any:
+    """The PyTorch ProtoMask (``benchmarks.torch_protomask.TorchProtoMask``) of ``shape``,
+    with torch's current random state; ``class_weights`` is a ``[C]`` tensor or None."""
+    from benchmarks import torch_protomask as tp
+
+    return tp.TorchProtoMask(
+        tp.TorchResNet.from_spec(resnet_spec(shape.backbone)),
+        shape.num_classes,
+        shape.prototypes_per_class,
+        shape.prototype_dim,
+        make_config(shape, "float32").model.similarity_eps,
+        class_weights=class_weights,
+        reference_style=reference_style,
+    )
+
+
 class TorchVariant:
     """One PyTorch variant of ``benchmarks.torch_protomask.TrainStep``.
 
     Args:
       variant: one of ``TORCH_VARIANTS``.
       shape: the benchmark shape.
-      torch_weights: quanproto-layout weights (torch tensors) every variant starts from.
+      torch_weights: the state_dict (quanproto layout, class weights included) every
+        variant starts from.
       batches: host batches (copied to the device here).
-      class_weights: ``[C]`` cross-entropy weights.
       device: the torch device.
     """
 
@@ -430,7 +446,6 @@ class TorchVariant:
         shape: Shape,
         torch_weights: dict[str, Any],
         batches: list[dict[str, np.ndarray]],
-        class_weights: np.ndarray,
         device: Any,
     ):
         import torch
@@ -442,17 +457,8 @@ class TorchVariant:
         self.shape = shape
         self.device = device
         self.step_variant = variant.removeprefix("torch_")
-        reference_style = self.step_variant == "reference_style_fp32"
-        spec = resnet_spec(shape.backbone)
-        model = tp.ProtoMask(
-            tp.BackboneSpec(spec.block, spec.blocks_per_stage, spec.widths, spec.stem_width),
-            shape.num_classes,
-            prototypes_per_class=shape.prototypes_per_class,
-            prototype_dim=shape.prototype_dim,
-            similarity_eps=make_config(shape, "float32").model.similarity_eps,
-            reference_style=reference_style,
-        )
-        model.load_quanproto_state_dict(torch_weights)
+        model = torch_model(shape, reference_style=self.step_variant == "reference_style_fp32")
+        model.load_state_dict(torch_weights)
         config = make_config(shape, "float32")
         self.train_step = tp.TrainStep(
             model,
@@ -469,7 +475,6 @@ class TorchVariant:
                 separation=config.loss.separation,
                 diversity=config.loss.diversity,
             ),
-            class_weights=torch.from_numpy(class_weights),
             device=device,
         )
         self.flags = tp.VARIANT_FLAGS[self.step_variant]
@@ -664,8 +669,6 @@ def run(
     device_facts = common.device_facts()
     import torch
 
-    from benchmarks import torch_protomask as tp
-
     torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if (device_facts["platform"] == "gpu") != (torch_device.type == "cuda"):
         raise RuntimeError(
@@ -692,15 +695,9 @@ def run(
     batches = synthetic_batches(shape, 2, seed)
     class_weights = np.random.default_rng(seed + 1).uniform(0.5, 1.5, shape.num_classes)
     class_weights = class_weights.astype(np.float32)
-    spec = resnet_spec(shape.backbone)
     torch.manual_seed(seed)
-    initial_model = tp.ProtoMask(
-        tp.BackboneSpec(spec.block, spec.blocks_per_stage, spec.widths, spec.stem_width),
-        shape.num_classes,
-        prototypes_per_class=shape.prototypes_per_class,
-        prototype_dim=shape.prototype_dim,
-    )
-    torch_weights = initial_model.quanproto_state_dict()
+    initial_model = torch_model(shape, class_weights=torch.from_numpy(class_weights))
+    torch_weights = {k: v.detach().clone() for k, v in initial_model.state_dict().items()}
     numpy_weights = convert.read_state_dict(torch_weights)
     del initial_model
 
@@ -708,7 +705,7 @@ def run(
         print(f"  building {variant} ...", flush=True)
         if variant in JAX_VARIANTS:
             return JaxVariant(variant, shape, numpy_weights, batches, class_weights)
-        return TorchVariant(variant, shape, torch_weights, batches, class_weights, torch_device)
+        return TorchVariant(variant, shape, torch_weights, batches, torch_device)
 
     # Parity first: nothing is timed unless both fp32 steps agree.
     prepared: dict[str, JaxVariant | TorchVariant] = {}

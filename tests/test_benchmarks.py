@@ -1,9 +1,9 @@
 """The benchmark suite: the PyTorch ProtoMask is the same model as ours, and the harness runs.
 
 The first tests are correctness tests of both implementations: the torch model of
-``benchmarks/torch_protomask.py`` and the JAX model (imported from its weights with
-``models/convert.py``) must agree on views, loss and gradients, so the throughput comparison
-compares one model with itself.
+``benchmarks/torch_protomask.py`` (also the reference of ``test_convert.py``) and the JAX
+model (imported from its state_dict with ``models/convert.py``) must agree on views, loss and
+gradients, so the throughput comparison compares one model with itself.
 """
 
 from __future__ import annotations
@@ -34,15 +34,10 @@ pytestmark = pytest.mark.torch
 MICRO = train_step.SHAPES["micro"]
 
 
-def _torch_model(shape, *, reference_style=False, seed=0):
-    spec = resnet_spec(shape.backbone)
+def _torch_model(shape, *, reference_style=False, seed=0, class_weights=None):
     torch.manual_seed(seed)
-    return tp.ProtoMask(
-        tp.BackboneSpec(spec.block, spec.blocks_per_stage, spec.widths, spec.stem_width),
-        shape.num_classes,
-        prototypes_per_class=shape.prototypes_per_class,
-        prototype_dim=shape.prototype_dim,
-        reference_style=reference_style,
+    return train_step.torch_model(
+        shape, reference_style=reference_style, class_weights=class_weights
     )
 
 
@@ -50,7 +45,7 @@ def _jax_model_from(torch_model, shape, compute_dtype="float32"):
     config = train_step.make_config(shape, compute_dtype)
     # A different seed than the torch model: every value must come from the import.
     model = model_lib.build_model(config, shape.num_classes, nnx.Rngs(params=123))
-    weights = convert.read_state_dict(torch_model.quanproto_state_dict())
+    weights = convert.read_state_dict(torch_model.state_dict())
     state, _ = convert.protomask_state_from_torch(weights, model)
     nnx.update(model, state)
     return model, config
@@ -78,37 +73,45 @@ def _jax_joint_loss(model, config, views, labels, class_weights):
     return loss_fn, params
 
 
-def test_views_loss_and_gradients_agree_between_torch_and_jax():
-    shape = MICRO
-    (batch,) = train_step.synthetic_batches(shape, 1, seed=3)
-    class_weights = np.array([0.5, 1.0, 2.0], np.float32)
-    torch_model = _torch_model(shape).train()
-    jax_model, config = _jax_model_from(torch_model, shape)
-
-    torch_views = tp.crop_views(
+def _torch_views(batch, shape):
+    """``[B, K, 3, V, V]`` float32 views of a host batch, cropped by the torch model's code."""
+    views = tp.crop_views(
         torch.from_numpy(batch["canvas"]), torch.from_numpy(batch["boxes"]), shape.view_size
     )
-    jax_views = views_lib.make_views(
+    return views.unflatten(0, batch["boxes"].shape[:2])
+
+
+def _jax_views(batch, shape):
+    """``[B, K, V, V, 3]`` float32 views of a host batch, un-augmented, as our step crops them."""
+    return views_lib.make_views(
         jnp.asarray(batch["canvas"]),
         jnp.asarray(batch["boxes"]),
         None,
         view_size=shape.view_size,
         dtype=jnp.float32,
     )
-    jax_views_nchw = np.asarray(jax_views).reshape(-1, *jax_views.shape[2:]).transpose(0, 3, 1, 2)
-    np.testing.assert_allclose(torch_views.numpy(), jax_views_nchw, atol=1e-4)
 
-    logits, min_distances = torch_model(torch_views, shape.num_views)
-    torch_loss = tp.joint_loss(
-        logits,
-        min_distances,
-        torch.from_numpy(batch["label"]).long(),
-        torch_model.prototype_vectors,
-        torch_model.prototype_class,
-        shape.prototypes_per_class,
-        torch.from_numpy(class_weights),
-        tp.LossCoefficients(),
+
+def _torch_joint_loss(model, views, labels, amp=False):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        logits, min_distances = model(views)
+    labels = torch.from_numpy(labels).long()
+    return tp.joint_loss(model, logits, min_distances, labels, tp.LossCoefficients())
+
+
+def test_views_loss_and_gradients_agree_between_torch_and_jax():
+    shape = MICRO
+    (batch,) = train_step.synthetic_batches(shape, 1, seed=3)
+    class_weights = np.array([0.5, 1.0, 2.0], np.float32)
+    torch_model = _torch_model(shape, class_weights=torch.from_numpy(class_weights)).train()
+    jax_model, config = _jax_model_from(torch_model, shape)
+
+    torch_views, jax_views = _torch_views(batch, shape), _jax_views(batch, shape)
+    np.testing.assert_allclose(
+        torch_views.numpy(), np.asarray(jax_views).transpose(0, 1, 4, 2, 3), atol=1e-4
     )
+
+    torch_loss = _torch_joint_loss(torch_model, torch_views, batch["label"])
     torch_loss.backward()
 
     loss_fn, params = _jax_joint_loss(jax_model, config, jax_views, batch["label"], class_weights)
@@ -116,13 +119,13 @@ def test_views_loss_and_gradients_agree_between_torch_and_jax():
     np.testing.assert_allclose(float(jax_loss), torch_loss.item(), rtol=1e-5)
     np.testing.assert_allclose(
         np.asarray(grads["prototypes"][...]),
-        torch_model.prototype_vectors.grad.numpy(),
+        torch_model.prototype_vectors.grad.numpy()[:, :, 0, 0],
         rtol=1e-3,
         atol=1e-6,
     )
     np.testing.assert_allclose(
         np.asarray(grads["add_on"]["kernel"][...]),
-        torch_model.add_on.weight.grad.numpy().T,
+        torch_model.add_on_layers[0].weight.grad.numpy()[:, :, 0, 0].T,
         rtol=1e-3,
         atol=1e-6,
     )
@@ -150,41 +153,23 @@ def test_bf16_backbone_gradients_are_as_close_to_float32_as_torch_autocast():
     """
     shape = train_step.SHAPES["cpu"]
     (batch,) = train_step.synthetic_batches(shape, 1, seed=3)
-    labels = torch.from_numpy(batch["label"]).long()
     torch_model = _torch_model(shape).train()
     names = [n for n, _ in torch_model.named_parameters() if n.startswith("backbone.")]
 
     def torch_backbone_grads(amp):
         torch_model.zero_grad()
-        views = tp.crop_views(
-            torch.from_numpy(batch["canvas"]), torch.from_numpy(batch["boxes"]), shape.view_size
-        )
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            logits, min_distances = torch_model(views, shape.num_views)
-        tp.joint_loss(
-            logits.float(),
-            min_distances.float(),
-            labels,
-            torch_model.prototype_vectors,
-            torch_model.prototype_class,
-            shape.prototypes_per_class,
-            torch.ones(shape.num_classes),
-            tp.LossCoefficients(),
-        ).backward()
+        _torch_joint_loss(torch_model, _torch_views(batch, shape), batch["label"], amp).backward()
         grads = dict(torch_model.named_parameters())
         return [grads[n].grad.detach().numpy().copy() for n in names]
 
     def jax_grads(compute_dtype):
         model, config = _jax_model_from(torch_model, shape, compute_dtype)
-        views = views_lib.make_views(
-            jnp.asarray(batch["canvas"]),
-            jnp.asarray(batch["boxes"]),
-            None,
-            view_size=shape.view_size,
-            dtype=jnp.float32,
-        )
         loss_fn, params = _jax_joint_loss(
-            model, config, views, batch["label"], np.ones(shape.num_classes, np.float32)
+            model,
+            config,
+            _jax_views(batch, shape),
+            batch["label"],
+            np.ones(shape.num_classes, np.float32),
         )
         with jax.default_matmul_precision("highest"):
             return jax.jit(jax.grad(loss_fn))(params)
@@ -200,18 +185,16 @@ def test_bf16_backbone_gradients_are_as_close_to_float32_as_torch_autocast():
 
 
 def test_reference_style_forward_computes_the_same_function():
-    """1x1 conv before pooling (the reference) == pooling before the Dense (ours)."""
+    """1x1 conv before pooling (the reference) == pooling before the projection (ours)."""
     shape = MICRO
     (batch,) = train_step.synthetic_batches(shape, 1, seed=5)
     pooled_first = _torch_model(shape).eval()
     reference = _torch_model(shape, reference_style=True, seed=9).eval()
-    reference.load_quanproto_state_dict(pooled_first.quanproto_state_dict())
-    views = tp.crop_views(
-        torch.from_numpy(batch["canvas"]), torch.from_numpy(batch["boxes"]), shape.view_size
-    )
+    reference.load_state_dict(pooled_first.state_dict())
+    views = _torch_views(batch, shape)
     with torch.no_grad():
-        expected_logits, expected_distances = pooled_first(views, shape.num_views)
-        logits, distances = reference(views, shape.num_views)
+        expected_logits, expected_distances = pooled_first(views)
+        logits, distances = reference(views)
     np.testing.assert_allclose(distances.numpy(), expected_distances.numpy(), rtol=1e-5)
     np.testing.assert_allclose(logits.numpy(), expected_logits.numpy(), rtol=1e-5)
 
@@ -219,7 +202,7 @@ def test_reference_style_forward_computes_the_same_function():
 def test_backbone_has_torchvision_resnet50_layout():
     from torchvision.models import resnet50
 
-    ours = tp.ResNetFeatures(tp.RESNET50).state_dict()
+    ours = tp.TorchResNet.from_spec(resnet_spec("resnet50")).state_dict()
     reference = {
         k: v for k, v in resnet50(weights=None).state_dict().items() if not k.startswith("fc.")
     }
@@ -228,17 +211,19 @@ def test_backbone_has_torchvision_resnet50_layout():
     }
 
 
-def test_quanproto_export_has_the_reference_layout():
+def test_state_dict_has_the_reference_layout():
     shape = MICRO
-    model = _torch_model(shape)
-    exported = model.quanproto_state_dict(class_weights=torch.ones(shape.num_classes))
+    class_weights = torch.tensor([0.5, 1.0, 2.0])
+    model = _torch_model(shape, class_weights=class_weights)
+    exported = model.state_dict()
     channels = model.backbone.out_channels
     num_prototypes = shape.num_classes * shape.prototypes_per_class
     assert exported["add_on_layers.0.weight"].shape == (shape.prototype_dim, channels, 1, 1)
     assert exported["add_on_layers.0.bias"].shape == (shape.prototype_dim,)
     assert exported["prototype_vectors"].shape == (num_prototypes, shape.prototype_dim, 1, 1)
     assert exported["last_layer.weight"].shape == (shape.num_classes, num_prototypes)
-    assert exported["classification_loss_fn.weight"].shape == (shape.num_classes,)
+    np.testing.assert_array_equal(exported["classification_loss_fn.weight"], class_weights)
+    assert "prototype_class" not in exported  # nor by the reference (docs/reference.md §12)
     # Last layer: 1 for the prototype's own class (j // ppc), 0 elsewhere.
     expected = np.zeros((shape.num_classes, num_prototypes), np.float32)
     expected[np.arange(num_prototypes) // shape.prototypes_per_class, np.arange(num_prototypes)] = 1
@@ -341,3 +326,4 @@ def test_sharded_step_matches_one_device_on_fake_devices():
     measured = scaling.measure_weak_scaling(shape, seed=0)
     assert [row["devices"] for row in measured["rows"]] == [1, 2, 4, 8]
     assert measured["sharded_vs_single_device_loss"]["passed"]
+
