@@ -40,31 +40,27 @@ Output: ``benchmarks/results/train_step_<shape>_<device>.json`` and a ``.png`` b
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import dataclasses
+import gc
 import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
-# Before jax initialises its GPU client: allocate on demand, so torch can use the same GPU.
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
-import gc  # noqa: E402
-import tempfile  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from protomask_jax import phases as phases_lib  # noqa: E402
-from protomask_jax import steps as steps_lib  # noqa: E402
-from protomask_jax.models import convert  # noqa: E402
-from protomask_jax.models import protomask as model_lib  # noqa: E402
-from protomask_jax.models.resnet import ResNetSpec, resnet_spec  # noqa: E402
+from benchmarks import common
+from protomask_jax import phases as phases_lib
+from protomask_jax import steps as steps_lib
+from protomask_jax.models import convert
+from protomask_jax.models import protomask as model_lib
+from protomask_jax.models.resnet import ResNetSpec, resnet_spec
 
 JAX_VARIANTS = ("jax_fp32", "jax_bf16", "jax_bf16_aug")
 TORCH_VARIANTS = (
@@ -297,11 +293,7 @@ def make_jax_step(
     if not augment:
         step_config = dataclasses.replace(step_config, augment=None)
     state = steps_lib.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=batch_stats,
-        constants=constants,
-        opt_state=tx.init(params),
+        jnp.zeros((), jnp.int32), params, batch_stats, constants, tx.init(params)
     )
     return state, steps_lib.make_train_step(graphdef, joint, tx, step_config)
 
@@ -312,7 +304,8 @@ class JaxVariant:
     Args:
       variant: one of ``JAX_VARIANTS``.
       shape: the benchmark shape.
-      torch_weights: quanproto-layout weights (numpy) every variant starts from.
+      torch_weights: quanproto-layout weights (numpy) every variant starts from; None keeps
+        the model's random init.
       batches: host batches (placed on the device here).
       class_weights: ``[C]`` cross-entropy weights.
     """
@@ -321,7 +314,7 @@ class JaxVariant:
         self,
         variant: str,
         shape: Shape,
-        torch_weights: dict[str, np.ndarray],
+        torch_weights: dict[str, np.ndarray] | None,
         batches: list[dict[str, np.ndarray]],
         class_weights: np.ndarray,
     ):
@@ -813,12 +806,17 @@ def _config_summary(shape: Shape) -> dict[str, Any]:
     }
 
 
+def _variant_list(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
+    parser.add_argument("--shape", dest="shape_name", choices=sorted(SHAPES), default="cpu")
     parser.add_argument(
         "--variants",
-        default=",".join(ALL_VARIANTS),
+        type=_variant_list,
+        default=ALL_VARIANTS,
         help=f"comma-separated subset of {','.join(ALL_VARIANTS)}",
     )
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant")
@@ -826,19 +824,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--batch_size", type=int, default=None, help="images per step")
     parser.add_argument("--out_dir", type=Path, default=common.RESULTS_DIR)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no_plot", action="store_true")
-    args = parser.parse_args(argv)
-    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    return run(
-        args.shape,
-        variants,
-        warmup=args.warmup,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        out_dir=args.out_dir,
-        seed=args.seed,
-        plot=not args.no_plot,
-    )
+    parser.add_argument("--no_plot", dest="plot", action="store_false")
+    return run(**vars(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":
