@@ -75,6 +75,7 @@ def run(
     """Measures every segmenter and writes the JSON."""
     import importlib.util
 
+    started = common.cpu_sample()
     workdir = Path(tempfile.mkdtemp(prefix="protomask_export_bench_"))
     config = base_export_config(workdir, image_size, images_per_class)
     from segmentation import sources
@@ -99,6 +100,7 @@ def run(
         "benchmark": "export",
         "torch_device": device,
         "host_cpu_count": common.device_facts()["host_cpu_count"],
+        "host": common.host_facts(started),
         "versions": common.versions(with_torch=True),
         "git": common.git_revision(),
         "images": {

@@ -111,6 +111,7 @@ def reference_style_push(
 
 def run(shape_name: str, *, out_dir: Path = common.RESULTS_DIR, seed: int = 0) -> Path:
     """Measures eval pass, push and the reference-style push; writes the JSON."""
+    started = common.cpu_sample()
     shape = PUSH_SHAPES[shape_name]
     model_shape = shape.model
     config = make_config(model_shape, "bfloat16")
@@ -164,6 +165,7 @@ def run(shape_name: str, *, out_dir: Path = common.RESULTS_DIR, seed: int = 0) -
             "shape_name": shape_name,
             "shape": dataclasses.asdict(shape),
             "device": device_facts,
+            "host": common.host_facts(started),
             "versions": common.versions(with_torch=False),
             "git": common.git_revision(),
             "figures": measured,

@@ -266,6 +266,7 @@ def run(
     seed: int = 0,
 ) -> Path:
     """Measures weak scaling, evaluates the analytic model, writes the JSON."""
+    started = common.cpu_sample()
     device_facts = common.device_facts()
     print(f"scaling: {device_facts['count']} x {device_facts['name']}", flush=True)
     measured = measure_weak_scaling(check_shape, seed)
@@ -282,6 +283,7 @@ def run(
     payload = {
         "benchmark": "scaling",
         "device": device_facts,
+        "host": common.host_facts(started),
         "versions": common.versions(with_torch=False),
         "git": common.git_revision(),
         "measured_weak_scaling": measured,

@@ -659,6 +659,7 @@ def run(
     )
     # JAX's CUDA backend starts before torch loads its CUDA libraries: JAX checks the
     # versions of the cuDNN/cuBLAS it finds loaded and refuses older ones.
+    started = common.cpu_sample()
     device_facts = common.device_facts()
     import torch
 
@@ -727,6 +728,7 @@ def run(
             "shape_name": shape_name,
             "shape": dataclasses.asdict(shape),
             "device": {**device_facts, "torch_device": torch_device_name},
+            "host": common.host_facts(started),
             "versions": common.versions(with_torch=True),
             "git": common.git_revision(),
             "config": _config_summary(shape),

@@ -9,7 +9,9 @@ gradients, so the throughput comparison compares one model with itself.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -326,4 +328,111 @@ def test_sharded_step_matches_one_device_on_fake_devices():
     measured = scaling.measure_weak_scaling(shape, seed=0)
     assert [row["devices"] for row in measured["rows"]] == [1, 2, 4, 8]
     assert measured["sharded_vs_single_device_loss"]["passed"]
+
+
+def test_end_to_end_runs_the_trainer_and_reports_consistent_figures(tmp_path):
+    """The micro shape end to end: records, host pipeline, the trainer's loop, the step."""
+    from benchmarks import end_to_end
+
+    shape = end_to_end.SHAPES["micro"]
+    model = shape.model
+    path = end_to_end.run("micro", data_dir=tmp_path / "data", num_workers=0, out_dir=tmp_path)
+    assert path == tmp_path / "end_to_end_micro_cpu.json"
+    payload = json.loads(path.read_text())
+    assert payload["complete"] is True
+    host = payload["host"]
+    assert host["cpu_count"] == common.cpu_count() and host["os_cpu_count"] == os.cpu_count()
+    assert len(host["load_average_at_start"]) == len(host["load_average"]) == 3
+    assert 0 < host["host_utilisation"] <= 1 and host["seconds"] > 0
+
+    train_images = shape.images.train_per_class * model.num_classes
+    split = payload["records"]["dataset_info"]["splits"]["train"]
+    assert split["num_images"] == train_images
+    assert split["num_masks"] == 11 * train_images  # 11 masks per image, like CUB's export
+
+    pipeline = payload["host_pipeline"]
+    assert [row["num_workers"] for row in pipeline["streams"]] == list(shape.worker_counts)
+    assert all(row["images_per_s"] > 0 for row in pipeline["streams"])
+    assert all(row["cpu"]["main_process_cores"] > 0 for row in pipeline["streams"])
+    costs, target = pipeline["costs"], pipeline["target"]
+    assert 0 < costs["decode_s"] < costs["all_s"] and costs["prefitted_s"] > 0
+    assert target["images_per_s"] == pytest.approx(6000 / model.num_views)
+    assert target["cores_at_single_core_cost"] == pytest.approx(
+        target["images_per_s"] * costs["all_s"]
+    )
+
+    loop = payload["loop"]
+    assert loop["steps"] == shape.steps and loop["num_workers"] == 0
+    assert loop["images_per_s"] == pytest.approx(shape.steps * model.batch_size / loop["seconds"])
+    assert loop["views_per_s"] == pytest.approx(loop["images_per_s"] * model.num_views)
+    assert 0 <= loop["data_wait_s_per_step"] < loop["step_time_s"]
+    assert loop["final_checkpoint_s"] > 0
+    cpu = loop["cpu"]
+    assert 0 < cpu["host_utilisation"] <= 1 and cpu["main_process_cores"] > 0
+    assert cpu["cpu_count"] == common.cpu_count()
+
+    step = payload["step"]
+    assert step["variant"] == "jax_bf16_aug"
+    assert step["images_per_s"] == pytest.approx(
+        model.batch_size / step["timing"]["back_to_back_mean"]
+    )
+    ratio = payload["ratio"]
+    assert ratio["loop_over_step"] == pytest.approx(loop["images_per_s"] / step["images_per_s"])
+    assert ratio["loop_over_step_with_checkpoints"] < ratio["loop_over_step"]
+    assert "Loop / step" in "\n".join(report.end_to_end_tables(tmp_path))
+
+
+def test_loop_probe_times_the_stream_and_notes_log_steps(monkeypatch):
+    """The probe sees what the trainer does through the two public names it wraps, and
+    puts them back afterwards."""
+    from benchmarks import end_to_end
+    from protomask_jax import logs
+    from protomask_jax.data import pipeline
+
+    def slow_stream(*args, **kwargs):
+        def batches():
+            while True:
+                time.sleep(0.02)
+                yield {"canvas": np.zeros(1)}
+
+        return batches()
+
+    written = []
+    monkeypatch.setattr(pipeline, "train_stream", slow_stream)
+    monkeypatch.setattr(logs.MetricsWriter, "write", lambda self, *args: written.append(args))
+    original_stream, original_write = pipeline.train_stream, logs.MetricsWriter.write
+    probe = end_to_end.LoopProbe()
+    with probe.attached():
+        stream = pipeline.train_stream()
+        for _ in range(3):
+            next(stream)
+        writer = object.__new__(logs.MetricsWriter)
+        writer.write(5, {"train/loss": 1.0}, "joint")
+        writer.write(5, {"val/accuracy": 0.5}, "joint")  # not a training step: not noted
+    assert probe.batches == 3 and 0.06 <= probe.wait_s < 1.0
+    assert list(probe.marks) == [5] and probe.marks[5][1] == probe.wait_s
+    assert len(written) == 2  # the trainer's writes still happen
+    assert pipeline.train_stream is original_stream
+    assert logs.MetricsWriter.write is original_write
+
+
+def test_cpu_usage_counts_this_process_and_its_children():
+    import subprocess
+
+    before = common.cpu_sample()
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        deadline = time.perf_counter() + 0.6
+        while time.perf_counter() < deadline:  # this process busy too
+            pass
+        after = common.cpu_sample()
+    finally:
+        child.kill()
+        child.wait()
+    usage = common.cpu_usage(before, after)
+    assert after.children >= 1
+    # Two busy processes on at least one core: each gets a share of it.
+    assert usage["main_process_cores"] > 0.2 and usage["children_cores"] > 0.1
+    assert 0 < usage["host_utilisation"] <= 1
+    assert usage["seconds"] == pytest.approx(after.wall_s - before.wall_s)
 
