@@ -436,3 +436,30 @@ def test_cpu_usage_counts_this_process_and_its_children():
     assert 0 < usage["host_utilisation"] <= 1
     assert usage["seconds"] == pytest.approx(after.wall_s - before.wall_s)
 
+
+def test_wheelhouse_lists_a_distribution_for_every_module_the_gpu_path_needs():
+    import importlib.metadata
+
+    from benchmarks import wheelhouse
+
+    def normal(name):
+        return name.lower().replace("_", "-")
+
+    listed = {normal(n) for n in wheelhouse.requirement_names()}
+    providers = importlib.metadata.packages_distributions()
+    for module in wheelhouse.REQUIRED_MODULES:
+        top = module.split(".")[0]
+        assert {normal(d) for d in providers[top]} & listed, module
+    # The JAX and torch stacks come with the host and are never installed from here.
+    assert not listed & {"jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "torch", "numpy"}
+
+
+def test_wheelhouse_install_is_a_no_op_when_everything_imports(monkeypatch, capsys):
+    from benchmarks import wheelhouse
+
+    def no_pip(*args):
+        raise AssertionError(f"pip should not run: {args}")
+
+    monkeypatch.setattr(wheelhouse, "_pip", no_pip)
+    wheelhouse.install()
+    assert "nothing to install" in capsys.readouterr().out
