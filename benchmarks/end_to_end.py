@@ -182,8 +182,7 @@ def measure_host(
         print(f"  host, {workers} worker(s): {row['images_per_s']:.0f} images/s", flush=True)
     costs = host_costs(record_set, spec, 64)
     target_images = TARGET_VIEWS_PER_S / shape.model.num_views
-    with_workers = [r for r in rows if r["num_workers"] > 0]
-    one_worker = next((r for r in with_workers if r["num_workers"] == 1), None)
+    one_worker = next((r for r in rows if r["num_workers"] == 1), None)
     return {
         "streams": rows,
         "costs": costs,
