@@ -171,18 +171,27 @@ def host_costs(record_set: Any, spec: Any, count: int) -> dict[str, Any]:
 def measure_host(
     shape: EndToEndShape, record_set: Any, spec: Any, batches: int, seed: int
 ) -> dict[str, Any]:
-    """The host part: stream images/s per worker count and per-image costs."""
+    """The host part: stream images/s per worker count and per-image costs.
+
+    Each stream row also has ``images_per_cpu_s``: images per CPU second of the main process
+    and its workers together. Unlike images/s it does not depend on how much of the cores
+    other processes took (the build machines are shared), so the cores a rate needs follow
+    from it.
+    """
     rows = []
     for workers in shape.worker_counts:
         row = input_pipeline.measure_stream(
             record_set, spec, workers, batches, seed, batch_size=shape.model.batch_size
         )
+        cores = row["cpu"]["main_process_cores"] + (row["cpu"]["children_cores"] or 0.0)
         row["images_per_s_per_worker"] = row["images_per_s"] / workers if workers else None
+        row["images_per_cpu_s"] = row["images_per_s"] / cores if cores > 0 else None
         rows.append(row)
         print(f"  host, {workers} worker(s): {row['images_per_s']:.0f} images/s", flush=True)
     costs = host_costs(record_set, spec, 64)
     target_images = TARGET_VIEWS_PER_S / shape.model.num_views
     one_worker = next((r for r in rows if r["num_workers"] == 1), None)
+    per_cpu_s = one_worker and one_worker["images_per_cpu_s"]
     return {
         "streams": rows,
         "costs": costs,
@@ -190,13 +199,17 @@ def measure_host(
             "views_per_s": TARGET_VIEWS_PER_S,
             "images_per_s": target_images,
             "cores_at_single_core_cost": target_images * costs["all_s"],
+            "cores_at_one_worker_cpu_cost": target_images / per_cpu_s if per_cpu_s else None,
             "workers_at_one_worker_rate": (
                 math.ceil(target_images / one_worker["images_per_s"]) if one_worker else None
             ),
             "meaning": (
                 "cores_at_single_core_cost: target images/s x the single-core seconds of "
                 "fit_record (no batching, no transfer between processes); "
-                "workers_at_one_worker_rate: grain workers at the measured 1-worker stream rate"
+                "cores_at_one_worker_cpu_cost: target images/s over the 1-worker stream's "
+                "images per CPU second (main process + worker: batching and the transfer "
+                "included); workers_at_one_worker_rate: grain workers at the measured 1-worker "
+                "images/s (load-dependent on a shared machine)"
             ),
         },
     }
@@ -277,6 +290,7 @@ def measure_loop(shape: EndToEndShape, config: Any, workdir: Path) -> dict[str, 
         raise RuntimeError(f"the loop did not log steps {first} and {last}: {result}")
     (start, wait_start), (stop, wait_stop) = probe.marks[first], probe.marks[last]
     seconds = stop.wall_s - start.wall_s
+    cpu = common.cpu_usage(start, stop)
     model = shape.model
     images_per_s = shape.steps * model.batch_size / seconds
     checkpoint_s = ended - stop.wall_s
@@ -290,7 +304,8 @@ def measure_loop(shape: EndToEndShape, config: Any, workdir: Path) -> dict[str, 
         "data_wait_s_per_step": (wait_stop - wait_start) / shape.steps,
         "num_workers": config.input.num_workers,
         "prefetch": config.input.prefetch,
-        "cpu": common.cpu_usage(start, stop),
+        "cpu": cpu,
+        "main_process_cpu_s_per_step": cpu["main_process_cores"] * seconds / shape.steps,
         "run_s": run_time["seconds"],
         "final_checkpoint_s": checkpoint_s,
         "checkpoint_every_steps": config.train.checkpoint_every_steps,
@@ -325,6 +340,7 @@ def measure_step(shape: EndToEndShape, seed: int) -> dict[str, Any]:
         "images_per_s_synchronised_median": (
             model.batch_size / figures["timing"]["per_step"]["median"]
         ),
+        "process_cpu_s_per_step": figures["timing"]["process_cpu_s_per_step"],
     }
 
 
@@ -351,10 +367,16 @@ def _ratio(loop: dict[str, Any], step: dict[str, Any]) -> dict[str, Any]:
         "goal": 0.95,
         "meets_goal": ratio >= 0.95,
         "data_wait_share_of_loop_step": loop["data_wait_s_per_step"] / loop["step_time_s"],
+        "cpu_s_per_step_loop_over_step": (
+            loop["main_process_cpu_s_per_step"] / step["process_cpu_s_per_step"]
+        ),
         "meaning": (
             "loop images/s over the step's back-to-back images/s; with_checkpoints adds the "
             "final checkpoint's time amortised over checkpoint_every_steps; "
-            "data_wait_share: how much of a loop step was spent waiting for the host stream"
+            "data_wait_share: how much of a loop step was spent waiting for the host stream; "
+            "cpu_s_per_step_loop_over_step: CPU seconds per step of the loop's process over "
+            "the step alone's (on a CPU backend, where the step's compute is CPU time, the "
+            "load-independent form of the ratio: the work the loop adds to its process)"
         ),
     }
 

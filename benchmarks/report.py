@@ -200,7 +200,8 @@ def end_to_end_tables(results_dir: Path) -> list[str]:
                 f"with the final checkpoint amortised over "
                 f"{loop['checkpoint_every_steps']} steps "
                 f"{ratio['loop_over_step_with_checkpoints']:.2f} (one checkpoint: "
-                f"{loop['final_checkpoint_s']:.1f} s)."
+                f"{loop['final_checkpoint_s']:.1f} s). CPU seconds per step, loop process / "
+                f"step alone: {_num(ratio.get('cpu_s_per_step_loop_over_step'), '.2f')}."
             )
         lines.append(
             f"Host load: average {_loads(host['load_average_at_start'])} (1 / 5 / 15 min) "
@@ -225,7 +226,13 @@ def _host_pipeline_lines(pipeline: dict[str, Any]) -> list[str]:
     costs, target = pipeline["costs"], pipeline["target"]
     lines = _table(
         "Host pipeline alone (same records)",
-        ["grain workers", "images/s", "images/s per worker", "cores: main + workers"],
+        [
+            "grain workers",
+            "images/s",
+            "images/s per worker",
+            "cores: main + workers",
+            "images per CPU second",
+        ],
         [
             [
                 str(row["num_workers"]),
@@ -233,6 +240,7 @@ def _host_pipeline_lines(pipeline: dict[str, Any]) -> list[str]:
                 _num(row.get("images_per_s_per_worker"), ".0f"),
                 f"{_num(row['cpu']['main_process_cores'], '.2f')} + "
                 f"{_num(row['cpu']['children_cores'], '.2f')}",
+                _num(row.get("images_per_cpu_s"), ".0f"),
             ]
             for row in pipeline["streams"]
         ],
@@ -242,10 +250,11 @@ def _host_pipeline_lines(pipeline: dict[str, Any]) -> list[str]:
     )
     lines.append(
         f"One image on one core: {per_image} ms; `fit_record` whole {costs['all_s'] * 1e3:.2f} "
-        f"ms. {target['views_per_s']:,.0f} views/s = {target['images_per_s']:.0f} images/s "
-        f"needs **{target['cores_at_single_core_cost']:.1f} cores** at that cost, or "
-        f"{_num(target['workers_at_one_worker_rate'], 'd')} grain workers at the measured "
-        f"1-worker rate."
+        f"ms (stored already fitted to the canvas: {costs['prefitted_s'] * 1e3:.2f} ms). "
+        f"{target['views_per_s']:,.0f} views/s = {target['images_per_s']:.0f} images/s needs "
+        f"**{_num(target.get('cores_at_one_worker_cpu_cost'), '.1f')} cores** at the 1-worker "
+        f"stream's CPU cost ({target['cores_at_single_core_cost']:.1f} at the single-core "
+        f"cost of `fit_record`)."
     )
     return lines
 

@@ -360,6 +360,10 @@ def test_end_to_end_runs_the_trainer_and_reports_consistent_figures(tmp_path):
     assert target["cores_at_single_core_cost"] == pytest.approx(
         target["images_per_s"] * costs["all_s"]
     )
+    for row in pipeline["streams"]:
+        cpu = row["cpu"]
+        cores = cpu["main_process_cores"] + cpu["children_cores"]
+        assert row["images_per_cpu_s"] == pytest.approx(row["images_per_s"] / cores)
 
     loop = payload["loop"]
     assert loop["steps"] == shape.steps and loop["num_workers"] == 0
@@ -378,6 +382,9 @@ def test_end_to_end_runs_the_trainer_and_reports_consistent_figures(tmp_path):
     )
     ratio = payload["ratio"]
     assert ratio["loop_over_step"] == pytest.approx(loop["images_per_s"] / step["images_per_s"])
+    assert ratio["cpu_s_per_step_loop_over_step"] == pytest.approx(
+        cpu["main_process_cores"] * loop["step_time_s"] / step["process_cpu_s_per_step"]
+    )
     assert ratio["loop_over_step_with_checkpoints"] < ratio["loop_over_step"]
     assert "Loop / step" in "\n".join(report.end_to_end_tables(tmp_path))
 
