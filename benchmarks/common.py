@@ -6,6 +6,7 @@ scripts (``cub_records``' worker processes, ``wheelhouse``) start without it.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import importlib
@@ -389,6 +390,33 @@ def cpu_count() -> int | None:
 def device_slug(name: str) -> str:
     """``'NVIDIA H100 80GB HBM3'`` -> ``'nvidia-h100-80gb-hbm3'`` (for file names)."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_flags(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    *,
+    seed: bool = True,
+    grain: bool = False,
+) -> dict[str, Any]:
+    """Adds the flags every benchmark has (``--out_dir``, and ``--seed`` unless ``seed`` is
+    False), parses ``argv`` and returns the values by name, for ``run(**flags)``.
+
+    With ``grain``, also marks absl's flags parsed: grain's worker processes read them, and
+    these scripts define none.
+    """
+    parser.add_argument("--out_dir", type=Path, default=RESULTS_DIR)
+    if seed:
+        parser.add_argument("--seed", type=int, default=0)
+    flags = vars(parser.parse_args(argv))
+    if grain:
+        from absl import flags as absl_flags
+
+        absl_flags.FLAGS.mark_as_parsed()
+    return flags
 
 
 # --------------------------------------------------------------------------- output

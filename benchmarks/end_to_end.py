@@ -480,14 +480,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--data_dir", type=Path, default=None, help="JPEGs and records (kept)")
     parser.add_argument("--num_workers", type=int, default=None, help="grain workers of the loop")
     parser.add_argument("--parts", type=_parts, default=PARTS, help="subset of host,loop,step")
-    parser.add_argument("--out_dir", type=Path, default=common.RESULTS_DIR)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    # grain's worker processes read absl flags; this script has none of its own.
-    from absl import flags
-
-    flags.FLAGS.mark_as_parsed()
-    return run(**vars(args))
+    return run(**common.parse_flags(parser, argv, grain=True))
 
 
 if __name__ == "__main__":

@@ -206,14 +206,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--images_per_class", type=int, default=32, help="8 classes")
     parser.add_argument("--batches", type=int, default=24, help="timed batches of 16")
     parser.add_argument("--records_dir", type=Path, default=None)
-    parser.add_argument("--out_dir", type=Path, default=common.RESULTS_DIR)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    # grain's worker processes read absl flags; this script has none of its own.
-    from absl import flags
-
-    flags.FLAGS.mark_as_parsed()
-    return run(**vars(args))
+    return run(**common.parse_flags(parser, argv, grain=True))
 
 
 if __name__ == "__main__":

@@ -207,11 +207,8 @@ def run(shape_name: str, *, out_dir: Path = common.RESULTS_DIR, seed: int = 0) -
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", choices=sorted(PUSH_SHAPES), default="cpu")
-    parser.add_argument("--out_dir", type=Path, default=common.RESULTS_DIR)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    return run(args.shape, out_dir=args.out_dir, seed=args.seed)
+    parser.add_argument("--shape", dest="shape_name", choices=sorted(PUSH_SHAPES), default="cpu")
+    return run(**common.parse_flags(parser, argv))
 
 
 if __name__ == "__main__":

@@ -307,12 +307,10 @@ def main(argv: list[str] | None = None) -> Path:
         default=None,
         help="single-GPU CUB step time for the model (default: from a committed GPU JSON)",
     )
-    parser.add_argument("--out_dir", type=Path, default=common.RESULTS_DIR)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    flags = common.parse_flags(parser, argv)
     # 8 CPU devices for the measured part (before jax starts its backends; no effect on GPUs).
     jax.config.update("jax_num_cpu_devices", max(DEVICE_COUNTS))
-    return run(step_time_s=args.step_time_s, out_dir=args.out_dir, seed=args.seed)
+    return run(**flags)
 
 
 if __name__ == "__main__":

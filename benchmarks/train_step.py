@@ -824,10 +824,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per method")
     parser.add_argument("--batch_size", type=int, default=None, help="images per step")
-    parser.add_argument("--out_dir", type=Path, default=common.RESULTS_DIR)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no_plot", dest="plot", action="store_false")
-    return run(**vars(parser.parse_args(argv)))
+    return run(**common.parse_flags(parser, argv))
 
 
 if __name__ == "__main__":
