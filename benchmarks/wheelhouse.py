@@ -210,6 +210,9 @@ def check(python: str, wheelhouse: Path = WHEELHOUSE, keep: Path | None = None) 
             "micro",
             "--out_dir",
             str(out_dir),
+            # Fresh records: the export runs in the venv too, not a leftover of another run.
+            "--data_dir",
+            str(out_dir / "data"),
         ],
         check=True,
         cwd=REPO_ROOT,
