@@ -60,10 +60,10 @@ if wants end_to_end; then
     run "${END_TO_END_LIMIT_S:-210}" end_to_end --shape cub
 fi
 if wants push; then
-    run "${PUSH_LIMIT_S:-120}" push --shape cub
+    run "${PUSH_LIMIT_S:-110}" push --shape cub
 fi
 if wants prp && [[ -f benchmarks/prp.py ]]; then
-    run "${PRP_LIMIT_S:-60}" prp --shape cub
+    run "${PRP_LIMIT_S:-90}" prp --shape cub
 fi
 ls -l "$out_dir"
 exit $status
