@@ -89,6 +89,7 @@ def test_cub_commands_as_written_after_training_with_overrides(tmp_path):
         "--config.input.canvas_size=32", "--config.input.view_size=32",
         "--config.input.num_views=4", "--config.input.batch_size=8",
         "--config.input.eval_batch_size=8", "--config.input.validation_fraction=0",
+        "--config.input.num_workers=0",
         "--config.train.joint_epochs=1", "--config.train.finetune_epochs=1",
     ]  # fmt: skip
     trained = run("protomask_jax.train", "--config", "configs/cub.py", *data, *small,
