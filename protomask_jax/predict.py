@@ -350,6 +350,7 @@ def summary(result: dict[str, Any], out_dir: Path) -> str:
         f"({100 * e['predicted']['probability']:.1f}%)"
         for e in entries
     ]
+    lines += [f"skipped {s['reason']}" for s in result["skipped"]]
     per_image = seconds["segmentation"] / max(1, len(entries) + len(result["skipped"]))
     lines.append(
         f"explained {len(entries)} image(s), skipped {len(result['skipped'])}; segmentation "
