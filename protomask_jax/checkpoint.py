@@ -1,37 +1,29 @@
 """Checkpoints with orbax: the train state plus the JSON metadata needed to resume exactly.
 
-A checkpoint holds two items: ``state`` (the :class:`~protomask_jax.steps.TrainState`
-pytree: parameters, BatchNorm statistics, class identity, optimizer state, step) and
-``meta`` (JSON: phase, epoch, step, the data iterator state, the number of prototypes, the
-push gallery, the best validation accuracy so far, and the resolved config). Restoring
-always goes through an abstract target built for the phase and prototype count recorded in
-``meta`` — optimizer states differ between phases and pruning changes shapes.
+Items: ``state`` (the whole :class:`~protomask_jax.steps.TrainState`) and ``meta`` (phase,
+epoch, step, data iterator state, prototype count, push gallery, best validation accuracy,
+resolved config). Restoring needs an abstract target for the recorded phase and prototype
+count: optimizer states differ between phases and pruning changes shapes.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-log = logging.getLogger(__name__)
-
-STATE = "state"
-META = "meta"
+_MAY_CHANGE_ON_RESUME = {
+    "train": ("log_every_steps", "eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints"),
+    "input": ("num_workers", "prefetch", "eval_batch_size", "skip_bad_records"),
+}
 
 
 def manager(directory: str | Path, *, max_to_keep: int | None, best: bool = False):
-    """An orbax ``CheckpointManager`` for ``directory``.
-
-    Args:
-      directory: where step folders live.
-      max_to_keep: how many to keep (the newest, or with ``best`` the best).
-      best: keep the checkpoints with the highest ``val_accuracy`` metric instead.
-    """
+    """An orbax ``CheckpointManager`` keeping the ``max_to_keep`` newest checkpoints, or with
+    ``best`` those with the highest ``val_accuracy`` metric."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         create=True,
@@ -43,78 +35,39 @@ def manager(directory: str | Path, *, max_to_keep: int | None, best: bool = Fals
         keep_checkpoints_without_metrics=False if best else True,
     )
     return ocp.CheckpointManager(
-        Path(directory).absolute(), options=options, item_names=(STATE, META)
+        Path(directory).absolute(), options=options, item_names=("state", "meta")
     )
 
 
-def save(
-    mngr: ocp.CheckpointManager,
-    step: int,
-    state: Any,
-    meta: dict[str, Any],
-    metrics: dict[str, float] | None = None,
-) -> None:
-    """Saves ``state`` and ``meta`` at ``step`` and waits until they are written.
-
-    A checkpoint already at ``step`` is replaced: a phase transition (push, prune) saves
-    again at the step where the previous phase ended, with the new state and metadata.
-    """
+def save(mngr, step: int, state, meta: dict[str, Any], metrics: dict | None = None) -> None:
+    """Saves synchronously, replacing a checkpoint at ``step``: entering a phase (push,
+    prune) saves again at the step where the previous phase ended."""
     if step in mngr.all_steps():
         mngr.delete(step)
-    mngr.save(
-        step,
-        args=ocp.args.Composite(
-            **{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
-        ),
-        metrics=metrics,
-        force=True,
-    )
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    mngr.save(step, args=args, metrics=metrics, force=True)
     mngr.wait_until_finished()
 
 
-def latest_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict | None:
-    """The ``meta`` item of the latest (or given) checkpoint, or None if there is none."""
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        return None
-    restored = mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
-    return restored[META]
+def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
 def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
     """Restores the ``state`` item of ``step`` onto the shapes/shardings of ``abstract_state``."""
     target = jax.tree.map(
-        lambda x: (
-            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-            if hasattr(x, "shape")
-            else x
-        ),
-        abstract_state,
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
     )
-    restored = mngr.restore(
-        step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target)})
-    )
-    return restored[STATE]
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    return mngr.restore(step, args=args)["state"]
 
 
 def config_fingerprint(config_dict: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a resolved config that a resumed run must share with the original.
-
-    Everything except keys that only change logging, evaluation cadence or workers.
-    """
-    ignored = {
-        ("train", "log_every_steps"),
-        ("train", "eval_every_epochs"),
-        ("train", "checkpoint_every_steps"),
-        ("train", "keep_checkpoints"),
-        ("input", "num_workers"),
-        ("input", "prefetch"),
-        ("input", "eval_batch_size"),
-        ("input", "skip_bad_records"),
-    }
+    """The resolved config without the keys a resumed run may change (logging, workers)."""
     out = json.loads(json.dumps(config_dict, default=str))
-    for section, key in ignored:
-        out.get(section, {}).pop(key, None)
+    for section, keys in _MAY_CHANGE_ON_RESUME.items():
+        for key in keys:
+            out.get(section, {}).pop(key, None)
     return out
 
 
@@ -133,9 +86,3 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 
     walk(saved, current, "")
     return diffs
-
-
-def log_restored(step: int, meta: dict[str, Any]) -> None:
-    log.info(
-        "resuming from step %d (phase %s, epoch %s)", step, meta.get("phase"), meta.get("epoch")
-    )

@@ -1,8 +1,6 @@
-"""Refuses configs that cannot work, with a message that says what to change.
-
-ml_collections already refuses unknown keys when a config is locked (and lists the valid
-ones); these checks catch values that are well-typed but wrong (K = 0, a negative learning
-rate, a dataset whose records disagree with the config) before anything is compiled.
+"""Refuses configs that cannot work, naming the key and what to change, before anything is
+compiled: values that are well-typed but wrong (K = 0, a negative learning rate, records of
+another dataset). Unknown keys are already refused by the locked ml_collections config.
 """
 
 from __future__ import annotations
@@ -10,6 +8,17 @@ from __future__ import annotations
 from typing import Any
 
 from protomask_jax.models.resnet import resnet_spec
+
+# The smallest value each key accepts.
+_AT_LEAST = {
+    0: "train.warmup_lr train.backbone_lr train.addon_lr train.prototype_lr train.finetune_lr "
+    "train.warmup_epochs train.joint_epochs train.finetune_epochs",
+    1: "input.num_views input.batch_size input.eval_batch_size train.accumulate_steps "
+    "train.lr_step_epochs train.eval_every_epochs train.log_every_steps "
+    "train.checkpoint_every_steps model.prototypes_per_class model.prototype_dim",
+    2: "dataset.num_classes",
+    8: "input.view_size input.canvas_size",
+}
 
 
 class ConfigError(ValueError):
@@ -23,53 +32,27 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 def validate(config: Any) -> None:
     """Checks the values ``train_and_evaluate`` relies on."""
-    i, t, m = config.input, config.train, config.model
-    _require(
-        i.num_views >= 1, "input.num_views", f"must be >= 1 (K views per image), got {i.num_views}"
-    )
-    _require(i.view_size >= 8, "input.view_size", f"must be >= 8 pixels, got {i.view_size}")
-    _require(i.canvas_size >= 8, "input.canvas_size", f"must be >= 8 pixels, got {i.canvas_size}")
-    _require(i.batch_size >= 1, "input.batch_size", f"must be >= 1, got {i.batch_size}")
-    _require(
-        i.eval_batch_size >= 1, "input.eval_batch_size", f"must be >= 1, got {i.eval_batch_size}"
-    )
-    _require(
-        i.fill_background in ("original", "mask"),
-        "input.fill_background",
-        f"must be 'original' or 'mask', got {i.fill_background!r}",
-    )
+    i, m = config.input, config.model
+    for low, keys in _AT_LEAST.items():
+        for key in keys.split():
+            section, name = key.split(".")
+            value = config[section][name]
+            _require(value >= low, key, f"must be >= {low}, got {value}")
+    _require(m.similarity_eps > 0, "model.similarity_eps", "must be > 0")
     _require(
         0.0 <= i.validation_fraction < 1.0,
         "input.validation_fraction",
         f"must be in [0, 1), got {i.validation_fraction}",
     )
-    for key in ("warmup_lr", "backbone_lr", "addon_lr", "prototype_lr", "finetune_lr"):
-        value = t[key]
-        _require(value >= 0, f"train.{key}", f"learning rates must be >= 0, got {value}")
-    for key in ("warmup_epochs", "joint_epochs", "finetune_epochs"):
-        _require(t[key] >= 0, f"train.{key}", f"must be >= 0, got {t[key]}")
-    _require(t.accumulate_steps >= 1, "train.accumulate_steps", "must be >= 1")
-    _require(t.lr_step_epochs >= 1, "train.lr_step_epochs", "must be >= 1")
-    _require(t.eval_every_epochs >= 1, "train.eval_every_epochs", "must be >= 1")
-    _require(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
-    _require(t.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1")
-    _require(m.prototypes_per_class >= 1, "model.prototypes_per_class", "must be >= 1")
-    _require(m.prototype_dim >= 1, "model.prototype_dim", "must be >= 1")
-    _require(m.similarity_eps > 0, "model.similarity_eps", "must be > 0")
-    _require(
-        m.compute_dtype in ("float32", "bfloat16", "float16"),
-        "model.compute_dtype",
-        f"must be float32, bfloat16 or float16, got {m.compute_dtype!r}",
-    )
+    for key, value, allowed in (
+        ("input.fill_background", i.fill_background, ("original", "mask")),
+        ("model.compute_dtype", m.compute_dtype, ("float32", "bfloat16", "float16")),
+    ):
+        _require(value in allowed, key, f"must be one of {allowed}, got {value!r}")
     try:
         resnet_spec(m.backbone)
     except (KeyError, ValueError) as e:
         raise ConfigError(f"config.model.backbone: {e}") from None
-    _require(
-        config.dataset.num_classes >= 2,
-        "dataset.num_classes",
-        f"must be >= 2, got {config.dataset.num_classes}",
-    )
     _require(bool(config.dataset.records_dir), "dataset.records_dir", "is empty; set it")
 
 

@@ -3,10 +3,14 @@ r"""Evaluates a trained run: ``python -m protomask_jax.evaluate --config C --wor
 
 One pass of the jitted evaluation forward over a split (:func:`run_model`) gives, per image,
 the logits ``[N, C]``, the similarity of every prototype's nearest view and the index of that
-view (the explanation) ``[N, P]``. :func:`compute_metrics` walks the images in chunks
-(``evaluators.chunk.Chunk``: masks and ground truth in one ``R x R`` frame of the whole image,
-explanation maps of the top prototypes) through the evaluators of the chosen techniques
-(``protomask_jax/evaluators/``); their groups go to ``DIR/eval.json`` and a table on stdout.
+view (the explanation) ``[N, P]``, and for the top-k prototypes the similarity of every view
+``[N, k, K]`` and the embedding of the winning view ``[N, k, D]``. :func:`compute_metrics`
+walks the images in chunks (``evaluators.chunk.Chunk``: masks and ground truth in one
+``R x R`` frame of the whole image, explanation maps of the top prototypes) through the
+evaluators of the chosen techniques (``protomask_jax/evaluators/``); their groups go to
+``DIR/eval.json`` and a table on stdout. Continuity and output completeness rerun the model on
+a chunk's images perturbed (:func:`run_perturbed`: a photometric change applied by the host
+pipeline, or noise outside a box added to the views on the device).
 """
 
 from __future__ import annotations
@@ -14,24 +18,31 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from protomask_jax import config_checks, evaluators
 from protomask_jax import sharding as sharding_lib
+from protomask_jax import steps as steps_lib
 from protomask_jax.data import pipeline
 from protomask_jax.data import records as records_lib
+from protomask_jax.data import views as views_lib
 from protomask_jax.evaluators import chunk as chunk_lib
-from protomask_jax.evaluators import frame
+from protomask_jax.evaluators import completeness, frame
 from protomask_jax.models import protomask as model_lib
+
+log = logging.getLogger(__name__)
 
 EVAL_FILE = "eval.json"
 # Images whose masks are held at once: 128 x 11 masks at 224 px is ~70 MB as bool.
@@ -49,7 +60,10 @@ class EvalOutputs:
     ``image_ids``, ``labels`` int64 ``[N]``; ``logits [N, C]``; ``min_distances`` and
     log-``similarities`` of each prototype's nearest view ``[N, P]``; ``winning_view`` int32
     ``[N, P]`` (view ``k`` shows mask ``k % num_masks``); ``num_masks`` int32 ``[N]``, the masks
-    the views showed (``min(masks/count, num_views)``)."""
+    the views showed (``min(masks/count, num_views)``). From :func:`run_model` also, for the
+    ``k`` prototypes explained (``top_ids`` int32 ``[N, k]``: the most similar, ties to the
+    lower index): the log-similarity of every view ``top_view_similarities [N, k, K]`` and the
+    embedding of the winning view ``top_embeddings [N, k, D]``."""
 
     record_indices: np.ndarray
     image_ids: np.ndarray
@@ -59,15 +73,102 @@ class EvalOutputs:
     similarities: np.ndarray
     winning_view: np.ndarray
     num_masks: np.ndarray
+    top_ids: np.ndarray | None = None
+    top_view_similarities: np.ndarray | None = None
+    top_embeddings: np.ndarray | None = None
 
     def take(self, rows) -> EvalOutputs:
-        fields = dataclasses.fields(self)
-        return EvalOutputs(**{field.name: getattr(self, field.name)[rows] for field in fields})
+        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return EvalOutputs(**{k: None if v is None else v[rows] for k, v in values.items()})
 
 
 def to_host(x: jax.Array) -> np.ndarray:
     """A (possibly sharded, possibly multi-host) global array as one numpy array."""
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _noise_outside(views, batch, std, seed) -> jax.Array:
+    """``views [B, K, V, V, 3]`` plus N(0, std) at every view pixel whose centre, mapped into
+    the canvas through its view box, lies outside ``batch["noise_box"] [B, 4]`` (canvas yxyx,
+    half-open). The noise is drawn from ``(seed, image id, mask)``: the cyclic repeats of a
+    mask stay identical views, so padding changes nothing, as in the clean pass."""
+    num_views, size = views.shape[1:3]
+    centres = (jnp.arange(size) + 0.5) / size
+    boxes, region = batch["boxes"][..., None], batch["noise_box"][:, None, :, None]
+    y = boxes[:, :, 0] + centres * (boxes[:, :, 2] - boxes[:, :, 0])  # [B, K, V]
+    x = boxes[:, :, 1] + centres * (boxes[:, :, 3] - boxes[:, :, 1])
+    rows = (y >= region[:, :, 0]) & (y < region[:, :, 2])
+    cols = (x >= region[:, :, 1]) & (x < region[:, :, 3])
+    outside = ~(rows[..., :, None] & cols[..., None, :])
+    masks = jnp.arange(num_views) % batch["num_masks"][:, None]  # [B, K]
+    fold = jax.vmap(jax.random.fold_in)
+    image_keys = fold(jnp.broadcast_to(jax.random.key(seed), masks.shape[:1]), batch["image_id"])
+    keys = jax.vmap(fold)(jnp.broadcast_to(image_keys[:, None], masks.shape), masks)
+    noise = jax.vmap(jax.vmap(lambda key: jax.random.normal(key, views.shape[2:])))(keys)
+    return (views.astype(jnp.float32) + std * noise * outside[..., None]).astype(views.dtype)
+
+
+def eval_forward(trained) -> Callable:
+    """A jitted ``(params, batch_stats, constants, batch, seed, noise_std) -> dict`` of device
+    arrays: the :class:`EvalOutputs` fields of the batch. ``batch`` may carry ``ids [B, k]``
+    (the prototypes to explain; default the ``k = min(5, P)`` most similar) and ``noise_box
+    [B, 4]`` (then :func:`_noise_outside`)."""
+    graphdef, step_config = trained.graphdef, trained.step_config
+    eps = trained.config.model.similarity_eps
+
+    def forward(params, batch_stats, constants, batch, seed, noise_std):
+        views = steps_lib.device_views(batch, None, step_config)
+        if "noise_box" in batch:
+            views = _noise_outside(views, batch, noise_std, seed)
+        out, _ = model_lib.apply(
+            graphdef, params, batch_stats, constants, views, train=False, return_views=True
+        )
+        ids = batch.get("ids")
+        if ids is None:
+            similarity = model_lib.log_similarity(out.min_distances, eps)
+            ids = jax.lax.top_k(similarity, min(chunk_lib.TOP_K, similarity.shape[1]))[1]
+        view_distances = jnp.take_along_axis(out.view_distances, ids[:, None, :], axis=2)
+        winning = jnp.take_along_axis(out.winning_view, ids, axis=1)
+        return {
+            "logits": out.logits,
+            "min_distances": out.min_distances,
+            "winning_view": out.winning_view,
+            "top_ids": ids.astype(jnp.int32),
+            "top_view_similarities": model_lib.log_similarity(
+                jnp.swapaxes(view_distances, 1, 2), eps
+            ),
+            "top_embeddings": jnp.take_along_axis(out.embeddings, winning[..., None], axis=1),
+        }
+
+    return jax.jit(forward)
+
+
+def _collect(trained, forward, batches, record_set, indices, seed=0, std=0.0) -> EvalOutputs:
+    """The outputs of ``forward`` over ``batches`` (the images ``indices``, in order)."""
+    state, columns = trained.state, []
+    for batch in batches:
+        out = forward(state.params, state.batch_stats, state.constants, batch, seed, std)
+        columns.append(out | {k: batch[k] for k in ("label", "image_id", "weight", "num_masks")})
+    arrays = {key: np.concatenate([to_host(c[key]) for c in columns]) for key in columns[0]}
+    real = arrays.pop("weight") > 0
+    arrays = {key: value[real] for key, value in arrays.items()}
+    image_ids = arrays.pop("image_id").astype(np.int64)
+    if not np.array_equal(image_ids, record_set.image_ids[indices]):
+        raise RuntimeError(
+            f"evaluation stream of {record_set.records_dir} returned images in an unexpected "
+            f"order (first ids {image_ids[:5].tolist()}, expected "
+            f"{record_set.image_ids[indices][:5].tolist()})"
+        )
+    similarity = model_lib.log_similarity(
+        arrays["min_distances"], trained.config.model.similarity_eps
+    )
+    return EvalOutputs(
+        record_indices=indices,
+        image_ids=image_ids,
+        labels=arrays.pop("label").astype(np.int64),
+        similarities=np.asarray(similarity, np.float32),
+        **arrays,
+    )
 
 
 def run_model(
@@ -86,53 +187,68 @@ def run_model(
     sharding_lib.check_batch_divisible(
         config.input.eval_batch_size, trained.mesh, "input.eval_batch_size"
     )
-    eval_fn, state = trained.eval_fn(), trained.state
-    columns = []
-    with tqdm(
+    batches = tqdm(
+        trained.eval_batches(record_set, indices),
         total=-(-len(indices) // config.input.eval_batch_size),
         desc=f"evaluating {record_set.split}",
         unit="batch",
         disable=not progress,
         leave=False,
-    ) as bar:
-        for batch in trained.eval_batches(record_set, indices):
-            out = eval_fn(state.params, state.batch_stats, state.constants, batch)
-            extra = (batch[key] for key in ("label", "image_id", "weight", "num_masks"))
-            columns.append((out.logits, out.min_distances, out.winning_view, *extra))
-            bar.update(1)
-    logits, distances, views, labels, image_ids, weights, num_masks = (
-        np.concatenate([to_host(x) for x in column]) for column in zip(*columns, strict=True)
     )
-    real = weights > 0
-    image_ids = image_ids[real].astype(np.int64)
-    if not np.array_equal(image_ids, record_set.image_ids[indices]):
-        raise RuntimeError(
-            f"evaluation stream of {record_set.records_dir} returned images in an unexpected "
-            f"order (first ids {image_ids[:5].tolist()}, expected "
-            f"{record_set.image_ids[indices][:5].tolist()})"
+    return _collect(trained, eval_forward(trained), batches, record_set, indices)
+
+
+def run_perturbed(trained, record_set, forward, chunk, top_ids, perturbation) -> EvalOutputs:
+    """``forward`` (:func:`eval_forward`) of ``chunk``'s images under ``perturbation``,
+    explaining ``top_ids``: ``completeness.OutsideBoxNoise`` on the device, else a host
+    ``image_transform`` (``continuity.ImagePerturbation``)."""
+    indices, spec, seed, std = chunk.outputs.record_indices, trained.spec, 0, 0.0
+    extras = {"ids": np.asarray(top_ids, np.int32)}
+    if isinstance(perturbation, completeness.OutsideBoxNoise):
+        boxes = zip(perturbation.boxes, chunk.maps.sizes, strict=True)
+        extras["noise_box"] = np.stack(
+            [views_lib.fit_box_to_canvas(box, h, w, spec.canvas_size) for box, (h, w) in boxes]
         )
-    min_distances = distances[real].astype(np.float32)
-    similarity = model_lib.log_similarity(min_distances, config.model.similarity_eps)
-    return EvalOutputs(
-        record_indices=indices,
-        image_ids=image_ids,
-        labels=labels[real].astype(np.int64),
-        logits=logits[real].astype(np.float32),
-        min_distances=min_distances,
-        similarities=np.asarray(similarity, np.float32),
-        winning_view=views[real].astype(np.int32),
-        num_masks=num_masks[real].astype(np.int32),
+        seed, std = perturbation.seed, perturbation.std
+    else:
+        spec = dataclasses.replace(spec, image_transform=perturbation)
+    global_size = trained.config.input.eval_batch_size
+    local_size = global_size // jax.process_count()
+    filler = -len(indices) % global_size  # rows of the last batch's zero-weight filler
+    extras = {
+        k: np.concatenate([v, np.zeros_like(v[:1]).repeat(filler, 0)]) for k, v in extras.items()
+    }
+    stream = pipeline.eval_stream(
+        record_set,
+        indices,
+        spec,
+        global_batch=global_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
+
+    def batches():
+        try:
+            for step, local in enumerate(stream):  # this process's rows of global batch `step`
+                start = step * global_size + jax.process_index() * local_size
+                local |= {k: v[start : start + local_size] for k, v in extras.items()}
+                yield sharding_lib.global_batch(trained.mesh, local)
+        finally:
+            stream.close()
+
+    return _collect(trained, forward, batches(), record_set, indices, seed, std)
 
 
 @dataclasses.dataclass
 class ModelArrays:
     """The trained head on the host: ``last_layer W [C, P]`` (the model stores ``W^T``),
-    ``prototypes [P, D]``, ``prototype_class`` int32 ``[P]``."""
+    ``prototypes [P, D]``, ``prototype_class`` int32 ``[P]``; a multi-label run's decision
+    threshold on the logits, if it has one (else the classification family derives it)."""
 
     last_layer: np.ndarray
     prototypes: np.ndarray
     prototype_class: np.ndarray
+    multi_label_threshold: float | None = None
 
 
 def model_arrays(trained) -> ModelArrays:
@@ -154,12 +270,16 @@ def compute_metrics(
     num_parts: int = 0,
     techniques: Sequence[str] | None = None,
     explain: Callable | None = None,
+    run: Callable | None = None,
+    chunk_size: int = CHUNK,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """The eval.json groups of ``techniques`` (default: all) that the data allows.
+    """The eval.json groups of ``techniques`` (default: ``evaluators.DEFAULT``) that the data
+    allows.
 
     ``num_parts``: Q for keypoints derived from part maps. ``explain``: the producer of the
-    chunks' explanation maps (default: the winning views' masks).
+    chunks' explanation maps (default: the winning views' masks). ``run``: the chunks'
+    perturbed-pass hook (``Chunk.run``), needed by continuity and completeness.
     """
     active = evaluators.build(techniques, arrays)
     render = functools.partial(
@@ -170,12 +290,21 @@ def compute_metrics(
         num_parts=num_parts,
     )
     explain = explain or chunk_lib.mask_explanations
-    starts = range(0, len(outputs.labels), CHUNK)
+    seconds = dict.fromkeys((evaluator.name for evaluator in active), 0.0)
+    starts = range(0, len(outputs.labels), chunk_size)
     for start in tqdm(starts, desc="metrics", unit="chunk", disable=not progress, leave=False):
-        chunk = chunk_lib.Chunk(outputs.take(slice(start, start + CHUNK)), render, explain)
+        rows = outputs.take(slice(start, start + chunk_size))
+        chunk = chunk_lib.Chunk(rows, render, explain, run)
         for evaluator in active:
-            evaluator.update(chunk)
-    groups = {evaluator.name: evaluator.result() for evaluator in active}
+            begin = time.perf_counter()
+            evaluator.update(chunk)  # the first family to ask pays for shared maps
+            seconds[evaluator.name] += time.perf_counter() - begin
+    groups = {}
+    for evaluator in active:
+        begin = time.perf_counter()
+        groups[evaluator.name] = evaluator.result()
+        seconds[evaluator.name] += time.perf_counter() - begin
+    log.info("metric families (wall s): %s", {k: round(v, 2) for k, v in seconds.items()})
     return {name: group for name, group in groups.items() if group is not None}
 
 
@@ -226,6 +355,9 @@ def evaluate(
     )
     outputs = run_model(trained, record_set, progress=progress)
     arrays = model_arrays(trained)
+    run, batch = None, config.input.eval_batch_size
+    if set(techniques) & set(evaluators.PERTURBED):
+        run = functools.partial(run_perturbed, trained, record_set, eval_forward(trained))
     metrics = compute_metrics(
         outputs,
         arrays,
@@ -234,6 +366,8 @@ def evaluate(
         resolution=resolution,
         num_parts=len(info.get("part_names") or []),
         techniques=techniques,
+        run=run,
+        chunk_size=max(1, CHUNK // batch) * batch,  # whole batches for the perturbed passes
         progress=progress,
     )
     results = _nan_to_none(
@@ -367,5 +501,9 @@ if __name__ == "__main__":
     flags.DEFINE_integer(
         "resolution", 0, "Mask frame R for the pixel metrics (0: 64 on CPU, 224 otherwise)."
     )
-    flags.DEFINE_list("techniques", list(evaluators.TECHNIQUES), "Metric families to compute.")
+    flags.DEFINE_list(
+        "techniques",
+        list(evaluators.DEFAULT),
+        f"Metric families to compute, from {list(evaluators.TECHNIQUES)}.",
+    )
     app.run(lambda argv: sys.exit(run_tool(argv, _evaluate_tool)))

@@ -48,59 +48,44 @@ def read_metrics(workdir: str | Path) -> list[dict]:
 
 
 class ProgressBar:
-    """One tqdm bar per epoch with images/s and the latest logged loss and accuracy."""
+    """A tqdm bar per epoch counting images (tqdm shows images/s) with the last loss."""
 
-    def __init__(self, phase: str, steps_per_epoch: int, global_batch: int, enabled=True):
+    def __init__(self, phase: str, steps_per_epoch: int, global_batch: int):
         self.phase = phase
         self.steps_per_epoch = steps_per_epoch
         self.global_batch = global_batch
-        self.enabled = enabled
-        self.total = None
         self._bar = None
-        self._start = 0.0
-        self._done = 0
+
+    @property
+    def in_epoch(self) -> bool:
+        return self._bar is not None
 
     def start_epoch(self, epoch: int, done: int = 0) -> None:
         self.close()
-        self.total = self.steps_per_epoch
-        self._done = 0
-        self._start = time.perf_counter()
-        if self.enabled:
-            self._bar = tqdm(
-                total=self.steps_per_epoch,
-                initial=done,
-                desc=f"{self.phase} epoch {epoch}",
-                unit="step",
-                leave=False,
-                dynamic_ncols=True,
-            )
-
-    def advance(self) -> None:
-        self._done += 1
-        if self._bar is not None:
-            self._bar.update(1)
-
-    def set_metrics(self, values: dict[str, float]) -> None:
-        if self._bar is None:
-            return
-        elapsed = max(time.perf_counter() - self._start, 1e-9)
-        self._bar.set_postfix(
-            loss=f"{values.get('loss', float('nan')):.3f}",
-            acc=f"{values.get('accuracy', float('nan')):.3f}",
-            img_s=f"{self._done * self.global_batch / elapsed:.0f}",
+        self._bar = tqdm(
+            total=self.steps_per_epoch * self.global_batch,
+            initial=done * self.global_batch,
+            desc=f"{self.phase} epoch {epoch}",
+            unit="img",
+            leave=False,
+            dynamic_ncols=True,
         )
 
+    def advance(self) -> None:
+        self._bar.update(self.global_batch)
+
+    def set_metrics(self, values: dict[str, float]) -> None:
+        self._bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['accuracy']:.3f}")
+
     def end_epoch(self) -> None:
-        if self._bar is not None:
-            elapsed = max(time.perf_counter() - self._start, 1e-9)
-            postfix = self._bar.postfix or ""
-            self._bar.close()
-            self._bar = None
-            tqdm.write(
-                f"{self.phase}: epoch done in {elapsed:.1f} s "
-                f"({self._done * self.global_batch / elapsed:.0f} images/s) {postfix}"
-            )
-        self.total = None
+        bar = self._bar.format_dict
+        elapsed = max(bar["elapsed"], 1e-9)
+        images_per_s = (bar["n"] - bar["initial"]) / elapsed
+        self.close()
+        tqdm.write(
+            f"{self.phase}: epoch done in {elapsed:.1f} s ({images_per_s:.0f} images/s) "
+            f"{bar['postfix'] or ''}"
+        )
 
     def close(self) -> None:
         if self._bar is not None:

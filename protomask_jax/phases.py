@@ -1,13 +1,10 @@
 """Training phases: which parameter groups move, at which learning rates, for how long.
 
-The reference trains in three phases selected by epoch (reference doc §5.2): warmup (the
-prototypes, backbone frozen), joint (backbone and prototypes, StepLR on both), fine-tune
-(the last layer only). Each phase has its own Adam optimizer (fused, betas 0.9/0.999,
-eps 1e-8, no weight decay) and gradient accumulation over ``accumulate_steps`` batches.
-Optional pruning adds a last-layer fine-tune after it ("prune_finetune", no accumulation).
-
-Frozen groups get ``optax.set_to_zero`` and, in the step, ``stop_gradient`` — so XLA does not
-even compute their gradients (fine-tuning never back-propagates through the backbone).
+As the reference (docs/reference.md §5.2): warmup (prototypes; backbone frozen), joint
+(backbone and prototypes, StepLR), fine-tune (last layer), each with its own Adam (betas
+0.9/0.999, eps 1e-8, no weight decay) and accumulation over ``accumulate_steps`` batches;
+pruning adds "prune_finetune" (no accumulation). Frozen groups get ``set_to_zero`` and, in
+the step, ``stop_gradient``, so XLA never computes their gradients.
 """
 
 from __future__ import annotations
@@ -27,29 +24,17 @@ PRUNE_FINETUNE = "prune_finetune"
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-    """One phase of the schedule, in global steps (one step = one global batch).
+    """One phase of the schedule, in global steps (one step = one global batch)."""
 
-    Attributes:
-      name: warmup | joint | finetune | prune_finetune.
-      first_step: global step at which the phase starts.
-      num_steps: its length in steps.
-      learning_rates: learning rate per trained parameter group; groups absent are frozen.
-      accumulate_steps: batches per optimizer update.
-      lr_decay_steps: optimizer updates between halvings (StepLR), 0 for none.
-      lr_gamma: StepLR factor.
-      loss_phase: the loss variant (``warmup``/``joint`` or ``finetune``).
-      bn_train: BatchNorm in training mode (batch statistics, running averages move).
-    """
-
-    name: str
+    name: str  # warmup | joint | finetune | prune_finetune
     first_step: int
     num_steps: int
-    learning_rates: dict[str, float]
-    accumulate_steps: int
-    lr_decay_steps: float = 0
+    learning_rates: dict[str, float]  # per trained group; the groups absent are frozen
+    accumulate_steps: int  # batches per optimizer update
+    lr_decay_steps: float = 0  # optimizer updates between StepLR decays; 0 for none
     lr_gamma: float = 1.0
-    loss_phase: str = JOINT
-    bn_train: bool = True
+    loss_phase: str = JOINT  # the loss variant: joint (also for warmup) or finetune
+    bn_train: bool = True  # batch statistics, running averages move
 
     @property
     def end_step(self) -> int:
@@ -66,76 +51,36 @@ def steps_per_epoch(num_train_images: int, global_batch: int) -> int:
 
 
 def plan_phases(config, num_train_images: int, *, pruned: bool = False) -> list[Phase]:
-    """The phase schedule for ``config`` on a training split of ``num_train_images``.
-
-    Args:
-      config: the full config (``train.*``, ``input.batch_size``).
-      num_train_images: size of the training split (validation excluded).
-      pruned: include the post-pruning fine-tune (``train.prune.enabled``).
-
-    Returns:
-      Phases in order, only those with at least one step.
-    """
+    """The phases with at least one step, in order, for a training split of
+    ``num_train_images``; ``pruned`` adds the post-pruning fine-tune when enabled."""
     t = config.train
     epoch = steps_per_epoch(num_train_images, config.input.batch_size)
-    accumulate = t.accumulate_steps
-    train_addon = not t.reference_frozen_addon
     warm_rates = {"prototypes": t.warmup_lr}
     joint_rates = {"backbone": t.backbone_lr, "prototypes": t.prototype_lr}
-    if train_addon:
+    if not t.reference_frozen_addon:
         warm_rates["add_on"] = t.warmup_lr
         joint_rates["add_on"] = t.addon_lr
+    finetune = dict(
+        learning_rates={"last_layer": t.finetune_lr},
+        loss_phase=FINETUNE,
+        bn_train=t.reference_bn_update_in_finetune,
+    )
+    decay = t.lr_step_epochs * epoch / t.accumulate_steps
     specs = [
-        (WARMUP, t.warmup_epochs, warm_rates, accumulate, 0.0, JOINT, True),
-        (
-            JOINT,
-            t.joint_epochs,
-            joint_rates,
-            accumulate,
-            t.lr_step_epochs * epoch / accumulate,
-            JOINT,
-            True,
-        ),
-        (
-            FINETUNE,
-            t.finetune_epochs,
-            {"last_layer": t.finetune_lr},
-            accumulate,
-            0.0,
-            FINETUNE,
-            t.reference_bn_update_in_finetune,
-        ),
+        (WARMUP, t.warmup_epochs, dict(learning_rates=warm_rates)),
+        (JOINT, t.joint_epochs, dict(learning_rates=joint_rates, lr_decay_steps=decay)),
+        (FINETUNE, t.finetune_epochs, finetune),
     ]
     if pruned and t.prune.enabled:
-        specs.append(
-            (
-                PRUNE_FINETUNE,
-                t.prune.finetune_epochs,
-                {"last_layer": t.finetune_lr},
-                1,
-                0.0,
-                FINETUNE,
-                t.reference_bn_update_in_finetune,
-            )
-        )
-    phases = []
-    step = 0
-    for name, epochs, rates, acc, decay, loss_phase, bn_train in specs:
+        specs.append((PRUNE_FINETUNE, t.prune.finetune_epochs, dict(finetune, accumulate_steps=1)))
+    phases, step = [], 0
+    for name, epochs, options in specs:
         if epochs <= 0:
             continue
-        phases.append(
-            Phase(
-                name=name,
-                first_step=step,
-                num_steps=epochs * epoch,
-                learning_rates=dict(rates),
-                accumulate_steps=acc,
-                lr_decay_steps=decay,
-                lr_gamma=t.lr_gamma if decay else 1.0,
-                loss_phase=loss_phase,
-                bn_train=bn_train,
-            )
-        )
+        options = {"accumulate_steps": t.accumulate_steps, **options}
+        if options.get("lr_decay_steps"):
+            options["lr_gamma"] = t.lr_gamma
+        phases.append(Phase(name=name, first_step=step, num_steps=epochs * epoch, **options))
         step += epochs * epoch
     return phases
 
@@ -150,10 +95,7 @@ def make_optimizer(phase: Phase) -> optax.GradientTransformation:
             continue
         if phase.lr_decay_steps:
             rate = optax.exponential_decay(
-                rate,
-                transition_steps=phase.lr_decay_steps,
-                decay_rate=phase.lr_gamma,
-                staircase=True,
+                rate, phase.lr_decay_steps, phase.lr_gamma, staircase=True
             )
         transforms[group] = optax.adam(rate, b1=0.9, b2=0.999, eps=1e-8)
     tx = optax.multi_transform(transforms, param_group_labels)
@@ -162,11 +104,3 @@ def make_optimizer(phase: Phase) -> optax.GradientTransformation:
         # k backward passes before one step.
         tx = optax.MultiSteps(tx, every_k_schedule=phase.accumulate_steps)
     return tx
-
-
-def phase_at(phases: list[Phase], step: int) -> Phase | None:
-    """The phase containing global ``step`` (None once training is over)."""
-    for phase in phases:
-        if phase.first_step <= step < phase.end_step:
-            return phase
-    return None

@@ -1,17 +1,13 @@
 """Push (prototype projection) and pruning as jitted streaming reductions.
 
-Push replaces every prototype by the embedding of the training view nearest to it among
-images of the prototype's class, so that each prototype *is* a view a person can look at
-(reference doc §5.4). The reference keeps a running minimum per prototype but resets it
-at every batch, so a prototype ends up on the nearest view of the *last* batch holding an
-image of its class (§9.1). We keep one running minimum over the whole training set — a
-carry of ``[P]`` distances and ``[P, D]`` embeddings updated by one compiled function per
-batch, with no host round trip per prototype; ``train.reference_push_per_batch`` restores
-the reference's behaviour for comparisons.
-
-Pruning (reference §5.5) keeps, per prototype, the k training images nearest to it and
-drops prototypes for which fewer than ``threshold`` of them belong to its class — here a
-streaming top-k merge per batch instead of Python heaps over N x P.
+Push moves every prototype onto the embedding of the nearest training view of its class, so
+each prototype *is* a view a person can look at (docs/reference.md §5.4). The reference
+resets its running minimum at every batch, so a prototype lands on the nearest view of the
+*last* batch holding its class (§9.1); we keep one minimum over the whole training set, a
+``[P]`` / ``[P, D]`` carry updated by one compiled function per batch
+(``train.reference_push_per_batch`` restores the reference). Pruning (§5.5) drops the
+prototypes with fewer than ``threshold`` own-class images among their k nearest, by a
+streaming top-k merge instead of Python heaps over N x P.
 """
 
 from __future__ import annotations
@@ -28,24 +24,15 @@ from protomask_jax.models.protomask import ProtoMaskOutput
 
 @dataclasses.dataclass
 class PushResult:
-    """Where each prototype was projected (the prototype gallery), host numpy arrays.
+    """Where each prototype was projected (the prototype gallery), host arrays. A prototype
+    without a training image of its class keeps its vector, with distance +inf and -1 ids."""
 
-    Attributes:
-      prototypes: ``[P, D]`` float32, the new prototype vectors.
-      distance: ``[P]`` squared distance of the old prototype to its chosen view
-        (+inf when no training image of its class was seen; the prototype is unchanged).
-      image_id: ``[P]`` record id of the source image (-1 when none).
-      view_index: ``[P]`` view slot k of that image.
-      mask_index: ``[P]`` index of the source mask in the record (k mod number of masks).
-      box: ``[P, 4]`` yxyx of the view in the canvas frame.
-    """
-
-    prototypes: np.ndarray
-    distance: np.ndarray
-    image_id: np.ndarray
-    view_index: np.ndarray
-    mask_index: np.ndarray
-    box: np.ndarray
+    prototypes: np.ndarray  # [P, D] float32, the new prototype vectors
+    distance: np.ndarray  # [P] squared distance of the old prototype to its chosen view
+    image_id: np.ndarray  # [P] record id of the source image
+    view_index: np.ndarray  # [P] view slot k of that image
+    mask_index: np.ndarray  # [P] its mask in the record: k mod the number of masks
+    box: np.ndarray  # [P, 4] yxyx of the view in the canvas frame
 
     def to_json(self) -> dict:
         """The gallery without the vectors, for ``push.json`` and the checkpoint metadata."""
@@ -65,9 +52,10 @@ def init_push_carry(prototypes: jax.Array) -> dict[str, jax.Array]:
         "distance": jnp.full((num_prototypes,), jnp.inf, jnp.float32),
         # a copy: the carry is donated to the update, the caller's prototypes must survive
         "embedding": jnp.array(prototypes, dtype=jnp.float32, copy=True),
-        "image_id": jnp.full((num_prototypes,), -1, jnp.int32),
-        "view_index": jnp.full((num_prototypes,), -1, jnp.int32),
-        "mask_index": jnp.full((num_prototypes,), -1, jnp.int32),
+        **{
+            k: jnp.full((num_prototypes,), -1, jnp.int32)
+            for k in ("image_id", "view_index", "mask_index")
+        },
         "box": jnp.zeros((num_prototypes, 4), jnp.float32),
     }
 
@@ -80,21 +68,9 @@ def push_update(
     *,
     reference_per_batch: bool = False,
 ) -> dict[str, jax.Array]:
-    """Folds one batch into the running nearest view of every prototype.
-
-    Args:
-      carry: from :func:`init_push_carry` or the previous batch.
-      outputs: the model's outputs on the (unaugmented) batch with ``return_views=True``
-        (``view_distances [B, K, P]``, ``embeddings [B, K, D]``).
-      batch: the device batch (``label``, ``weight``, ``valid``, ``image_id``,
-        ``num_masks``, ``boxes``).
-      prototype_class: ``[P]``.
-      reference_per_batch: reproduce the reference's per-batch reset (§9.1): a prototype
-        takes this batch's nearest view whenever the batch holds an image of its class,
-        even if an earlier batch had a nearer one.
-
-    Returns:
-      The updated carry.
+    """Folds one batch into the running nearest view of every prototype; ``outputs`` carry
+    ``view_distances [B, K, P]`` and ``embeddings [B, K, D]``. ``reference_per_batch``: the
+    reference's reset (§9.1), taking this batch's nearest view whenever it holds the class.
     """
     distances = outputs.view_distances.astype(jnp.float32)  # [B, K, P]
     batch_size, num_views, num_prototypes = distances.shape
@@ -116,10 +92,8 @@ def push_update(
         "mask_index": (view % batch["num_masks"][image]).astype(jnp.int32),
         "box": boxes[best_flat],
     }
-    if reference_per_batch:
-        take = jnp.any(eligible_image, axis=0)
-    else:
-        take = best_distance < carry["distance"]
+    nearer = best_distance < carry["distance"]
+    take = jnp.any(eligible_image, axis=0) if reference_per_batch else nearer
     return {
         key: jnp.where(take.reshape((-1,) + (1,) * (value.ndim - 1)), candidate[key], value)
         for key, value in carry.items()
@@ -135,19 +109,8 @@ def run_push(
     reference_per_batch: bool = False,
     update_fn: Callable | None = None,
 ) -> PushResult:
-    """Streams ``batches`` through ``forward`` and returns the projected prototypes.
-
-    Args:
-      forward: device batch → outputs with per-view distances and embeddings (jitted).
-      batches: device batches of the training split, unaugmented, each image once.
-      prototypes: ``[P, D]`` current prototypes.
-      prototype_class: ``[P]``.
-      reference_per_batch: see :func:`push_update`.
-      update_fn: a jitted :func:`push_update` (built here when not given).
-
-    Returns:
-      :class:`PushResult` (prototypes without an image of their class stay unchanged).
-    """
+    """Where each prototype lands, streaming ``batches`` (the training split, unaugmented,
+    each image once) through ``forward`` and ``update_fn`` (a jitted :func:`push_update`)."""
     if update_fn is None:
         update_fn = jax.jit(
             lambda c, o, b, pc: push_update(c, o, b, pc, reference_per_batch=reference_per_batch),
@@ -156,15 +119,8 @@ def run_push(
     carry = init_push_carry(prototypes)
     for batch in batches:
         carry = update_fn(carry, forward(batch), batch, prototype_class)
-    carry = jax.device_get(carry)
-    return PushResult(
-        prototypes=np.asarray(carry["embedding"], np.float32),
-        distance=carry["distance"],
-        image_id=carry["image_id"],
-        view_index=carry["view_index"],
-        mask_index=carry["mask_index"],
-        box=carry["box"],
-    )
+    carry = dict(jax.device_get(carry))
+    return PushResult(prototypes=np.asarray(carry.pop("embedding"), np.float32), **carry)
 
 
 # ------------------------------------------------------------------------------ prune
@@ -180,16 +136,8 @@ def init_prune_carry(num_prototypes: int, k: int) -> dict[str, jax.Array]:
 def prune_update(
     carry: dict[str, jax.Array], min_distances: jax.Array, batch: dict[str, jax.Array]
 ) -> dict[str, jax.Array]:
-    """Merges one batch into the k nearest images of every prototype.
-
-    Args:
-      carry: ``distance [P, k]`` and ``label [P, k]`` of the nearest images so far.
-      min_distances: ``[B, P]`` the model's min-over-views distances.
-      batch: ``label [B]`` and ``weight [B]`` (filler rows never count).
-
-    Returns:
-      The updated carry (ties keep the earlier image).
-    """
+    """Merges ``min_distances [B, P]`` into the ``[P, k]`` nearest images so far; filler rows
+    (weight 0) never count, ties keep the earlier image."""
     k = carry["distance"].shape[1]
     distances = jnp.where(batch["weight"][:, None] > 0, min_distances, jnp.inf).T  # [P, B]
     labels = jnp.broadcast_to(batch["label"][None, :], distances.shape).astype(jnp.int32)

@@ -1,10 +1,8 @@
 """One device mesh from the config, the shardings built on it, and multi-host helpers.
 
-The mesh has two axes: ``data`` (batches are split along it) and ``model`` (prototypes and
-the last layer's prototype axis are split along it when it is larger than 1 — only useful
-for very large prototype sets). Everything else is replicated. jit with explicit in/out
-shardings does the rest (no pmap, no wrapper objects): XLA inserts the gradient all-reduce
-over ``data``.
+Axes: ``data`` splits batches; ``model`` (when > 1, for very large prototype sets) splits
+the prototype axis; all else is replicated. jit with explicit shardings does the rest (no
+pmap): XLA inserts the gradient all-reduce over ``data``.
 """
 
 from __future__ import annotations
@@ -17,47 +15,30 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from protomask_jax.config_checks import ConfigError
+
 log = logging.getLogger(__name__)
 
 DATA = "data"
 MODEL = "model"
+_LAUNCHER_MARKERS = (
+    "JAX_COORDINATOR_ADDRESS",
+    "SLURM_JOB_ID",
+    "OMPI_COMM_WORLD_SIZE",
+    "TPU_WORKER_HOSTNAMES",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+)
 
 
 def maybe_initialize_distributed() -> None:
-    """Calls ``jax.distributed.initialize()`` when the launcher says this is multi-process.
-
-    Must run before anything touches a JAX backend (``jax.devices()``, ``process_count()``,
-    any array): afterwards ``initialize`` refuses, and each process would silently train
-    alone. Launchers:
-
-    - TPU VM pod slices, SLURM and Open MPI: jax reads their environment itself; we only
-      call ``initialize`` when one of their variables is present, so a plain
-      single-process run never waits for peers.
-    - Anything else (several processes on one machine, a hand-written launcher):
-      ``JAX_COORDINATOR_ADDRESS=host:port``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``
-      on every process. On CPU the cross-process collectives use gloo.
-    """
-    markers = (
-        "JAX_COORDINATOR_ADDRESS",
-        "SLURM_JOB_ID",
-        "OMPI_COMM_WORLD_SIZE",
-        "TPU_WORKER_HOSTNAMES",
-        "MEGASCALE_COORDINATOR_ADDRESS",
-    )
-    if any(os.environ.get(m) for m in markers) and not jax.distributed.is_initialized():
-        explicit = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
-        kwargs = {}
-        for key, name in explicit.items():
-            if name in os.environ:
-                try:
-                    kwargs[key] = int(os.environ[name])
-                except ValueError:
-                    raise ValueError(
-                        f"{name}={os.environ[name]!r} must be an integer (the number of "
-                        "processes, or this process's index from 0)."
-                    ) from None
+    """Joins the other processes when a launcher says so, before anything touches a backend
+    (else each trains alone). jax detects TPU pods, SLURM and Open MPI; others set
+    ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``."""
+    if any(os.environ.get(m) for m in _LAUNCHER_MARKERS) and not jax.distributed.is_initialized():
+        names = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+        kwargs = {key: _env_int(name) for key, name in names.items() if name in os.environ}
         if len(kwargs) == 1:
-            raise ValueError(
+            raise ConfigError(
                 "Set both JAX_NUM_PROCESSES and JAX_PROCESS_ID (or neither, to let jax "
                 f"detect the cluster); got only {sorted(kwargs)}."
             )
@@ -73,24 +54,30 @@ def maybe_initialize_distributed() -> None:
     )
 
 
-def make_mesh(config, devices: list | None = None) -> Mesh:
-    """Builds the ``(data, model)`` mesh from ``config.mesh``.
+def _env_int(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise ConfigError(
+            f"{name}={os.environ[name]!r} must be an integer (the number of processes, or "
+            "this process's index from 0)."
+        ) from None
 
-    ``config.mesh.data = -1`` takes every device not used by the model axis; an explicit
-    ``data`` uses the first ``data * model`` devices (e.g. ``data=1`` for a one-device run
-    on a multi-device host).
-    """
+
+def make_mesh(config, devices: list | None = None) -> Mesh:
+    """The ``(data, model)`` mesh of ``config.mesh``; ``data = -1`` takes every device the
+    model axis leaves, an explicit ``data`` the first ``data * model`` devices."""
     devices = list(jax.devices() if devices is None else devices)
     model = int(config.mesh.model)
     data = int(config.mesh.data)
     if model < 1 or len(devices) % model:
-        raise ValueError(
+        raise ConfigError(
             f"config.mesh.model={model} must be >= 1 and divide the {len(devices)} devices."
         )
     if data == -1:
         data = len(devices) // model
     if data < 1 or data * model > len(devices):
-        raise ValueError(
+        raise ConfigError(
             f"config.mesh.data={config.mesh.data} x config.mesh.model={model} needs more "
             f"than the {len(devices)} available devices; use data=-1 to take them all."
         )
@@ -108,25 +95,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def param_sharding(mesh: Mesh, path: tuple, leaf: Any) -> NamedSharding:
-    """Sharding of one parameter/state leaf given its path in the state tree.
-
-    With ``model > 1`` the prototypes ``[P, D]`` are split over P, the last layer over its
-    prototype axis, and the class identity ``[P]`` over P; all else is replicated. A P that
-    ``model`` does not divide (pruning can leave any count) is replicated instead.
-    """
-    if mesh.shape[MODEL] == 1 or not hasattr(leaf, "shape"):
-        return replicated(mesh)
+    """Prototypes, last layer and class identity split over their P axis when ``model > 1``
+    divides P (pruning can leave any count); everything else replicated."""
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    shape = leaf.shape
-    if not shape or shape[0] % mesh.shape[MODEL]:
-        return replicated(mesh)
-    if "prototypes" in names and len(shape) == 2:
-        return NamedSharding(mesh, PartitionSpec(MODEL, None))
-    if "prototype_class" in names and len(shape) == 1:
-        return NamedSharding(mesh, PartitionSpec(MODEL))
-    if "last_layer" in names and len(shape) == 2:
-        # stored [P, C]: split the prototype axis
-        return NamedSharding(mesh, PartitionSpec(MODEL, None))
+    shape = getattr(leaf, "shape", ())
+    split = ("prototypes" in names or "last_layer" in names) and len(shape) == 2
+    split = split or ("prototype_class" in names and len(shape) == 1)
+    if mesh.shape[MODEL] > 1 and split and shape[0] % mesh.shape[MODEL] == 0:
+        return NamedSharding(mesh, PartitionSpec(MODEL, *[None] * (len(shape) - 1)))
     return replicated(mesh)
 
 
@@ -138,16 +114,13 @@ def tree_shardings(mesh: Mesh, tree: Any) -> Any:
 def global_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Assembles process-local numpy batches into global arrays sharded over ``data``."""
     sharding = batch_sharding(mesh)
-    return {
-        key: jax.make_array_from_process_local_data(sharding, value)
-        for key, value in local_batch.items()
-    }
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
 def check_batch_divisible(global_batch_size: int, mesh: Mesh, what: str) -> None:
     data = mesh.shape[DATA]
     if global_batch_size % data:
-        raise ValueError(
-            f"{what}={global_batch_size} must be divisible by the data-parallel mesh size "
+        raise ConfigError(
+            f"config.{what}={global_batch_size} must be divisible by the data-parallel mesh size "
             f"({data}); change the batch size or config.mesh.data."
         )

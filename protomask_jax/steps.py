@@ -1,10 +1,8 @@
 """The jitted device steps: train (one per phase), evaluate, and the state they carry.
 
-Everything the device does per batch happens in one compiled function: views are cropped
-and augmented from the canvas (``data/views.py``), the network runs on all B·K views, the
-loss and its gradients are computed and the optimizer updates the parameters. Shapes are
-fixed, so each step compiles once; the state buffers are donated so the update happens in
-place; nothing here synchronises with the host (metrics stay on device until a log step).
+Per batch, one compiled function crops and augments the views from the canvas
+(``data/views.py``), runs the network on all B·K views, and computes loss, gradients and
+the update. Shapes are fixed (one compile); state buffers are donated; metrics stay on device.
 """
 
 from __future__ import annotations
@@ -27,21 +25,19 @@ from protomask_jax.phases import Phase
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything that changes during training (a pytree; checkpointed whole).
+    """Everything that changes during training (a pytree; checkpointed whole)."""
 
-    Attributes:
-      step: global step (batches consumed), int32 scalar.
-      params: the model's ``nnx.Param`` state (groups backbone/add_on/prototypes/last_layer).
-      batch_stats: BatchNorm running averages.
-      constants: non-trainable model state (``prototype_class``).
-      opt_state: the current phase's optimizer state.
-    """
-
-    step: jax.Array
-    params: nnx.State
+    step: jax.Array  # int32 scalar: global batches consumed
+    params: nnx.State  # groups backbone / add_on / prototypes / last_layer
     batch_stats: nnx.State
-    constants: nnx.State
-    opt_state: Any
+    constants: nnx.State  # prototype_class
+    opt_state: Any  # the current phase's
+
+    @classmethod
+    def create(cls, params, batch_stats, constants, tx=None) -> TrainState:
+        """Step 0, with ``tx``'s initial optimizer state (none without ``tx``)."""
+        opt_state = None if tx is None else tx.init(params)
+        return cls(jnp.zeros((), jnp.int32), params, batch_stats, constants, opt_state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,14 +65,15 @@ class StepConfig:
     max_prototypes_per_class: int
 
     @classmethod
-    def from_config(cls, config, max_prototypes_per_class: int) -> StepConfig:
+    def from_config(cls, config, max_prototypes_per_class: int | None = None) -> StepConfig:
+        # pruning never raises the count per class, so the configured one bounds it
         return cls(
             view_size=config.input.view_size,
             augment=views_lib.AugmentConfig.from_config(config.input.augment),
             compute_dtype=jnp.dtype(config.model.compute_dtype),
             seed=config.seed,
             loss=LossConfig(**config.loss.to_dict()),
-            max_prototypes_per_class=max_prototypes_per_class,
+            max_prototypes_per_class=max_prototypes_per_class or config.model.prototypes_per_class,
         )
 
 
@@ -101,18 +98,8 @@ def make_train_step(
     tx: optax.GradientTransformation,
     step_config: StepConfig,
 ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
-    """The (unjitted) training step of one phase.
-
-    Args:
-      graphdef: the model's graph definition (``split_model``).
-      phase: which groups train and how BatchNorm behaves.
-      tx: the phase's optimizer (``phases.make_optimizer``).
-      step_config: static settings.
-
-    Returns:
-      ``step(state, batch, class_weights) -> (new_state, metrics)``; metrics are scalars on
-      device: ``loss``, the loss terms, ``accuracy``.
-    """
+    """The (unjitted) ``step(state, batch, class_weights) -> (state, metrics)`` of one phase;
+    metrics (``loss``, its terms, ``accuracy``) stay on device."""
     trainable = set(phase.trainable)
 
     def step(state: TrainState, batch: dict, class_weights: jax.Array):
@@ -125,19 +112,10 @@ def make_train_step(
         def loss_fn(params):
             # Frozen groups are constants to autodiff: XLA computes no gradient for them and,
             # when nothing upstream trains, no backward pass through the backbone at all.
-            params = nnx.State(
-                {
-                    name: value if name in trainable else jax.lax.stop_gradient(value)
-                    for name, value in params.items()
-                }
-            )
+            frozen = {k: jax.lax.stop_gradient(v) for k, v in params.items() if k not in trainable}
+            params = nnx.State({**params, **frozen})
             outputs, new_batch_stats = model_lib.apply(
-                graphdef,
-                params,
-                state.batch_stats,
-                state.constants,
-                views,
-                train=phase.bn_train,
+                graphdef, params, state.batch_stats, state.constants, views, train=phase.bn_train
             )
             total, terms = losses.protomask_loss(
                 outputs,
@@ -170,24 +148,13 @@ def make_train_step(
 def make_eval_step(
     graphdef: nnx.GraphDef, step_config: StepConfig, *, return_views: bool = False
 ) -> Callable[[nnx.State, nnx.State, nnx.State, dict], model_lib.ProtoMaskOutput]:
-    """The (unjitted) evaluation forward: no augmentation, BatchNorm in inference mode.
-
-    Returns:
-      ``eval_step(params, batch_stats, constants, batch) -> ProtoMaskOutput`` (per-view
-      distances and embeddings included when ``return_views``).
-    """
+    """The (unjitted) ``eval_step(params, batch_stats, constants, batch)``: no augmentation,
+    BatchNorm in inference mode; per-view distances and embeddings with ``return_views``."""
 
     def eval_step(params, batch_stats, constants, batch):
         views = device_views(batch, None, step_config)
-        outputs, _ = model_lib.apply(
-            graphdef,
-            params,
-            batch_stats,
-            constants,
-            views,
-            train=False,
-            return_views=return_views,
-        )
-        return outputs
+        return model_lib.apply(
+            graphdef, params, batch_stats, constants, views, train=False, return_views=return_views
+        )[0]
 
     return eval_step

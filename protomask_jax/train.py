@@ -1,9 +1,7 @@
 r"""Trains ProtoMask: ``python -m protomask_jax.train --config configs/cub.py --workdir DIR``.
 
-Any config value can be overridden on the command line, e.g.
-``--config.input.batch_size=32 --config.train.joint_epochs=50``; a misspelt key is refused
-with the list of valid keys. Re-running the same command on the same workdir resumes from
-its latest checkpoint. See ``trainer.train_and_evaluate`` for what is written.
+Override any value with ``--config.train.joint_epochs=50``; a misspelt key is refused with
+the valid ones. The same command on the same workdir resumes from its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -51,25 +49,18 @@ def summary(results: dict) -> str:
     """A short end-of-run report for a person."""
     if "stopped_at_step" in results:
         return f"stopped at step {results['stopped_at_step']}; run the same command to resume"
-    lines = [
-        "",
-        "=" * 60,
-        f"test accuracy: {results['test_accuracy']:.4f}"
-        + (
-            f" (best-on-validation checkpoint, step {results['best']['step']})"
-            if "best" in results
-            else " (final state)"
-        ),
-        f"final-state test accuracy: {results['final']['accuracy']:.4f}",
-        f"validation accuracy (best per phase): {json.dumps(results['best_val_accuracy'])}",
-        f"prototypes: {results['num_prototypes']}",
-        f"bad records skipped: {json.dumps(results['skipped_records'])}",
-        f"training time: {results['train_time_s'] / 60:.1f} min",
-        f"outputs: {results['workdir']} (results.json, metrics.jsonl, push.json, "
-        "tensorboard/, checkpoints/)",
-        "=" * 60,
-    ]
-    return "\n".join(lines)
+    best = results.get("best")
+    source = f"best-on-validation checkpoint, step {best['step']}" if best else "final state"
+    return f"""
+{"=" * 60}
+test accuracy: {results["test_accuracy"]:.4f} ({source})
+final-state test accuracy: {results["final"]["accuracy"]:.4f}
+validation accuracy (best per phase): {json.dumps(results["best_val_accuracy"])}
+prototypes: {results["num_prototypes"]}
+bad records skipped: {json.dumps(results["skipped_records"])}
+training time: {results["train_time_s"] / 60:.1f} min
+outputs: {results["workdir"]} (results.json, metrics.jsonl, push.json, tensorboard/, checkpoints/)
+{"=" * 60}"""
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """``train_and_evaluate(config, workdir)``: the whole training run, resumable at any step.
 
-Sections follow the run: set-up → data → model and state → phases (push before
-fine-tuning, prune before its own fine-tune) → final test evaluation. The command line in
-``train.py`` only parses flags and calls this function; tests and benchmarks call it too.
+Set-up (mesh, records, parameters born sharded) → resume → phases → test evaluation. A
+phase starts in :func:`enter_phase` (prune, fresh optimizer state, push, save) and trains in
+:func:`run_phase` (validation per epoch, best checkpoint, saves on schedule or SIGTERM, stop
+on NaN). :func:`restore_trained` hands a finished run to evaluation and explanations.
 """
 
 from __future__ import annotations
@@ -35,40 +36,76 @@ from protomask_jax.data import records as records_lib
 from protomask_jax.logs import MetricsWriter, ProgressBar
 from protomask_jax.models import convert
 from protomask_jax.models import protomask as model_lib
+from protomask_jax.phases import Phase
+from protomask_jax.steps import TrainState
 
 log = logging.getLogger(__name__)
 
+# The phases whose best-on-validation checkpoint restore_trained prefers, last first.
+_BEST_PHASES = (phases_lib.PRUNE_FINETUNE, phases_lib.FINETUNE, phases_lib.JOINT)
+
 
 class TrainingDiverged(FloatingPointError):
-    """The loss became NaN or infinite; the message names the step and the last checkpoint."""
+    """Loss or parameters became NaN/inf; the message names the step and the last checkpoint."""
+
+
+# =================================================================== the model on a mesh
 
 
 @dataclasses.dataclass
-class RunContext:
-    """What the phases share: data, mesh, model definition and bookkeeping."""
+class _ModelOnMesh:
+    """What the jitted forward and the evaluation stream need besides the parameters."""
 
     config: Any
-    workdir: Path
-    mesh: Any
-    spec: pipeline.PipelineSpec
-    train_records: pipeline.RecordSet
-    train_indices: np.ndarray
-    val_indices: np.ndarray
-    class_weights: jax.Array
     graphdef: Any
+    mesh: Any
     step_config: steps_lib.StepConfig
-    steps_per_epoch: int
-    writer: MetricsWriter
-    manager: Any
-    meta: dict[str, Any]
+    spec: pipeline.PipelineSpec
+
+    def eval_fn(self, return_views: bool = False):
+        """A jitted ``(params, batch_stats, constants, batch) -> ProtoMaskOutput``."""
+        # Parameters keep the placement they have (None); the batch is sharded over `data`.
+        return jax.jit(
+            steps_lib.make_eval_step(self.graphdef, self.step_config, return_views=return_views),
+            in_shardings=(None, None, None, sharding_lib.batch_sharding(self.mesh)),
+        )
+
+    def eval_batches(self, record_set, indices) -> Iterator[dict[str, jax.Array]]:
+        """Device batches of one unaugmented pass over ``indices`` (zero-weight filler last)."""
+        batch_size = self.config.input.eval_batch_size
+        stream = pipeline.eval_stream(
+            record_set, indices, self.spec, global_batch=batch_size, **_stream_args(self.config)
+        )
+        try:
+            yield from _device_batches(stream, self.mesh, self.config.input.prefetch)
+        finally:
+            stream.close()
 
 
-# =============================================================================== set-up
+def _model_on_mesh(config, mesh) -> dict[str, Any]:
+    abstract_model = nnx.eval_shape(lambda: _build_model(config, 0))
+    return dict(
+        config=config,
+        graphdef=model_lib.split_model(abstract_model)[0],
+        mesh=mesh,
+        step_config=steps_lib.StepConfig.from_config(config),
+        spec=pipeline.PipelineSpec.from_config(config),
+    )
 
 
-def _device_batches(
-    iterator: Iterator[dict], mesh, prefetch: int
-) -> Iterator[dict[str, jax.Array]]:
+def _stream_args(config) -> dict[str, int]:
+    return dict(
+        num_workers=config.input.num_workers,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
+def _build_model(config, key):
+    return model_lib.build_model(config, config.dataset.num_classes, nnx.Rngs(params=key))
+
+
+def _device_batches(iterator, mesh, prefetch: int) -> Iterator[dict[str, jax.Array]]:
     """Global device arrays from process-local batches, ``prefetch`` batches ahead."""
     queue: collections.deque = collections.deque()
     for local in iterator:
@@ -79,99 +116,169 @@ def _device_batches(
         yield queue.popleft()
 
 
-def _batch_shardings(mesh, spec: pipeline.PipelineSpec) -> dict[str, Any]:
-    keys = ["canvas", "boxes", "valid", "num_masks", "label", "image_id", "weight"]
-    if spec.with_masks:
-        keys.append("masks")
-    return {key: sharding_lib.batch_sharding(mesh) for key in keys}
-
-
-def _init_model_state(config, num_classes: int, mesh):
-    """Builds the model with its parameters born sharded (or loaded, then placed).
-
-    Returns:
-      ``(graphdef, params, batch_stats, constants, imported_class_weights)``.
-    """
-    key = jax.random.key(config.seed)
-
-    def init(key):
-        model = model_lib.build_model(config, num_classes, nnx.Rngs(params=key))
-        return model_lib.split_model(model)[1:]
-
-    abstract_model = nnx.eval_shape(
-        lambda: model_lib.build_model(config, num_classes, nnx.Rngs(params=0))
-    )
-    graphdef = model_lib.split_model(abstract_model)[0]
-    imported_weights = None
-    if config.model.pretrained or config.model.import_protomask:
-        model = model_lib.build_model(config, num_classes, nnx.Rngs(params=key))
-        imported_weights = convert.load_pretrained(model, config)
-        state = model_lib.split_model(model)[1:]
-        shardings = sharding_lib.tree_shardings(mesh, state)
-        state = jax.device_put(state, shardings)
-    else:
-        abstract = jax.eval_shape(init, key)
-        shardings = sharding_lib.tree_shardings(mesh, abstract)
-        state = jax.jit(init, out_shardings=shardings)(key)
-    params, batch_stats, constants = state
-    return graphdef, params, batch_stats, constants, imported_weights
-
-
-def _new_train_state(params, batch_stats, constants, tx, step: int, mesh):
-    opt_state = tx.init(params)
-    state = steps_lib.TrainState(
-        step=jnp.asarray(step, jnp.int32),
-        params=params,
-        batch_stats=batch_stats,
-        constants=constants,
-        opt_state=opt_state,
-    )
-    return jax.device_put(state, sharding_lib.tree_shardings(mesh, state))
-
-
-def _abstract_train_state(ctx: RunContext, phase: phases_lib.Phase, num_prototypes: int):
-    """Shapes and shardings of the train state of ``phase`` with ``num_prototypes``."""
-    config = ctx.config
-    num_classes = config.dataset.num_classes
+def _abstract_train_state(config, mesh, phase: Phase, num_prototypes: int):
+    """The restore target: shapes and shardings of ``phase``'s state with ``num_prototypes``."""
 
     def build():
-        model = model_lib.build_model(config, num_classes, nnx.Rngs(params=0))
+        model = _build_model(config, 0)
         if num_prototypes != model.prototypes.shape[0]:
             model_lib.prune(model, np.arange(num_prototypes))
-        _, params, batch_stats, constants = model_lib.split_model(model)
-        tx = phases_lib.make_optimizer(phase)
-        return steps_lib.TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            batch_stats=batch_stats,
-            constants=constants,
-            opt_state=tx.init(params),
-        )
+        _, *state = model_lib.split_model(model)
+        return TrainState.create(*state, tx=phases_lib.make_optimizer(phase))
 
     abstract = jax.eval_shape(build)
-    shardings = sharding_lib.tree_shardings(ctx.mesh, abstract)
+    shardings = sharding_lib.tree_shardings(mesh, abstract)
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
     )
 
 
-# =========================================================================== evaluation
+# =========================================================================== set-up
 
 
-def evaluate_indices(
-    ctx: RunContext,
-    state: steps_lib.TrainState,
-    record_set: pipeline.RecordSet,
-    indices: np.ndarray,
-    eval_fn,
-) -> dict[str, float]:
-    """Accuracy and loss-free statistics of ``state`` on ``indices`` of ``record_set``."""
+@dataclasses.dataclass
+class RunContext(_ModelOnMesh):
+    """What the sections of one training run share."""
+
+    workdir: Path
+    train_records: pipeline.RecordSet
+    train_indices: np.ndarray
+    val_indices: np.ndarray
+    class_weights: jax.Array
+    phases: list[Phase]
+    steps_per_epoch: int
+    writer: MetricsWriter
+    manager: Any
+    meta: dict[str, Any]
+
+
+def _initial_state(config, mesh) -> tuple[TrainState, np.ndarray | None]:
+    """Step-0 parameters born sharded (or loaded, then placed), without optimizer state, and
+    the class weights an imported ProtoMask brings (None otherwise)."""
+    key = jax.random.key(config.seed)
+
+    def init(key):
+        return model_lib.split_model(_build_model(config, key))[1:]
+
+    imported_weights = None
+    if config.model.pretrained or config.model.import_protomask:
+        model = _build_model(config, key)
+        imported_weights = convert.load_pretrained(model, config)
+        state = model_lib.split_model(model)[1:]
+        state = jax.device_put(state, sharding_lib.tree_shardings(mesh, state))
+    else:
+        shardings = sharding_lib.tree_shardings(mesh, jax.eval_shape(init, key))
+        state = jax.jit(init, out_shardings=shardings)(key)
+    return TrainState.create(*state), imported_weights
+
+
+def _set_up(config, workdir: Path) -> tuple[RunContext, TrainState]:
+    config_checks.validate(config)
+    workdir.mkdir(parents=True, exist_ok=True)
+    sharding_lib.maybe_initialize_distributed()
+    mesh = sharding_lib.make_mesh(config)
+    sharding_lib.check_batch_divisible(config.input.batch_size, mesh, "input.batch_size")
+    sharding_lib.check_batch_divisible(config.input.eval_batch_size, mesh, "input.eval_batch_size")
+    records_dir, skip_bad = config.dataset.records_dir, config.input.skip_bad_records
+    config_checks.check_dataset_info(config, records_lib.load_dataset_info(records_dir))
+    train_records = pipeline.RecordSet(records_dir, "train", skip_bad_records=skip_bad)
+    good = train_records.good
+    train_positions, val_positions = pipeline.split_train_validation(
+        train_records.labels[good], config.input.validation_fraction, config.seed
+    )
+    train_indices = good[train_positions]
+    phases = phases_lib.plan_phases(config, len(train_indices), pruned=True)
+    if not phases:
+        raise config_checks.ConfigError(
+            "config.train: every phase has 0 epochs; set train.joint_epochs etc."
+        )
+    state, weights = _initial_state(config, mesh)
+    if weights is None:
+        weights = pipeline.class_weights(
+            train_records.labels[train_indices], config.dataset.num_classes
+        )
+    ctx = RunContext(
+        **_model_on_mesh(config, mesh),
+        workdir=workdir,
+        train_records=train_records,
+        train_indices=train_indices,
+        val_indices=good[val_positions],
+        class_weights=jax.device_put(np.float32(weights), sharding_lib.replicated(mesh)),
+        phases=phases,
+        steps_per_epoch=phases_lib.steps_per_epoch(len(train_indices), config.input.batch_size),
+        writer=MetricsWriter(workdir, enabled=jax.process_index() == 0),
+        manager=ckpt.manager(workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints),
+        meta={
+            "config": json.loads(config.to_json()),
+            "fingerprint": ckpt.config_fingerprint(config.to_dict()),
+            "num_prototypes": int(state.params["prototypes"].shape[0]),
+            "kept_prototypes": None,
+            "pushed": False,
+            "pruned": False,
+            "push": None,
+            "best_val_accuracy": {},
+            "phase": None,
+        },
+    )
+    return ctx, state
+
+
+def _resume(ctx: RunContext) -> TrainState | None:
+    """The state of the workdir's latest checkpoint (None if it has none)."""
+    latest = ctx.manager.latest_step()
+    if latest is None:
+        return None
+    meta = ckpt.read_meta(ctx.manager, latest)
+    diffs = ckpt.config_differences(meta["fingerprint"], ctx.meta["fingerprint"])
+    if diffs:
+        raise config_checks.ConfigError(
+            f"{ctx.workdir} holds a checkpoint of a run with a different config:\n  "
+            + "\n  ".join(diffs[:20])
+            + "\nUse a new --workdir, or run with the same config to resume."
+        )
+    ctx.meta.update(meta)
+    # The checkpoint holds the optimizer state of the phase that saved it.
+    phase = next(p for p in ctx.phases if p.name == meta["phase"])
+    abstract = _abstract_train_state(ctx.config, ctx.mesh, phase, meta["num_prototypes"])
+    state = ckpt.restore_state(ctx.manager, latest, abstract)
+    log.info("resuming from step %d (phase %s, epoch %s)", latest, meta["phase"], meta["epoch"])
+    return state
+
+
+def _save(ctx: RunContext, state, phase: str, manager=None, metrics=None) -> None:
+    """Saves ``state`` with the run's metadata in ``manager`` (default: ``checkpoints/``)."""
+    step = int(jax.device_get(state.step))
+    epoch = step // ctx.steps_per_epoch
+    ctx.meta.update(step=step, phase=phase, epoch=epoch, data_state={"batches_consumed": step})
+    manager = ctx.manager if manager is None else manager
+    ckpt.save(manager, step, state, dict(ctx.meta), metrics=metrics)
+
+
+def _best_checkpoint(workdir: Path, phase_name: str):
+    """``(manager, step)`` of ``best_<phase>/``'s best checkpoint, or None."""
+    if (workdir / f"best_{phase_name}").exists():
+        manager = ckpt.manager(workdir / f"best_{phase_name}", max_to_keep=1, best=True)
+        if manager.best_step() is not None:
+            return manager, manager.best_step()
+        manager.close()
+    return None
+
+
+def _close(ctx: RunContext) -> None:
+    ctx.writer.close()
+    ctx.manager.close()
+
+
+# ======================================================================== evaluation
+
+
+def evaluate_indices(ctx: RunContext, state, record_set, indices, eval_fn) -> dict[str, float]:
+    """Accuracy of ``state`` on ``indices`` of ``record_set``, gathered over processes."""
     if len(indices) == 0:
         return {}
     logits, labels, weights = [], [], []
-    for batch in eval_batches(ctx.config, ctx.mesh, ctx.spec, record_set, indices):
-        outputs = eval_fn(state.params, state.batch_stats, state.constants, batch)
-        logits.append(outputs.logits)
+    for batch in ctx.eval_batches(record_set, indices):
+        logits.append(eval_fn(state.params, state.batch_stats, state.constants, batch).logits)
         labels.append(batch["label"])
         weights.append(batch["weight"])
     logits, labels, weights = (
@@ -183,45 +290,49 @@ def evaluate_indices(
     return {"accuracy": float(np.mean(predictions == labels[keep])), "num_images": int(keep.sum())}
 
 
-def eval_batches(config, mesh, spec, record_set, indices) -> Iterator[dict[str, jax.Array]]:
-    """Device batches of one unaugmented pass over ``indices`` (last batch zero-weight padded)."""
-    stream = pipeline.eval_stream(
-        record_set,
-        indices,
-        spec,
-        global_batch=config.input.eval_batch_size,
-        num_workers=config.input.num_workers,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    try:
-        yield from _device_batches(stream, mesh, config.input.prefetch)
-    finally:
-        stream.close()
-
-
-def _make_eval_fn(ctx: RunContext, return_views: bool = False):
-    # Parameters keep the placement they have (None); the batch is sharded over `data`.
-    return jax.jit(
-        steps_lib.make_eval_step(ctx.graphdef, ctx.step_config, return_views=return_views),
-        in_shardings=(None, None, None, _batch_shardings(ctx.mesh, ctx.spec)),
-    )
-
-
-# ================================================================================ push
-
-
-def push_prototypes(ctx: RunContext, state: steps_lib.TrainState):
-    """Projects every prototype onto its nearest training view (one streaming pass)."""
+def final_evaluation(ctx: RunContext, state) -> dict[str, Any]:
+    """Test accuracy of the final state and of the last phase's best checkpoint (if any)."""
     config = ctx.config
-    forward = _make_eval_fn(ctx, return_views=True)
+    test_records = pipeline.RecordSet(
+        config.dataset.records_dir, "test", skip_bad_records=config.input.skip_bad_records
+    )
+    test_indices = test_records.good
+    eval_fn = ctx.eval_fn()
+    skipped = {"train": len(ctx.train_records.skipped), "test": len(test_records.skipped)}
+    results: dict[str, Any] = {
+        "final": evaluate_indices(ctx, state, test_records, test_indices, eval_fn),
+        "best_val_accuracy": dict(ctx.meta["best_val_accuracy"]),
+        "num_prototypes": int(state.params["prototypes"].shape[0]),
+        "skipped_records": skipped,
+    }
+    best = _best_checkpoint(ctx.workdir, ctx.phases[-1].name)
+    if best is not None:
+        best_manager, best_step = best
+        # the live state is the target: same shapes and shardings
+        best_state = ckpt.restore_state(best_manager, best_step, state)
+        results["best"] = evaluate_indices(ctx, best_state, test_records, test_indices, eval_fn)
+        results["best"]["step"] = int(best_step)
+        best_manager.close()
+    results["test_accuracy"] = results.get("best", results["final"])["accuracy"]
+    step = int(jax.device_get(state.step))
+    ctx.writer.write(step, {"test/accuracy": results["test_accuracy"]}, "test")
+    return results
+
+
+# ====================================================================== push, prune
+
+
+def push_prototypes(ctx: RunContext, state: TrainState) -> TrainState:
+    """Projects every prototype onto its nearest training view (one streaming pass), writes
+    the gallery to ``push.json`` and the metadata, and logs validation accuracy after it."""
     start = time.perf_counter()
+    forward = ctx.eval_fn(return_views=True)
     result = push_lib.run_push(
         lambda batch: forward(state.params, state.batch_stats, state.constants, batch),
-        eval_batches(config, ctx.mesh, ctx.spec, ctx.train_records, ctx.train_indices),
+        ctx.eval_batches(ctx.train_records, ctx.train_indices),
         state.params["prototypes"][...],
         state.constants["prototype_class"][...],
-        reference_per_batch=config.train.reference_push_per_batch,
+        reference_per_batch=ctx.config.train.reference_push_per_batch,
     )
     old = state.params["prototypes"][...]
     new = jax.device_put(jnp.asarray(result.prototypes, old.dtype), old.sharding)
@@ -229,23 +340,32 @@ def push_prototypes(ctx: RunContext, state: steps_lib.TrainState):
     params = jax.tree_util.tree_map_with_path(
         lambda path, leaf: new if path[0].key == "prototypes" else leaf, state.params
     )
+    state = state.replace(params=params)
     log.info(
         "push: %d prototypes projected in %.1f s (%d without an image of their class)",
         len(result.distance),
         time.perf_counter() - start,
         int(np.sum(~np.isfinite(result.distance))),
     )
-    return state.replace(params=params), result
+    gallery = result.to_json()
+    records_lib.write_json_atomic(ctx.workdir / "push.json", gallery)
+    ctx.meta.update(pushed=True, push=gallery)
+    if len(ctx.val_indices):
+        val = evaluate_indices(ctx, state, ctx.train_records, ctx.val_indices, ctx.eval_fn())
+        step = int(jax.device_get(state.step))
+        ctx.writer.write(step, {"val/accuracy_after_push": val["accuracy"]}, "push")
+    return state
 
 
-def prune_prototypes(ctx: RunContext, state: steps_lib.TrainState) -> tuple[Any, np.ndarray]:
-    """Drops prototypes whose k nearest training images are mostly of other classes."""
+def prune_prototypes(ctx: RunContext, state: TrainState) -> TrainState:
+    """Drops prototypes whose k nearest training images are mostly of other classes; the
+    result has host parameters and no optimizer state."""
     config = ctx.config
-    forward = _make_eval_fn(ctx)
+    forward = ctx.eval_fn()
     update = jax.jit(push_lib.prune_update, donate_argnums=0)
     num_prototypes = state.params["prototypes"].shape[0]
     carry = push_lib.init_prune_carry(num_prototypes, config.train.prune.k)
-    for batch in eval_batches(config, ctx.mesh, ctx.spec, ctx.train_records, ctx.train_indices):
+    for batch in ctx.eval_batches(ctx.train_records, ctx.train_indices):
         outputs = forward(state.params, state.batch_stats, state.constants, batch)
         carry = update(carry, outputs.min_distances, batch)
     keep = push_lib.prototypes_to_keep(
@@ -259,21 +379,35 @@ def prune_prototypes(ctx: RunContext, state: steps_lib.TrainState) -> tuple[Any,
             f"class among its {config.train.prune.k} nearest; pruning would remove all "
             f"{num_prototypes}. Lower train.prune.threshold or disable pruning."
         )
-    params = model_lib.prune(jax.device_get(state.params), keep)
-    constants = model_lib.prune(jax.device_get(state.constants), keep)
     log.info("prune: kept %d of %d prototypes", len(keep), num_prototypes)
-    return (params, state.batch_stats, constants), keep
+    ctx.meta.update(pruned=True, kept_prototypes=keep.tolist(), num_prototypes=len(keep))
+    return state.replace(
+        params=model_lib.prune(jax.device_get(state.params), keep),
+        constants=model_lib.prune(jax.device_get(state.constants), keep),
+        opt_state=None,
+    )
 
 
-# ================================================================================ loop
+# ============================================================================ phases
+
+
+def enter_phase(ctx: RunContext, phase: Phase, state: TrainState) -> TrainState:
+    """The saved state ``phase`` starts from: pruned, a fresh optimizer state (as the
+    reference's per-phase optimizers; it depends only on shapes, so push may follow), pushed."""
+    if phase.name == phases_lib.PRUNE_FINETUNE and not ctx.meta["pruned"]:
+        state = prune_prototypes(ctx, state)
+    state = state.replace(opt_state=phases_lib.make_optimizer(phase).init(state.params))
+    state = jax.device_put(state, sharding_lib.tree_shardings(ctx.mesh, state))
+    if phase.name == phases_lib.FINETUNE and ctx.config.train.push and not ctx.meta["pushed"]:
+        state = push_prototypes(ctx, state)
+    _save(ctx, state, phase.name)
+    return state
 
 
 class _StopFlag:
     """Set by SIGTERM (TPU VM preemption, ``kill``): the loop saves and returns."""
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
+    requested = False
 
     def __enter__(self):
         try:
@@ -301,12 +435,10 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _diverged(ctx: RunContext, what: str, step: int, phase, last_saved) -> TrainingDiverged:
-    where = (
-        f"the last good checkpoint is step {last_saved} in {ctx.manager.directory}"
-        if last_saved is not None
-        else "no checkpoint was saved yet"
-    )
+def _diverged(ctx: RunContext, what: str, step: int, phase) -> TrainingDiverged:
+    last_saved, where = ctx.manager.latest_step(), "no checkpoint was saved yet"
+    if last_saved is not None:
+        where = f"the last good checkpoint is step {last_saved} in {ctx.manager.directory}"
     return TrainingDiverged(
         f"{what} at step {step} (phase {phase.name}, epoch {(step - 1) // ctx.steps_per_epoch}); "
         f"nothing later was saved and {where}. Lower the learning rates (config.train.*_lr) "
@@ -314,41 +446,38 @@ def _diverged(ctx: RunContext, what: str, step: int, phase, last_saved) -> Train
     )
 
 
-def _meta(ctx: RunContext, step: int, phase: str, **updates) -> dict[str, Any]:
-    ctx.meta.update(updates)
-    ctx.meta.update(
-        step=step,
-        phase=phase,
-        epoch=step // ctx.steps_per_epoch,
-        data_state={"batches_consumed": step},
-    )
-    return dict(ctx.meta)
-
-
-def _save(ctx: RunContext, state, phase_name: str, **updates) -> None:
-    step = int(jax.device_get(state.step))
-    ckpt.save(ctx.manager, step, state, _meta(ctx, step, phase_name, **updates))
-
-
-def run_phase(
-    ctx: RunContext,
-    phase: phases_lib.Phase,
-    state: steps_lib.TrainState,
-    stop: _StopFlag,
-    max_steps: int | None,
-) -> tuple[steps_lib.TrainState, bool]:
-    """Trains through ``phase`` from ``state.step``; returns (state, finished)."""
-    config = ctx.config
-    tx = phases_lib.make_optimizer(phase)
+def _compile_train_step(ctx: RunContext, phase: Phase, state):
     state_shardings = sharding_lib.tree_shardings(ctx.mesh, state)
     replicated = sharding_lib.replicated(ctx.mesh)
-    train_step = jax.jit(
-        steps_lib.make_train_step(ctx.graphdef, phase, tx, ctx.step_config),
-        in_shardings=(state_shardings, _batch_shardings(ctx.mesh, ctx.spec), replicated),
+    return jax.jit(
+        steps_lib.make_train_step(
+            ctx.graphdef, phase, phases_lib.make_optimizer(phase), ctx.step_config
+        ),
+        in_shardings=(state_shardings, sharding_lib.batch_sharding(ctx.mesh), replicated),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
-    eval_fn = _make_eval_fn(ctx)
+
+
+def _validate(ctx: RunContext, phase: Phase, state, step: int, eval_fn) -> None:
+    """Validation accuracy; a new best for the phase is kept in ``best_<phase>/``."""
+    val = evaluate_indices(ctx, state, ctx.train_records, ctx.val_indices, eval_fn)
+    ctx.writer.write(step, {"val/accuracy": val["accuracy"]}, phase.name)
+    if val["accuracy"] <= ctx.meta["best_val_accuracy"].get(phase.name, -1.0):
+        return
+    ctx.meta["best_val_accuracy"][phase.name] = val["accuracy"]
+    best_manager = ckpt.manager(ctx.workdir / f"best_{phase.name}", max_to_keep=1, best=True)
+    _save(ctx, state, phase.name, best_manager, metrics={"val_accuracy": val["accuracy"]})
+    best_manager.close()
+
+
+def run_phase(
+    ctx: RunContext, phase: Phase, state: TrainState, stop: _StopFlag, max_steps: int | None
+) -> tuple[TrainState, bool]:
+    """Trains through ``phase`` from ``state.step``; returns (state, finished)."""
+    config, t, spe = ctx.config, ctx.config.train, ctx.steps_per_epoch
+    train_step = _compile_train_step(ctx, phase, state)
+    eval_fn = ctx.eval_fn()
     step = int(jax.device_get(state.step))
     stream = pipeline.train_stream(
         ctx.train_records,
@@ -357,68 +486,42 @@ def run_phase(
         global_batch=config.input.batch_size,
         seed=config.seed,
         start_batch=step,
-        num_workers=config.input.num_workers,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        **_stream_args(config),
     )
     batches = _device_batches(stream, ctx.mesh, config.input.prefetch)
-    spe = ctx.steps_per_epoch
     progress = ProgressBar(phase.name, spe, config.input.batch_size)
     pending: list[dict] = []
-    last_saved = ctx.manager.latest_step()
     try:
         while step < phase.end_step:
-            if step % spe == 0 or progress.total is None:
+            if step % spe == 0 or not progress.in_epoch:
                 progress.start_epoch(step // spe, step % spe)
-            batch = next(batches)
-            state, metrics = train_step(state, batch, ctx.class_weights)
+            state, metrics = train_step(state, next(batches), ctx.class_weights)
             pending.append(metrics)
             step += 1
-            epoch_done = step % spe == 0
-            log_now = step % config.train.log_every_steps == 0 or epoch_done
             progress.advance()
-            if log_now:
+            epoch_done = step % spe == 0
+            if epoch_done or step % t.log_every_steps == 0:
                 values = _host_metrics(pending)
                 pending = []
                 if not math.isfinite(values["loss"]):
-                    raise _diverged(ctx, f"loss became {values['loss']}", step, phase, last_saved)
+                    raise _diverged(ctx, f"loss became {values['loss']}", step, phase)
                 progress.set_metrics(values)
                 ctx.writer.write(step, {f"train/{k}": v for k, v in values.items()}, phase.name)
             if epoch_done:
                 progress.end_epoch()
-                epoch = step // spe
-                last_of_phase = step == phase.end_step
-                if (epoch % config.train.eval_every_epochs == 0 or last_of_phase) and len(
-                    ctx.val_indices
-                ):
-                    val = evaluate_indices(ctx, state, ctx.train_records, ctx.val_indices, eval_fn)
-                    ctx.writer.write(step, {"val/accuracy": val["accuracy"]}, phase.name)
-                    best = ctx.meta["best_val_accuracy"].get(phase.name, -1.0)
-                    if val["accuracy"] > best:
-                        ctx.meta["best_val_accuracy"][phase.name] = val["accuracy"]
-                        best_manager = ckpt.manager(
-                            ctx.workdir / f"best_{phase.name}", max_to_keep=1, best=True
-                        )
-                        ckpt.save(
-                            best_manager,
-                            step,
-                            state,
-                            _meta(ctx, step, phase.name),
-                            metrics={"val_accuracy": val["accuracy"]},
-                        )
-                        best_manager.close()
-            checkpoint_due = step % config.train.checkpoint_every_steps == 0 or (
-                epoch_done and step == phase.end_step
-            )
-            if checkpoint_due or stop.requested or step == max_steps:
+                due = (step // spe) % t.eval_every_epochs == 0
+                if (due or step == phase.end_step) and len(ctx.val_indices):
+                    _validate(ctx, phase, state, step, eval_fn)
+            stopping = stop.requested or step == max_steps
+            # Phases are whole epochs: the phase's last step always ends an epoch.
+            if stopping or step == phase.end_step or step % t.checkpoint_every_steps == 0:
                 # Never save a state that has gone bad: the last checkpoint stays good.
                 if pending and not math.isfinite(_host_metrics(pending)["loss"]):
-                    raise _diverged(ctx, "the loss became NaN/inf", step, phase, last_saved)
+                    raise _diverged(ctx, "the loss became NaN/inf", step, phase)
                 if not bool(_all_finite(state.params)):
-                    raise _diverged(ctx, "parameters became NaN/inf", step, phase, last_saved)
+                    raise _diverged(ctx, "parameters became NaN/inf", step, phase)
                 _save(ctx, state, phase.name)
-                last_saved = step
-            if stop.requested or step == max_steps:
+            if stopping:
                 return state, False
     finally:
         progress.close()
@@ -426,315 +529,82 @@ def run_phase(
     return state, True
 
 
-def _plan(ctx_config, num_train: int) -> list[phases_lib.Phase]:
-    return phases_lib.plan_phases(ctx_config, num_train, pruned=True)
+# ============================================================================== run
 
 
 def train_and_evaluate(config, workdir: str | Path, *, max_steps: int | None = None) -> dict:
-    """Trains ProtoMask as ``config`` says, evaluates it, and returns the final metrics.
+    """Trains ProtoMask as ``config`` says and returns (and writes) the test results.
 
-    A workdir that already holds a checkpoint is resumed from it (same next batch, same
-    parameters as if never stopped); one made with a different config is refused.
-
-    Args:
-      config: the full config (see ``configs/common.py``).
-      workdir: output folder (checkpoints, metrics.jsonl, TensorBoard events, push.json,
-        results.json).
-      max_steps: stop (after saving a checkpoint) once this global step is reached; for
-        tests and benchmarks. A later call resumes.
-
-    Returns:
-      A dict with the final test/validation accuracies and where the outputs are, or
-      ``{"stopped_at_step": n}`` when stopped early.
+    A workdir holding a checkpoint is resumed (same next batch, same parameters as if never
+    stopped); one of another config is refused. ``max_steps`` stops after saving at that
+    global step, returning ``{"stopped_at_step": n}``; a later call resumes.
     """
-    # ------------------------------------------------------------------ set-up
-    config_checks.validate(config)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    sharding_lib.maybe_initialize_distributed()
-    mesh = sharding_lib.make_mesh(config)
-    sharding_lib.check_batch_divisible(config.input.batch_size, mesh, "input.batch_size")
-    sharding_lib.check_batch_divisible(config.input.eval_batch_size, mesh, "input.eval_batch_size")
+    ctx, state = _set_up(config, workdir)
     started = time.time()
+    resumed = _resume(ctx)
+    state = state if resumed is None else resumed
 
-    # -------------------------------------------------------------------- data
-    records_dir = config.dataset.records_dir
-    info = records_lib.load_dataset_info(records_dir)
-    config_checks.check_dataset_info(config, info)
-    num_classes = config.dataset.num_classes
-    train_records = pipeline.RecordSet(
-        records_dir, "train", skip_bad_records=config.input.skip_bad_records
-    )
-    good = train_records.good
-    train_positions, val_positions = pipeline.split_train_validation(
-        train_records.labels[good], config.input.validation_fraction, config.seed
-    )
-    train_indices, val_indices = good[train_positions], good[val_positions]
-    spec = pipeline.PipelineSpec.from_config(config)
-    weights = pipeline.class_weights(train_records.labels[train_indices], num_classes)
-
-    # ---------------------------------------------------------- model and state
-    graphdef, params, batch_stats, constants, imported_weights = _init_model_state(
-        config, num_classes, mesh
-    )
-    if imported_weights is not None:
-        weights = np.asarray(imported_weights, np.float32)
-    class_weights = jax.device_put(jnp.asarray(weights), sharding_lib.replicated(mesh))
-    manager = ckpt.manager(workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints)
-    fingerprint = ckpt.config_fingerprint(config.to_dict())
-    ctx = RunContext(
-        config=config,
-        workdir=workdir,
-        mesh=mesh,
-        spec=spec,
-        train_records=train_records,
-        train_indices=train_indices,
-        val_indices=val_indices,
-        class_weights=class_weights,
-        graphdef=graphdef,
-        step_config=steps_lib.StepConfig.from_config(
-            config, max_prototypes_per_class=config.model.prototypes_per_class
-        ),
-        steps_per_epoch=phases_lib.steps_per_epoch(len(train_indices), config.input.batch_size),
-        writer=MetricsWriter(workdir, enabled=jax.process_index() == 0),
-        manager=manager,
-        meta={
-            "config": json.loads(config.to_json()),
-            "fingerprint": fingerprint,
-            "num_prototypes": int(params["prototypes"].shape[0]),
-            "kept_prototypes": None,
-            "pushed": False,
-            "pruned": False,
-            "push": None,
-            "best_val_accuracy": {},
-        },
-    )
-    phases = _plan(config, len(train_indices))
-    if not phases:
-        raise ValueError("every phase has 0 epochs: set config.train.joint_epochs etc.")
-
-    # ------------------------------------------------------------------ resume
-    state = None
-    latest = manager.latest_step()
-    if latest is not None:
-        meta = ckpt.latest_meta(manager, latest)
-        diffs = ckpt.config_differences(meta["fingerprint"], fingerprint)
-        if diffs:
-            raise config_checks.ConfigError(
-                f"{workdir} holds a checkpoint of a run with a different config:\n  "
-                + "\n  ".join(diffs[:20])
-                + "\nUse a new --workdir, or run with the same config to resume."
-            )
-        ctx.meta.update(meta)
-        phase = phases_lib.phase_at(phases, latest) or phases[-1]
-        if latest == phase.first_step and meta["phase"] != phase.name:
-            phase = [p for p in phases if p.name == meta["phase"]][0]
-        abstract = _abstract_train_state(ctx, phase, meta["num_prototypes"])
-        state = ckpt.restore_state(manager, latest, abstract)
-        ckpt.log_restored(latest, meta)
-
-    # ------------------------------------------------------------------ phases
     with _StopFlag() as stop:
-        for phase in phases:
-            step = phase.first_step if state is None else int(jax.device_get(state.step))
-            if step >= phase.end_step:
+        for phase in ctx.phases:
+            if int(jax.device_get(state.step)) >= phase.end_step:
                 continue
-            resumed_in_phase = state is not None and ctx.meta["phase"] == phase.name
-            if not resumed_in_phase:
-                if state is not None:
-                    params, batch_stats, constants = (
-                        state.params,
-                        state.batch_stats,
-                        state.constants,
-                    )
-                tx = phases_lib.make_optimizer(phase)
-                if phase.name == phases_lib.PRUNE_FINETUNE and not ctx.meta["pruned"]:
-                    unpruned = _new_train_state(params, batch_stats, constants, tx, step, mesh)
-                    (params, batch_stats, constants), keep = prune_prototypes(ctx, unpruned)
-                    ctx.meta.update(
-                        pruned=True,
-                        kept_prototypes=keep.tolist(),
-                        num_prototypes=len(keep),
-                    )
-                # A fresh optimizer state per phase (as the reference's per-phase optimizers);
-                # it depends only on shapes, so push may replace the prototypes afterwards.
-                state = _new_train_state(params, batch_stats, constants, tx, step, mesh)
-                if (
-                    phase.name == phases_lib.FINETUNE
-                    and config.train.push
-                    and not ctx.meta["pushed"]
-                ):
-                    state, result = push_prototypes(ctx, state)
-                    gallery = result.to_json()
-                    records_lib.write_json_atomic(workdir / "push.json", gallery)
-                    ctx.meta.update(pushed=True, push=gallery)
-                    if len(val_indices):
-                        val = evaluate_indices(
-                            ctx, state, train_records, val_indices, _make_eval_fn(ctx)
-                        )
-                        ctx.writer.write(step, {"val/accuracy_after_push": val["accuracy"]}, "push")
-                ctx.meta["phase"] = phase.name
-                _save(ctx, state, phase.name)
+            if ctx.meta["phase"] != phase.name:
+                state = enter_phase(ctx, phase, state)
             state, finished = run_phase(ctx, phase, state, stop, max_steps)
             if not finished:
-                ctx.writer.close()
-                manager.close()
+                _close(ctx)
                 return {"stopped_at_step": int(jax.device_get(state.step))}
 
-    # ------------------------------------------------------------ final evaluation
-    results = final_evaluation(ctx, state, phases[-1].name)
+    results = final_evaluation(ctx, state)
     results["train_time_s"] = time.time() - started
     results["workdir"] = str(workdir)
     if jax.process_index() == 0:
         records_lib.write_json_atomic(workdir / "results.json", results)
-    ctx.writer.close()
-    manager.close()
+    _close(ctx)
     return results
 
 
-def final_evaluation(ctx: RunContext, state, last_phase: str) -> dict[str, Any]:
-    """Test accuracy of the final state and of the best-on-validation checkpoint."""
-    test_records = pipeline.RecordSet(
-        ctx.config.dataset.records_dir, "test", skip_bad_records=ctx.config.input.skip_bad_records
-    )
-    test_indices = test_records.good
-    eval_fn = _make_eval_fn(ctx)
-    results: dict[str, Any] = {
-        "final": evaluate_indices(ctx, state, test_records, test_indices, eval_fn),
-        "best_val_accuracy": dict(ctx.meta["best_val_accuracy"]),
-        "num_prototypes": int(state.params["prototypes"].shape[0]),
-        "skipped_records": {
-            "train": len(ctx.train_records.skipped),
-            "test": len(test_records.skipped),
-        },
-    }
-    best_dir = ctx.workdir / f"best_{last_phase}"
-    if best_dir.exists():
-        best_manager = ckpt.manager(best_dir, max_to_keep=1, best=True)
-        best_step = best_manager.best_step()
-        if best_step is not None:
-            # restore_state takes the shapes and shardings of the live state as its target
-            best_state = ckpt.restore_state(best_manager, best_step, state)
-            results["best"] = evaluate_indices(ctx, best_state, test_records, test_indices, eval_fn)
-            results["best"]["step"] = int(best_step)
-        best_manager.close()
-    results["test_accuracy"] = results.get("best", results["final"])["accuracy"]
-    ctx.writer.write(
-        int(jax.device_get(state.step)), {"test/accuracy": results["test_accuracy"]}, "test"
-    )
-    return results
-
-
-# ========================================================================== inference
+# ========================================================================= inference
 
 
 @dataclasses.dataclass
-class TrainedModel:
-    """A trained model restored from a workdir, ready for evaluation and explanations.
+class TrainedModel(_ModelOnMesh):
+    """A model restored from a workdir: the state, its checkpoint metadata (push gallery,
+    kept prototypes, ...) and which checkpoint it is (``"best_joint step 12"``)."""
 
-    Attributes:
-      config: the config it was trained with (the one passed in).
-      graphdef: the model's graph definition.
-      state: the restored :class:`~protomask_jax.steps.TrainState`.
-      meta: the checkpoint metadata (phase, step, push gallery, kept prototypes, ...).
-      mesh: the device mesh the state lives on.
-      step_config: static step settings (view size, dtype, ...).
-      spec: the host pipeline spec.
-      checkpoint: which checkpoint was restored (``best_<phase>`` or ``checkpoints``) and step.
-    """
-
-    config: Any
-    graphdef: Any
-    state: steps_lib.TrainState
+    state: TrainState
     meta: dict[str, Any]
-    mesh: Any
-    step_config: steps_lib.StepConfig
-    spec: pipeline.PipelineSpec
     checkpoint: str
-
-    def eval_fn(self, return_views: bool = False):
-        """A jitted ``(params, batch_stats, constants, batch) -> ProtoMaskOutput``."""
-        return jax.jit(
-            steps_lib.make_eval_step(self.graphdef, self.step_config, return_views=return_views),
-            in_shardings=(None, None, None, _batch_shardings(self.mesh, self.spec)),
-        )
-
-    def eval_batches(self, record_set, indices) -> Iterator[dict[str, jax.Array]]:
-        """Device batches of one unaugmented pass over ``indices`` of ``record_set``."""
-        return eval_batches(self.config, self.mesh, self.spec, record_set, indices)
 
 
 def restore_trained(config, workdir: str | Path, which: str = "best") -> TrainedModel:
-    """Restores the model a finished (or stopped) run left in ``workdir``.
-
-    Args:
-      config: the run's config.
-      workdir: the run's output folder.
-      which: ``"best"`` — the best-on-validation checkpoint of the last phase that has one
-        (what the run's test accuracy reports), falling back to the latest; ``"latest"``.
-
-    Returns:
-      A :class:`TrainedModel`.
-    """
+    """The model a run left in ``workdir``; ``which="best"``: the best-on-validation checkpoint
+    of the last phase that has one (what the test accuracy reports), else the latest."""
+    if which not in ("best", "latest"):
+        raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
     workdir = Path(workdir)
-    mesh = sharding_lib.make_mesh(config)
     manager = ckpt.manager(workdir / "checkpoints", max_to_keep=None)
-    latest = manager.latest_step()
-    if latest is None:
+    step, source = manager.latest_step(), "checkpoints"
+    if step is None:
         raise FileNotFoundError(
             f"{workdir / 'checkpoints'} holds no checkpoint; train first with "
             f"`python -m protomask_jax.train --config <config> --workdir {workdir}`."
         )
-    meta = ckpt.latest_meta(manager, latest)
-    source_manager, step, source = manager, latest, "checkpoints"
-    if which == "best":
-        for phase_name in (phases_lib.PRUNE_FINETUNE, phases_lib.FINETUNE, phases_lib.JOINT):
-            best_dir = workdir / f"best_{phase_name}"
-            if not best_dir.exists():
-                continue
-            best_manager = ckpt.manager(best_dir, max_to_keep=1, best=True)
-            if best_manager.best_step() is not None:
-                source_manager, step = best_manager, best_manager.best_step()
-                meta = ckpt.latest_meta(best_manager, step)
-                source = f"best_{phase_name}"
-                break
-    elif which != "latest":
-        raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
-    # Only the phase's optimizer *structure* matters for restoring, not its step counts.
+    for phase_name in _BEST_PHASES if which == "best" else ():
+        best = _best_checkpoint(workdir, phase_name)
+        if best is not None:
+            (manager, step), source = best, f"best_{phase_name}"
+            break
+    meta = ckpt.read_meta(manager, step)
+    mesh = sharding_lib.make_mesh(config)
+    # Only the phase's optimizer *structure* matters here, not its step counts.
     plan = phases_lib.plan_phases(config, 1, pruned=True)
     phase = next((p for p in plan if p.name == meta["phase"]), plan[-1])
-    graphdef = model_lib.split_model(
-        nnx.eval_shape(
-            lambda: model_lib.build_model(config, config.dataset.num_classes, nnx.Rngs(params=0))
-        )
-    )[0]
-    ctx = RunContext(
-        config=config,
-        workdir=workdir,
-        mesh=mesh,
-        spec=pipeline.PipelineSpec.from_config(config),
-        train_records=None,
-        train_indices=np.zeros(0, np.int64),
-        val_indices=np.zeros(0, np.int64),
-        class_weights=None,
-        graphdef=graphdef,
-        step_config=steps_lib.StepConfig.from_config(
-            config, max_prototypes_per_class=config.model.prototypes_per_class
-        ),
-        steps_per_epoch=1,
-        writer=None,
-        manager=manager,
-        meta={},
-    )
-    abstract = _abstract_train_state(ctx, phase, meta["num_prototypes"])
-    state = ckpt.restore_state(source_manager, step, abstract)
+    abstract = _abstract_train_state(config, mesh, phase, meta["num_prototypes"])
     return TrainedModel(
-        config=config,
-        graphdef=graphdef,
-        state=state,
+        **_model_on_mesh(config, mesh),
+        state=ckpt.restore_state(manager, step, abstract),
         meta=meta,
-        mesh=mesh,
-        step_config=ctx.step_config,
-        spec=ctx.spec,
         checkpoint=f"{source} step {step}",
     )

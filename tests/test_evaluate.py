@@ -342,7 +342,7 @@ def test_eval_json_matches_metrics_of_independently_collected_arrays(trained):
     group = results["contrastivity"]
     assert group["vlc"] == pytest.approx(100 * contrastivity.vlc_per_image(explanations).mean())
     assert group["inter_prototype_distance"] == pytest.approx(
-        contrastivity.inter_prototype_distance_per_class(prototypes, top5, labels, 4).mean()
+        contrastivity.inter_vector_distance_per_class(prototypes, top5, labels, 4).mean()
     )
     sums = chunk.object_sums(chunk.ExplanationMaps.from_masks(explanations), objects)
     for name, values in complexity.object_metrics(sums).items():

@@ -224,6 +224,7 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tiny_records, tmp
         (["--config", "configs/nope.py"], "nope.py"),
         (["--config", "configs/demo.py", "--config.input.num_views=0"], "config.input.num_views"),
         (["--config", "configs/demo.py", "--config.train.prototype_lr=-1"], "train.prototype_lr"),
+        (["--config", "configs/demo.py", "--config.mesh.data=16"], "config.mesh.data=16"),
         (["--config", "configs/demo.py"], "--workdir is required"),
     ],
 )
@@ -238,3 +239,5 @@ def test_cli_refuses_bad_input_with_what_to_fix(tmp_path, args, message):
     result = _run([sys.executable, "-m", "protomask_jax.train", *args], timeout=300)
     assert result.returncode != 0
     assert message in result.stderr
+    if message.startswith("config."):  # our own checks: one line, exit code 2, no traceback
+        assert result.returncode == 2 and "Traceback" not in result.stderr

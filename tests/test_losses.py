@@ -89,9 +89,11 @@ def test_cluster_and_separation_match_numpy_loops(rng):
             for b in range(B)
         ]
     )
-    args = (jnp.asarray(distances), jnp.asarray(labels), jnp.asarray(PROTOTYPE_CLASS))
-    np.testing.assert_allclose(losses.cluster_cost(*args), expected_cluster, rtol=1e-6)
-    np.testing.assert_allclose(losses.separation_cost(*args), expected_separation, rtol=1e-6)
+    cluster, separation = losses.cluster_and_separation(
+        jnp.asarray(distances), jnp.asarray(labels), jnp.asarray(PROTOTYPE_CLASS)
+    )
+    np.testing.assert_allclose(cluster, expected_cluster, rtol=1e-6)
+    np.testing.assert_allclose(separation, expected_separation, rtol=1e-6)
 
 
 def test_cluster_is_exact_above_the_reference_dmax(rng):
@@ -99,8 +101,25 @@ def test_cluster_is_exact_above_the_reference_dmax(rng):
     # the masked min stays exact.
     distances = np.full((1, P), 3.0 * D, np.float32)
     distances[0, PROTOTYPE_CLASS == 0] = [2.0 * D, 2.5 * D]
-    cost = losses.cluster_cost(jnp.asarray(distances), jnp.array([0]), jnp.asarray(PROTOTYPE_CLASS))
+    cost, _ = losses.cluster_and_separation(
+        jnp.asarray(distances), jnp.array([0]), jnp.asarray(PROTOTYPE_CLASS)
+    )
     np.testing.assert_allclose(cost, 2.0 * D)
+
+
+def test_a_class_without_prototypes_contributes_zero_to_cluster():
+    # After pruning a class can lose every prototype: its samples add 0, not +inf.
+    prototype_class = jnp.array([1, 1, 2])
+    distances = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    cluster, separation = losses.cluster_and_separation(
+        distances, jnp.array([0, 1]), prototype_class
+    )
+    np.testing.assert_allclose(cluster, (0.0 + 4.0) / 2)
+    np.testing.assert_allclose(separation, (1.0 + 6.0) / 2)
+    targets = jnp.array([[1, 0, 0], [0, 1, 1]])
+    cluster, separation = losses.cluster_and_separation(distances, targets, prototype_class)
+    np.testing.assert_allclose(cluster, (0.0 + (4.0 + 6.0) / 2) / 2)
+    np.testing.assert_allclose(separation, ((1.0 + 3.0) / 2 + 0.0) / 2)
 
 
 def test_multilabel_cluster_and_separation_match_numpy_loops(rng):
@@ -119,13 +138,11 @@ def test_multilabel_cluster_and_separation_match_numpy_loops(rng):
             per_sample.append(np.mean(chosen) if chosen else 0.0)
         return np.mean(per_sample)
 
-    args = (jnp.asarray(distances), jnp.asarray(targets), jnp.asarray(PROTOTYPE_CLASS))
-    np.testing.assert_allclose(
-        losses.multilabel_cluster_cost(*args), expected(lambda t: t == 1), rtol=1e-6
+    cluster, separation = losses.cluster_and_separation(
+        jnp.asarray(distances), jnp.asarray(targets), jnp.asarray(PROTOTYPE_CLASS)
     )
-    np.testing.assert_allclose(
-        losses.multilabel_separation_cost(*args), expected(lambda t: t == 0), rtol=1e-6
-    )
+    np.testing.assert_allclose(cluster, expected(lambda t: t == 1), rtol=1e-6)
+    np.testing.assert_allclose(separation, expected(lambda t: t == 0), rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- diversity

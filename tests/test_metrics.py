@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import scipy.special
 
 from protomask_jax.evaluators import (
     chunk,
@@ -29,11 +30,11 @@ def vlc(masks):
 
 
 def intra_prototype_distance(prototypes, ids):
-    return contrastivity.intra_prototype_distance_per_image(prototypes, ids).mean()
+    return contrastivity.intra_vector_distance_per_image(prototypes, ids).mean()
 
 
 def inter_prototype_distance(prototypes, ids, labels, num_classes):
-    return contrastivity.inter_prototype_distance_per_class(
+    return contrastivity.inter_vector_distance_per_class(
         prototypes, ids, labels, num_classes
     ).mean()
 
@@ -338,6 +339,169 @@ def test_labels_of_wrong_shape_are_rejected():
         classification.top1_accuracy(HAND_LOGITS, np.zeros((5, 4)))
 
 
+def loop_weighted_auc(scores, positive, weights):
+    """Weighted share of (positive, negative) pairs ordered right, ties one half."""
+    ordered = total = 0.0
+    for i in range(len(scores)):
+        for j in range(len(scores)):
+            if positive[i] and not positive[j]:
+                pair = weights[i] * weights[j]
+                total += pair
+                ordered += pair * (1.0 if scores[i] > scores[j] else 0.5 * (scores[i] == scores[j]))
+    return ordered / total
+
+
+def test_macro_precision_recall_hand_case():
+    # Predictions 0, 1, 1, 0, 2 for labels 0, 0, 1, 2, 2 (HAND_LOGITS); classes 0, 1, 2 occur.
+    # Unweighted: precision 1/2, 1/2, 1/1; recall 1/2, 1/1, 1/2.
+    scores = classification.macro_scores(HAND_LOGITS, HAND_LABELS)
+    assert scores["precision"] == pytest.approx(100 * 2 / 3)
+    assert scores["recall"] == pytest.approx(100 * 2 / 3)
+    # Balanced weights 2.5, 2.5, 5, 2.5, 2.5: precision class 0: 2.5 / (2.5 + 2.5) = 1/2,
+    # class 1: 5 / (5 + 2.5) = 2/3, class 2: 1; recall is the plain recall (equal weights
+    # within a class): 1/2, 1, 1/2.
+    balanced = classification.macro_scores(HAND_LOGITS, HAND_LABELS, balanced=True)
+    assert balanced["precision"] == pytest.approx(100 * (1 / 2 + 2 / 3 + 1) / 3)
+    assert balanced["recall"] == pytest.approx(100 * 2 / 3)
+
+
+def test_roc_auc_hand_case():
+    # One column, positives scored 0.9 and 0.4, negatives 0.4 and 0.1: pairs (0.9, 0.4) 1,
+    # (0.9, 0.1) 1, (0.4, 0.4) tie 1/2, (0.4, 0.1) 1 -> 3.5 / 4.
+    scores = np.array([[0.9], [0.4], [0.4], [0.1]])
+    positive = np.array([[True], [True], [False], [False]])
+    np.testing.assert_allclose(classification.binary_auc(scores, positive, 1.0), [3.5 / 4])
+    # weights 1, 3, 1, 1: (1 + 1 + 3 * 0.5 + 3) / (4 * 2) = 6.5 / 8.
+    weights = np.array([[1.0], [3.0], [1.0], [1.0]])
+    np.testing.assert_allclose(classification.binary_auc(scores, positive, weights), [6.5 / 8])
+    # no negatives: undefined
+    assert np.isnan(classification.binary_auc(scores, np.ones((4, 1), bool), 1.0)[0])
+
+
+def test_precision_recall_roc_auc_match_sklearn_with_balanced_weights():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(3)
+    for c in (3, 7):
+        logits = np.round(rng.normal(size=(60, c)), 1)  # rounding makes ties
+        labels = rng.integers(0, c, 60)
+        labels[:c] = np.arange(c)  # every class present (sklearn's ovr AUC needs it)
+        predictions = np.argmax(logits, axis=1)
+        weights = loop_balanced_weights(labels.tolist())
+        for name, function in (
+            ("precision", sklearn_metrics.precision_score),
+            ("recall", sklearn_metrics.recall_score),
+            ("f1", sklearn_metrics.f1_score),
+        ):
+            expected = function(
+                labels, predictions, average="macro", zero_division=0, sample_weight=weights
+            )
+            scores = classification.macro_scores(logits, labels, balanced=True)
+            assert scores[name] == pytest.approx(100 * expected), name
+        probabilities = scipy.special.softmax(logits, axis=1)
+        expected = sklearn_metrics.roc_auc_score(
+            labels, probabilities, multi_class="ovr", average="macro", sample_weight=weights
+        )
+        assert classification.roc_auc(logits, labels, balanced=True) == pytest.approx(
+            100 * expected
+        )
+        loops = [loop_weighted_auc(probabilities[:, j], labels == j, weights) for j in range(c)]
+        assert classification.roc_auc(logits, labels, balanced=True) == pytest.approx(
+            100 * np.mean(loops)
+        )
+
+
+def test_multilabel_threshold_and_scores_hand_case():
+    logits = np.array([[4.0, 0.0, 2.0], [1.0, 3.0, -1.0], [0.0, 0.0, 0.0]])
+    labels = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 0]])
+    # TP means: sample 0 (4 + 2) / 2 = 3, sample 1 3; sample 2 has no positives -> left out.
+    # TN means: 0, (1 - 1) / 2 = 0, 0. Threshold (3 + 0) / 2 = 1.5.
+    threshold = classification.multilabel_threshold(logits, labels)
+    assert threshold == pytest.approx(1.5)
+    # predictions > 1.5: {0, 2}, {1}, {}: every sample exact; F1 1, 1, 0 (both empty).
+    plain = classification.multilabel_scores(logits, labels, threshold)
+    assert plain["accuracy"] == pytest.approx(100.0)
+    assert plain["f1"] == pytest.approx(200 / 3)
+    # threshold 3.5: {0}, {}, {} -> precision 1, 0, 0; recall 1/2, 0, 0; F1 2/3, 0, 0.
+    plain = classification.multilabel_scores(logits, labels, 3.5)
+    assert (plain["precision"], plain["recall"]) == pytest.approx((100 / 3, 100 / 6))
+    assert plain["f1"] == pytest.approx(100 * 2 / 9)
+    # per-sample AUC over classes: sample 0 positives 4, 2 vs negative 0 -> 1; sample 1 -> 1;
+    # sample 2 has no positive class -> left out.
+    assert plain["roc_auc"] == pytest.approx(100.0)
+    # balanced weights: class counts 1, 1, 1 -> 3 per positive class: 6, 3, 0.
+    np.testing.assert_allclose(classification.balanced_sample_weights(labels), [6.0, 3.0, 0.0])
+    balanced = classification.multilabel_scores(logits, labels, 3.5, balanced=True)
+    assert balanced["f1"] == pytest.approx(100 * (6 * 2 / 3) / 9)
+    assert balanced["precision"] == pytest.approx(100 * 6 / 9)
+
+
+def test_multilabel_scores_match_sklearn_samples_averages():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(40, 5))
+    labels = rng.random((40, 5)) < 0.35
+    labels[:, 0] |= ~labels.any(axis=1)  # every sample has a positive and (below) a negative
+    labels[:, 4] &= ~labels[:, :4].all(axis=1)
+    threshold = classification.multilabel_threshold(logits, labels)
+    tp_means = [logits[b][labels[b]].mean() for b in range(40)]
+    tn_means = [logits[b][~labels[b]].mean() for b in range(40)]
+    assert threshold == pytest.approx((np.mean(tp_means) + np.mean(tn_means)) / 2)
+    predictions = logits > threshold
+    weights = classification.balanced_sample_weights(labels)
+    counts = labels.sum(axis=0)
+    loop_weights = [sum(40 / counts[c] for c in range(5) if labels[b, c]) for b in range(40)]
+    np.testing.assert_allclose(weights, loop_weights)
+    for balanced, sample_weight in ((False, None), (True, weights)):
+        scores = classification.multilabel_scores(logits, labels, threshold, balanced=balanced)
+        for name, function in (
+            ("precision", sklearn_metrics.precision_score),
+            ("recall", sklearn_metrics.recall_score),
+            ("f1", sklearn_metrics.f1_score),
+        ):
+            expected = function(
+                labels, predictions, average="samples", zero_division=0, sample_weight=sample_weight
+            )
+            assert scores[name] == pytest.approx(100 * expected), name
+        expected = sklearn_metrics.accuracy_score(labels, predictions, sample_weight=sample_weight)
+        assert scores["accuracy"] == pytest.approx(100 * expected)
+        expected = sklearn_metrics.roc_auc_score(
+            labels, logits, average="samples", sample_weight=sample_weight
+        )
+        assert scores["roc_auc"] == pytest.approx(100 * expected)
+
+
+def test_classification_evaluator_takes_multi_hot_labels():
+    logits = np.array([[4.0, 0.0, 2.0], [1.0, 3.0, -1.0], [0.0, 0.0, 0.0]])
+    labels = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 0]])
+    evaluator = classification.Evaluator(SimpleNamespace())
+    evaluator.update(SimpleNamespace(outputs=SimpleNamespace(logits=logits, labels=labels)))
+    group = evaluator.result()
+    assert group["threshold"] == pytest.approx(1.5)  # derived from the images (hand case)
+    assert group["subset_accuracy"] == pytest.approx(100.0)
+    assert group["samples_f1"] == pytest.approx(200 / 3)
+    # balanced weights 6, 3, 0: both weighted samples exact and F1 1.
+    assert group["balanced_accuracy"] == group["balanced_f1"] == pytest.approx(100.0)
+    assert "top1_accuracy" not in group
+    # a run's own threshold wins: 3.5 as in the hand case.
+    evaluator = classification.Evaluator(SimpleNamespace(multi_label_threshold=3.5))
+    evaluator.update(SimpleNamespace(outputs=SimpleNamespace(logits=logits, labels=labels)))
+    assert evaluator.result()["samples_f1"] == pytest.approx(100 * 2 / 9)
+
+
+def test_classification_evaluator_single_label_group():
+    evaluator = classification.Evaluator(SimpleNamespace())
+    evaluator.update(
+        SimpleNamespace(outputs=SimpleNamespace(logits=HAND_LOGITS, labels=HAND_LABELS))
+    )
+    group = evaluator.result()
+    assert group["top1_accuracy"] == pytest.approx(60.0)
+    assert group["balanced_accuracy"] == pytest.approx(200 / 3)
+    # balanced top-3: every sample's class is in its top 3 -> 100.
+    assert group["balanced_top3_accuracy"] == pytest.approx(100.0)
+    assert group["balanced_precision"] == pytest.approx(100 * (1 / 2 + 2 / 3 + 1) / 3)
+    assert 0.0 <= group["balanced_roc_auc"] <= 100.0
+
+
 # --------------------------------------------------------------------------- compactness
 
 
@@ -413,6 +577,23 @@ def test_explanation_masks_reject_bad_mask_counts():
         )
 
 
+def test_local_explanation_size_golden_cases():
+    # The reference's unit-test cases: scores relative to each image's largest, > 0.1.
+    local_size = compactness.local_explanation_size
+    np.testing.assert_array_equal(local_size([[2, 0.2], [0.05, 0.04], [1.1, 10.0]]), [1, 2, 2])
+    np.testing.assert_array_equal(local_size([[0.0, 0.0], [0.0, 0.0]]), [0, 0])  # 0/0 -> none
+    # exactly at the threshold: 0.02 / 0.2 and 0.01 / 0.1 do not count.
+    np.testing.assert_array_equal(local_size([[0.02, 0.2], [0.11, 0.1], [0.01, 0.1]]), [1, 2, 1])
+    np.testing.assert_array_equal(local_size([[0.2]]), [1])
+
+
+def test_local_explanation_size_matches_loop():
+    rng = np.random.default_rng(4)
+    scores = rng.random((9, 13)) ** 4
+    expected = [sum(s / max(row) > 0.1 for s in row) for row in scores]
+    np.testing.assert_array_equal(compactness.local_explanation_size(scores), expected)
+
+
 # ---------------------------------------------------------------------------- contrastivity
 
 
@@ -459,7 +640,7 @@ def test_intra_prototype_distance_hand_case():
     # ids (0, 3): 1 - cos = 1 - 1/sqrt(1 + 1e-6) = 5e-7 < 1e-5 -> 0.
     ids = np.array([[0, 1, 2], [0, 3, 3]])
     np.testing.assert_allclose(
-        contrastivity.intra_prototype_distance_per_image(prototypes, ids), [2 / 3, 0.0]
+        contrastivity.intra_vector_distance_per_image(prototypes, ids), [2 / 3, 0.0]
     )
     assert intra_prototype_distance(prototypes, ids) == pytest.approx(1 / 3)
 
@@ -478,7 +659,7 @@ def test_intra_prototype_distance_matches_loop():
                     pairs.append(distance if distance >= 1e-5 else 0.0)
         expected.append(np.mean(pairs))
     np.testing.assert_allclose(
-        contrastivity.intra_prototype_distance_per_image(prototypes, ids), expected, rtol=1e-12
+        contrastivity.intra_vector_distance_per_image(prototypes, ids), expected, rtol=1e-12
     )
 
 
@@ -490,23 +671,23 @@ def test_inter_prototype_distance_hand_case():
     # image 1 (0 vs 2: 2, 0 vs 1: 1) -> 1.5; mean 1.25.
     # class 1 (image 2) vs images 0, 1: (2 + 0) / 2 = 1 and (2 + 1) / 2 = 1.5 -> 1.25.
     # class 2 absent -> 0.
-    per_class = contrastivity.inter_prototype_distance_per_class(prototypes, ids, labels, 3)
+    per_class = contrastivity.inter_vector_distance_per_class(prototypes, ids, labels, 3)
     np.testing.assert_allclose(per_class, [1.25, 1.25, 0.0])
     assert inter_prototype_distance(prototypes, ids, labels, 3) == pytest.approx(2.5 / 3)
     # a single present class gives zeros (reference).
     np.testing.assert_array_equal(
-        contrastivity.inter_prototype_distance_per_class(prototypes, ids, np.zeros(3, int), 3), 0.0
+        contrastivity.inter_vector_distance_per_class(prototypes, ids, np.zeros(3, int), 3), 0.0
     )
     # multi-hot labels with one present class but an unlabelled image 2: still one class -> 0.
     only_class_0 = np.array([[1, 0, 0], [1, 0, 0], [0, 0, 0]])
     np.testing.assert_array_equal(
-        contrastivity.inter_prototype_distance_per_class(prototypes, ids, only_class_0, 3), 0.0
+        contrastivity.inter_vector_distance_per_class(prototypes, ids, only_class_0, 3), 0.0
     )
     # a class labelled on every image has no other images: 0 (the reference gives nan);
     # class 1 (image 2) vs images 0, 1 as above -> 1.25.
     all_class_0 = np.array([[1, 0, 0], [1, 0, 0], [1, 1, 0]])
     np.testing.assert_allclose(
-        contrastivity.inter_prototype_distance_per_class(prototypes, ids, all_class_0, 3),
+        contrastivity.inter_vector_distance_per_class(prototypes, ids, all_class_0, 3),
         [0.0, 1.25, 0.0],
     )
 
@@ -517,7 +698,7 @@ def test_inter_prototype_distance_matches_reference_loop():
     ids = np.stack([rng.permutation(15)[:5] for _ in range(12)])
     labels = rng.choice([0, 1, 3, 4], size=12)  # classes 2 and 5 absent
     np.testing.assert_allclose(
-        contrastivity.inter_prototype_distance_per_class(prototypes, ids, labels, 6),
+        contrastivity.inter_vector_distance_per_class(prototypes, ids, labels, 6),
         loop_inter_pd_per_class(prototypes, ids, labels, 6),
         rtol=1e-10,
         atol=1e-12,
@@ -526,6 +707,136 @@ def test_inter_prototype_distance_matches_reference_loop():
     assert inter_prototype_distance(prototypes, ids, one_hot, 6) == pytest.approx(
         loop_inter_pd_per_class(prototypes, ids, labels, 6).mean()
     )
+
+
+def test_vac_golden_cases():
+    # The reference's unit-test maps: image 0 four 2s against four 1s -> 1 - 4/8; image 1 six
+    # 1s against six 5s -> 1 - 6/30 (values compared sorted, wherever they lie).
+    first = np.zeros((2, 2, 4, 4))
+    first[0, 0, :2, :2], first[0, 1, :2, 2:] = 2, 1
+    first[1, 0].flat[[0, 3, 9, 13, 14, 15]] = 1
+    first[1, 1].flat[[3, 8, 12, 13, 14, 15]] = 5
+    maps = chunk.ExplanationMaps(relevance=first, mask=first > 0)
+    np.testing.assert_allclose(
+        contrastivity.vac_per_image(contrastivity.sorted_maps(maps)), [0.5, 0.8]
+    )
+    # A binary map's values are its size: 1 - min / max, the same as sorting 0/1 maps.
+    rng = np.random.default_rng(5)
+    masks = random_masks(rng, (4, 3, 5, 5))
+    masks[0, 0] = masks[0, 1] = False  # two empty maps: identical, change 0
+    binary = contrastivity.sorted_maps(chunk.ExplanationMaps.from_masks(masks))
+    as_floats = chunk.ExplanationMaps(relevance=masks.astype(float), mask=masks)
+    np.testing.assert_allclose(
+        contrastivity.vac_per_image(binary),
+        contrastivity.vac_per_image(contrastivity.sorted_maps(as_floats)),
+    )
+
+
+def test_vac_matches_loop_on_float_maps():
+    rng = np.random.default_rng(6)
+    maps = rng.random((3, 4, 3, 3)) * (rng.random((3, 4, 3, 3)) < 0.5)
+    explanations = chunk.ExplanationMaps(relevance=maps, mask=maps > 0)
+    expected = []
+    for image in maps:
+        changes = []
+        for i in range(4):
+            for j in range(4):
+                if i != j:
+                    a = sorted(image[i].ravel(), reverse=True)
+                    b = sorted(image[j].ravel(), reverse=True)
+                    low = sum(min(x, y) for x, y in zip(a, b, strict=True))
+                    high = sum(max(x, y) for x, y in zip(a, b, strict=True))
+                    changes.append(1 - low / high)
+        expected.append(np.mean(changes))
+    np.testing.assert_allclose(
+        contrastivity.vac_per_image(contrastivity.sorted_maps(explanations)), expected
+    )
+
+
+def test_plc_and_palc_on_views():
+    # Winning views 0, 3, 1: |0-3| + |0-1| + |3-1| = 6, twice over 6 ordered pairs -> 2.
+    np.testing.assert_allclose(contrastivity.plc_per_image([[0, 3, 1], [2, 2, 2]]), [2.0, 0.0])
+    # Min-max over the views: (s - min) / (max - min) > 0.5; all equal -> no view (0/0).
+    view_similarities = np.array([[[1.0, 2.0, 3.0], [1.0, 2.5, 3.0], [4.0, 4.0, 4.0]]])
+    masks = contrastivity.min_max_view_masks(view_similarities)
+    np.testing.assert_array_equal(masks, [[[0, 0, 1], [0, 1, 1], [0, 0, 0]]])
+    # PALC = VLC of those view sets: pairs {2}/{1,2} 1 - 1/2, {2}/{} 1, {1,2}/{} 1 -> 5/6.
+    np.testing.assert_allclose(contrastivity.vlc_per_image(masks), [(0.5 + 1 + 1) / 3])
+
+
+def test_vector_distances_golden_cases():
+    # The reference's cases: equal vectors 0, orthogonal 1, opposite 2.
+    vectors = np.array([[1, 1, 1], [1, 1, 1], [0, 0, 1], [1, 0, 0], [-1, 1, 1], [1, -1, -1.0]])
+    ids = np.array([[0, 1], [2, 3], [4, 5]])
+    np.testing.assert_allclose(
+        contrastivity.intra_vector_distance_per_image(vectors, ids), [0, 1, 2], atol=1e-12
+    )
+    # Image 0 three (1, 1, 1), image 1 three zero vectors (cosine 0): both classes 1.
+    vectors = np.array([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    per_class = contrastivity.inter_vector_distance_per_class(
+        vectors, np.array([[0, 0, 0], [1, 1, 1]]), np.array([[1, 0], [0, 1]]), 2
+    )
+    np.testing.assert_allclose(per_class, [1.0, 1.0])
+
+
+def test_prototype_entropy_golden_case_and_loop():
+    # The reference's case: prototypes 0-3 score 0.1 twice (one bin -> 0 bits); prototype 4
+    # scores 0.1 and 1.0 (bins 1 and 9, half each -> 1 bit).
+    similarities = np.array([[0.1] * 5, [0.1, 0.1, 0.1, 0.1, 1.0]])
+    np.testing.assert_allclose(contrastivity.prototype_entropy(similarities), [0, 0, 0, 0, 1])
+    rng = np.random.default_rng(10)
+    similarities = rng.random((2000, 6)) ** np.array([1, 2, 4, 8, 30, 200])
+    expected = []
+    for column in similarities.T:
+        counts = [0] * 10
+        for value in column / column.max():
+            counts[min(int(value * 10), 9)] += 1
+        probabilities = [c / len(column) for c in counts]
+        entropy = -sum(p * math.log2(p) for p in probabilities if p >= 1e-3)
+        expected.append(min(max(entropy, 0.0), 1.0))
+    np.testing.assert_allclose(contrastivity.prototype_entropy(similarities), expected)
+    assert 0 < min(expected) < 1  # the last columns are concentrated enough to fall below 1
+
+
+def test_contrastivity_evaluator_group():
+    # 2 images, P = 3 prototypes, k = 2, K = 3 views, D = 2.
+    outputs = SimpleNamespace(
+        labels=np.array([0, 1]),
+        similarities=np.array([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]]),
+        winning_view=np.array([[0, 2, 1], [1, 4, 0]]),  # view 4 repeats mask 1 (of 3)
+        num_masks=np.array([3, 3]),
+        top_view_similarities=np.array([[[3, 1, 1], [1, 1, 2.0]], [[1, 1, 3], [2, 2, 1.0]]]),
+        top_embeddings=np.array([[[1, 0], [0, 1.0]], [[1, 1], [1, 1.0]]]),
+    )
+    masks = np.zeros((2, 2, 2, 2), bool)
+    masks[0, 0, 0], masks[0, 1, 1], masks[1, 0, 0], masks[1, 1, 0, 0] = True, True, True, True
+    fake_chunk = SimpleNamespace(
+        outputs=outputs,
+        top_ids=np.array([[0, 1], [2, 1]]),
+        explanations=chunk.ExplanationMaps.from_masks(masks),
+    )
+    model = SimpleNamespace(prototypes=np.eye(3, 2), last_layer=np.zeros((2, 3)))
+    evaluator = contrastivity.Evaluator(model)
+    evaluator.update(fake_chunk)
+    group = evaluator.result()
+    # VLC: image 0 disjoint rows -> 1; image 1 row 0 vs its first pixel -> 1 - 1/2.
+    assert group["vlc"] == pytest.approx(100 * (1 + 0.5) / 2)
+    # VAC: sizes 2, 2 -> 0; 2, 1 -> 1/2.
+    assert group["vac"] == pytest.approx(100 * 0.25)
+    # PLC: views of prototypes (0, 1) in image 0: 0, 2 -> 2; (2, 1) in image 1: 0, 1 -> 1.
+    assert group["plc"] == pytest.approx(1.5)
+    # PALC: image 0 view sets {0} and {2} -> 1; image 1 {2} and {0, 1} -> 1.
+    assert group["palc"] == pytest.approx(100.0)
+    # FD: image 0 orthogonal embeddings -> 1; image 1 equal -> 0. Inter FD: class 0 image
+    # (1, 0), (0, 1) vs (1, 1), (1, 1) rank-wise: 1 - 1/sqrt(2) each; the same for class 1.
+    assert group["intra_feature_distance"] == pytest.approx(0.5)
+    assert group["inter_feature_distance"] == pytest.approx(1 - 1 / math.sqrt(2))
+    # prototypes 0, 1 (image 0) and 2, 1 (image 1): all three used, prototype 1 twice.
+    assert group["prototype_histogram"] == {"0": 1, "1": 2, "2": 1}
+    assert group["prototypes_used"] == 3
+    # prototypes 0 and 2 score 1 and 1/3 of their peak (two bins -> 1 bit), prototype 1
+    # scores 2 twice (one bin -> 0 bits).
+    assert group["prototype_entropy"] == pytest.approx(2 / 3)
 
 
 # ----------------------------------------------------------------------------- complexity

@@ -8,6 +8,7 @@ import pytest
 from test_train import final_state_leaves, tiny_config
 
 from protomask_jax import sharding, trainer
+from protomask_jax.config_checks import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -21,8 +22,15 @@ def test_mesh_from_config():
     config.mesh.data, config.mesh.model = 1, 1
     assert dict(sharding.make_mesh(config).shape) == {"data": 1, "model": 1}
     config.mesh.data = 16
-    with pytest.raises(ValueError, match="config.mesh.data=16"):
+    with pytest.raises(ConfigError, match="config.mesh.data=16"):
         sharding.make_mesh(config)
+    # a global batch of 12 cannot be split over a data axis of 8
+    config.mesh.data = -1
+    config.mesh.model = 1
+    mesh = sharding.make_mesh(config)
+    sharding.check_batch_divisible(16, mesh, "input.batch_size")
+    with pytest.raises(ConfigError, match=r"config.input.batch_size=12 .* \(8\)"):
+        sharding.check_batch_divisible(12, mesh, "input.batch_size")
 
 
 def test_eight_device_run_matches_one_device(tiny_records, tmp_path):
@@ -115,6 +123,6 @@ def test_hand_launch_variables_are_checked_before_joining(monkeypatch, env, mess
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         sharding.maybe_initialize_distributed()
     assert not jax.distributed.is_initialized()

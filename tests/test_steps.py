@@ -46,13 +46,7 @@ def init_state(config, phase):
     model = model_lib.build_model(config, NUM_CLASSES, nnx.Rngs(params=0))
     graphdef, params, batch_stats, constants = model_lib.split_model(model)
     tx = phases.make_optimizer(phase)
-    state = steps.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=batch_stats,
-        constants=constants,
-        opt_state=tx.init(params),
-    )
+    state = steps.TrainState.create(params, batch_stats, constants, tx)
     step_config = steps.StepConfig.from_config(config, config.model.prototypes_per_class)
     return graphdef, state, jax.jit(steps.make_train_step(graphdef, phase, tx, step_config))
 

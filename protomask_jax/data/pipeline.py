@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ class PipelineSpec:
     num_views: int
     with_masks: bool = False
     mask_size: int = 112
+    # (fitted image uint8 [h, w, 3], image id) -> same: evaluation's perturbed passes.
+    image_transform: Callable[[np.ndarray, int], np.ndarray] | None = None
 
     @classmethod
     def from_config(cls, config) -> PipelineSpec:
@@ -132,6 +134,9 @@ def fit_record(record: records_lib.ImageRecord, spec: PipelineSpec, where: str) 
     image = records_lib.decode_image(record.image_bytes, where)
     height, width = image.shape[:2]
     canvas = views_lib.fit_image_to_canvas(image, spec.canvas_size)
+    if spec.image_transform is not None:
+        fit_h, fit_w = views_lib.fitted_size(height, width, spec.canvas_size)
+        canvas[:fit_h, :fit_w] = spec.image_transform(canvas[:fit_h, :fit_w], record.image_id)
     n = record.num_masks
     slots = np.arange(spec.num_views) % n  # cyclic padding; if n > K keep the K largest
     boxes = views_lib.fit_box_to_canvas(record.boxes, height, width, spec.canvas_size)

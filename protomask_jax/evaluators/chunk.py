@@ -7,6 +7,12 @@ ground truth in the ``R x R`` frame (``frame.FrameMaps``); ``explanations [n, k,
 top-k prototypes; ``object_sums``, their pixel sums against the object mask, once for every
 complexity metric.
 
+A chunk built with a ``run`` hook (the model, from ``evaluate``) also gives the same images
+after a perturbation (:meth:`Chunk.perturbed`, for continuity and output completeness): a
+chunk whose outputs come from the perturbed pass, with the clean chunk's top-k ids (or the
+ones asked for) and frame maps, and its ``perturbation`` set, so that an explanation producer
+that reruns the model can rebuild the same input.
+
 Explanation maps pair a relevance map ``A >= 0`` with a region ``S``. ProtoMask explains by the
 winning view's mask, so ``A = S``; a saliency method (PRP) gives a float map per (image,
 prototype) in the same frame, post-processed as the reference does (§6, §7.7). Either is the
@@ -153,11 +159,26 @@ class Chunk:
     outputs: Any  # evaluate.EvalOutputs of the chunk's rows
     render: Callable[[np.ndarray], frame.FrameMaps]  # record indices -> their frame maps
     explain: Callable[[Chunk], ExplanationMaps] = mask_explanations
+    # (chunk, top_ids [n, k], perturbation) -> EvalOutputs of its images perturbed
+    run: Callable[[Chunk, np.ndarray, Any], Any] | None = None
+    perturbation: Any = None  # None: the clean pass
 
     @functools.cached_property
     def top_ids(self) -> np.ndarray:
+        if getattr(self.outputs, "top_ids", None) is not None:  # chosen on the device
+            return self.outputs.top_ids
         similarities = self.outputs.similarities
         return top_indices(similarities, min(TOP_K, similarities.shape[1]))
+
+    def perturbed(self, perturbation, top_ids: np.ndarray | None = None) -> Chunk:
+        """These images after ``perturbation``, explained for ``top_ids`` (default: ours)."""
+        if self.run is None:
+            raise ValueError("a perturbed pass needs the model: build the chunk with `run`")
+        top_ids = self.top_ids if top_ids is None else np.asarray(top_ids)
+        outputs = self.run(self, top_ids, perturbation)
+        derived = Chunk(outputs, self.render, self.explain, perturbation=perturbation)
+        derived.__dict__.update(top_ids=top_ids, maps=self.maps)  # no second top-k, no render
+        return derived
 
     @functools.cached_property
     def maps(self) -> frame.FrameMaps:

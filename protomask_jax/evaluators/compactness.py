@@ -1,11 +1,13 @@
-"""Compactness of the last layer ``W [C, P]`` (docs/reference.md §7.3), with the reference's
-``epsilon``: how many prototypes a decision can use and how sparse the weights are."""
+"""Compactness (docs/reference.md §7.3): how many prototypes a decision can use and how sparse
+the last layer ``W [C, P]`` is (with the reference's ``epsilon``), and how many prototypes
+respond to an image (local size, from the similarities ``[N, P]``)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 EPSILON = 1e-3
+LOCAL_SIZE_THRESHOLD = 0.1  # of the image's largest similarity (reference)
 
 
 def global_explanation_size(last_layer, epsilon: float = EPSILON) -> int:
@@ -30,6 +32,14 @@ def negative_positive_reasoning_ratio(last_layer, epsilon: float = EPSILON) -> f
     return float(negative / positive)
 
 
+def local_explanation_size(similarities, threshold: float = LOCAL_SIZE_THRESHOLD) -> np.ndarray:
+    """float64 ``[N]``: prototypes whose similarity exceeds ``threshold`` times the image's
+    largest (an image whose largest similarity is 0 counts none, as the reference's nan)."""
+    similarities = np.asarray(similarities, np.float64)
+    peak = similarities.max(axis=1, keepdims=True)
+    return np.count_nonzero((similarities > threshold * peak) & (peak > 0), axis=1).astype(float)
+
+
 class Evaluator:
     name = "compactness"
     title = "Compactness (epsilon = {epsilon})"
@@ -37,13 +47,15 @@ class Evaluator:
         ("global_explanation_size", "global explanation size", "prototypes"),
         ("classification_sparsity", "classification sparsity", "%"),
         ("negative_positive_ratio", "negative/positive reasoning ratio", ""),
+        ("local_size", "local explanation size", "prototypes"),
     )
 
     def __init__(self, model):
         self.last_layer = model.last_layer
+        self.local_sizes = []
 
     def update(self, chunk) -> None:
-        pass  # a property of the model, not of the images
+        self.local_sizes.append(local_explanation_size(chunk.outputs.similarities))
 
     def result(self) -> dict:
         return {
@@ -51,4 +63,6 @@ class Evaluator:
             "global_explanation_size": global_explanation_size(self.last_layer),
             "classification_sparsity": classification_sparsity(self.last_layer),
             "negative_positive_ratio": negative_positive_reasoning_ratio(self.last_layer),
+            "local_size": float(np.concatenate(self.local_sizes).mean()),
+            "local_size_threshold": LOCAL_SIZE_THRESHOLD,
         }

@@ -13,6 +13,7 @@ Ground truth, where a record has it (``docs/explanations.md``): the object is
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import numpy as np
 from PIL import Image
@@ -39,6 +40,14 @@ def read_record(record_set: pipeline.RecordSet, index: int, num_masks: int = 1):
             "(masks/encoded); re-export the dataset to evaluate or explain it."
         )
     return record, where
+
+
+def image_size(record) -> tuple[int, int]:
+    """``(height, width)`` of a record's image (from its header when the record has no size)."""
+    if record.height:
+        return record.height, record.width
+    with Image.open(io.BytesIO(record.image_bytes)) as image:
+        return image.height, image.width
 
 
 def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -96,6 +105,7 @@ class FrameMaps:
     """N images in the frame. ``masks [N, K, R, R]``: the first ``num_masks[n]`` slots hold
     the masks the views showed, largest first. ``object_masks``, ``decisive_masks [N, R, R]``,
     ``keypoints [N, Q, 3]`` are empty / invisible where the ``has_*`` flags ``[N]`` are False.
+    ``sizes [N, 2]``: each image's height and width in pixels.
     """
 
     masks: np.ndarray
@@ -107,6 +117,7 @@ class FrameMaps:
     has_keypoints: np.ndarray
     object_sources: set[str]
     keypoint_sources: set[str]
+    sizes: np.ndarray | None = None
 
 
 def _object_mask(record, part_map, resolution: int):
@@ -152,10 +163,12 @@ def render_frame_maps(
         has_keypoints=np.zeros(count, bool),
         object_sources=set(),
         keypoint_sources=set(),
+        sizes=np.zeros((count, 2), np.int64),
     )
     points = [None] * count
     for n, index in enumerate(np.asarray(record_indices)):
         record, _ = read_record(record_set, index, num_views)
+        maps.sizes[n] = image_size(record)
         for k in range(min(record.num_masks, num_views)):
             maps.masks[n, k] = to_frame(
                 records_lib.decode_mask_png(record.mask_pngs[k]), resolution
