@@ -55,7 +55,7 @@ def run_config(workdir: str | Path, overrides: Sequence[str] = ()):
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"{Path(workdir) / 'checkpoints'} holds no checkpoint of a run.")
-    config = ConfigDict(ckpt.latest_meta(manager, step)["config"])
+    config = ConfigDict(ckpt.read_meta(manager, step)["config"])
     for override in overrides:
         key, _, text = override.partition("=")
         *parents, leaf = key.split(".")
