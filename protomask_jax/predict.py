@@ -3,18 +3,19 @@ IMAGE_OR_FOLDER... [--out DIR] [--top_k 3] [--segmenter slic|grid|sam|sam2] [--c
 (docs/predict.md).
 
 Each file: ``data.images.load_image`` (upright 8-bit RGB, at most ``MAX_SIDE`` px) -> the
-run's segmenter (``dataset_info.json`` of its records) -> ``segmentation.export.build_record``
-(post-processing and the record exactly as the export makes them) -> a temporary shard. Then
-one ``evaluate.run_model`` pass over that shard (the evaluation pipeline and forward, batches
-of ``input.eval_batch_size``) gives logits ``[N, C]``, similarities and winning views ``[N, P]``;
-``report.panels`` draws the top contributions of each image (``figures/explanation_{i}.png``)
-and ``OUT/predictions.json`` and ``OUT/index.html`` describe them. OUT is built beside itself
-and swapped in when complete. A file that is no readable image is skipped with its reason.
+segmenter of the run's records (``dataset_info.json``) -> ``segmentation.export.build_record``
+(masks post-processed and stored as the export does) -> one temporary shard. One
+``evaluate.run_model`` pass over it (the evaluation pipeline and forward, in batches of
+``input.eval_batch_size``) gives logits ``[N, C]``, similarities and winning views ``[N, P]``;
+``report.panels`` draws each image's top contributions (``figures/explanation_{n}.png``);
+``OUT/predictions.json`` and ``OUT/index.html`` list them. OUT is built beside itself and
+swapped in when complete. A file that is not a readable image is skipped with its reason.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import shutil
 import sys
@@ -35,16 +36,16 @@ from protomask_jax.data import records as records_lib
 from protomask_jax.report import gallery, html, panels, pictures
 
 PREDICTIONS = "predictions.json"
-SPLIT = "predict"  # the temporary shard's split name
+SPLIT = "predict"  # the temporary shard's split
 
 
 class PredictError(ValueError):
-    """A user's mistake: no image to explain, an output folder that is not ours, ..."""
+    """A user's mistake: nothing to explain, an output folder that is not predict's, ..."""
 
 
 def run_config(workdir: str | Path, overrides: Sequence[str] = ()):
-    """The config the run stored with its latest checkpoint, with ``key.path=value``
-    overrides (values parsed as Python literals, else taken as strings)."""
+    """The config stored with the run's latest checkpoint, with ``key.path=value`` overrides
+    (a Python literal, else a string)."""
     import ast
 
     from ml_collections import ConfigDict
@@ -52,22 +53,21 @@ def run_config(workdir: str | Path, overrides: Sequence[str] = ()):
     from protomask_jax import checkpoint as ckpt
 
     manager = ckpt.manager(Path(workdir) / "checkpoints", max_to_keep=None)
-    step = manager.latest_step()
-    if step is None:
+    if manager.latest_step() is None:
         raise FileNotFoundError(f"{Path(workdir) / 'checkpoints'} holds no checkpoint of a run.")
-    config = ConfigDict(ckpt.read_meta(manager, step)["config"])
+    config = ConfigDict(ckpt.read_meta(manager, manager.latest_step())["config"])
     for override in overrides:
         key, _, text = override.partition("=")
         *parents, leaf = key.split(".")
         node = config
         for name in parents:
-            node = node[name]
-        if leaf not in node:
-            raise PredictError(f"--config.{key}: no such key (valid: {', '.join(node.keys())}).")
+            node = node.get(name) if isinstance(node, ConfigDict) else None
+        if not isinstance(node, ConfigDict) or leaf not in node:
+            raise PredictError(f"--config.{key}: the run's config has no such key.")
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            value = text
+            value = text  # a path, a name
         try:
             node[leaf] = value
         except TypeError as e:
@@ -77,27 +77,22 @@ def run_config(workdir: str | Path, overrides: Sequence[str] = ()):
 
 
 def collect_files(inputs: Sequence[str | Path]) -> list[Path]:
-    """The files named, and every file under the folders named (sorted, hidden ones left out)."""
+    """The files named and every file under the folders named (sorted; hidden ones left out)."""
     files = []
     for given in map(Path, inputs):
-        if given.is_dir():
-            found = sorted(p for p in given.rglob("*") if p.is_file())
-            files += [
-                p for p in found if not any(s.startswith(".") for s in p.relative_to(given).parts)
-            ]
-        elif given.is_file():
-            files.append(given)
-        else:
+        if not given.exists():
             raise PredictError(f"{given}: no such file or folder.")
+        found = sorted(p for p in given.rglob("*") if p.is_file()) if given.is_dir() else [given]
+        files += [p for p in found if not any(s[0] == "." for s in p.relative_to(given).parts)]
     if not files:
         raise PredictError(f"no files to explain in {', '.join(map(str, inputs))}.")
     return files
 
 
 def segmentation_config(config, info: dict[str, Any], method: str | None):
-    """A copy of ``config`` whose ``segmentation`` section makes masks as the run's records
-    were made (method, slic/grid parameters, post-processing from ``dataset_info.json``), or
-    with ``method``; and a note when the records' masks cannot be made for a new image."""
+    """``(config copy, note)``: its ``segmentation`` makes masks as the run's records were
+    made (method, slic/grid parameters and post-processing of ``dataset_info.json``) or with
+    ``method``; the note says why the records' method could not be used for a new image."""
     config = config.copy_and_resolve_references()
     config.unlock()
     seg, stored, note = config.segmentation, info["segmenter"], ""
@@ -114,14 +109,10 @@ def segmentation_config(config, info: dict[str, Any], method: str | None):
     return config, note
 
 
-@dataclasses.dataclass
-class _Loaded:
-    path: Path
-    image: images_lib.LoadedImage
+def _segment(files, config, records_dir: Path, progress: bool, say):
+    """Writes the readable files' records into one shard; ``(loaded images, skipped)``."""
+    from PIL import Image
 
-
-def _write_records(files, config, records_dir: Path, progress: bool, say):
-    """Segments every readable file into one shard; returns ``(loaded, skipped)``."""
     from segmentation import export, segmenters, sources
 
     segmenter = segmenters.get_segmenter(config)
@@ -135,92 +126,50 @@ def _write_records(files, config, records_dir: Path, progress: bool, say):
                 skipped.append({"file": str(path), "reason": str(e)})
                 say(f"skipped {e}")
                 continue
-            item = sources.SourceItem(len(loaded), str(path), _png(image.rgb), -1)
-            record, _ = export.build_record(item, segmenter, config, path.parent)
-            loaded.append(_Loaded(path, image))
-            yield record.to_bytes()
+            png = io.BytesIO()
+            Image.fromarray(image.rgb).save(png, format="PNG", compress_level=1)
+            item = sources.SourceItem(len(loaded), str(path), png.getvalue(), -1)
+            loaded.append((path, image))
+            yield export.build_record(item, segmenter, config, path.parent)[0].to_bytes()
 
     records_lib.write_shard(records_dir / records_lib.shard_name(SPLIT, 0, 1), serialized())
     return loaded, skipped
 
 
-def _png(rgb: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
-
-
-def _image_entry(n: int, loaded: _Loaded, outputs, arrays, record, class_names, top_k, out_dir):
-    """The predictions.json entry of image ``n``; writes its masks' PNGs."""
+def _entry(n: int, loaded, outputs, arrays, record, names, top_k: int, out_dir: Path) -> dict:
+    """Image ``n``'s entry of predictions.json; writes the PNGs of its matched masks."""
+    path, image = loaded
     logits = outputs.logits[n].astype(np.float64)
-    probabilities = np.exp(logits - logits.max())
-    probabilities /= probabilities.sum()
-    top = np.argsort(-probabilities, kind="stable")[:5]
-    matches = panels.top_contributions(
-        outputs.similarities[n],
-        arrays.last_layer,
-        int(top[0]),
-        outputs.winning_view[n],
-        outputs.num_masks[n],
-        top_k,
-    )
+    probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    top5 = [
+        {"class_id": int(c), "name": names[c], "probability": float(probabilities[c])}
+        for c in np.argsort(-probabilities, kind="stable")[:5]
+    ]
+    scores = (outputs.similarities[n], arrays.last_layer, top5[0]["class_id"])
     contributions = []
-    for rank, match in enumerate(matches, start=1):
-        mask = f"masks/{n}_m{match.mask_index}.png"
-        (out_dir / mask).parent.mkdir(exist_ok=True)
-        (out_dir / mask).write_bytes(record.mask_pngs[match.mask_index])
+    for match in panels.top_contributions(
+        *scores, outputs.winning_view[n], outputs.num_masks[n], top_k
+    ):
+        mask = out_dir / f"masks/{n}_m{match.mask_index}.png"
+        mask.parent.mkdir(exist_ok=True)
+        mask.write_bytes(record.mask_pngs[match.mask_index])
         own = int(arrays.prototype_class[match.prototype])
         contributions.append(
-            dict(
-                rank=rank,
-                prototype=match.prototype,
-                prototype_class=own,
-                prototype_class_name=class_names[own],
-                similarity=match.similarity,
-                weight=match.weight,
-                contribution=match.contribution,
-                view_box=[round(float(v), 6) for v in record.boxes[match.mask_index]],
-                mask=mask,
-            )
+            dataclasses.asdict(match)
+            | {"prototype_class": own, "prototype_class_name": names[own]}
+            | {"view_box": record.boxes[match.mask_index].round(6).tolist()}
+            | {"mask": str(mask.relative_to(out_dir))}
         )
-    return dict(
-        file=str(loaded.path),
-        image_size=list(loaded.image.size),
-        logits=[float(v) for v in outputs.logits[n]],
-        notes=loaded.image.notes,
-        predicted=dict(
-            class_id=int(top[0]), name=class_names[top[0]], probability=float(probabilities[top[0]])
-        ),
-        top5=[
-            dict(class_id=int(c), name=class_names[c], probability=float(probabilities[c]))
-            for c in top
-        ],
-        figure=f"figures/explanation_{n}.png",
-        contributions=contributions,
-    )
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.is_file() or (
-        out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / PREDICTIONS).exists()
-    ):
-        raise PredictError(
-            f"--out {out_dir} exists and is not an earlier output of predict (no {PREDICTIONS}); "
-            "choose another folder."
-        )
-
-
-def _publish(staging: Path, out_dir: Path) -> None:
-    """Swaps the complete ``staging`` in for ``out_dir`` (an earlier output is removed last)."""
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    return {
+        "file": str(path),
+        "image_size": list(image.size),
+        "notes": image.notes,
+        "predicted": top5[0],
+        "top5": top5,
+        "logits": outputs.logits[n].tolist(),
+        "figure": f"figures/explanation_{n}.png",
+        "contributions": contributions,
+    }
 
 
 def predict(
@@ -235,18 +184,24 @@ def predict(
     progress: bool = True,
     say=print,
 ) -> dict[str, Any]:
-    """Explains the images among ``inputs`` (files and folders) with the ``checkpoint`` of the
-    run in ``workdir``; writes ``out_dir`` and returns its predictions.json content."""
+    """Explains the images among ``inputs`` with the ``checkpoint`` of the run in ``workdir``;
+    writes ``out_dir`` and returns what its predictions.json holds."""
     from protomask_jax import trainer
+    from segmentation import segmenters
 
     evaluate_lib.require_single_label(config)
     out_dir = Path(out_dir).absolute()
-    _check_out_dir(out_dir)
+    if out_dir.is_file() or (
+        out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / PREDICTIONS).exists()
+    ):
+        raise PredictError(
+            f"--out {out_dir} exists and holds no {PREDICTIONS} of an earlier run of predict; "
+            "choose another folder."
+        )
     files = collect_files(inputs)
     info = records_lib.load_dataset_info(config.dataset.records_dir)
     config_checks.check_dataset_info(config, info)
-    num_classes = config.dataset.num_classes
-    class_names = list(info.get("class_names") or [f"class {c}" for c in range(num_classes)])
+    names = list(info.get("class_names") or map(str, range(config.dataset.num_classes)))
     seg_config, note = segmentation_config(config, info, segmenter)
     if note:
         say(note)
@@ -257,112 +212,92 @@ def predict(
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    seconds = {}
+    clock = [time.perf_counter()]
+
+    def lap() -> float:
+        clock.append(time.perf_counter())
+        return round(clock[-1] - clock[-2], 3)
+
     try:
         with tempfile.TemporaryDirectory(dir=staging) as records_dir:
-            started = time.perf_counter()
-            loaded, skipped = _write_records(files, seg_config, Path(records_dir), progress, say)
-            seconds["segmentation"] = time.perf_counter() - started
+            loaded, skipped = _segment(files, seg_config, Path(records_dir), progress, say)
+            seconds = {"segmentation": lap()}
             if not loaded:
                 raise PredictError(f"none of the {len(files)} file(s) is a readable image.")
             record_set = pipeline.RecordSet(records_dir, SPLIT)
-            started = time.perf_counter()
             outputs = evaluate_lib.run_model(trained, record_set, progress=progress)
-            seconds["model"] = time.perf_counter() - started
-            started = time.perf_counter()
-            test_images = pictures.RecordImages(record_set)
+            seconds["model"] = lap()
+            new_images = pictures.RecordImages(record_set)
             entries = [
-                _image_entry(
-                    n, item, outputs, arrays, test_images.get(n).record, class_names, top_k, staging
-                )
+                _entry(n, item, outputs, arrays, new_images.get(n).record, names, top_k, staging)
                 for n, item in enumerate(loaded)
             ]
             used = {c["prototype"] for entry in entries for c in entry["contributions"]}
-            canvas = pictures.Canvas(staging, class_names, pictures.class_colours(num_classes))
+            canvas = pictures.Canvas(staging, names, pictures.class_colours(len(names)))
             sources = gallery.prototype_sources(trained.meta, num_prototypes)
-            train_set = pipeline.RecordSet(config.dataset.records_dir, "train")
-            with tqdm(
-                total=len(used) + len(loaded), desc="drawing", unit="picture", disable=not progress
-            ) as bar:
-                prototypes, drawn = gallery.section(
-                    canvas, arrays, sources, pictures.RecordImages(train_set), bar.update, used
+            train_images = pictures.RecordImages(
+                pipeline.RecordSet(config.dataset.records_dir, "train")
+            )
+            total = len(used) + len(loaded)
+            with tqdm(total=total, desc="drawing", unit="picture", disable=not progress) as bar:
+                gallery_section, drawn = gallery.section(
+                    canvas, arrays, sources, train_images, bar.update, used
                 )
                 explanations = panels.section(
-                    canvas, outputs, arrays, test_images, drawn, top_k, bar.update
+                    canvas, outputs, arrays, new_images, drawn, top_k, bar.update
                 )
-            seconds["pictures"] = time.perf_counter() - started
-        explanations.note = (
-            f"For each image: the {top_k} prototypes that add most to the predicted class's "
-            "score (similarity x last-layer weight); left of the arrow the view of the image "
-            "that matched the prototype best (its mask outlined), right the prototype's source."
-        )
-        segmenter_info = segmenters_description(seg_config, note)
-        result = dict(
-            workdir=str(Path(workdir).absolute()),
-            checkpoint=trained.checkpoint,
-            segmenter=segmenter_info,
-            images=entries,
-            skipped=skipped,
-            seconds={key: round(value, 3) for key, value in seconds.items()},
-        )
+            seconds["pictures"] = lap()
+        explanations.note = explanations.note.replace("test image", "image")
+        described = segmenters.segmenter_description(seg_config) | {"note": note}
+        result = {"workdir": str(Path(workdir).absolute()), "checkpoint": trained.checkpoint}
+        result |= {"segmenter": described, "images": entries, "skipped": skipped}
+        result["seconds"] = seconds
         records_lib.write_json_atomic(staging / PREDICTIONS, result)
-        _write_page(staging, result, [explanations, prototypes], config)
-        _publish(staging, out_dir)
+        _write_page(staging, result, [explanations, gallery_section], config.dataset.name)
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        if out_dir.exists():
+            os.replace(out_dir, old)  # an earlier output goes only once the new one is whole
+        os.replace(staging, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return result
 
 
-def segmenters_description(config, note: str) -> dict[str, Any]:
-    from segmentation import segmenters
-
-    return {**segmenters.segmenter_description(config), "note": note}
-
-
-def _write_page(out_dir: Path, result: dict[str, Any], sections, config) -> None:
+def _write_page(out_dir: Path, result: dict[str, Any], sections, dataset: str) -> None:
     skipped = result["skipped"]
     if skipped:
-        rows = "".join(f"<li>{html.e(s['reason'])}</li>" for s in skipped)
+        items = "".join(f"<li>{html.e(s['reason'])}</li>" for s in skipped)
         note = "Files that are not readable images; the others were explained."
-        sections.append(
-            html.Section("skipped", "Skipped", "Skipped files", note, f"<ul>{rows}</ul>")
-        )
-    facts = [
-        ("workdir", result["workdir"]),
-        ("checkpoint", result["checkpoint"]),
-        ("segmenter", result["segmenter"]["method"]),
-        ("images", f"{len(result['images'])} explained, {len(skipped)} skipped"),
-    ]
+        sections.append(html.Section("skipped", "Skipped", "Skipped", note, f"<ul>{items}</ul>"))
+    facts = [(key, result[key]) for key in ("workdir", "checkpoint")]
+    facts += [("segmenter", result["segmenter"]["method"])]
+    facts += [("images", f"{len(result['images'])} explained, {len(skipped)} skipped")]
     page = html.page(
-        f"ProtoMask predictions: {config.dataset.name}",
-        facts,
-        [],
-        sections,
-        f"written by protomask_jax.predict; the numbers are in {PREDICTIONS}",
+        f"ProtoMask predictions: {dataset}", facts, [], sections, f"numbers: {PREDICTIONS}"
     )
     (out_dir / "index.html").write_text(page, encoding="utf-8")
 
 
 def summary(result: dict[str, Any], out_dir: Path) -> str:
-    entries, seconds = result["images"], result["seconds"]
+    """A line per image and per skipped file, the time taken and where the output is."""
     lines = [
         f"{Path(e['file']).name}: {e['predicted']['name']} "
         f"({100 * e['predicted']['probability']:.1f}%)"
-        for e in entries
+        for e in result["images"]
     ]
     lines += [f"skipped {s['reason']}" for s in result["skipped"]]
-    per_image = seconds["segmentation"] / max(1, len(entries) + len(result["skipped"]))
+    seconds, files = result["seconds"], len(result["images"]) + len(result["skipped"])
     lines.append(
-        f"explained {len(entries)} image(s), skipped {len(result['skipped'])}; segmentation "
-        f"{per_image:.2f} s per file, model {seconds['model']:.1f} s, pictures "
-        f"{seconds['pictures']:.1f} s"
+        f"segmentation {seconds['segmentation'] / files:.2f} s per file, model "
+        f"{seconds['model']:.1f} s, pictures {seconds['pictures']:.1f} s; written: "
+        f"{out_dir / PREDICTIONS} and {out_dir / 'index.html'}"
     )
-    lines.append(f"written: {out_dir / PREDICTIONS}, {out_dir / 'index.html'}")
     return "\n".join(lines)
 
 
 def _parse_flags(argv: list[str]):
-    """absl flags, with the ``--config.x=y`` overrides set aside; a bad flag is one line."""
+    """absl flags, the ``--config.x=y`` overrides set aside; a bad flag costs one line."""
     from absl import flags
 
     overrides = [a[len("--config.") :] for a in argv[1:] if a.startswith("--config.")]
@@ -379,18 +314,14 @@ def main(parsed) -> None:
 
     from protomask_jax.logs import setup_cli_logging
 
-    inputs, overrides = parsed
-    FLAGS = flags.FLAGS
+    (inputs, overrides), FLAGS = parsed, flags.FLAGS
     setup_cli_logging()
     try:
-        if not FLAGS.workdir:
-            raise PredictError("--workdir is required (the training run's output folder).")
-        if not inputs:
-            raise PredictError("name the images or folders to explain after the flags.")
-        config = run_config(FLAGS.workdir, overrides)
-        out_dir = Path(FLAGS.out or Path(FLAGS.workdir) / "predictions")
+        if not FLAGS.workdir or not inputs:
+            raise PredictError("usage: --workdir RUN_FOLDER [flags] IMAGE_OR_FOLDER...")
+        out_dir = Path(FLAGS.out or Path(FLAGS.workdir) / "predictions").absolute()
         result = predict(
-            config,
+            run_config(FLAGS.workdir, overrides),
             FLAGS.workdir,
             inputs,
             out_dir,
@@ -402,7 +333,7 @@ def main(parsed) -> None:
     except (FileNotFoundError, ValueError) as e:  # PredictError, ConfigError, RecordError, ...
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(summary(result, out_dir.absolute()))
+    print(summary(result, out_dir))
 
 
 if __name__ == "__main__":
@@ -411,8 +342,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "The training run's output folder.")
     flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/predictions).")
     flags.DEFINE_integer("top_k", 3, "Prototypes shown per image.")
-    flags.DEFINE_enum(
-        "segmenter", None, ["slic", "grid", "sam", "sam2"], "Default: the run's records'."
-    )
+    segmenters = ["slic", "grid", "sam", "sam2"]
+    flags.DEFINE_enum("segmenter", None, segmenters, "Default: the one of the run's records.")
     flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Checkpoint to explain with.")
     app.run(main, flags_parser=_parse_flags)

@@ -297,7 +297,7 @@ def test_unusable_inputs_and_outputs_are_refused(slic_run, tmp_path):
         predict.predict(config, workdir, [tmp_path / "nothing.jpg"], tmp_path / "out")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
-    with pytest.raises(predict.PredictError, match="not an earlier output of predict"):
+    with pytest.raises(predict.PredictError, match="holds no predictions.json of an earlier run"):
         predict.predict(config, workdir, [tmp_path / "junk"], tmp_path / "mine")
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
