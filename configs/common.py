@@ -157,6 +157,12 @@ def sam_dataset_config(name: str) -> ConfigDict:
     return finalize(c)
 
 
+def get_config() -> ConfigDict:
+    """The base config, locked: what ``--config.`` overrides are checked against when a tool
+    (evaluate, explain, predict) starts from a run's stored config without ``--config``."""
+    return finalize(get_base_config())
+
+
 def finalize(config: ConfigDict) -> ConfigDict:
     """Locks ``config`` so unknown keys are errors, and returns it."""
     config.lock()

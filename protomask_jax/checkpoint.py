@@ -9,11 +9,14 @@ count: optimizer states differ between phases and pruning changes shapes.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from protomask_jax.cli import PATH_KEYS
 
 _MAY_CHANGE_ON_RESUME = {
     "train": ("log_every_steps", "eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints"),
@@ -71,6 +74,11 @@ def config_fingerprint(config_dict: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _same_path(a, b) -> bool:
+    """A relative and an absolute name of one file are the same setting."""
+    return isinstance(a, str) and isinstance(b, str) and os.path.abspath(a) == os.path.abspath(b)
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two fingerprints (for a clear refusal)."""
     diffs = []
@@ -81,7 +89,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
             name = f"{prefix}{key}"
             if isinstance(x, dict) and isinstance(y, dict):
                 walk(x, y, name + ".")
-            elif x != y:
+            elif x != y and not (key in PATH_KEYS and _same_path(x, y)):
                 diffs.append(f"{name}: checkpoint {x!r} vs now {y!r}")
 
     walk(saved, current, "")

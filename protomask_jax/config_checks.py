@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from protomask_jax.cli import UserError
 from protomask_jax.models.resnet import resnet_spec
 
 # The smallest value each key accepts.
@@ -21,7 +22,7 @@ _AT_LEAST = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value is invalid; the message names the key and what to do."""
 
 

@@ -20,7 +20,6 @@ import functools
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from protomask_jax import config_checks, evaluators
+from protomask_jax import cli, config_checks, evaluators
 from protomask_jax import sharding as sharding_lib
 from protomask_jax import steps as steps_lib
 from protomask_jax.data import pipeline
@@ -183,7 +182,7 @@ def run_model(
     config = trained.config
     indices = np.asarray(record_set.good if record_indices is None else record_indices, np.int64)
     if len(indices) == 0:
-        raise ValueError(f"no images to evaluate in split '{record_set.split}'")
+        raise cli.UserError(f"no images to evaluate in split '{record_set.split}'")
     sharding_lib.check_batch_divisible(
         config.input.eval_batch_size, trained.mesh, "input.eval_batch_size"
     )
@@ -345,7 +344,7 @@ def evaluate(
     workdir = Path(workdir)
     resolution = default_resolution() if resolution is None else int(resolution)
     if resolution < 4:
-        raise ValueError(f"--resolution must be >= 4 pixels, got {resolution}")
+        raise cli.UserError(f"--resolution must be >= 4 pixels, got {resolution}")
     techniques = evaluators.check(techniques)  # before the slow part
     info = records_lib.load_dataset_info(config.dataset.records_dir)
     config_checks.check_dataset_info(config, info)
@@ -448,16 +447,20 @@ def define_run_flags(action: str) -> None:
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file(
-        "config", None, "Config file of the run, e.g. configs/demo.py.", lock_config=True
+        "config",
+        cli.DEFAULT_CONFIG,
+        "Leave out to use the run's own config (WORKDIR/config.json); a config file given here "
+        "must agree with the run on the model.",
+        lock_config=True,
     )
     flags.DEFINE_string("workdir", None, "The training run's output folder.")
     flags.DEFINE_enum("split", "test", ["test", "train"], f"Split to {action}.")
     flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], f"Checkpoint to {action}.")
 
 
-def run_tool(argv: list[str], tool: Callable[[Any, str], str]) -> int:
-    """Checks the run flags and calls ``tool(config, config_name)``, printing what it returns;
-    a user's mistake prints one line and exits 2."""
+def run_tool(argv: list[str], tool: Callable[[Any, str], str]) -> None:
+    """``tool(config, config_name)`` on the run's config with this command's overrides, printing
+    what it returns (use under ``cli.run``: a user's mistake prints one line and exits 2)."""
     from absl import app, flags
     from ml_collections import config_flags
 
@@ -465,17 +468,15 @@ def run_tool(argv: list[str], tool: Callable[[Any, str], str]) -> int:
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if flags.FLAGS.config is None:
-        raise app.UsageError("--config is required, e.g. --config configs/demo.py")
-    if not flags.FLAGS.workdir:
+    workdir = flags.FLAGS.workdir
+    if not workdir:
         raise app.UsageError("--workdir is required (the training run's output folder)")
     setup_cli_logging()
-    try:
-        print(tool(flags.FLAGS.config, config_flags.get_config_filename(flags.FLAGS["config"])))
-    except (FileNotFoundError, ValueError) as e:  # ConfigError, RecordError, bad batch size
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    config = cli.run_config(workdir, flags.FLAGS["config"])
+    name = config_flags.get_config_filename(flags.FLAGS["config"])
+    if Path(name).resolve() == Path(cli.DEFAULT_CONFIG):
+        name = str(Path(workdir) / cli.RUN_CONFIG)
+    print(tool(config, name))
 
 
 def _evaluate_tool(config, config_name: str) -> str:
@@ -495,7 +496,7 @@ def _evaluate_tool(config, config_name: str) -> str:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
 
     define_run_flags("evaluate")
     flags.DEFINE_integer(
@@ -506,4 +507,4 @@ if __name__ == "__main__":
         list(evaluators.DEFAULT),
         f"Metric families to compute, from {list(evaluators.TECHNIQUES)}.",
     )
-    app.run(lambda argv: sys.exit(run_tool(argv, _evaluate_tool)))
+    cli.run(lambda argv: run_tool(argv, _evaluate_tool))

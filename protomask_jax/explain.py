@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from protomask_jax import config_checks
+from protomask_jax import cli, config_checks
 from protomask_jax import evaluate as evaluate_lib
 from protomask_jax.data import pipeline
 from protomask_jax.data import records as records_lib
@@ -44,7 +43,7 @@ def select_images(
         index_of_id = {int(ids[n]): int(n) for n in record_set.good}
         missing = [i for i in image_ids if int(i) not in index_of_id]
         if missing:
-            raise ValueError(
+            raise cli.UserError(
                 f"--images: ids {missing} are not in split '{record_set.split}' of "
                 f"{record_set.records_dir} (it holds ids {good_ids.min()}..{good_ids.max()}, "
                 f"e.g. {good_ids[:5].tolist()})"
@@ -173,7 +172,7 @@ def _explain_tool(config, config_name: str) -> str:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
 
     evaluate_lib.define_run_flags("explain")
     flags.DEFINE_list("images", [], "Ids of the test images to explain (default: see num_images).")
@@ -181,4 +180,4 @@ if __name__ == "__main__":
         "num_images", DEFAULT_NUM_IMAGES, "Without --images: explain this many test images."
     )
     flags.DEFINE_integer("top_k", DEFAULT_TOP_K, "Prototypes shown per explained image.")
-    app.run(lambda argv: sys.exit(evaluate_lib.run_tool(argv, _explain_tool)))
+    cli.run(lambda argv: evaluate_lib.run_tool(argv, _explain_tool))

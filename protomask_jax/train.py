@@ -28,17 +28,17 @@ def main(argv: list[str]) -> int:
         raise app.UsageError("--config is required, e.g. --config configs/demo.py")
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required, e.g. --workdir workdirs/demo")
-    from protomask_jax import config_checks, trainer
-    from protomask_jax.data.records import RecordError
+    from protomask_jax import cli, trainer
     from protomask_jax.logs import setup_cli_logging
 
     setup_cli_logging()
-
+    config = cli.absolute_paths(_CONFIG.value)
+    source = cli.config_source(flags.FLAGS["config"])
     try:
         results = trainer.train_and_evaluate(
-            _CONFIG.value, _WORKDIR.value, max_steps=_MAX_STEPS.value
+            config, _WORKDIR.value, max_steps=_MAX_STEPS.value, source=source
         )
-    except (config_checks.ConfigError, trainer.TrainingDiverged, RecordError) as e:
+    except trainer.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary(results))
@@ -64,4 +64,6 @@ outputs: {results["workdir"]} (results.json, metrics.jsonl, push.json, tensorboa
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    from protomask_jax import cli
+
+    cli.run(main)

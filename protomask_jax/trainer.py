@@ -26,7 +26,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from protomask_jax import checkpoint as ckpt
-from protomask_jax import config_checks
+from protomask_jax import cli, config_checks
 from protomask_jax import phases as phases_lib
 from protomask_jax import push as push_lib
 from protomask_jax import sharding as sharding_lib
@@ -172,7 +172,7 @@ def _initial_state(config, mesh) -> tuple[TrainState, np.ndarray | None]:
     return TrainState.create(*state), imported_weights
 
 
-def _set_up(config, workdir: Path) -> tuple[RunContext, TrainState]:
+def _set_up(config, workdir: Path, source: dict | None) -> tuple[RunContext, TrainState]:
     config_checks.validate(config)
     workdir.mkdir(parents=True, exist_ok=True)
     sharding_lib.maybe_initialize_distributed()
@@ -532,18 +532,23 @@ def run_phase(
 # ============================================================================== run
 
 
-def train_and_evaluate(config, workdir: str | Path, *, max_steps: int | None = None) -> dict:
+def train_and_evaluate(
+    config, workdir: str | Path, *, max_steps: int | None = None, source: dict | None = None
+) -> dict:
     """Trains ProtoMask as ``config`` says and returns (and writes) the test results.
 
     A workdir holding a checkpoint is resumed (same next batch, same parameters as if never
     stopped); one of another config is refused. ``max_steps`` stops after saving at that
-    global step, returning ``{"stopped_at_step": n}``; a later call resumes.
+    global step, returning ``{"stopped_at_step": n}``; a later call resumes. ``source`` (the
+    config file and overrides of the command) goes to ``config.json`` with the config.
     """
     workdir = Path(workdir)
-    ctx, state = _set_up(config, workdir)
+    ctx, state = _set_up(config, workdir, source)
     started = time.time()
     resumed = _resume(ctx)
     state = state if resumed is None else resumed
+    if jax.process_index() == 0:  # after _resume: a refused config must not replace the run's
+        cli.save_run_config(workdir, config, source)
 
     with _StopFlag() as stop:
         for phase in ctx.phases:

@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from protomask_jax.cli import UserError
 from protomask_jax.data import records
 from segmentation import (
     datasets,  # noqa: F401  (registers the built-in datasets)
@@ -37,7 +37,7 @@ from segmentation import (
 STATS_SUFFIX = ".stats.json"
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """The export cannot run as configured or an input cannot be read."""
 
 
@@ -421,61 +421,17 @@ def summary(result: ExportResult) -> str:
     return "\n".join(lines)
 
 
-def _config_key_error(argv: Sequence[str]) -> str | None:
-    """Names the first ``--config.a.b=`` override whose key does not exist, with the keys
-    valid at that level (ml_collections suggests only one close match)."""
-    import runpy
-
-    config_path, overrides = None, []
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            config_path = arg.split("=", 1)[1]
-        elif arg == "--config" and i + 1 < len(argv):
-            config_path = argv[i + 1]
-        elif arg.startswith("--config."):
-            overrides.append(arg[len("--config.") :].split("=", 1)[0])
-    if config_path is None:
-        return None
-    root = runpy.run_path(config_path.split(":", 1)[0])["get_config"]()
-    for dotted in overrides:
-        node, prefix = root, "config"
-        for key in dotted.split("."):
-            if not isinstance(node, ml_collections.ConfigDict) or key not in node:
-                valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-                return (
-                    f"--config.{dotted}: {prefix} has no key {key!r}; valid keys: "
-                    f"{', '.join(valid)}."
-                )
-            node, prefix = node[key], f"{prefix}.{key}"
-    return None
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    from absl import app
-
-    try:
-        return app.parse_flags_with_usage(argv)
-    except (KeyError, AttributeError) as e:
-        print(f"error: {_config_key_error(argv[1:]) or e}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv: Sequence[str]) -> None:
     from absl import flags
 
+    if len(argv) > 1:
+        raise ExportError(f"unexpected arguments: {argv[1:]}")
     FLAGS = flags.FLAGS
-    try:
-        if len(argv) > 1:
-            raise ExportError(f"unexpected arguments: {argv[1:]}")
-        result = export(FLAGS.config, FLAGS.shard_index, FLAGS.num_shards)
-    except (ExportError, sources.SourceError, segmenters.SegmenterError, records.RecordError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(summary(result))
+    print(summary(export(FLAGS.config, FLAGS.shard_index, FLAGS.num_shards)))
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file(
@@ -484,4 +440,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("shard_index", 0, "Index of this process among --num_shards.")
     flags.DEFINE_integer("num_shards", 1, "Number of processes sharing the export.")
     flags.mark_flags_as_required(["config"])
-    app.run(main, flags_parser=_parse_flags)
+    from protomask_jax import cli
+
+    cli.run(main)

@@ -15,6 +15,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from protomask_jax.cli import UserError
 from segmentation.sources import SourceItem
 
 SAM_CHECKPOINT_URLS = {
@@ -27,7 +28,7 @@ SAM2_CHECKPOINT_URL = (
 )
 
 
-class SegmenterError(ValueError):
+class SegmenterError(UserError):
     """A segmenter cannot be built or cannot segment an image."""
 
 

@@ -19,8 +19,10 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from protomask_jax.cli import UserError
 
-class SourceError(ValueError):
+
+class SourceError(UserError):
     """A dataset is missing, incomplete or not laid out as its source expects."""
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from protomask_jax.cli import UserError
 from protomask_jax.data import records as records_lib
 from protomask_jax.data import views as views_lib
 
@@ -192,8 +193,8 @@ class _Element:
 
     def __init__(self, record_set, record_indices, spec, order, global_batch, process, processes):
         if global_batch % processes:
-            raise ValueError(
-                f"input.batch_size={global_batch} must be divisible by the number of "
+            raise UserError(
+                f"config.input.batch_size={global_batch} must be divisible by the number of "
                 f"processes ({processes})."
             )
         self.reader, self.record_indices = record_set.reader, record_indices

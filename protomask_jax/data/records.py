@@ -23,6 +23,8 @@ import google_crc32c
 import numpy as np
 from tensorflow_datasets.proto import tf_example_pb2
 
+from protomask_jax.cli import UserError
+
 SCHEMA_VERSION = 1
 INDEX_SUFFIX = ".index"
 TMP_SUFFIX = ".tmp"
@@ -33,7 +35,7 @@ _FOOTER = struct.Struct("<I")  # masked crc of data
 _MASK_DELTA = 0xA282EAD8
 
 
-class RecordError(ValueError):
+class RecordError(UserError):
     """A record file is missing, truncated, corrupt or does not follow the schema."""
 
 

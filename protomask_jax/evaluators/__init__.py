@@ -9,6 +9,7 @@ family: one module here, one entry in :data:`TECHNIQUES`.
 
 from __future__ import annotations
 
+from protomask_jax.cli import UserError
 from protomask_jax.evaluators import (
     classification,
     compactness,
@@ -49,7 +50,7 @@ def check(names) -> list[str]:
     unknown = sorted(names - set(TECHNIQUES))
     if unknown:
         choices = sorted([*TECHNIQUES, *ALIASES])
-        raise ValueError(f"--techniques: unknown {unknown}; choose from {choices}")
+        raise UserError(f"--techniques: unknown {unknown}; choose from {choices}")
     return [name for name in TECHNIQUES if name in names]
 
 
