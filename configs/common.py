@@ -48,8 +48,7 @@ def _segmentation() -> ConfigDict:
         ),
         sam2=dict(
             checkpoint="", checkpoint_sha256="",  # a local file, e.g. sam2.1_hiera_base_plus.pt
-            # The architecture: a config inside the sam2 package or a local .yaml file.
-            model_config="configs/sam2.1/sam2.1_hiera_b+.yaml",
+            model_config="",  # a sam2 model .yaml; "": the package's sam2.1_hiera_b+.yaml
             # The rest are SAM2AutomaticMaskGenerator's arguments, the reference's values.
             points_per_side=32, points_per_batch=512, pred_iou_thresh=0.8,
             stability_score_thresh=0.9, stability_score_offset=0.5, crop_n_layers=2,

@@ -2,8 +2,9 @@
 order and number (``postprocess`` sorts, filters and caps them): ``sam`` and ``sam2``
 (segment-anything's and SAM 2's automatic mask generators, local checkpoints; torch is
 imported only to build them), ``slic`` (scikit-image superpixels), ``grid`` (rectangles) and
-``gt`` (the dataset's part map, else its object mask). ``params`` names the config values that determine a segmenter's masks:
-recorded in ``dataset_info.json`` and checked on resume without building the segmenter."""
+``gt`` (the dataset's part map, else its object mask). ``params`` names the config values
+that determine a segmenter's masks: recorded in ``dataset_info.json`` and checked on resume
+without building the segmenter."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ SAM_CHECKPOINT_URLS = {
 SAM2_CHECKPOINT_URL = (
     "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_base_plus.pt"
 )
+SAM2_DEFAULT_CONFIG = "configs/sam2.1/sam2.1_hiera_b+.yaml"  # inside the sam2 package
 
 
 class SegmenterError(UserError):
@@ -179,37 +181,29 @@ def load_sam_model(model_type: str, checkpoint: str, checkpoint_sha256: str = ""
 
 
 def load_sam2_model(model_config: str, checkpoint: str, checkpoint_sha256: str = ""):
-    """A SAM 2 on the CPU: the architecture from a hydra config (a name inside the ``sam2``
-    package, e.g. ``configs/sam2.1/sam2.1_hiera_b+.yaml``, or a local ``.yaml``), built
-    without ``sam2.build_sam`` (which opens the checkpoint itself), then the checkpoint's
-    ``model`` state dict read with ``weights_only=True`` and loaded strictly. No extra hydra
-    overrides: the reference builds with ``apply_postprocessing=False``."""
+    """A SAM 2 on the CPU: the architecture from a sam2 model config file (default: the
+    package's ``configs/sam2.1/sam2.1_hiera_b+.yaml``, the reference's), built without
+    ``sam2.build_sam`` (which opens the checkpoint itself) and without the post-processing
+    overrides it adds (the reference passes ``apply_postprocessing=False``); then the
+    checkpoint's ``model`` state dict, read with ``weights_only=True``, loaded strictly."""
+    import sam2
     import torch
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     path = _local_checkpoint("sam2", checkpoint, checkpoint_sha256, SAM2_CHECKPOINT_URL)
-    if Path(model_config).is_file():
-        architecture = OmegaConf.load(model_config)
-    else:
-        import sam2  # noqa: F401  (registers the package's configs with hydra)
-        from hydra import compose
-
-        try:
-            architecture = compose(config_name=model_config)
-        except Exception as e:  # hydra's MissingConfigException and parse errors
-            raise SegmenterError(
-                f"segmentation.sam2.model_config={model_config!r} is neither a file nor a "
-                f"config of the sam2 package: {e}"
-            ) from e
-    model = instantiate(architecture.model, _recursive_=True)
+    model_config = model_config or str(Path(sam2.__file__).parent / SAM2_DEFAULT_CONFIG)
+    if not Path(model_config).is_file():
+        raise SegmenterError(
+            f"segmentation.sam2.model_config: {model_config} not found; give a sam2 model "
+            f"config file, e.g. {Path(sam2.__file__).parent / 'configs/sam2.1'}/*.yaml."
+        )
+    model = instantiate(OmegaConf.load(model_config).model, _recursive_=True)
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state_dict.get("model", state_dict))
     except RuntimeError as e:
-        raise SegmenterError(
-            f"SAM 2 checkpoint {path} does not fit model_config={model_config!r}: {e}"
-        ) from e
+        raise SegmenterError(f"SAM 2 checkpoint {path} does not fit {model_config}: {e}") from e
     return model
 
 
@@ -319,8 +313,7 @@ class Sam2Segmenter(_GeneratorSegmenter):
     @staticmethod
     def params(seg: ml_collections.ConfigDict) -> dict[str, Any]:
         params = _GeneratorSegmenter._params(seg.sam2)
-        if Path(params["model_config"]).is_file():
-            params["model_config"] = Path(params["model_config"]).name
+        params["model_config"] = Path(params["model_config"] or SAM2_DEFAULT_CONFIG).name
         return params
 
 

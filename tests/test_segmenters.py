@@ -259,9 +259,10 @@ def test_sam2_defaults_are_the_reference_settings():
     )  # fmt: skip
     section = common.get_base_config().segmentation.sam2.to_dict()
     assert {key: section[key] for key in expected} == expected
-    assert section["model_config"] == "configs/sam2.1/sam2.1_hiera_b+.yaml"
+    assert section["model_config"] == ""  # the sam2 package's sam2.1_hiera_b+.yaml
     params = segmenters.segmenter_description(_sam2_config(checkpoint="/w/sam2.1_b.pt"))["params"]
     assert params["checkpoint"] == "sam2.1_b.pt" and params["input"] == "rgb"
+    assert params["model_config"] == "sam2.1_hiera_b+.yaml"
     assert "points_per_batch" not in params
 
 
@@ -346,12 +347,16 @@ def test_sam2_checkpoint_loading(tiny_sam2_model, tmp_path):
         load(str(model_config), "")
     with pytest.raises(segmenters.SegmenterError, match="SAM 2 checkpoint .* not found"):
         load(str(model_config), str(tmp_path / "missing.pt"))
-    with pytest.raises(segmenters.SegmenterError, match="neither a file nor a config"):
-        load("configs/sam2.1/no_such_model.yaml", str(path))
+    with pytest.raises(segmenters.SegmenterError, match="no_such_model.yaml not found"):
+        load(str(tmp_path / "no_such_model.yaml"), str(path))
+    # The default: the package's own config of the reference's model, which the tiny
+    # checkpoint does not fit.
+    with pytest.raises(segmenters.SegmenterError, match="sam2.1_hiera_b.*yaml: Error"):
+        load("", str(path))
     evil = tmp_path / "evil.pt"
     torch.save({"model": _Unsafe()}, evil)
     with pytest.raises(Exception, match="[Ww]eights only|weights_only"):
         load(str(model_config), str(evil))
     torch.save({"model": {"unexpected.weight": torch.zeros(1)}}, tmp_path / "other.pt")
-    with pytest.raises(segmenters.SegmenterError, match="does not fit model_config="):
+    with pytest.raises(segmenters.SegmenterError, match="does not fit .*tiny_sam2.yaml"):
         load(str(model_config), str(tmp_path / "other.pt"))
