@@ -1,6 +1,6 @@
 r"""Explains new images with a trained run: ``python -m protomask_jax.predict --workdir W
 IMAGE_OR_FOLDER... [--out DIR] [--top_k 3] [--segmenter slic|grid|sam|sam2] [--config.x=y]``
-(docs/predict.md).
+(docs/predict.md); the run's config comes from ``cli.run_config``.
 
 Each file: ``data.images.load_image`` (upright 8-bit RGB, at most ``MAX_SIDE`` px) -> the
 segmenter of the run's records (``dataset_info.json``) -> ``segmentation.export.build_record``
@@ -18,7 +18,6 @@ import dataclasses
 import io
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from protomask_jax import config_checks
+from protomask_jax import cli, config_checks
 from protomask_jax import evaluate as evaluate_lib
 from protomask_jax.data import images as images_lib
 from protomask_jax.data import pipeline
@@ -39,41 +38,8 @@ PREDICTIONS = "predictions.json"
 SPLIT = "predict"  # the temporary shard's split
 
 
-class PredictError(ValueError):
-    """A user's mistake: nothing to explain, an output folder that is not predict's, ..."""
-
-
-def run_config(workdir: str | Path, overrides: Sequence[str] = ()):
-    """The config stored with the run's latest checkpoint, with ``key.path=value`` overrides
-    (a Python literal, else a string)."""
-    import ast
-
-    from ml_collections import ConfigDict
-
-    from protomask_jax import checkpoint as ckpt
-
-    manager = ckpt.manager(Path(workdir) / "checkpoints", max_to_keep=None)
-    if manager.latest_step() is None:
-        raise FileNotFoundError(f"{Path(workdir) / 'checkpoints'} holds no checkpoint of a run.")
-    config = ConfigDict(ckpt.read_meta(manager, manager.latest_step())["config"])
-    for override in overrides:
-        key, _, text = override.partition("=")
-        *parents, leaf = key.split(".")
-        node = config
-        for name in parents:
-            node = node.get(name) if isinstance(node, ConfigDict) else None
-        if not isinstance(node, ConfigDict) or leaf not in node:
-            raise PredictError(f"--config.{key}: the run's config has no such key.")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text  # a path, a name
-        try:
-            node[leaf] = value
-        except TypeError as e:
-            raise PredictError(f"--config.{key}: {e}") from None
-    config.lock()
-    return config
+class PredictError(cli.UserError):
+    """Nothing to explain, an output folder that is not predict's, ..."""
 
 
 def collect_files(inputs: Sequence[str | Path]) -> list[Path]:
@@ -172,6 +138,32 @@ def _entry(n: int, loaded, outputs, arrays, record, names, top_k: int, out_dir: 
     }
 
 
+def _relevance(trained, arrays, outputs, records, entries) -> dict[tuple[int, int], np.ndarray]:
+    """``{(n, prototype): [V, V]}``: PRP relevance (``protomask_jax.prp``) of image ``n``'s
+    views for the prototypes that explain it, each on the view the model matched it with."""
+    import jax
+    import jax.numpy as jnp
+
+    from protomask_jax import prp
+    from protomask_jax.data import views as views_lib
+
+    state = jax.device_get(trained.state)
+    model = prp.canonize((trained.graphdef, state.params, state.batch_stats, state.constants))
+    relevance, maps = jax.jit(prp.input_relevance), {}
+    for n, (record, entry) in enumerate(zip(records, entries, strict=True)):
+        example = pipeline.fit_record(record, trained.spec, record.filename)
+        batch = {key: value[None] for key, value in example.items()}
+        views = views_lib.make_views(
+            batch["canvas"], batch["boxes"], None, view_size=trained.step_config.view_size,
+            masks=batch.get("masks"), dtype=jnp.float32,
+        )[0]  # fmt: skip
+        ids = [c["prototype"] for c in entry["contributions"]]
+        chosen = views[outputs.winning_view[n][ids]]  # [J, V, V, 3]
+        found = jax.nn.relu(relevance(model, chosen, arrays.prototypes[ids]).sum(-1))
+        maps |= {(n, j): np.asarray(found[i]) for i, j in enumerate(ids)}
+    return maps
+
+
 def predict(
     config,
     workdir: str | Path,
@@ -228,10 +220,18 @@ def predict(
             outputs = evaluate_lib.run_model(trained, record_set, progress=progress)
             seconds["model"] = lap()
             new_images = pictures.RecordImages(record_set)
+            records = [new_images.get(n).record for n in range(len(loaded))]
             entries = [
-                _entry(n, item, outputs, arrays, new_images.get(n).record, names, top_k, staging)
+                _entry(n, item, outputs, arrays, records[n], names, top_k, staging)
                 for n, item in enumerate(loaded)
             ]
+            maps = _relevance(trained, arrays, outputs, records, entries)
+            seconds["relevance"] = lap()
+
+            def decorate(n: int, match, picture: np.ndarray) -> np.ndarray:
+                box = records[n].boxes[match.mask_index]
+                return pictures.relevance_overlay(picture, box, maps[(n, match.prototype)])
+
             used = {c["prototype"] for entry in entries for c in entry["contributions"]}
             canvas = pictures.Canvas(staging, names, pictures.class_colours(len(names)))
             sources = gallery.prototype_sources(trained.meta, num_prototypes)
@@ -244,7 +244,7 @@ def predict(
                     canvas, arrays, sources, train_images, bar.update, used
                 )
                 explanations = panels.section(
-                    canvas, outputs, arrays, new_images, drawn, top_k, bar.update
+                    canvas, outputs, arrays, new_images, drawn, top_k, bar.update, decorate
                 )
             seconds["pictures"] = lap()
         explanations.note = explanations.note.replace("test image", "image")
@@ -296,53 +296,40 @@ def summary(result: dict[str, Any], out_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def _parse_flags(argv: list[str]):
-    """absl flags, the ``--config.x=y`` overrides set aside; a bad flag costs one line."""
-    from absl import flags
-
-    overrides = [a[len("--config.") :] for a in argv[1:] if a.startswith("--config.")]
-    try:
-        rest = flags.FLAGS([a for a in argv if not a.startswith("--config.")])
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    return rest[1:], overrides
-
-
-def main(parsed) -> None:
+def main(argv: list[str]) -> None:
     from absl import flags
 
     from protomask_jax.logs import setup_cli_logging
 
-    (inputs, overrides), FLAGS = parsed, flags.FLAGS
+    FLAGS, inputs = flags.FLAGS, argv[1:]
+    if not FLAGS.workdir or not inputs:
+        raise PredictError("usage: --workdir RUN_FOLDER [flags] IMAGE_OR_FOLDER...")
     setup_cli_logging()
-    try:
-        if not FLAGS.workdir or not inputs:
-            raise PredictError("usage: --workdir RUN_FOLDER [flags] IMAGE_OR_FOLDER...")
-        out_dir = Path(FLAGS.out or Path(FLAGS.workdir) / "predictions").absolute()
-        result = predict(
-            run_config(FLAGS.workdir, overrides),
-            FLAGS.workdir,
-            inputs,
-            out_dir,
-            top_k=FLAGS.top_k,
-            segmenter=FLAGS.segmenter,
-            checkpoint=FLAGS.checkpoint,
-            say=tqdm.write,
-        )
-    except (FileNotFoundError, ValueError) as e:  # PredictError, ConfigError, RecordError, ...
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    out_dir = Path(FLAGS.out or Path(FLAGS.workdir) / "predictions").absolute()
+    result = predict(
+        cli.run_config(FLAGS.workdir, FLAGS["config"]),
+        FLAGS.workdir,
+        inputs,
+        out_dir,
+        top_k=FLAGS.top_k,
+        segmenter=FLAGS.segmenter,
+        checkpoint=FLAGS.checkpoint,
+        say=tqdm.write,
+    )
     print(summary(result, out_dir))
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+    from ml_collections import config_flags
 
+    config_flags.DEFINE_config_file(
+        "config", cli.DEFAULT_CONFIG, "Leave out: the run's own config.", lock_config=True
+    )
     flags.DEFINE_string("workdir", None, "The training run's output folder.")
     flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/predictions).")
     flags.DEFINE_integer("top_k", 3, "Prototypes shown per image.")
     segmenters = ["slic", "grid", "sam", "sam2"]
     flags.DEFINE_enum("segmenter", None, segmenters, "Default: the one of the run's records.")
     flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Checkpoint to explain with.")
-    app.run(main, flags_parser=_parse_flags)
+    cli.run(main)

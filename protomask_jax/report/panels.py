@@ -147,7 +147,7 @@ def _panel(canvas, image_id: int, name: str, predicted: int, true: int, logits, 
     ), probability
 
 
-def _explain_image(canvas, outputs, n: int, arrays, images, prototype_pictures, top_k) -> str:
+def _explain_image(canvas, outputs, n, arrays, images, prototype_pictures, top_k, decorate) -> str:
     image_id, logits = int(outputs.image_ids[n]), outputs.logits[n]
     decoded = images.get(image_id)
     predicted, true = int(np.argmax(logits)), int(outputs.labels[n])
@@ -166,6 +166,8 @@ def _explain_image(canvas, outputs, n: int, arrays, images, prototype_pictures, 
     for rank, match in enumerate(matches, start=1):
         own = int(arrays.prototype_class[match.prototype])
         overlay = decoded.overlay(match.mask_index, canvas.colours[own], "match")
+        if decorate is not None:
+            overlay = decorate(n, match, overlay)
         stem = f"images/{image_id}_r{rank}"
         drawn = (
             canvas.save(overlay, f"{stem}_mask.png"),
@@ -195,13 +197,22 @@ def _explain_image(canvas, outputs, n: int, arrays, images, prototype_pictures, 
 
 
 def section(
-    canvas, outputs, arrays, images, prototype_pictures, top_k: int, tick: Callable[[], Any]
+    canvas,
+    outputs,
+    arrays,
+    images,
+    prototype_pictures,
+    top_k: int,
+    tick: Callable[[], Any],
+    decorate: Callable[[int, Match, np.ndarray], np.ndarray] | None = None,
 ):
     """The panels of every image of ``outputs`` (``images``: their ``RecordImages``;
-    ``prototype_pictures``: ``gallery.section``'s)."""
+    ``prototype_pictures``: ``gallery.section``'s; ``decorate(n, match, picture)``: draws
+    on the picture of image ``n``'s matched view, e.g. its PRP relevance)."""
     panels = []
     for n in range(len(outputs.image_ids)):
-        panels.append(_explain_image(canvas, outputs, n, arrays, images, prototype_pictures, top_k))
+        args = (canvas, outputs, n, arrays, images, prototype_pictures, top_k, decorate)
+        panels.append(_explain_image(*args))
         tick()
     note = (
         f"For each test image: the {top_k} prototypes that add most to the predicted "
