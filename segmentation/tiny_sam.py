@@ -3,9 +3,9 @@ segmenters).
 
 Built from segment_anything's own modules (image size 256, ViT depth 2, width 64), the SAM
 runs the real automatic mask generator in ~0.1-0.3 s per small image on a CPU core; the SAM 2
-(sam2's modules from a hydra-style config: image size 256, a 5-block Hiera of width 8, a
-32-wide neck and heads) in ~0.2-0.5 s. Their masks are noise: use relaxed thresholds
-(``pred_iou_thresh`` very low, ``stability_score_thresh`` 0).
+(sam2's smallest config shrunk to image size 256 and width 8-32) in ~0.1-0.5 s. Their masks
+are noise: use relaxed thresholds (``pred_iou_thresh`` very low, ``stability_score_thresh``
+0).
 """
 
 from __future__ import annotations
@@ -60,65 +60,39 @@ def tiny_sam(seed: int = 0) -> Any:
     ).eval()
 
 
-def _node(target: str, **kwargs) -> dict[str, Any]:
-    return {"_target_": f"sam2.modeling.{target}", **kwargs}
+# sam2's smallest model config, shrunk: image size 256, a 5-block Hiera of width 8, a
+# 32-wide neck and heads; the memory modules, unused on still images, shrunk to match.
+_TINY_SAM2 = """image_size=256 image_encoder.trunk.embed_dim=8
+image_encoder.trunk.stages=[1,1,2,1] image_encoder.trunk.global_att_blocks=[3]
+image_encoder.trunk.window_spec=[4,4,4,4]
+image_encoder.trunk.window_pos_embed_bkg_spatial_size=[4,4]
+image_encoder.neck.d_model=32 image_encoder.neck.backbone_channel_list=[64,32,16,8]
+image_encoder.neck.position_encoding.num_pos_feats=32 memory_attention.d_model=32
+memory_attention.num_layers=1 memory_attention.layer.d_model=32
+memory_attention.layer.dim_feedforward=32 memory_attention.layer.self_attention.embedding_dim=32
+memory_attention.layer.cross_attention.embedding_dim=32
+memory_attention.layer.cross_attention.kv_in_dim=16
+memory_attention.layer.self_attention.feat_sizes=[16,16]
+memory_attention.layer.cross_attention.feat_sizes=[16,16] memory_encoder.out_dim=16
+memory_encoder.position_encoding.num_pos_feats=16 memory_encoder.fuser.layer.dim=32
+memory_encoder.fuser.num_layers=1"""
 
 
-def tiny_sam2_config(image_size: int = 256) -> dict[str, Any]:
-    """The tiny SAM 2 as a sam2 model config (``OmegaConf.create`` / ``.save`` it); the
-    memory modules are required by ``SAM2Base`` but unused on still images."""
-    sine = "position_encoding.PositionEmbeddingSine"
-    rope = dict(rope_theta=10000.0, feat_sizes=[image_size // 16] * 2, embedding_dim=32)
-    rope.update(num_heads=1, downsample_rate=1, dropout=0.0)
-    trunk = _node("backbones.hieradet.Hiera", embed_dim=8, num_heads=1, stages=[1, 1, 2, 1])
-    trunk.update(global_att_blocks=[3], window_spec=[4, 4, 4, 4])
-    trunk.update(window_pos_embed_bkg_spatial_size=[4, 4])
-    neck = _node("backbones.image_encoder.FpnNeck", d_model=32, fpn_interp_model="nearest")
-    neck.update(backbone_channel_list=[64, 32, 16, 8], fpn_top_down_levels=[2, 3])
-    neck["position_encoding"] = _node(sine, num_pos_feats=32, normalize=True, temperature=10000)
-    layer = _node("memory_attention.MemoryAttentionLayer", activation="relu", d_model=32)
-    layer.update(dim_feedforward=32, dropout=0.0, pos_enc_at_attn=False)
-    layer.update(pos_enc_at_cross_attn_keys=True, pos_enc_at_cross_attn_queries=False)
-    layer["self_attention"] = _node("sam.transformer.RoPEAttention", **rope)
-    layer["cross_attention"] = _node(
-        "sam.transformer.RoPEAttention", rope_k_repeat=True, kv_in_dim=16, **rope
-    )
-    fuser_block = _node("memory_encoder.CXBlock", dim=32, kernel_size=7, padding=3)
-    fuser_block.update(layer_scale_init_value=1e-6, use_dwconv=True)
-    memory_encoder = _node("memory_encoder.MemoryEncoder", out_dim=16)
-    memory_encoder.update(
-        position_encoding=_node(sine, num_pos_feats=16, normalize=True, temperature=10000),
-        mask_downsampler=_node("memory_encoder.MaskDownSampler", kernel_size=3, stride=2),
-        fuser=_node("memory_encoder.Fuser", num_layers=1, layer=fuser_block),
-    )
-    model = _node("sam2_base.SAM2Base", image_size=image_size, num_maskmem=7)
-    model.update(
-        image_encoder=_node(
-            "backbones.image_encoder.ImageEncoder", scalp=1, trunk=trunk, neck=neck
-        ),
-        memory_attention=_node(
-            "memory_attention.MemoryAttention",
-            d_model=32,
-            pos_enc_at_input=True,
-            num_layers=1,
-            layer=layer,
-        ),
-        memory_encoder=memory_encoder,
-    )
-    # The switches of sam2's own configs that shape the image path.
-    switches = """use_high_res_features_in_sam multimask_output_in_sam iou_prediction_use_sigmoid
-        pred_obj_scores pred_obj_scores_mlp directly_add_no_mem_embed fixed_no_obj_ptr
-        use_obj_ptrs_in_encoder use_mlp_for_obj_ptr_proj multimask_output_for_tracking
-        use_multimask_token_for_obj_ptr"""
-    model.update(dict.fromkeys(switches.split(), True))
-    return {"model": model}
+def tiny_sam2_config() -> Any:
+    """The tiny SAM 2 as a sam2 model config (an OmegaConf ``DictConfig``; ``.save`` it)."""
+    from pathlib import Path
+
+    import sam2
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.load(Path(sam2.__file__).parent / "configs/sam2.1/sam2.1_hiera_t.yaml")
+    return OmegaConf.merge(base, OmegaConf.from_dotlist(["model." + o for o in _TINY_SAM2.split()]))
 
 
 def tiny_sam2(seed: int = 0) -> Any:
     """Returns the tiny SAM 2 in eval mode (imports torch, hydra and sam2)."""
     import torch
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     torch.manual_seed(seed)
-    return instantiate(OmegaConf.create(tiny_sam2_config()).model, _recursive_=True).eval()
+    return instantiate(tiny_sam2_config().model, _recursive_=True).eval()

@@ -329,7 +329,7 @@ def test_sam2_checkpoint_loading(tiny_sam2_model, tmp_path):
     from segmentation.tiny_sam import tiny_sam2_config
 
     model_config = tmp_path / "tiny_sam2.yaml"
-    OmegaConf.save(OmegaConf.create(tiny_sam2_config()), model_config)
+    OmegaConf.save(tiny_sam2_config(), model_config)
     path = tmp_path / "tiny_sam2.pt"
     torch.save({"model": tiny_sam2_model.state_dict()}, path)  # sam2's checkpoint layout
     sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
