@@ -249,13 +249,15 @@ class _GeneratorSegmenter(Segmenter):
             return np.zeros((0, height, width), bool)
         return np.stack([np.asarray(record["segmentation"], bool) for record in found])
 
-    @staticmethod
-    def _params(section: ml_collections.ConfigDict) -> dict[str, Any]:
-        params = section.to_dict()
+    @classmethod
+    def params(cls, seg: ml_collections.ConfigDict) -> dict[str, Any]:
+        params = seg[cls.method].to_dict()
         # Batching does not change the masks; a resumed export may use another batch size.
         del params["points_per_batch"]
-        # The file name identifies the weights; the folder it sits in does not matter.
-        params["checkpoint"] = Path(params["checkpoint"]).name if params["checkpoint"] else ""
+        # File names identify the weights and the architecture; their folders do not matter.
+        for key in ("checkpoint", "model_config"):
+            if params.get(key):
+                params[key] = Path(params[key]).name
         params["input"] = "rgb"
         return params
 
@@ -283,10 +285,6 @@ class SamSegmenter(_GeneratorSegmenter):
             model = load_sam_model(sam.model_type, sam.checkpoint, sam.checkpoint_sha256)
         self._build(SamAutomaticMaskGenerator, model, seg, sam)
 
-    @staticmethod
-    def params(seg: ml_collections.ConfigDict) -> dict[str, Any]:
-        return _GeneratorSegmenter._params(seg.sam)
-
 
 class Sam2Segmenter(_GeneratorSegmenter):
     """``sam2``'s ``SAM2AutomaticMaskGenerator`` over ``segmentation.sam2`` (the reference's
@@ -309,12 +307,6 @@ class Sam2Segmenter(_GeneratorSegmenter):
         self._generator.predictor._bb_feat_sizes = [(size // k, size // k) for k in (4, 8, 16)]
         if s.min_mask_region_area > 0:
             _connected_components_without_cuda()
-
-    @staticmethod
-    def params(seg: ml_collections.ConfigDict) -> dict[str, Any]:
-        params = _GeneratorSegmenter._params(seg.sam2)
-        params["model_config"] = Path(params["model_config"] or SAM2_DEFAULT_CONFIG).name
-        return params
 
 
 def connected_components(masks):

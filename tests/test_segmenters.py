@@ -260,9 +260,10 @@ def test_sam2_defaults_are_the_reference_settings():
     section = common.get_base_config().segmentation.sam2.to_dict()
     assert {key: section[key] for key in expected} == expected
     assert section["model_config"] == ""  # the sam2 package's sam2.1_hiera_b+.yaml
-    params = segmenters.segmenter_description(_sam2_config(checkpoint="/w/sam2.1_b.pt"))["params"]
+    config = _sam2_config(checkpoint="/w/sam2.1_b.pt", model_config="/w/configs/b+.yaml")
+    params = segmenters.segmenter_description(config)["params"]
     assert params["checkpoint"] == "sam2.1_b.pt" and params["input"] == "rgb"
-    assert params["model_config"] == "sam2.1_hiera_b+.yaml"
+    assert params["model_config"] == "b+.yaml"
     assert "points_per_batch" not in params
 
 
