@@ -257,6 +257,7 @@ def test_cli_explains_everyday_files_and_skips_a_corrupt_one(slic_run, tmp_path)
     assert done.stderr.strip().splitlines()[-1].startswith("error: no files to explain in")
 
 
+@pytest.mark.slow
 def test_prediction_equals_evaluate_for_a_test_image(slic_run, tmp_path):
     from protomask_jax import evaluate, predict, trainer
     from protomask_jax.data import pipeline
@@ -282,6 +283,7 @@ def test_prediction_equals_evaluate_for_a_test_image(slic_run, tmp_path):
             assert c["similarity"] == pytest.approx(float(similarities[c["prototype"]]))
 
 
+@pytest.mark.slow
 def test_unusable_inputs_and_outputs_are_refused(slic_run, tmp_path):
     from protomask_jax import predict
 
@@ -329,6 +331,7 @@ def test_segmenter_follows_the_records():
     assert config.segmentation.method == "sam"  # the run's config is left as it was
 
 
+@pytest.mark.slow
 def test_relevance_maps_are_prp_on_the_matched_views(slic_run):
     import jax.numpy as jnp
 
