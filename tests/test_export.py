@@ -477,7 +477,7 @@ def test_cli_bad_config_key_lists_the_valid_keys(tmp_path):
     assert run.returncode != 0
     assert (
         "config.segmentation has no key 'methd'; valid keys: device, grid, max_masks, "
-        "method, min_box_px, sam, shards, skip_background, slic."
+        "method, min_box_px, sam, sam2, shards, skip_background, slic."
     ) in run.stderr
 
 
