@@ -7,7 +7,8 @@ segmenter of the run's records (``dataset_info.json``) -> ``segmentation.export.
 (masks post-processed and stored as the export does) -> one temporary shard. One
 ``evaluate.run_model`` pass over it (the evaluation pipeline and forward, in batches of
 ``input.eval_batch_size``) gives logits ``[N, C]``, similarities and winning views ``[N, P]``;
-``report.panels`` draws each image's top contributions (``figures/explanation_{n}.png``);
+``report.panels`` draws each image's top contributions, with PRP maps of the matched views
+unless ``explain.explanation_type`` is ``mask`` (``figures/explanation_{n}.png``);
 ``OUT/predictions.json`` and ``OUT/index.html`` list them. OUT is built beside itself and
 swapped in when complete. A file that is not a readable image is skipped with its reason.
 """
@@ -32,7 +33,7 @@ from protomask_jax import evaluate as evaluate_lib
 from protomask_jax.data import images as images_lib
 from protomask_jax.data import pipeline
 from protomask_jax.data import records as records_lib
-from protomask_jax.report import gallery, html, panels, pictures
+from protomask_jax.report import gallery, html, panels, pictures, relevance
 
 PREDICTIONS = "predictions.json"
 SPLIT = "predict"  # the temporary shard's split
@@ -138,32 +139,6 @@ def _entry(n: int, loaded, outputs, arrays, record, names, top_k: int, out_dir: 
     }
 
 
-def _relevance(trained, arrays, outputs, records, entries) -> dict[tuple[int, int], np.ndarray]:
-    """``{(n, prototype): [V, V]}``: PRP relevance (``protomask_jax.prp``) of image ``n``'s
-    views for the prototypes that explain it, each on the view the model matched it with."""
-    import jax
-    import jax.numpy as jnp
-
-    from protomask_jax import prp
-    from protomask_jax.data import views as views_lib
-
-    state = jax.device_get(trained.state)
-    model = prp.canonize((trained.graphdef, state.params, state.batch_stats, state.constants))
-    relevance, maps = jax.jit(prp.input_relevance), {}
-    for n, (record, entry) in enumerate(zip(records, entries, strict=True)):
-        example = pipeline.fit_record(record, trained.spec, record.filename)
-        batch = {key: value[None] for key, value in example.items()}
-        views = views_lib.make_views(
-            batch["canvas"], batch["boxes"], None, view_size=trained.step_config.view_size,
-            masks=batch.get("masks"), dtype=jnp.float32,
-        )[0]  # fmt: skip
-        ids = [c["prototype"] for c in entry["contributions"]]
-        chosen = views[outputs.winning_view[n][ids]]  # [J, V, V, 3]
-        found = jax.nn.relu(relevance(model, chosen, arrays.prototypes[ids]).sum(-1))
-        maps |= {(n, j): np.asarray(found[i]) for i, j in enumerate(ids)}
-    return maps
-
-
 def predict(
     config,
     workdir: str | Path,
@@ -220,31 +195,27 @@ def predict(
             outputs = evaluate_lib.run_model(trained, record_set, progress=progress)
             seconds["model"] = lap()
             new_images = pictures.RecordImages(record_set)
-            records = [new_images.get(n).record for n in range(len(loaded))]
             entries = [
-                _entry(n, item, outputs, arrays, records[n], names, top_k, staging)
+                _entry(n, item, outputs, arrays, new_images.get(n).record, names, top_k, staging)
                 for n, item in enumerate(loaded)
             ]
-            maps = _relevance(trained, arrays, outputs, records, entries)
-            seconds["relevance"] = lap()
-
-            def decorate(n: int, match, picture: np.ndarray) -> np.ndarray:
-                box = records[n].boxes[match.mask_index]
-                return pictures.relevance_overlay(picture, box, maps[(n, match.prototype)])
-
             used = {c["prototype"] for entry in entries for c in entry["contributions"]}
             canvas = pictures.Canvas(staging, names, pictures.class_colours(len(names)))
             sources = gallery.prototype_sources(trained.meta, num_prototypes)
             train_images = pictures.RecordImages(
                 pipeline.RecordSet(config.dataset.records_dir, "train")
             )
+            heatmaps = None  # the matched views under their PRP maps, as the report shows them
+            if config.explain.explanation_type == "prp":
+                view_relevance = relevance.ViewRelevance(trained, config.explain.prp_rule)
+                heatmaps = relevance.Heatmaps(view_relevance, canvas, sources, train_images)
             total = len(used) + len(loaded)
             with tqdm(total=total, desc="drawing", unit="picture", disable=not progress) as bar:
                 gallery_section, drawn = gallery.section(
                     canvas, arrays, sources, train_images, bar.update, used
                 )
                 explanations = panels.section(
-                    canvas, outputs, arrays, new_images, drawn, top_k, bar.update, decorate
+                    canvas, outputs, arrays, new_images, drawn, top_k, bar.update, heatmaps
                 )
             seconds["pictures"] = lap()
         explanations.note = explanations.note.replace("test image", "image")

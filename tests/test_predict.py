@@ -245,6 +245,8 @@ def test_cli_explains_everyday_files_and_skips_a_corrupt_one(slic_run, tmp_path)
             assert c["contribution"] == pytest.approx(c["similarity"] * c["weight"], rel=1e-6)
             assert (out / c["mask"]).is_file()
         assert (out / entry["figure"]).is_file()
+    # PRP maps of the matched views (the run's explain.explanation_type), as in the report.
+    assert len(list((out / "images").glob("*_prp.png"))) == 5 * 3
     page = (out / "index.html").read_text()
     linked = re.findall(r'(?:src|href)="([^"#:]+\.png)"', page)
     assert len(linked) > 5 * 3 and all((out / path).is_file() for path in linked)
@@ -329,52 +331,3 @@ def test_segmenter_follows_the_records():
     assert (made.segmentation.method, made.segmentation.slic.n_segments) == ("slic", 7)
     assert note.startswith("the run was trained on the dataset's own masks (gt)")
     assert config.segmentation.method == "sam"  # the run's config is left as it was
-
-
-@pytest.mark.slow
-def test_relevance_maps_are_prp_on_the_matched_views(slic_run):
-    import jax.numpy as jnp
-
-    from protomask_jax import evaluate, predict, prp, trainer
-    from protomask_jax.data import pipeline, views
-    from protomask_jax.data import records as records_lib
-
-    workdir, config = slic_run
-    trained = trainer.restore_trained(config, workdir)
-    arrays = evaluate.model_arrays(trained)
-    test_set = pipeline.RecordSet(config.dataset.records_dir, "test")
-    outputs = evaluate.run_model(trained, test_set, [2], progress=False)
-    record = records_lib.ImageRecord.from_bytes(test_set.reader[2])
-    ids = [0, 3, 5]
-    entries = [{"contributions": [{"prototype": j} for j in ids]}]
-    maps = predict._relevance(trained, arrays, outputs, [record], entries)
-    # prp's own entry point, which picks each prototype's view by itself.
-    example = pipeline.fit_record(record, trained.spec, "test record 2")
-    batch = {key: jnp.asarray(value[None]) for key, value in example.items()}
-    view_size = config.input.view_size
-    all_views = views.make_views(
-        batch["canvas"], batch["boxes"], None, view_size=view_size, dtype=jnp.float32
-    )
-    model = (trained.graphdef, trained.state.params, trained.state.batch_stats)
-    expected, winners = prp.relevance_maps(
-        (*model, trained.state.constants), all_views, jnp.asarray([ids]), batch["valid"]
-    )
-    for i, j in enumerate(ids):
-        if winners[0, i] == outputs.winning_view[0, j]:  # no near-tie between views
-            np.testing.assert_allclose(maps[(0, j)], expected[0, i], rtol=1e-4, atol=1e-7)
-    assert (np.asarray(winners[0]) == outputs.winning_view[0, ids]).sum() >= 2
-    assert all(m.shape == (view_size, view_size) and (m >= 0).all() for m in maps.values())
-
-
-def test_relevance_is_drawn_inside_the_view_box_only():
-    from protomask_jax.report import pictures
-
-    picture = np.full((40, 60, 3), 100, np.uint8)
-    box = (0.25, 0.5, 0.75, 1.0)  # rows 10..29, columns 30..59
-    relevance = np.zeros((8, 8), np.float32)
-    np.testing.assert_array_equal(pictures.relevance_overlay(picture, box, relevance), picture)
-    relevance[4, 4] = 1.0
-    drawn = pictures.relevance_overlay(picture, box, relevance)
-    changed = np.any(drawn != picture, axis=-1)
-    assert changed[10:30, 30:60].any() and not changed[:10].any() and not changed[:, :30].any()
-    assert not changed[30:].any()

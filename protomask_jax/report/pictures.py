@@ -20,7 +20,7 @@ from protomask_jax.data import records as records_lib
 from protomask_jax.evaluators import frame
 
 RGB = tuple[int, int, int]
-SIZES = {"source": 176, "view": 84, "whole": 230, "match": 150, "match_view": 72}
+SIZES = {"source": 176, "view": 84, "whole": 230, "match": 150, "match_view": 96, "topk": 76}
 PIXEL_DENSITY = 2
 _OUTLINE_PX = 3  # mask outline width in rendered pixels
 _DIM = 0.55  # brightness kept outside the outlined mask
@@ -82,23 +82,6 @@ def mask_overlay(image, mask, colour: RGB, width: int, box=None) -> np.ndarray:
     out[halo] = 255.0
     out[edge] = colour
     return np.clip(out, 0, 255).astype(np.uint8)
-
-
-def relevance_overlay(picture: np.ndarray, box, relevance: np.ndarray) -> np.ndarray:
-    """``picture`` with ``relevance`` ``[V, V]`` (a view's PRP map, >= 0) drawn over the pixels
-    of the view's ``box`` in heat colours; the square root of the max-normalised map sets
-    colour and opacity, so the weaker half of a peaked map stays visible."""
-    import matplotlib
-
-    top, left, bottom, right = _pixel_box(box, *picture.shape[:2])
-    heat = Image.fromarray(np.asarray(relevance, np.float32) / max(float(relevance.max()), 1e-30))
-    heat = np.clip(np.asarray(heat.resize((right - left, bottom - top), Image.BILINEAR)), 0, 1)
-    heat = np.sqrt(heat)
-    colours = matplotlib.colormaps["inferno"](heat)[..., :3] * 255
-    out = picture.astype(np.float32)
-    alpha = 0.85 * heat[..., None]
-    out[top:bottom, left:right] = (1 - alpha) * out[top:bottom, left:right] + alpha * colours
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
 def view_crop(image: np.ndarray, box, size: int) -> np.ndarray:
