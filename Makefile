@@ -13,7 +13,8 @@ CONFIG ?= configs/demo.py
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[segmentation,dev]'
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q -c constraints.txt --build-constraint constraints.txt \
+		-e '.[segmentation,dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)
