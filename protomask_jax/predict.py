@@ -292,11 +292,8 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file(
-        "config", cli.DEFAULT_CONFIG, "Leave out: the run's own config.", lock_config=True
-    )
+    cli.define_config_flag(cli.DEFAULT_CONFIG, "Leave out: the run's own config.")
     flags.DEFINE_string("workdir", None, "The training run's output folder.")
     flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/predictions).")
     flags.DEFINE_integer("top_k", 3, "Prototypes shown per image.")
