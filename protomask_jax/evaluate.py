@@ -256,6 +256,7 @@ def model_arrays(trained) -> ModelArrays:
         last_layer=to_host(params["last_layer"][...]).T.astype(np.float32),
         prototypes=to_host(params["prototypes"][...]).astype(np.float32),
         prototype_class=to_host(constants["prototype_class"][...]).astype(np.int32),
+        multi_label_threshold=trained.meta.get("multi_label_threshold"),  # from validation
     )
 
 
@@ -316,15 +317,6 @@ def _nan_to_none(value: Any) -> Any:
     return value
 
 
-def require_single_label(config) -> None:
-    """The host pipeline feeds the first label of a multi-label record: refuse those configs."""
-    if config.dataset.multi_label:
-        raise config_checks.ConfigError(
-            "config.dataset.multi_label: evaluation and explanations support single-label "
-            "datasets only (the host pipeline feeds the first label of a multi-label record)."
-        )
-
-
 def evaluate(
     config,
     workdir: str | Path,
@@ -340,7 +332,6 @@ def evaluate(
     ``split`` and writes ``workdir/eval.json`` (nan/inf as null), which it returns."""
     from protomask_jax import trainer
 
-    require_single_label(config)
     workdir = Path(workdir)
     resolution = default_resolution() if resolution is None else int(resolution)
     if resolution < 4:
