@@ -593,6 +593,40 @@ def train_and_evaluate(
     return results
 
 
+def start_pruned_run(config, workdir: str | Path, out_dir: str | Path, which: str = "best"):
+    """Starts ``out_dir`` as a run of ``config`` (pruning enabled) at the end of its last phase
+    before pruning, holding ``which`` checkpoint of the finished, unpruned run in ``workdir``
+    (only read). Training ``out_dir`` then prunes, fine-tunes the last layer and evaluates
+    (``python -m protomask_jax.prune``); one already started is left to resume."""
+    out_manager = ckpt.manager(Path(out_dir) / "checkpoints", max_to_keep=None)
+    try:
+        if out_manager.latest_step() is not None:
+            return
+        trained = restore_trained(config, workdir, which)
+        if trained.meta.get("pruned"):
+            raise cli.UserError(f"{workdir} is already pruned; prune the run it came from")
+        records = pipeline.RecordSet(
+            config.dataset.records_dir, "train", skip_bad_records=config.input.skip_bad_records
+        )
+        train, _ = pipeline.split_train_validation(
+            records.labels[records.good], config.input.validation_fraction, config.seed
+        )
+        plan = phases_lib.plan_phases(config, len(train), pruned=True)
+        step = plan[-1].first_step  # where prune_finetune starts
+        meta = dict(
+            trained.meta,
+            config=json.loads(config.to_json()),
+            fingerprint=ckpt.config_fingerprint(config.to_dict()),
+            step=step,
+            epoch=step // phases_lib.steps_per_epoch(len(train), config.input.batch_size),
+            data_state={"batches_consumed": step},
+        )
+        state = trained.state.replace(step=jnp.full_like(trained.state.step, step))
+        ckpt.save(out_manager, step, state, meta)
+    finally:
+        out_manager.close()
+
+
 # ========================================================================= inference
 
 
