@@ -24,15 +24,14 @@ import numpy as np
 
 from protomask_jax import cli, evaluators
 
-# (family, key): the metrics of the first table, when present.
+# The metrics of the first table, when present.
 MAIN = (
-    ("classification", "top1_accuracy"),
-    ("classification", "subset_accuracy"), ("classification", "balanced_accuracy"),
-    ("faithfulness", "rate"), ("faithfulness", "chance_rate"),
-    ("compactness", "global_explanation_size"), ("compactness", "classification_sparsity"),
-    ("contrastivity", "vlc"), ("contrastivity", "inter_prototype_distance"),
-    ("complexity", "object_overlap"), ("complexity", "part_consistency"),
-)  # fmt: skip
+    "classification.top1_accuracy classification.subset_accuracy "
+    "classification.balanced_accuracy faithfulness.rate faithfulness.chance_rate "
+    "compactness.global_explanation_size compactness.classification_sparsity "
+    "contrastivity.vlc contrastivity.inter_prototype_distance complexity.object_overlap "
+    "complexity.part_consistency"
+).split()
 RESULTS_ROWS = (
     ("test_accuracy", "test accuracy", "%"),
     ("num_prototypes", "prototypes", ""),
@@ -60,7 +59,8 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def load_run(workdir: str | Path) -> dict[str, Any]:
-    """``{"workdir", "settings" (dotted key -> value), "metrics" ((family, key) -> value)}``."""
+    """``{"workdir", "seed", "settings" (dotted key -> value), "metrics" ("family.key" ->
+    number), "evaluation" (eval.json)}``."""
     from protomask_jax import checkpoint
 
     workdir = Path(workdir)
@@ -73,19 +73,20 @@ def load_run(workdir: str | Path) -> dict[str, Any]:
     settings.pop("seed", None)
     settings.update({f"eval.{k}": evaluation.get(k) for k in ("split", "resolution")})
     settings["eval.checkpoint"] = str(evaluation.get("checkpoint", "")).split(" step")[0]
-    metrics = {
-        (name, key): evaluation[name][key]
-        for name, family in evaluators.TECHNIQUES.items()
-        for key, _, _ in family.rows
-        if isinstance(evaluation.get(name), dict) and key in evaluation[name]
-    }
     results_path = workdir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    for key, _, unit in RESULTS_ROWS:
-        if isinstance(results.get(key), int | float):
-            metrics["results", key] = results[key] * (100.0 if unit == "%" else 1.0)
-    return {"workdir": str(workdir), "seed": config.get("seed"), "settings": settings,
-            "metrics": metrics, "evaluation": evaluation}  # fmt: skip
+    # the results' accuracy is a fraction, the families' are percent
+    scaled = {k: results[k] * (100 if u == "%" else 1) for k, _, u in RESULTS_ROWS if k in results}
+    groups = {"results": scaled, **evaluation}
+    metrics = {
+        f"{name}.{key}": value
+        for name, group in groups.items()
+        if isinstance(group, dict)
+        for key, value in group.items()
+        if isinstance(value, int | float) or value is None
+    }
+    return dict(workdir=str(workdir), seed=config.get("seed"), settings=settings,
+                metrics=metrics, evaluation=evaluation)  # fmt: skip
 
 
 def group_runs(runs: list[dict]) -> list[dict]:
@@ -125,7 +126,7 @@ def _rows(runs: list[dict]) -> list[dict]:
         except (KeyError, IndexError, ValueError):
             title = family.title.split(" (")[0]
         families.append((name, title, family.rows))
-    present, table = set().union(*(run["metrics"] for run in runs)), []
+    present, table = set().union(*(run["metrics"] for run in runs)), []  # "family.key"
     for name, title, rows in families:
         parent = ""
         for key, label, unit in rows:
@@ -133,7 +134,7 @@ def _rows(runs: list[dict]) -> list[dict]:
             indented = label != label.lstrip()
             parent = parent if indented else label
             shown = f"{parent}: {label.strip()}" if indented else label
-            if (name, key) in present:
+            if f"{name}.{key}" in present:
                 table.append(dict(metric=f"{name}.{key}", title=title, label=shown, unit=unit))
     return table
 
@@ -142,16 +143,20 @@ def aggregate(workdirs: list[str | Path]) -> dict[str, Any]:
     """The groups of ``workdirs`` and each group's statistics per metric (tables.json)."""
     groups = group_runs([load_run(w) for w in workdirs])
     rows = _rows([run for group in groups for run in group["runs"]])
-    summaries = []
-    for group in groups:
-        runs = group["runs"]
-        metrics = {row["metric"]: [r["metrics"].get(tuple(row["metric"].split(".", 1)))
-                                   for r in runs] for row in rows}  # fmt: skip
-        summaries.append(
-            dict(name=group["name"], workdirs=[r["workdir"] for r in runs],
-                 seeds=[r["seed"] for r in runs],
-                 metrics={k: statistics(v) for k, v in metrics.items()})
-        )  # fmt: skip
+    summaries = [
+        dict(
+            name=group["name"],
+            workdirs=[run["workdir"] for run in group["runs"]],
+            seeds=[run["seed"] for run in group["runs"]],
+            metrics={
+                row["metric"]: statistics(
+                    [run["metrics"].get(row["metric"]) for run in group["runs"]]
+                )
+                for row in rows
+            },
+        )
+        for group in groups
+    ]
     return {"groups": summaries, "rows": rows}
 
 
@@ -178,21 +183,16 @@ def render(table: dict, latex: bool = False) -> str:
     """Markdown (a list of the groups, then tables) or LaTeX tabulars: the main metrics
     (mean ± std), then one table per family (Markdown adds min to max); a column per group."""
     groups, rows = table["groups"], table["rows"]
-    sections = [("Main metrics: mean ± std over runs", [r for key in MAIN for r in rows
-                 if r["metric"] == ".".join(key)])]  # fmt: skip
-    sections += [(f"{title}: mean ± std" + ("" if latex else " (min to max)"),
-                  [r for r in rows if r["title"] == title])
-                 for title in dict.fromkeys(r["title"] for r in rows)]  # fmt: skip
-    escape = _tex if latex else str
-    lines = (
-        []
-        if latex
-        else ["| group | runs | seeds |", "|---|---:|---|"]
-        + [
-            f"| {g['name']} | {len(g['workdirs'])} | {', '.join(map(str, g['seeds']))} |"
-            for g in groups
-        ]
-    )
+    by_metric = {row["metric"]: row for row in rows}
+    sections = [
+        ("Main metrics: mean ± std over runs", [by_metric[m] for m in MAIN if m in by_metric])
+    ]
+    spread = "" if latex else " (min to max)"
+    for title in dict.fromkeys(row["title"] for row in rows):
+        sections.append((f"{title}: mean ± std{spread}", [r for r in rows if r["title"] == title]))
+    escape, lines = (_tex, []) if latex else (str, ["| group | runs | seeds |", "|---|---:|---|"])
+    for g in groups if not latex else ():
+        lines.append(f"| {g['name']} | {len(g['workdirs'])} | {', '.join(map(str, g['seeds']))} |")
     for number, (title, section) in enumerate(sections):
         header = ["metric", *(escape(g["name"]) for g in groups)]
         if latex:
@@ -213,14 +213,10 @@ def render(table: dict, latex: bool = False) -> str:
 
 
 def expand(patterns: list[str]) -> list[str]:
-    """The workdirs named or matched (sorted per pattern), each once."""
-    found: list[str] = []
-    for pattern in patterns:
-        matched = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matched:
-            raise cli.UserError(f"{pattern}: matches no folder")
-        found += [m for m in matched if m not in found]
-    return found
+    """The workdirs named or matched (sorted per pattern), each once; a pattern that matches
+    nothing stays itself (and is refused as no such folder)."""
+    found = [path for p in patterns for path in (sorted(glob.glob(p)) or [p])]
+    return list(dict.fromkeys(found))
 
 
 def _write(path: Path, text: str) -> None:

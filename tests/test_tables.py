@@ -123,7 +123,7 @@ def test_cli_writes_the_tables_and_refuses_mistakes_in_one_line(runs, tmp_path):
     (runs[1] / "eval.json").unlink()
     for args, message in (
         ([str(runs[1])], "protomask_jax.evaluate --workdir"),
-        ([str(tmp_path / "nothing_*")], "matches no folder"),
+        ([str(tmp_path / "nothing_*")], "nothing_*: no such run folder"),
         ([str(tmp_path / "missing")], "no such run folder"),
     ):
         completed = run_module("protomask_jax.tables", *args)
