@@ -105,6 +105,17 @@ def _train() -> ConfigDict:
     ))
 
 
+def _explain() -> ConfigDict:
+    return ConfigDict(dict(
+        # What evaluate's map-based metrics and the report's panels explain with: prp (the
+        # reference's PRP maps on the winning view, docs/prp.md) | mask (the view's mask).
+        explanation_type="prp",
+        prp_rule="reference",  # reference (the authors' broadcast, §6) | channelwise
+        prp_batch_size=16,  # images per PRP call (its backward holds B*k views' activations)
+        top_images=5,  # --techniques topk: images per prototype and split (§7.9)
+    ))
+
+
 # fmt: on
 
 
@@ -118,6 +129,7 @@ def get_base_config() -> ConfigDict:
     c.model = _model()
     c.loss = _loss()
     c.train = _train()
+    c.explain = _explain()
     # data: -1 takes every device the other axes leave; model > 1 shards the prototypes
     # and the last layer.
     c.mesh = ConfigDict(dict(data=-1, model=1))

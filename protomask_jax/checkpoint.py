@@ -21,6 +21,7 @@ from protomask_jax.cli import PATH_KEYS
 _MAY_CHANGE_ON_RESUME = {
     "train": ("log_every_steps", "eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints"),
     "input": ("num_workers", "prefetch", "eval_batch_size", "skip_bad_records"),
+    "explain": None,  # None: the whole section (evaluation only)
 }
 
 
@@ -69,7 +70,9 @@ def config_fingerprint(config_dict: dict[str, Any]) -> dict[str, Any]:
     """The resolved config without the keys a resumed run may change (logging, workers)."""
     out = json.loads(json.dumps(config_dict, default=str))
     for section, keys in _MAY_CHANGE_ON_RESUME.items():
-        for key in keys:
+        if keys is None:
+            out.pop(section, None)
+        for key in keys or ():
             out.get(section, {}).pop(key, None)
     return out
 

@@ -6,11 +6,13 @@ the logits ``[N, C]``, the similarity of every prototype's nearest view and the 
 view (the explanation) ``[N, P]``, and for the top-k prototypes the similarity of every view
 ``[N, k, K]`` and the embedding of the winning view ``[N, k, D]``. :func:`compute_metrics`
 walks the images in chunks (``evaluators.chunk.Chunk``: masks and ground truth in one
-``R x R`` frame of the whole image, explanation maps of the top prototypes) through the
-evaluators of the chosen techniques (``protomask_jax/evaluators/``); their groups go to
-``DIR/eval.json`` and a table on stdout. Continuity and output completeness rerun the model on
-a chunk's images perturbed (:func:`run_perturbed`: a photometric change applied by the host
-pipeline, or noise outside a box added to the views on the device).
+``R x R`` frame of the whole image, explanation maps ``[n, k, R, R]`` of the top prototypes:
+PRP maps made on the device per chunk, :class:`PrpExplanations`, or the winning views' masks)
+through the evaluators of the chosen techniques (``protomask_jax/evaluators/``); their groups
+go to ``DIR/eval.json`` and a table on stdout. Continuity and output completeness rerun the
+model on a chunk's images perturbed (:func:`run_perturbed`: a photometric change applied by
+the host pipeline, or noise outside a box added to the views on the device); ``topk`` also
+reads the other split, chunk by chunk, and writes ``DIR/topk.json``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from protomask_jax import cli, config_checks, evaluators
+from protomask_jax import cli, config_checks, evaluators, prp
 from protomask_jax import sharding as sharding_lib
 from protomask_jax import steps as steps_lib
 from protomask_jax.data import pipeline
@@ -44,13 +46,11 @@ from protomask_jax.models import protomask as model_lib
 log = logging.getLogger(__name__)
 
 EVAL_FILE = "eval.json"
+TOPK_FILE = "topk.json"
 # Images whose masks are held at once: 128 x 11 masks at 224 px is ~70 MB as bool.
 CHUNK = 128
-
-
-def default_resolution() -> int:
-    """The mask frame ``R``: 224 (the reference's frame) on accelerators, 64 on CPU."""
-    return 64 if jax.default_backend() == "cpu" else 224
+DEFAULT_RESOLUTION = 224  # the reference's frame, on every backend
+EXPLANATION_TYPES = ("prp", "mask")
 
 
 @dataclasses.dataclass
@@ -197,23 +197,26 @@ def run_model(
     return _collect(trained, eval_forward(trained), batches, record_set, indices)
 
 
-def run_perturbed(trained, record_set, forward, chunk, top_ids, perturbation) -> EvalOutputs:
-    """``forward`` (:func:`eval_forward`) of ``chunk``'s images under ``perturbation``,
-    explaining ``top_ids``: ``completeness.OutsideBoxNoise`` on the device, else a host
-    ``image_transform`` (``continuity.ImagePerturbation``)."""
-    indices, spec, seed, std = chunk.outputs.record_indices, trained.spec, 0, 0.0
-    extras = {"ids": np.asarray(top_ids, np.int32)}
+def _perturbed_input(trained, chunk, perturbation):
+    """``(host pipeline spec, per-image extras, seed, noise std)`` of ``chunk``'s images under
+    ``perturbation``: ``completeness.OutsideBoxNoise`` on the device, else a host
+    ``image_transform`` (``continuity.ImagePerturbation``; None: the clean images)."""
     if isinstance(perturbation, completeness.OutsideBoxNoise):
         boxes = zip(perturbation.boxes, chunk.maps.sizes, strict=True)
-        extras["noise_box"] = np.stack(
-            [views_lib.fit_box_to_canvas(box, h, w, spec.canvas_size) for box, (h, w) in boxes]
-        )
-        seed, std = perturbation.seed, perturbation.std
-    else:
+        canvas = trained.spec.canvas_size
+        noise_box = [views_lib.fit_box_to_canvas(box, h, w, canvas) for box, (h, w) in boxes]
+        return trained.spec, {"noise_box": np.stack(noise_box)}, perturbation.seed, perturbation.std
+    spec = trained.spec
+    if perturbation is not None:
         spec = dataclasses.replace(spec, image_transform=perturbation)
-    global_size = trained.config.input.eval_batch_size
+    return spec, {}, 0, 0.0
+
+
+def _chunk_batches(trained, record_set, indices, spec, global_size: int, extras: dict):
+    """Global device batches of the images ``indices`` with the host arrays ``extras``
+    (``[n, ...]`` per image, zero rows for the last batch's filler) added to them."""
     local_size = global_size // jax.process_count()
-    filler = -len(indices) % global_size  # rows of the last batch's zero-weight filler
+    filler = -len(indices) % global_size
     extras = {
         k: np.concatenate([v, np.zeros_like(v[:1]).repeat(filler, 0)]) for k, v in extras.items()
     }
@@ -225,17 +228,72 @@ def run_perturbed(trained, record_set, forward, chunk, top_ids, perturbation) ->
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    try:
+        for step, local in enumerate(stream):  # this process's rows of global batch `step`
+            start = step * global_size + jax.process_index() * local_size
+            local |= {k: v[start : start + local_size] for k, v in extras.items()}
+            yield sharding_lib.global_batch(trained.mesh, local)
+    finally:
+        stream.close()
 
-    def batches():
-        try:
-            for step, local in enumerate(stream):  # this process's rows of global batch `step`
-                start = step * global_size + jax.process_index() * local_size
-                local |= {k: v[start : start + local_size] for k, v in extras.items()}
-                yield sharding_lib.global_batch(trained.mesh, local)
-        finally:
-            stream.close()
 
-    return _collect(trained, forward, batches(), record_set, indices, seed, std)
+def run_perturbed(trained, record_set, forward, chunk, top_ids, perturbation) -> EvalOutputs:
+    """``forward`` (:func:`eval_forward`) of ``chunk``'s images under ``perturbation``,
+    explaining ``top_ids``."""
+    indices = chunk.outputs.record_indices
+    spec, extras, seed, std = _perturbed_input(trained, chunk, perturbation)
+    extras["ids"] = np.asarray(top_ids, np.int32)
+    batch_size = trained.config.input.eval_batch_size
+    batches = _chunk_batches(trained, record_set, indices, spec, batch_size, extras)
+    return _collect(trained, forward, batches, record_set, indices, seed, std)
+
+
+def _prp_frames(model, batch, seed, noise_std, *, view_size, rule, resolution):
+    """PRP maps ``[B, j, R, R]`` of prototypes ``batch["ids"] [B, j]`` on their winning views
+    (float32, no augmentation), pasted at those views' ``frame_boxes [B, K, 4]``."""
+    masks = batch.get("masks")
+    views = views_lib.make_views(
+        batch["canvas"], batch["boxes"], None, view_size=view_size, masks=masks, dtype=jnp.float32
+    )
+    if "noise_box" in batch:  # the completeness pass's noise (its model pass draws the same)
+        views = _noise_outside(views, batch, noise_std, seed)
+    maps, winners = prp.relevance_maps(
+        model, views, batch["ids"], batch["valid"], prototype_rule=rule
+    )
+    boxes = jnp.take_along_axis(batch["frame_boxes"], winners[..., None], axis=1)
+    return prp.paste_into_frame(maps, boxes, resolution)
+
+
+class PrpExplanations:
+    """The chunks' explanation producer for ``explain.explanation_type="prp"``: the PRP maps
+    (docs/prp.md) of a chunk's prototypes ``top_ids [n, j]``, on the device in batches of
+    ``explain.prp_batch_size`` images made as for the chunk's model pass (perturbation
+    included), pasted into the ``R x R`` frame at the winning view's box
+    (``FrameMaps.view_boxes``), post-processed as the reference (``from_relevance``)."""
+
+    def __init__(self, trained, record_set: pipeline.RecordSet, resolution: int):
+        config, state = trained.config, trained.state
+        self.trained, self.record_set = trained, record_set
+        self.batch_size = config.explain.prp_batch_size
+        sharding_lib.check_batch_divisible(self.batch_size, trained.mesh, "explain.prp_batch_size")
+        split = (trained.graphdef, state.params, state.batch_stats, state.constants)
+        self.model = prp.canonize(split)
+        rule, view_size = config.explain.prp_rule, config.input.view_size
+        self.frames = jax.jit(
+            functools.partial(_prp_frames, view_size=view_size, rule=rule, resolution=resolution)
+        )
+
+    def __call__(self, chunk) -> chunk_lib.ExplanationMaps:
+        spec, extras, seed, std = _perturbed_input(self.trained, chunk, chunk.perturbation)
+        extras["ids"] = np.asarray(chunk.top_ids, np.int32)
+        extras["frame_boxes"] = chunk.maps.view_boxes.astype(np.float32)
+        indices, maps = chunk.outputs.record_indices, []
+        for batch in _chunk_batches(
+            self.trained, self.record_set, indices, spec, self.batch_size, extras
+        ):
+            real = to_host(batch["weight"]) > 0
+            maps.append(to_host(self.frames(self.model, batch, seed, std))[real])
+        return chunk_lib.ExplanationMaps.from_relevance(np.concatenate(maps))
 
 
 @dataclasses.dataclass
@@ -272,6 +330,8 @@ def compute_metrics(
     explain: Callable | None = None,
     run: Callable | None = None,
     chunk_size: int = CHUNK,
+    other_splits: Sequence[tuple[pipeline.RecordSet, Any]] = (),
+    options: dict | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """The eval.json groups of ``techniques`` (default: ``evaluators.DEFAULT``) that the data
@@ -280,25 +340,33 @@ def compute_metrics(
     ``num_parts``: Q for keypoints derived from part maps. ``explain``: the producer of the
     chunks' explanation maps (default: the winning views' masks). ``run``: the chunks'
     perturbed-pass hook (``Chunk.run``), needed by continuity and completeness.
+    ``other_splits``: ``(record set, its outputs in chunks)`` for the families that read every
+    split; ``options``: per family, the keyword arguments of its evaluator.
     """
-    active = evaluators.build(techniques, arrays)
-    render = functools.partial(
-        frame.render_frame_maps,
-        record_set,
-        num_views=num_views,
-        resolution=resolution,
-        num_parts=num_parts,
-    )
+    active = evaluators.build(techniques, arrays, options)
     explain = explain or chunk_lib.mask_explanations
     seconds = dict.fromkeys((evaluator.name for evaluator in active), 0.0)
     starts = range(0, len(outputs.labels), chunk_size)
-    for start in tqdm(starts, desc="metrics", unit="chunk", disable=not progress, leave=False):
-        rows = outputs.take(slice(start, start + chunk_size))
-        chunk = chunk_lib.Chunk(rows, render, explain, run)
-        for evaluator in active:
-            begin = time.perf_counter()
-            evaluator.update(chunk)  # the first family to ask pays for shared maps
-            seconds[evaluator.name] += time.perf_counter() - begin
+    chunks = (outputs.take(slice(start, start + chunk_size)) for start in starts)
+    passes = [(record_set, chunks, active, explain, run)]
+    every_split = [e for e in active if getattr(e, "every_split", False)]
+    for other, other_chunks in other_splits if every_split else ():  # outputs and maps only
+        passes.append((other, other_chunks, every_split, chunk_lib.mask_explanations, None))
+    for split_set, chunks, families, producer, hook in passes:
+        render = functools.partial(
+            frame.render_frame_maps,
+            split_set,
+            num_views=num_views,
+            resolution=resolution,
+            num_parts=num_parts,
+        )
+        bar = tqdm(chunks, f"metrics ({split_set.split})", unit="chunk", disable=not progress)
+        for rows in bar:
+            chunk = chunk_lib.Chunk(rows, render, producer, hook, split=split_set.split)
+            for evaluator in families:
+                begin = time.perf_counter()
+                evaluator.update(chunk)  # the first family to ask pays for shared maps
+                seconds[evaluator.name] += time.perf_counter() - begin
     groups = {}
     for evaluator in active:
         begin = time.perf_counter()
@@ -317,37 +385,65 @@ def _nan_to_none(value: Any) -> Any:
     return value
 
 
+def check_explain_config(config) -> None:
+    """Refuses an unknown ``explain.explanation_type`` or ``explain.prp_rule``."""
+    for key, value, allowed in (
+        ("explanation_type", config.explain.explanation_type, EXPLANATION_TYPES),
+        ("prp_rule", config.explain.prp_rule, ("reference", "channelwise")),
+    ):
+        if value not in allowed:
+            raise config_checks.ConfigError(
+                f"config.explain.{key}: must be one of {allowed}, got {value!r}"
+            )
+
+
+def _chunked_outputs(trained, record_set, chunk_size: int):
+    """The evaluation forward over every good record of ``record_set``, chunk by chunk."""
+    forward, indices = eval_forward(trained), record_set.good
+    for start in range(0, len(indices), chunk_size):
+        part = indices[start : start + chunk_size]
+        yield _collect(trained, forward, trained.eval_batches(record_set, part), record_set, part)
+
+
 def evaluate(
     config,
     workdir: str | Path,
     *,
     split: str = "test",
     checkpoint: str = "best",
-    resolution: int | None = None,
+    resolution: int = DEFAULT_RESOLUTION,
     techniques: Sequence[str] | None = None,
     config_name: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluates the ``checkpoint`` (``best`` or ``latest``) a run left in ``workdir`` on
-    ``split`` and writes ``workdir/eval.json`` (nan/inf as null), which it returns."""
+    ``split`` and writes ``workdir/eval.json`` (nan/inf as null), which it returns; with the
+    ``topk`` technique also ``workdir/topk.json`` (over the train and the test split)."""
     from protomask_jax import trainer
 
-    workdir = Path(workdir)
-    resolution = default_resolution() if resolution is None else int(resolution)
+    check_explain_config(config)
+    workdir, resolution = Path(workdir), int(resolution)
     if resolution < 4:
         raise cli.UserError(f"--resolution must be >= 4 pixels, got {resolution}")
     techniques = evaluators.check(techniques)  # before the slow part
     info = records_lib.load_dataset_info(config.dataset.records_dir)
     config_checks.check_dataset_info(config, info)
     trained = trainer.restore_trained(config, workdir, which=checkpoint)
-    record_set = pipeline.RecordSet(
-        config.dataset.records_dir, split, skip_bad_records=config.input.skip_bad_records
-    )
+    skip = config.input.skip_bad_records
+    record_set = pipeline.RecordSet(config.dataset.records_dir, split, skip_bad_records=skip)
     outputs = run_model(trained, record_set, progress=progress)
     arrays = model_arrays(trained)
     run, batch = None, config.input.eval_batch_size
+    chunk_size = max(1, CHUNK // batch) * batch  # whole batches for the perturbed passes
     if set(techniques) & set(evaluators.PERTURBED):
         run = functools.partial(run_perturbed, trained, record_set, eval_forward(trained))
+    kind = config.explain.explanation_type
+    explain = PrpExplanations(trained, record_set, resolution) if kind == "prp" else None
+    other_splits = []
+    if "topk" in techniques:  # the reference lists both splits' images
+        other = "train" if split == "test" else "test"
+        other_set = pipeline.RecordSet(config.dataset.records_dir, other, skip_bad_records=skip)
+        other_splits.append((other_set, _chunked_outputs(trained, other_set, chunk_size)))
     metrics = compute_metrics(
         outputs,
         arrays,
@@ -356,10 +452,17 @@ def evaluate(
         resolution=resolution,
         num_parts=len(info.get("part_names") or []),
         techniques=techniques,
+        explain=explain,
         run=run,
-        chunk_size=max(1, CHUNK // batch) * batch,  # whole batches for the perturbed passes
+        chunk_size=chunk_size,
+        other_splits=other_splits,
+        options={"topk": {"k": config.explain.top_images}},
         progress=progress,
     )
+    explained_by = {"explanation_type": kind}
+    if kind == "prp":
+        explained_by["prp_rule"] = config.explain.prp_rule
+    top_images = (metrics.get("topk") or {}).pop("prototypes", None)
     results = _nan_to_none(
         {
             "split": split,
@@ -370,11 +473,15 @@ def evaluate(
             "num_classes": int(config.dataset.num_classes),
             "num_prototypes": int(arrays.last_layer.shape[1]),
             "resolution": resolution,
+            **explained_by,
             **metrics,
         }
     )
     if jax.process_index() == 0:
         records_lib.write_json_atomic(workdir / EVAL_FILE, results)
+        if top_images is not None:
+            payload = {"checkpoint": trained.checkpoint, "k": metrics["topk"]["k"]}
+            records_lib.write_json_atomic(workdir / TOPK_FILE, payload | {"prototypes": top_images})
     return results
 
 
@@ -394,20 +501,13 @@ def _format_value(value, unit: str) -> str:
 
 def _sections(results: dict[str, Any]):
     """``(title, [(label, value, unit)], [note])`` per group of eval.json, in display order."""
-    for name, evaluator in evaluators.TECHNIQUES.items():
-        group = results.get(name) or {}
-        rows = [
-            (label, _format_value(group[key], unit), unit)
-            for key, label, unit in evaluator.rows
-            if key in group
-        ]
-        notes = [
-            f"{label}: {group[key]}"
-            for key, label in getattr(evaluator, "notes", ())
-            if key in group
-        ]
+    for name in evaluators.TECHNIQUES:
+        group, (title, table) = results.get(name) or {}, evaluators.TABLES[name]
+        shown = [(key, unit, label) for key, unit, label in table if key in group]
+        rows = [(label, _format_value(group[key], u), u) for key, u, label in shown if u != "note"]
+        notes = [f"{label}: {group[key]}" for key, unit, label in shown if unit == "note"]
         if rows:
-            yield evaluator.title.format(**group), rows, notes
+            yield title.format(**group), rows, notes
 
 
 def table_rows(results: dict[str, Any]) -> list[tuple[str, list[tuple[str, str, str]]]]:
@@ -421,6 +521,7 @@ def format_table(results: dict[str, Any]) -> str:
         f"{results.get('dataset', '')} / {results['split']}: {results['num_images']} images, "
         f"{results['num_prototypes']} prototypes, {results['checkpoint']}, "
         f"mask frame {results['resolution']}x{results['resolution']}"
+        + "".join(f", {k} {results[k]}" for k in ("explanation_type", "prp_rule") if k in results)
     ]
     for title, rows, notes in _sections(results):
         lines += ["", title, "-" * 64]
@@ -479,7 +580,7 @@ def _evaluate_tool(config, config_name: str) -> str:
         FLAGS.workdir,
         split=FLAGS.split,
         checkpoint=FLAGS.checkpoint,
-        resolution=FLAGS.resolution or None,
+        resolution=FLAGS.resolution,
         techniques=FLAGS.techniques,
         config_name=config_name,
     )
@@ -491,7 +592,7 @@ if __name__ == "__main__":
 
     define_run_flags("evaluate")
     flags.DEFINE_integer(
-        "resolution", 0, "Mask frame R for the pixel metrics (0: 64 on CPU, 224 otherwise)."
+        "resolution", DEFAULT_RESOLUTION, "Mask frame R of the pixel metrics (the reference's)."
     )
     flags.DEFINE_list(
         "techniques",

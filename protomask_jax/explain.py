@@ -25,7 +25,7 @@ from protomask_jax import cli, config_checks
 from protomask_jax import evaluate as evaluate_lib
 from protomask_jax.data import pipeline
 from protomask_jax.data import records as records_lib
-from protomask_jax.report import curves, gallery, html, panels, pictures
+from protomask_jax.report import curves, gallery, html, panels, pictures, relevance, topimages
 
 REPORT_DIR = "report"
 DEFAULT_NUM_IMAGES = 12
@@ -97,6 +97,7 @@ def explain(
     ``top_k`` prototypes of ``image_ids`` of ``split`` (default: see :func:`select_images`)."""
     from protomask_jax import trainer
 
+    evaluate_lib.check_explain_config(config)
     workdir, records_dir = Path(workdir), config.dataset.records_dir
     info = records_lib.load_dataset_info(records_dir)
     config_checks.check_dataset_info(config, info)
@@ -118,38 +119,55 @@ def explain(
     if jax.process_index() != 0:
         return out_dir / "index.html"  # every process joins the forward pass; process 0 writes
     sources = gallery.prototype_sources(trained.meta, num_prototypes)
-    train_images = None
-    if any(source.image_id is not None for source in sources):
-        train_set = pipeline.RecordSet(records_dir, "train", skip_bad_records=skip)
-        train_images = pictures.RecordImages(train_set)
+    record_sets = {split: test_set}  # the train images are the prototypes' sources
+    for other in {"train", "test"} - {split}:
+        record_sets[other] = pipeline.RecordSet(records_dir, other, skip_bad_records=skip)
+    images = {name: pictures.RecordImages(s) for name, s in record_sets.items()}
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     canvas = pictures.Canvas(out_dir, class_names, pictures.class_colours(num_classes))
     top_k = max(1, min(top_k, num_prototypes))
-    total = num_prototypes + len(chosen) + 1
+    heatmaps = None
+    if config.explain.explanation_type == "prp":
+        view_relevance = relevance.ViewRelevance(trained, config.explain.prp_rule)
+        heatmaps = relevance.Heatmaps(view_relevance, canvas, sources, images["train"])
+    total = num_prototypes + len(chosen) + 2
     with tqdm(total=total, desc="rendering report", unit="picture", disable=not progress) as bar:
         training = curves.section(workdir, out_dir)
         bar.update()
-        prototypes, drawn = gallery.section(canvas, arrays, sources, train_images, bar.update)
-        images = pictures.RecordImages(test_set)
-        explanations = panels.section(canvas, outputs, arrays, images, drawn, top_k, bar.update)
-    eval_results = evaluate_lib.load_eval(workdir)
+        prototypes, drawn = gallery.section(canvas, arrays, sources, images["train"], bar.update)
+        explanations = panels.section(
+            canvas, outputs, arrays, images[split], drawn, top_k, bar.update, heatmaps
+        )
+        shown = panels.shown_prototypes(outputs, arrays, top_k)
+        top = topimages.section(canvas, workdir, shown, images, trained.checkpoint)
+        bar.update()
+    sections = [training, prototypes, explanations, top]
+    return _write_page(config, workdir, out_dir, trained.checkpoint, config_name, sections)
+
+
+def _write_page(config, workdir, out_dir, checkpoint: str, config_name, sections) -> Path:
+    """``out_dir/index.html``: the run's facts, eval.json's metrics and ``sections``."""
+    explained_by = "masks of the winning views"
+    if config.explain.explanation_type == "prp":
+        explained_by = f"PRP maps ({config.explain.prp_rule} rule)"
     facts = [
         ("dataset", config.dataset.name),
         ("config", config_name or "(given in code)"),
-        ("checkpoint", trained.checkpoint),
+        ("checkpoint", checkpoint),
         ("backbone", config.model.backbone),
         ("views per image", str(config.input.num_views)),
+        ("explanations", explained_by),
         ("workdir", str(workdir)),
     ]
-    sections = [html.metrics_section(eval_results, workdir), training, prototypes, explanations]
+    eval_results = evaluate_lib.load_eval(workdir)
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     page = html.page(
         f"ProtoMask explanations: {config.dataset.name}",
         facts,
         _highlights(workdir, eval_results),
-        sections,
+        [html.metrics_section(eval_results, workdir), *sections],
         f"generated {now} by protomask_jax.explain",
     )
     (out_dir / "index.html").write_text(page, encoding="utf-8")

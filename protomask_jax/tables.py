@@ -32,11 +32,11 @@ MAIN = (
     "contrastivity.vlc contrastivity.inter_prototype_distance complexity.object_overlap "
     "complexity.part_consistency"
 ).split()
-RESULTS_ROWS = (
-    ("test_accuracy", "test accuracy", "%"),
-    ("num_prototypes", "prototypes", ""),
-    ("train_time_s", "training time", "s"),
-)
+RESULTS_ROWS = [
+    ("test_accuracy", "%", "test accuracy"),
+    ("num_prototypes", "", "prototypes"),
+    ("train_time_s", "s", "training time"),
+]
 
 
 def _read_json(path: Path, fix: str) -> dict:
@@ -76,7 +76,7 @@ def load_run(workdir: str | Path) -> dict[str, Any]:
     results_path = workdir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     # the results' accuracy is a fraction, the families' are percent
-    scaled = {k: results[k] * (100 if u == "%" else 1) for k, _, u in RESULTS_ROWS if k in results}
+    scaled = {k: results[k] * (100 if u == "%" else 1) for k, u, _ in RESULTS_ROWS if k in results}
     groups = {"results": scaled, **evaluation}
     metrics = {
         f"{name}.{key}": value
@@ -119,17 +119,17 @@ def _rows(runs: list[dict]) -> list[dict]:
     """``metric`` ("family.key"), ``title``, ``label``, ``unit`` of each metric some run has, in
     the families' order."""
     families = [("results", "Training (results.json)", RESULTS_ROWS)]
-    for name, family in evaluators.TECHNIQUES.items():
+    for name, (title, family_rows) in evaluators.TABLES.items():
         group = next((r["evaluation"][name] for r in runs if r["evaluation"].get(name)), {})
         try:
-            title = family.title.format(**group)
+            title = title.format(**group)
         except (KeyError, IndexError, ValueError):
-            title = family.title.split(" (")[0]
-        families.append((name, title, family.rows))
+            title = title.split(" (")[0]
+        families.append((name, title, [row for row in family_rows if row[1] != "note"]))
     present, table = set().union(*(run["metrics"] for run in runs)), []  # "family.key"
     for name, title, rows in families:
         parent = ""
-        for key, label, unit in rows:
+        for key, unit, label in rows:
             # an indented label qualifies the last unindented one: name both
             indented = label != label.lstrip()
             parent = parent if indented else label

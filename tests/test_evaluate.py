@@ -1,8 +1,11 @@
-"""Tests of the evaluation driver: pixel frame, keypoints, metrics on hand-built records, and
-eval.json of a tiny trained run against metrics computed from independently collected arrays."""
+"""Tests of the evaluation driver: pixel frame, keypoints, metrics on hand-built records, the
+PRP producer against PRP on hand-made views, and eval.json of a tiny trained run against
+metrics computed from independently collected arrays (and against main's, with masks)."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import io
 import json
 from pathlib import Path
@@ -20,18 +23,22 @@ from _trained_run import (
 )
 from PIL import Image
 
-from protomask_jax import evaluate
+from protomask_jax import evaluate, prp
 from protomask_jax.data import pipeline
 from protomask_jax.data import records as records_lib
+from protomask_jax.data import views as views_lib
 from protomask_jax.evaluators import (
     chunk,
     classification,
     compactness,
     complexity,
+    continuity,
     contrastivity,
     faithfulness,
     frame,
 )
+
+GOLDEN = Path(__file__).parent / "golden"
 
 # ------------------------------------------------------------------------ pixel frame
 
@@ -288,13 +295,29 @@ def trained(tmp_path_factory, tiny_records):
     return tiny_records, trained_workdir(tmp_path_factory, tiny_records)
 
 
+def _with(config, **explain):
+    config.unlock()
+    config.explain.update(explain)
+    config.lock()
+    return config
+
+
+def _independent(restored, test_set):
+    """``independent_outputs`` and the log-similarities ``[N, P]`` of their distances."""
+    independent = independent_outputs(restored, test_set)
+    eps = restored.config.model.similarity_eps
+    distances = independent["min_distances"].astype(np.float64)
+    return independent, np.log((distances + 1) / (distances + eps))
+
+
 @pytest.mark.slow
 def test_eval_json_matches_metrics_of_independently_collected_arrays(trained):
     from protomask_jax import trainer
 
     records_dir, workdir = trained
-    config = tiny_config(records_dir)
+    config = _with(tiny_config(records_dir), explanation_type="mask")
     results = evaluate.evaluate(config, workdir, resolution=64, progress=False)
+    assert results["explanation_type"] == "mask" and "prp_rule" not in results
     assert json.loads((workdir / "eval.json").read_text()) == results
 
     # The same checkpoint the trainer reported: the same test accuracy.
@@ -306,10 +329,7 @@ def test_eval_json_matches_metrics_of_independently_collected_arrays(trained):
     # records (the images are 64 px, so the 64 px frame is the image itself).
     test_set = pipeline.RecordSet(records_dir, "test")
     restored = trainer.restore_trained(config, workdir)
-    independent = independent_outputs(restored, test_set)
-    eps = config.model.similarity_eps
-    distances = independent["min_distances"].astype(np.float64)
-    similarities = np.log((distances + 1) / (distances + eps))
+    independent, similarities = _independent(restored, test_set)
     logits, labels = independent["logits"], independent["labels"]
     last_layer = np.asarray(restored.state.params["last_layer"][...]).T
     prototypes = np.asarray(restored.state.params["prototypes"][...])
@@ -417,3 +437,191 @@ def test_table_shows_missing_values_as_na_and_skips_absent_groups():
     (correct_line,) = [line for line in table.splitlines() if "correctly classified" in line]
     assert correct_line.split()[-2:] == ["n/a", "%"]
     assert "Compactness" not in table and "Ground truth" not in table
+
+
+# ----------------------------------------------------------------------- PRP explanations
+
+
+def test_frame_maps_carry_each_views_box_with_cyclic_padding(tmp_path):
+    record_set = _hand_records(tmp_path)
+    maps = frame.render_frame_maps(record_set, np.arange(2), num_views=5, resolution=SIZE)
+    for n, masks in enumerate(([BODY, HEAD, HALF_ON_HEAD], [BODY, HEAD])):
+        boxes = [_tight_box(m) / SIZE for m in masks]
+        expected = [boxes[k % len(masks)] for k in range(5)]  # view k shows mask k % n
+        np.testing.assert_allclose(maps.view_boxes[n], expected, rtol=1e-6)
+
+
+def test_relevance_terms_share_of_each_maps_mass_on_the_part():
+    rng = np.random.default_rng(3)
+    maps = rng.uniform(0, 1, (3, 2, 6, 6)) * (rng.uniform(size=(3, 2, 6, 6)) > 0.5)
+    maps[2, 1] = 0.0  # an all-zero map has no mass on the part
+    parts = rng.uniform(size=(3, 6, 6)) > 0.6
+    shares = np.zeros((3, 2))
+    for n in range(3):
+        for j in range(2):
+            total = maps[n, j].sum()
+            shares[n, j] = maps[n, j][parts[n]].sum() / total if total else 0.0
+    terms = faithfulness.relevance_terms(maps, parts)
+    np.testing.assert_allclose(terms["relevance_mass"], shares.mean(axis=1))
+    np.testing.assert_array_equal(terms["relevance_rate"], (shares > 0.5).mean(axis=1))
+
+
+def test_explain_config_values_are_checked():
+    from protomask_jax import config_checks
+
+    for key, value in (("explanation_type", "saliency"), ("prp_rule", "broadcast")):
+        config = _with(tiny_config(Path("unused")), **{key: value})
+        with pytest.raises(config_checks.ConfigError, match=f"config.explain.{key}: must be"):
+            evaluate.check_explain_config(config)
+
+
+def test_table_is_unchanged_by_the_one_label_table():
+    """main's table of every family (before the labels moved into one table)."""
+    results = json.loads((GOLDEN / "tiny_eval_main.json").read_text())["eval"]
+    results["classification"].update(  # the multi-label rows too
+        threshold=0.5,
+        subset_accuracy=10.0,
+        samples_f1=20.0,
+        top2_accuracy=30.0,
+        balanced_top2_accuracy=40.0,
+    )
+    assert evaluate.format_table(results) == (GOLDEN / "table_main.txt").read_text()
+
+
+def _independent_prp(restored, record_set, ids, resolution, spec=None):
+    """PRP frame maps ``[N, j, R, R]`` of ``ids [N, j]`` and the winning views ``[N, j]``,
+    record by record: views made by hand (``fit_record`` + ``make_views``), then
+    ``prp.relevance_maps`` and ``prp.paste_into_frame`` at the record's own box of the winning
+    view (view k shows mask k % masks/count)."""
+    import jax
+
+    state = jax.device_get(restored.state)
+    model = prp.canonize((restored.graphdef, state.params, state.batch_stats, state.constants))
+    frames, winners = [], []
+    for i in range(len(record_set)):
+        record = records_lib.ImageRecord.from_bytes(record_set.reader[i])
+        example = pipeline.fit_record(record, spec or restored.spec, f"record {i}")
+        views = views_lib.make_views(
+            example["canvas"][None],
+            example["boxes"][None],
+            None,
+            view_size=restored.config.input.view_size,
+            dtype=np.float32,
+        )
+        maps, won = prp.relevance_maps(model, views, ids[i][None], example["valid"][None])
+        boxes = np.asarray(record.boxes)[np.asarray(won)[0] % record.num_masks]
+        frames.append(np.asarray(prp.paste_into_frame(maps, boxes[None], resolution))[0])
+        winners.append(np.asarray(won)[0])
+    return np.stack(frames), np.stack(winners)
+
+
+def _box_pixels(box, resolution: int) -> tuple[slice, slice]:
+    """The frame rows and columns a box covers when pasted (Python's rounding, docs/prp.md)."""
+    y0, x0, y1, x1 = (float(v) for v in box)
+    top, left = round(y0 * resolution), round(x0 * resolution)
+    rows = slice(top, top + round((y1 - y0) * resolution))
+    return rows, slice(left, left + round((x1 - x0) * resolution))
+
+
+@pytest.mark.slow
+def test_prp_producer_equals_prp_on_hand_made_views(trained):
+    from protomask_jax import trainer
+
+    records_dir, workdir = trained
+    config = tiny_config(records_dir)
+    config.unlock()
+    config.input.num_views = 8  # 4-6 masks per image: cyclic repeats in every image
+    config.lock()
+    restored = trainer.restore_trained(config, workdir)
+    test_set = pipeline.RecordSet(records_dir, "test")
+    outputs = evaluate.run_model(restored, test_set, progress=False)
+    resolution = 40
+    producer = evaluate.PrpExplanations(restored, test_set, resolution)
+    render = functools.partial(
+        frame.render_frame_maps, test_set, num_views=8, resolution=resolution
+    )
+    run = functools.partial(
+        evaluate.run_perturbed, restored, test_set, evaluate.eval_forward(restored)
+    )
+    clean = chunk.Chunk(outputs, render, producer, run)
+    assert (outputs.num_masks < 8).all()
+
+    expected, winners = _independent_prp(restored, test_set, outputs.top_ids, resolution)
+    ours = clean.explanations
+    assert ours.maps.shape == (8, 5, resolution, resolution)
+    scale = expected.max()
+    np.testing.assert_allclose(ours.maps, expected, atol=1e-5 * scale, rtol=1e-4)
+    np.testing.assert_array_equal(ours.mask, chunk.ExplanationMaps.from_relevance(expected).mask)
+    for n in range(8):
+        record = records_lib.ImageRecord.from_bytes(test_set.reader[n])
+        for j in range(5):
+            rows, cols = _box_pixels(record.boxes[winners[n, j] % record.num_masks], resolution)
+            outside = np.ones((resolution, resolution), bool)
+            outside[rows, cols] = False
+            assert not ours.maps[n, j][outside].any() and ours.maps[n, j][rows, cols].any()
+
+    # The same images after the continuity perturbation: PRP on the perturbed views.
+    perturbation = continuity.ImagePerturbation()
+    perturbed = clean.perturbed(perturbation).explanations
+    spec = dataclasses.replace(restored.spec, image_transform=perturbation)
+    expected, _ = _independent_prp(restored, test_set, outputs.top_ids, resolution, spec)
+    np.testing.assert_allclose(perturbed.maps, expected, atol=1e-5 * expected.max(), rtol=1e-4)
+    assert not np.allclose(perturbed.maps, ours.maps)
+
+
+@pytest.mark.slow
+def test_eval_json_with_prp_matches_metrics_of_independent_maps(trained):
+    from protomask_jax import trainer
+
+    records_dir, workdir = trained
+    config = tiny_config(records_dir)  # explanation_type "prp", rule "reference": the default
+    resolution = 32
+    results = evaluate.evaluate(config, workdir, resolution=resolution, progress=False)
+    assert (results["explanation_type"], results["prp_rule"]) == ("prp", "reference")
+    test_set = pipeline.RecordSet(records_dir, "test")
+    restored = trainer.restore_trained(config, workdir)
+    independent, similarities = _independent(restored, test_set)
+    top5 = chunk.top_indices(similarities, 5)
+    maps, _ = _independent_prp(restored, test_set, top5, resolution)
+    explanations = chunk.ExplanationMaps.from_relevance(maps)
+    objects, decisive = [], []
+    for i in range(len(test_set)):
+        record = records_lib.ImageRecord.from_bytes(test_set.reader[i])
+        part_map = records_lib.decode_label_map_png(record.part_map_png)
+        objects.append(frame.to_frame(part_map > 0, resolution))
+        parts = np.isin(part_map, np.asarray(record.decisive_parts) + 1)
+        decisive.append(frame.to_frame(parts, resolution))
+    objects, decisive = np.stack(objects), np.stack(decisive)
+
+    sums = chunk.object_sums(explanations, objects)
+    for name, values in complexity.object_metrics(sums).items():
+        if name != "oirr":
+            scale = 1 if name == "ior" else 100
+            assert results["complexity"][name] == pytest.approx(scale * values.mean()), name
+    whole_frame = explanations.mask.all(axis=(-2, -1)).mean()
+    assert results["complexity"]["whole_frame_regions"] == pytest.approx(100 * whole_frame)
+    group = results["contrastivity"]
+    assert group["vlc"] == pytest.approx(
+        100 * contrastivity.vlc_per_image(explanations.mask).mean()
+    )
+    vac = contrastivity.vac_per_image(contrastivity.sorted_maps(explanations))
+    assert group["vac"] == pytest.approx(100 * vac.mean())
+    # Faithfulness: the whole maps of the 3 largest contributions against the deciding part.
+    last_layer = np.asarray(restored.state.params["last_layer"][...]).T
+    outputs = SimpleNamespace(similarities=similarities, **independent)
+    top3 = faithfulness.contribution_ids(outputs, last_layer, 3)
+    maps, _ = _independent_prp(restored, test_set, top3, resolution)
+    expected = faithfulness.relevance_terms(maps, decisive)
+    for name, values in expected.items():
+        assert results["faithfulness"][name] == pytest.approx(100 * values.mean()), name
+    # The mask-based numbers do not depend on the explanation type.
+    mask_terms = faithfulness.faithfulness_per_image(outputs, last_layer, *_masks(test_set))
+    assert results["faithfulness"]["rate"] == pytest.approx(100 * mask_terms["hit_rate"].mean())
+    assert results["complexity"]["ior"] != 1.0  # the mask explanation's IOR is exactly 1
+
+
+def _masks(test_set, num_views=4, resolution=32):
+    maps = frame.render_frame_maps(
+        test_set, np.arange(len(test_set)), num_views=num_views, resolution=resolution
+    )
+    return maps.masks, maps.decisive_masks

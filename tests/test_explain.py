@@ -1,5 +1,6 @@
 """Tests of the explanation report: picture helpers on hand-made inputs, the report of a tiny
-trained run (files, links, panels against an independent forward) and its screenshot."""
+trained run (files, links, panels against an independent forward, PRP heatmaps against PRP on
+hand-made views, top images per prototype) and its screenshot."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from _trained_run import (
 )
 from PIL import Image
 
-from protomask_jax import explain
-from protomask_jax.report import curves, gallery, panels, pictures, screenshot
+from protomask_jax import explain, prp
+from protomask_jax.report import curves, gallery, panels, pictures, relevance, screenshot
 
 # ------------------------------------------------------------------------- helpers
 
@@ -128,6 +129,17 @@ def test_class_colours_are_distinct():
         assert len(colours) == count == len(set(colours))
 
 
+def test_top_images_section_asks_for_a_topk_json_of_the_checkpoint(tmp_path):
+    from protomask_jax.report import topimages
+
+    section = topimages.section(None, tmp_path, [0], {}, "best_finetune step 9")
+    assert "No topk.json yet" in section.note and not section.body
+    (tmp_path / "topk.json").write_text('{"checkpoint": "best_joint step 3", "prototypes": []}')
+    section = topimages.section(None, tmp_path, [0], {}, "best_finetune step 9")
+    assert "topk.json is of best_joint step 3" in section.note and not section.body
+    assert "--techniques topk` (on best_finetune step 9)" in section.note
+
+
 # ------------------------------------------------------------------ tiny trained run
 
 
@@ -140,7 +152,9 @@ class _Page(html.parser.HTMLParser):
         self.links: list[str] = []
         self.cards: dict[int, list[str]] = {}
         self.panels: dict[int, list[int]] = {}
-        self._card = self._panel = None
+        self.matches: dict[tuple[int, int], list[str]] = {}  # (image, rank) -> pictures
+        self.top_rows: dict[int, list[str]] = {}  # prototype -> top images
+        self._card = self._panel = self._match = self._top = None
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
@@ -149,21 +163,29 @@ class _Page(html.parser.HTMLParser):
             self.images.append(attrs["src"])
             if self._card is not None:
                 self.cards[self._card].append(attrs["src"])
+            for key, store in ((self._match, self.matches), (self._top, self.top_rows)):
+                if key is not None:
+                    store[key].append(attrs["src"])
         if tag == "a":
             self.links.append(attrs["href"])
         if "card" in classes:
             self._card = int(attrs["data-prototype"])
             self.cards[self._card] = []
         if "panel" in classes:
-            self._panel = int(attrs["data-image"])
+            self._panel, self._match = int(attrs["data-image"]), None
             self.panels[self._panel] = []
         if "match" in classes:
             self._card = None
             self.panels[self._panel].append(int(attrs["data-prototype"]))
+            self._match = (self._panel, len(self.panels[self._panel]))
+            self.matches[self._match] = []
+        if "topk" in classes:
+            self._top = int(attrs["data-prototype"])
+            self.top_rows[self._top] = []
 
     def handle_endtag(self, tag):
         if tag == "section":
-            self._card = None
+            self._card = self._match = self._top = None
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +194,9 @@ def report(tmp_path_factory, tiny_records):
     from protomask_jax import evaluate
 
     workdir = trained_workdir(tmp_path_factory, tiny_records)
-    config = tiny_config(tiny_records)
-    evaluate.evaluate(config, workdir, resolution=32, progress=False)
+    config = tiny_config(tiny_records)  # PRP explanations: the default
+    techniques = [*evaluate.evaluators.DEFAULT, "topk"]
+    evaluate.evaluate(config, workdir, resolution=32, techniques=techniques, progress=False)
     image_ids = [27, 24]
     index = explain.explain(config, workdir, image_ids=image_ids, top_k=3, progress=False)
     return SimpleNamespace(
@@ -229,6 +252,94 @@ def test_report_links_only_existing_files_and_shows_every_prototype_and_image(re
 
 
 @pytest.mark.slow
+def test_panels_show_prp_heatmaps_of_the_matched_views(report):
+    """Each row: the test image's mask and its view under the PRP map, the prototype's source
+    and its view under its map; the maps equal PRP run on a view made by hand."""
+    import jax
+
+    from protomask_jax import trainer
+    from protomask_jax.data import pipeline
+    from protomask_jax.data import views as views_lib
+
+    page = _Page()
+    page.feed(report.index.read_text())
+    root = report.index.parent
+    restored = trainer.restore_trained(report.config, report.workdir)
+    sources = gallery.prototype_sources(restored.meta, len(page.cards))
+    view_relevance = relevance.ViewRelevance(restored)
+    state = jax.device_get(restored.state)
+    model = prp.canonize((restored.graphdef, state.params, state.batch_stats, state.constants))
+    test_set = pipeline.RecordSet(report.records, "test")
+    images = pictures.RecordImages(test_set)
+    for image_id, shown in page.panels.items():
+        for rank, j in enumerate(shown, start=1):
+            stem = f"images/{image_id}_r{rank}"
+            assert page.matches[image_id, rank] == [
+                f"{stem}_mask.png",
+                f"{stem}_prp.png",
+                f"prototypes/p{j:04d}_source.png",
+                f"prototypes/p{j:04d}_prp.png",
+            ]
+    # One image's heatmaps against PRP on its views made by hand (fit_record + make_views).
+    image_id, shown = next(iter(page.panels.items()))
+    decoded = images.get(image_id)
+    masks = [int(m) for m in _matched_masks(restored, test_set, image_id, shown)]
+    maps = view_relevance(decoded.record, masks, shown)
+    example = pipeline.fit_record(decoded.record, restored.spec, "")
+    for rank, (mask, j) in enumerate(zip(masks, shown, strict=True), start=1):
+        view = views_lib.make_views(
+            example["canvas"][None],
+            example["boxes"][None, [mask]],
+            None,
+            view_size=restored.config.input.view_size,
+            dtype=np.float32,
+        )
+        expected, _ = prp.relevance_maps(model, view, np.array([[j]]))  # the only view wins
+        np.testing.assert_allclose(maps[rank - 1], np.asarray(expected)[0, 0], rtol=1e-4, atol=1e-7)
+        drawn = np.asarray(Image.open(root / f"images/{image_id}_r{rank}_prp.png"))
+        redrawn = relevance.heatmap_overlay(decoded.view(mask, "match_view"), maps[rank - 1])
+        np.testing.assert_allclose(drawn, redrawn, atol=1)
+        assert not np.array_equal(drawn, decoded.view(mask, "match_view"))
+    # The prototype side: the source view push recorded, under the prototype's own map.
+    j = shown[0]
+    source = sources[j]
+    train_images = pictures.RecordImages(pipeline.RecordSet(report.records, "train"))
+    decoded = train_images.get(source.image_id)
+    (source_map,) = view_relevance(decoded.record, [source.mask_index], [j])
+    drawn = np.asarray(Image.open(root / f"prototypes/p{j:04d}_prp.png"))
+    redrawn = relevance.heatmap_overlay(decoded.view(source.mask_index, "match_view"), source_map)
+    np.testing.assert_allclose(drawn, redrawn, atol=1)
+
+
+def _matched_masks(restored, test_set, image_id, prototypes):
+    """The masks of the model's winning views of ``prototypes`` on one test image."""
+    from protomask_jax import evaluate
+
+    index = int(np.flatnonzero(test_set.image_ids == image_id)[0])
+    outputs = evaluate.run_model(restored, test_set, [index], progress=False)
+    return outputs.winning_view[0, prototypes] % outputs.num_masks[0]
+
+
+@pytest.mark.slow
+def test_top_images_section_lists_topk_json(report):
+    import json
+
+    page = _Page()
+    page.feed(report.index.read_text())
+    top = json.loads((report.workdir / "topk.json").read_text())
+    shown = sorted({j for rows in page.panels.values() for j in rows})
+    assert sorted(page.top_rows) == shown
+    for j in shown:
+        entry = top["prototypes"][j]
+        expected = [
+            f"topk/{split}_{e['image_id']}_m{e['mask']}_c{entry['class']}.png"
+            for split in ("train", "test")
+            for e in entry[split]
+        ]
+        assert page.top_rows[j] == expected
+
+
+@pytest.mark.slow
 def test_explain_command_line_writes_the_report(report, tmp_path):
     config_file = write_config_file(tmp_path / "tiny_config.py", report.records)
     workdir = tmp_path / "copy"
@@ -239,6 +350,7 @@ def test_explain_command_line_writes_the_report(report, tmp_path):
         f"--workdir={workdir}",
         "--num_images=2",
         "--top_k=2",
+        "--config.explain.explanation_type=mask",
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     index = workdir / "report" / "index.html"
@@ -247,6 +359,10 @@ def test_explain_command_line_writes_the_report(report, tmp_path):
     page.feed(index.read_text())
     # Round robin over the 4 classes: the lowest ids of classes 0 and 1.
     assert len(page.panels) == 2 and all(len(rows) == 2 for rows in page.panels.values())
+    # Mask explanations: the plain view crops, no heatmap.
+    for (image_id, rank), pictures_of_row in page.matches.items():
+        assert pictures_of_row[1] == f"images/{image_id}_r{rank}_view.png"
+        assert not any(name.endswith("_prp.png") for name in pictures_of_row)
 
 
 @pytest.mark.slow

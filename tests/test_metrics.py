@@ -73,8 +73,11 @@ def complexity_summary(masks, objects):
         object_sources={"test"},
         keypoint_sources=set(),
     )
-    sums = chunk.object_sums(chunk.ExplanationMaps.from_masks(masks), objects)
-    fake_chunk = SimpleNamespace(maps=maps, object_sums=sums, top_ids=np.zeros((n, k), int))
+    explanations = chunk.ExplanationMaps.from_masks(masks)
+    sums = chunk.object_sums(explanations, objects)
+    fake_chunk = SimpleNamespace(
+        maps=maps, object_sums=sums, explanations=explanations, top_ids=np.zeros((n, k), int)
+    )
     evaluator = complexity.Evaluator(SimpleNamespace(last_layer=np.zeros((1, k))))
     evaluator.update(fake_chunk)
     return evaluator.result()

@@ -14,9 +14,10 @@ ones asked for) and frame maps, and its ``perturbation`` set, so that an explana
 that reruns the model can rebuild the same input.
 
 Explanation maps pair a relevance map ``A >= 0`` with a region ``S``. ProtoMask explains by the
-winning view's mask, so ``A = S``; a saliency method (PRP) gives a float map per (image,
-prototype) in the same frame, post-processed as the reference does (§6, §7.7). Either is the
-chunk's ``explain`` function.
+winning view's mask, so ``A = S``; a saliency method (PRP, ``evaluate.PrpExplanations``) gives
+a float map per (image, prototype) in the same frame, post-processed as the reference does
+(§6, §7.7). Either is the chunk's ``explain`` function; :meth:`Chunk.for_prototypes` asks it
+about other prototypes of the same images.
 """
 
 from __future__ import annotations
@@ -90,10 +91,11 @@ def explanation_masks(winning_view, masks, num_masks, prototype_ids) -> np.ndarr
 @dataclasses.dataclass
 class ExplanationMaps:
     """Relevance ``A`` (float ``>= 0``, or the bool region itself) and region ``S`` (bool),
-    both ``[n, k, R, R]``."""
+    both ``[n, k, R, R]``; a saliency method's whole maps before post-processing, if any."""
 
     relevance: np.ndarray
     mask: np.ndarray
+    maps: np.ndarray | None = None
 
     @classmethod
     def from_masks(cls, masks: np.ndarray) -> ExplanationMaps:
@@ -105,7 +107,7 @@ class ExplanationMaps:
         maps = np.asarray(maps, np.float32)
         threshold = np.percentile(maps, percentile, axis=(-2, -1), keepdims=True)
         mask = maps >= threshold
-        return cls(relevance=np.where(mask, maps, 0.0), mask=mask)
+        return cls(relevance=np.where(mask, maps, 0.0), mask=mask, maps=maps)
 
     @property
     def binary(self) -> bool:
@@ -114,7 +116,8 @@ class ExplanationMaps:
     def take(self, rows) -> ExplanationMaps:
         if self.binary:
             return ExplanationMaps.from_masks(self.mask[rows])
-        return ExplanationMaps(self.relevance[rows], self.mask[rows])
+        maps = None if self.maps is None else self.maps[rows]
+        return ExplanationMaps(self.relevance[rows], self.mask[rows], maps)
 
 
 @dataclasses.dataclass
@@ -162,6 +165,7 @@ class Chunk:
     # (chunk, top_ids [n, k], perturbation) -> EvalOutputs of its images perturbed
     run: Callable[[Chunk, np.ndarray, Any], Any] | None = None
     perturbation: Any = None  # None: the clean pass
+    split: str = ""  # where the images come from (for the families reading every split)
 
     @functools.cached_property
     def top_ids(self) -> np.ndarray:
@@ -176,8 +180,14 @@ class Chunk:
             raise ValueError("a perturbed pass needs the model: build the chunk with `run`")
         top_ids = self.top_ids if top_ids is None else np.asarray(top_ids)
         outputs = self.run(self, top_ids, perturbation)
-        derived = Chunk(outputs, self.render, self.explain, perturbation=perturbation)
+        derived = Chunk(outputs, self.render, self.explain, None, perturbation, self.split)
         derived.__dict__.update(top_ids=top_ids, maps=self.maps)  # no second top-k, no render
+        return derived
+
+    def for_prototypes(self, top_ids: np.ndarray) -> Chunk:
+        """These images (and perturbation) explained for the prototypes ``top_ids [n, j]``."""
+        derived = dataclasses.replace(self)
+        derived.__dict__.update(top_ids=np.asarray(top_ids), maps=self.maps)
         return derived
 
     @functools.cached_property

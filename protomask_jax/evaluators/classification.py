@@ -193,23 +193,6 @@ def multilabel_scores(logits, labels, threshold: float, balanced: bool = False) 
 class Evaluator:
     name = "classification"
     aliases = ("general",)  # the reference's name of the technique
-    title = "Classification"
-    rows = (
-        ("top1_accuracy", "top-1 accuracy", "%"),
-        ("top3_accuracy", "top-3 accuracy", "%"),
-        ("top2_accuracy", "top-2 accuracy", "%"),
-        ("macro_f1", "macro F1", "%"),
-        ("subset_accuracy", "exact-match accuracy", "%"),
-        ("samples_f1", "F1 (samples)", "%"),
-        ("threshold", "decision threshold (logit)", ""),
-        ("balanced_accuracy", "balanced accuracy (reference)", "%"),
-        ("balanced_top3_accuracy", "balanced top-3 accuracy", "%"),
-        ("balanced_top2_accuracy", "balanced top-2 accuracy", "%"),
-        ("balanced_precision", "balanced precision", "%"),
-        ("balanced_recall", "balanced recall", "%"),
-        ("balanced_f1", "balanced F1", "%"),
-        ("balanced_roc_auc", "balanced ROC AUC", "%"),
-    )
 
     def __init__(self, model):
         self.threshold = getattr(model, "multi_label_threshold", None)

@@ -42,13 +42,6 @@ def local_explanation_size(similarities, threshold: float = LOCAL_SIZE_THRESHOLD
 
 class Evaluator:
     name = "compactness"
-    title = "Compactness (epsilon = {epsilon})"
-    rows = (
-        ("global_explanation_size", "global explanation size", "prototypes"),
-        ("classification_sparsity", "classification sparsity", "%"),
-        ("negative_positive_ratio", "negative/positive reasoning ratio", ""),
-        ("local_size", "local explanation size", "prototypes"),
-    )
 
     def __init__(self, model):
         self.last_layer = model.last_layer

@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from protomask_jax.evaluators.continuity import CHANGE_ROWS, changes, explanation_state, summarize
+from protomask_jax.evaluators.continuity import changes, explanation_state, summarize
 
 NOISE_STD = 0.05  # the reference's std, in units of the normalised input
 
@@ -49,8 +49,6 @@ class OutsideBoxNoise:
 class Evaluator:
     name = "completeness"
     aliases = ("output_completeness",)  # the reference's name
-    title = "Output completeness (top-{k} prototypes, noise outside the explanation box)"
-    rows = CHANGE_ROWS
 
     def __init__(self, model):
         self.terms: dict[str, list] = {}

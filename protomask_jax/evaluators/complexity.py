@@ -69,22 +69,12 @@ def part_consistency(prototype_ids, part_hits, num_prototypes: int) -> float:
 
 class Evaluator:
     name = "complexity"
-    title = "Ground truth (top-{k} prototypes per image)"
-    rows = (
-        ("object_overlap", "object overlap", "%"),
-        ("background_overlap", "background overlap", "%"),
-        ("iou", "IoU with the object", "%"),
-        ("ior", "inside-outside relevance (IOR)", ""),
-        ("oirr", "outside/inside relevance ratio", ""),
-        ("part_consistency", "part consistency", "%"),
-    )
-    notes = (("object_mask", "object mask"), ("keypoints", "keypoints"))
 
     def __init__(self, model):
         self.num_prototypes = model.last_layer.shape[1]
         self.k = min(TOP_K, self.num_prototypes)
         self.per_map: dict[str, list] = {}
-        self.ids, self.hits = [], []
+        self.ids, self.hits, self.whole_frame = [], [], []
         self.object_sources, self.keypoint_sources = set(), set()
 
     def update(self, chunk) -> None:
@@ -94,6 +84,9 @@ class Evaluator:
         if maps.has_object.any():
             for name, values in object_metrics(chunk.object_sums).items():
                 self.per_map.setdefault(name, []).append(values)
+            if not chunk.explanations.binary:  # a 95th percentile of 0 selects every pixel
+                regions = chunk.explanations.mask[maps.has_object]
+                self.whole_frame.append(regions.all(axis=(-2, -1)))
         points = maps.has_keypoints
         if points.any():
             self.ids.append(chunk.top_ids[points])
@@ -117,6 +110,8 @@ class Evaluator:
                 ior=float(values["ior"].mean()),
                 oirr=float(oirr.mean()) if oirr.size else float("nan"),
             )
+            if self.whole_frame:
+                group["whole_frame_regions"] = float(100 * np.concatenate(self.whole_frame).mean())
         if self.ids:
             ids = np.concatenate(self.ids)
             group.update(

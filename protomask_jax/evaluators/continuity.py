@@ -197,26 +197,8 @@ def summarize(terms: dict[str, list]) -> dict[str, float]:
     return group
 
 
-CHANGE_ROWS = (
-    ("vlc", "VLC (explanation region)", "%"),
-    ("vac", "VAC (explanation values)", "%"),
-    ("plc", "PLC (winning view index)", "views"),
-    ("psc", "PSC (peak similarity)", "%"),
-    ("prc", "PRC (prototype rank)", "places"),
-    ("palc", "PALC (views over half the range)", "%"),
-    ("pac", "PAC (view similarities)", "%"),
-)
-
-
 class Evaluator:
     name = "continuity"
-    title = "Continuity (top-{k} prototypes, photometric perturbation)"
-    rows = (
-        *CHANGE_ROWS,
-        ("cac", "CAC (sorted logits)", "%"),
-        ("crc", "CRC (new rank of the prediction)", "places"),
-        ("stability", "stability (part keypoints)", "%"),
-    )
 
     def __init__(self, model):
         self.terms: dict[str, list] = {}

@@ -149,19 +149,6 @@ def prototype_entropy(similarities, bins: int = ENTROPY_BINS) -> np.ndarray:
 
 class Evaluator:
     name = "contrastivity"
-    title = "Contrastivity (top-{k} prototypes per image)"
-    rows = (
-        ("vlc", "VLC (explanations)", "%"),
-        ("vac", "VAC (explanation values)", "%"),
-        ("plc", "PLC (winning view index)", "views"),
-        ("palc", "PALC (views over half the similarity range)", "%"),
-        ("intra_prototype_distance", "intra prototype distance", "1 - cos"),
-        ("inter_prototype_distance", "inter prototype distance", "1 - cos"),
-        ("intra_feature_distance", "intra feature distance", "1 - cos"),
-        ("inter_feature_distance", "inter feature distance", "1 - cos"),
-        ("prototype_entropy", "prototype entropy", "bits"),
-        ("prototypes_used", "prototypes in some top-k set", "prototypes"),
-    )
 
     def __init__(self, model):
         self.prototypes = model.prototypes

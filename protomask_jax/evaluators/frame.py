@@ -105,7 +105,9 @@ class FrameMaps:
     """N images in the frame. ``masks [N, K, R, R]``: the first ``num_masks[n]`` slots hold
     the masks the views showed, largest first. ``object_masks``, ``decisive_masks [N, R, R]``,
     ``keypoints [N, Q, 3]`` are empty / invisible where the ``has_*`` flags ``[N]`` are False.
-    ``sizes [N, 2]``: each image's height and width in pixels.
+    ``sizes [N, 2]``: each image's height and width in pixels. ``view_boxes [N, K, 4]``: the
+    box of each view in the image (= frame) as normalised yxyx, view ``k`` showing mask
+    ``k % masks/count``, as the host pipeline pads.
     """
 
     masks: np.ndarray
@@ -118,6 +120,7 @@ class FrameMaps:
     object_sources: set[str]
     keypoint_sources: set[str]
     sizes: np.ndarray | None = None
+    view_boxes: np.ndarray | None = None
 
 
 def _object_mask(record, part_map, resolution: int):
@@ -164,11 +167,13 @@ def render_frame_maps(
         object_sources=set(),
         keypoint_sources=set(),
         sizes=np.zeros((count, 2), np.int64),
+        view_boxes=np.zeros((count, num_views, 4), np.float32),
     )
     points = [None] * count
     for n, index in enumerate(np.asarray(record_indices)):
         record, _ = read_record(record_set, index, num_views)
         maps.sizes[n] = image_size(record)
+        maps.view_boxes[n] = record.boxes[np.arange(num_views) % record.num_masks]
         for k in range(min(record.num_masks, num_views)):
             maps.masks[n, k] = to_frame(
                 records_lib.decode_mask_png(record.mask_pngs[k]), resolution

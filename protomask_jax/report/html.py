@@ -105,6 +105,13 @@ img.curves { max-width: 100%; background: #fff; border: 1px solid var(--line);
 .bar { height: 6px; background: var(--line); border-radius: 3px; margin-top: 5px; width: 180px; }
 .bar span { display: block; height: 6px; border-radius: 3px; background: var(--accent); }
 a.figure { font-size: 13px; color: var(--accent); }
+.topk { display: flex; gap: 16px; align-items: flex-start; background: var(--card);
+        border: 1px solid var(--line); border-radius: 10px; padding: 8px 12px; margin-bottom: 8px; }
+.topk .proto { width: 130px; flex: none; font-size: 13px; color: var(--muted); }
+.topk .proto a { font-weight: 650; }
+.topk .split { font-size: 12.5px; color: var(--muted); }
+.topk .tops { display: flex; gap: 6px; margin-top: 3px; }
+.topk .top { font-size: 12px; text-align: center; }
 footer { color: var(--muted); font-size: 12.5px; padding: 20px 40px 30px; }
 """
 

@@ -4,8 +4,9 @@ predicted class's logit, each with the image's matched view beside the prototype
 Per image ``n`` (``evaluate.EvalOutputs`` row): the prototypes' contributions
 ``s_j W[pred, j]`` rank them (ties to the lower index, as the faithfulness metric); a
 prototype's match is its winning view, whose mask is ``view % num_masks``. Pictures:
-``images/{id}.png``, ``images/{id}_r{rank}_mask.png`` and ``_view.png``, and one
-self-contained figure per image, ``figures/explanation_{id}.png``.
+``images/{id}.png``, ``images/{id}_r{rank}_mask.png`` and ``_view.png`` (with PRP heatmaps
+``_prp.png``, see ``relevance.py``), and one self-contained figure per image,
+``figures/explanation_{id}.png``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from protomask_jax.evaluators.chunk import top_indices
-from protomask_jax.report import html, pictures
+from protomask_jax.report import html, pictures, relevance
 from protomask_jax.report.html import e
 
 
@@ -46,6 +47,16 @@ def top_contributions(similarities, last_layer, predicted: int, winning_view, nu
     ]
 
 
+def shown_prototypes(outputs, arrays, top_k: int) -> list[int]:
+    """The prototypes the panels of ``outputs`` show, by id."""
+    shown = set()
+    for n, logits in enumerate(outputs.logits):
+        predicted = int(np.argmax(logits))
+        contributions = outputs.similarities[n].astype(np.float64) * arrays.last_layer[predicted]
+        shown.update(top_indices(contributions[None], top_k)[0].tolist())
+    return sorted(shown)
+
+
 def explanation_figure(path: Path, whole, heading: str, correct: bool, details: str, rows):
     """One picture: the test image and its verdict, then per ``(test view overlay, prototype
     source or None, title, caption)`` of ``rows`` the view ("this") above the source
@@ -55,9 +66,12 @@ def explanation_figure(path: Path, whole, heading: str, correct: bool, details: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns, grid = 1 + len(rows), dict(hspace=0.42, wspace=0.1)
-    size = (2.5 * columns, 5.6)
-    figure, axes = plt.subplots(2, columns, figsize=size, dpi=130, squeeze=False, gridspec_kw=grid)
+    aspect = rows[0][0].shape[1] / rows[0][0].shape[0]  # wider with heatmaps beside masks
+    grid = dict(hspace=0.42, wspace=0.1, width_ratios=[1] + [aspect] * len(rows))
+    size = (2.5 * (1 + aspect * len(rows)), 5.6)
+    figure, axes = plt.subplots(
+        2, 1 + len(rows), figsize=size, dpi=130, squeeze=False, gridspec_kw=grid
+    )
     for axis in axes.ravel():
         axis.axis("off")
     axes[0, 0].imshow(whole)
@@ -141,7 +155,11 @@ def _panel(canvas, image_id: int, predicted: int, true: int, logits, rows) -> tu
     ), probability
 
 
-def _explain_image(canvas, outputs, n: int, arrays, images, prototype_pictures, top_k) -> str:
+def _read(canvas, name: str | None) -> np.ndarray | None:
+    return None if name is None else np.asarray(Image.open(canvas.out_dir / name).convert("RGB"))
+
+
+def _explain_image(canvas, outputs, n, arrays, images, prototype_pictures, top_k, heatmaps):
     image_id, logits = int(outputs.image_ids[n]), outputs.logits[n]
     decoded = images.get(image_id)
     predicted, true = int(np.argmax(logits)), int(outputs.labels[n])
@@ -155,22 +173,33 @@ def _explain_image(canvas, outputs, n: int, arrays, images, prototype_pictures, 
     )
     whole = pictures.fit_width(decoded.image, pictures.rendered("whole"))
     canvas.save(whole, f"images/{image_id}.png")
+    masks = [match.mask_index for match in matches]
+    if heatmaps is None:
+        views, kind = [decoded.view(m, "match_view") for m in masks], "view"
+    else:
+        ids = [match.prototype for match in matches]
+        views, kind = heatmaps.views(decoded, masks, ids, "match_view"), "prp"
     rows, figure_rows = [], []
-    for rank, match in enumerate(matches, start=1):
-        own = int(arrays.prototype_class[match.prototype])
+    for rank, (match, view) in enumerate(zip(matches, views, strict=True), start=1):
+        j = match.prototype
+        own = int(arrays.prototype_class[j])
         overlay = decoded.overlay(match.mask_index, canvas.colours[own], "match")
+        source, source_view = prototype_pictures[j]
+        if heatmaps is not None and source is not None:
+            source_view = heatmaps.source(j)
         stem = f"images/{image_id}_r{rank}"
-        drawn = (
-            canvas.save(overlay, f"{stem}_mask.png"),
-            canvas.save(decoded.view(match.mask_index, "match_view"), f"{stem}_view.png"),
-            *prototype_pictures[match.prototype],
-        )
+        mask_picture = canvas.save(overlay, f"{stem}_mask.png")
+        drawn = (mask_picture, canvas.save(view, f"{stem}_{kind}.png"), source, source_view)
         rows.append(_match_row(rank, match, own, canvas, drawn, float(logits[predicted])))
-        source = None if drawn[2] is None else np.asarray(Image.open(canvas.out_dir / drawn[2]))
+        this, that = overlay, _read(canvas, source)
+        if heatmaps is not None:  # the figure shows each outline beside its heatmap
+            this = relevance.side_by_side(overlay, view)
+            if that is not None:
+                that = relevance.side_by_side(that, _read(canvas, source_view))
         caption = textwrap.fill(canvas.class_names[own], 24, break_on_hyphens=False)
         caption += f"\nsimilarity {match.similarity:.2f}\n"
         caption += f"x weight {match.weight:.2f} = {match.contribution:.2f}"
-        figure_rows.append((overlay, source, f"#{rank}: prototype {match.prototype}", caption))
+        figure_rows.append((this, that, f"#{rank}: prototype {j}", caption))
     panel, probability = _panel(canvas, image_id, predicted, true, logits, rows)
     details = textwrap.fill(f"true: {canvas.class_names[true]}", 26, break_on_hyphens=False)
     explanation_figure(
@@ -185,19 +214,32 @@ def _explain_image(canvas, outputs, n: int, arrays, images, prototype_pictures, 
 
 
 def section(
-    canvas, outputs, arrays, images, prototype_pictures, top_k: int, tick: Callable[[], Any]
+    canvas,
+    outputs,
+    arrays,
+    images,
+    prototype_pictures,
+    top_k: int,
+    tick: Callable[[], Any],
+    heatmaps: relevance.Heatmaps | None = None,
 ):
-    """The panels of every image of ``outputs`` (``images``: their ``RecordImages``;
-    ``prototype_pictures``: ``gallery.section``'s)."""
+    """The panels of every image of ``outputs`` (``images``: their ``RecordImages``, or any
+    object whose ``get(image_id)`` gives a ``pictures.DecodedImage``; ``prototype_pictures``:
+    ``gallery.section``'s; ``heatmaps``: PRP maps drawn in the views, else plain crops)."""
     panels = []
     for n in range(len(outputs.image_ids)):
-        panels.append(_explain_image(canvas, outputs, n, arrays, images, prototype_pictures, top_k))
+        panels.append(
+            _explain_image(canvas, outputs, n, arrays, images, prototype_pictures, top_k, heatmaps)
+        )
         tick()
+    view = "the view as the network saw it"
+    if heatmaps is not None:
+        view = "the view under its PRP map (which pixels make the prototype match it, docs/prp.md)"
     note = (
         f"For each test image: the {top_k} prototypes that add most to the predicted "
         "class's score (similarity x last-layer weight). Left of the arrow: the view of "
-        "the test image that matched the prototype best (its mask outlined); right: the "
-        "prototype's own source view."
+        "the test image that matched the prototype best, its mask outlined, and "
+        f"{view}; right: the same for the prototype's own source view."
     )
     return html.Section(
         "explanations", "Explanations", "This looks like that", note, "".join(panels)

@@ -20,7 +20,7 @@ from protomask_jax.data import records as records_lib
 from protomask_jax.evaluators import frame
 
 RGB = tuple[int, int, int]
-SIZES = {"source": 176, "view": 84, "whole": 230, "match": 150, "match_view": 72}
+SIZES = {"source": 176, "view": 84, "whole": 230, "match": 150, "match_view": 96, "topk": 76}
 PIXEL_DENSITY = 2
 _OUTLINE_PX = 3  # mask outline width in rendered pixels
 _DIM = 0.55  # brightness kept outside the outlined mask
