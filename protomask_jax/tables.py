@@ -3,9 +3,9 @@ r"""Tables over runs: ``python -m protomask_jax.tables WORKDIR... [--out DIR]`` 
 Each workdir contributes its ``eval.json`` metrics (the families' table rows) and
 ``results.json``'s test accuracy, time and prototype count. Runs are grouped by their
 ``config.json`` (the settings a resumed run may change left out, see
-``checkpoint.config_fingerprint``) plus the evaluated split, mask frame and checkpoint kind:
-runs that differ only in ``seed`` form one group; a group is named by the keys that differ
-between groups. Per group and metric: n, mean, sample standard deviation (ddof 1, as the
+``checkpoint.config_fingerprint``) and how eval.json was made (split, frame, explanation
+type, PRP rule, checkpoint kind): runs that differ only in ``seed`` form one group; a group is
+named by the keys that differ between groups. Per group and metric: n, mean, sample standard deviation (ddof 1, as the
 authors' pandas ``describe``), min and max. Printed as Markdown; ``--out`` also writes
 ``tables.md``, ``tables.tex`` (``mean \pm std`` cells, as the authors' ``paper_table.py``) and
 ``tables.json``.
@@ -28,6 +28,7 @@ from protomask_jax import cli, evaluators
 MAIN = (
     "classification.top1_accuracy classification.subset_accuracy "
     "classification.balanced_accuracy faithfulness.rate faithfulness.chance_rate "
+    "faithfulness.relevance_mass "
     "compactness.global_explanation_size compactness.classification_sparsity "
     "contrastivity.vlc contrastivity.inter_prototype_distance complexity.object_overlap "
     "complexity.part_consistency"
@@ -71,7 +72,8 @@ def load_run(workdir: str | Path) -> dict[str, Any]:
     config = _read_json(workdir / cli.RUN_CONFIG, "it is not a training run")["config"]
     settings = _flat(checkpoint.config_fingerprint(config))
     settings.pop("seed", None)
-    settings.update({f"eval.{k}": evaluation.get(k) for k in ("split", "resolution")})
+    evaluated = ("split", "resolution", "explanation_type", "prp_rule")
+    settings.update({f"eval.{k}": evaluation.get(k) for k in evaluated})
     settings["eval.checkpoint"] = str(evaluation.get("checkpoint", "")).split(" step")[0]
     results_path = workdir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
