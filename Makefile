@@ -9,12 +9,13 @@ CONFIG ?= configs/demo.py
 
 SEEDS ?= 0 1 2
 
-.PHONY: demo seeds test install lint bench bench-gpu clean screenshot
+.PHONY: demo seeds test install lint bench bench-gpu wheelhouse wheelhouse-check clean screenshot
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[segmentation,dev]'
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q -c constraints.txt --build-constraint constraints.txt \
+		-e '.[segmentation,dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -47,14 +48,26 @@ screenshot: $(STAMP)
 bench: $(STAMP)
 	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.train_step --shape cpu
 	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.push --shape cpu
+	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.end_to_end --shape cpu
 	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.input_pipeline
 	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.export
 	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.scaling
 	$(PY) -m benchmarks.report --update
 
-# On a GPU machine with jax[cuda] and torch already installed (no venv, no network needed).
+# On a GPU machine with jax[cuda] and torch already installed (no venv, no network needed);
+# carry .whl/ along (make wheelhouse) for what the host lacks.
 bench-gpu:
 	benchmarks/gpu.sh
+
+# Python 3.12 wheels of what benchmarks/gpu.sh needs beyond the GPU host's packages
+# (benchmarks/wheelhouse.txt), into .whl/ (under the 64 MiB the device tool carries).
+wheelhouse: $(STAMP)
+	$(PY) -m benchmarks.wheelhouse build
+
+# Proves the wheelhouse complete: a fresh Python 3.12 venv with only jax, flax, optax,
+# orbax-checkpoint and chex from the registry, then .whl/ offline, then end_to_end runs.
+wheelhouse-check: wheelhouse
+	$(PY) -m benchmarks.wheelhouse check $(if $(PYTHON312),--python $(PYTHON312))
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

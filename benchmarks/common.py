@@ -1,12 +1,14 @@
-"""Shared pieces of the benchmark scripts: config, timing, environment facts, output files.
+"""Shared pieces of the benchmark scripts: config, timing, CPU use, environment facts, output.
 
-Nothing here imports torch; jax is imported by the functions that need it, so that a script
-can set ``XLA_PYTHON_CLIENT_PREALLOCATE`` (and friends) before jax initialises.
+Nothing here imports torch, and jax only inside the functions that need it: the host-side
+scripts (``cub_records``' worker processes, ``wheelhouse``) start without it.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -153,7 +155,7 @@ def time_steps(
     """
     for i in range(warmup):
         synchronize(run_step(i))
-    stolen_before = _cpu_jiffies()
+    before = cpu_sample()
     cpu_before = time.process_time()
     per_step = []
     for i in range(steps):
@@ -167,32 +169,119 @@ def time_steps(
         out = run_step(warmup + steps + i)
     synchronize(out)
     back_to_back = (time.perf_counter() - start) / steps
+    usage = cpu_usage(before, cpu_sample())
     return {
         "per_step": percentiles(per_step),
         "back_to_back_mean": back_to_back,
-        "host_steal_fraction": _steal_fraction(stolen_before, _cpu_jiffies()),
+        "host_steal_fraction": usage["host_steal_fraction"],
         "process_cpu_s_per_step": cpu_per_step,
-        "host_load_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "host_load_1min": usage["host_load_1min"],
     }
 
 
-def _cpu_jiffies() -> tuple[int, int] | None:
-    """``(steal, total)`` jiffies of all CPUs from /proc/stat (None where there is none)."""
+# --------------------------------------------------------------------------- CPU use
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuSample:
+    """CPU time counters at one instant (Linux /proc; None where there is none).
+
+    Attributes:
+      wall_s: ``time.perf_counter()``.
+      host_jiffies: all CPUs' ``user nice system idle iowait irq softirq steal`` jiffies.
+      main_cpu_s: this process's user + system seconds, all threads.
+      children_cpu_s: the same summed over its live descendants (e.g. grain workers).
+      children: how many descendants are alive.
+    """
+
+    wall_s: float
+    host_jiffies: tuple[int, ...] | None
+    main_cpu_s: float
+    children_cpu_s: float | None
+    children: int | None
+
+
+def cpu_sample() -> CpuSample:
+    """Reads the counters of :class:`CpuSample` now."""
+    wall = time.perf_counter()
     try:
         with open("/proc/stat") as stat:
-            fields = [int(v) for v in stat.readline().split()[1:]]
+            host = tuple(int(v) for v in stat.readline().split()[1:9])
     except (OSError, ValueError):
-        return None
-    # user nice system idle iowait irq softirq steal [guest guest_nice, already in user]
-    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+        host = None
+    main = sum(os.times()[:2])
+    children = _descendant_cpu_s(os.getpid())
+    return CpuSample(
+        wall_s=wall,
+        host_jiffies=host,
+        main_cpu_s=main,
+        children_cpu_s=None if children is None else children[0],
+        children=None if children is None else children[1],
+    )
 
 
-def _steal_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
-    """Share of the host's CPU time taken by the hypervisor for other guests in between: on
-    a shared virtual machine, a large value means the timings are inflated."""
-    if before is None or after is None or after[1] <= before[1]:
+def _descendant_cpu_s(pid: int) -> tuple[float, int] | None:
+    """``(user + system seconds, count)`` of the live descendants of ``pid`` (from /proc)."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
         return None
-    return (after[0] - before[0]) / (after[1] - before[1])
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                # The command name may hold spaces and parentheses: fields start after the
+                # last ')'. Then: state ppid ... utime (12th) stime (13th).
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        parents[int(entry)] = int(fields[1])
+        ticks[int(entry)] = int(fields[11]) + int(fields[12])
+    tree, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - tree
+        tree |= frontier
+    return sum(ticks[p] for p in tree) / _CLOCK_TICKS, len(tree)
+
+
+def cpu_usage(before: CpuSample, after: CpuSample) -> dict[str, Any]:
+    """What the CPUs did between two samples.
+
+    Returns:
+      ``host_utilisation``: busy share of all the host's cores (every process, ours or not);
+      ``host_cores_busy``: the same in cores; ``host_steal_fraction``: share taken by the
+      hypervisor for other guests; ``main_process_cores`` / ``children_cores``: cores'
+      worth of CPU time used by this process and by its descendants (grain workers);
+      ``host_load_1min`` and ``cpu_count`` for context.
+    """
+    wall = max(after.wall_s - before.wall_s, 1e-9)
+    usage: dict[str, Any] = {
+        "seconds": wall,
+        "cpu_count": cpu_count(),
+        "os_cpu_count": os.cpu_count(),
+        "host_load_1min": (load_average() or (None,))[0],
+        "host_utilisation": None,
+        "host_cores_busy": None,
+        "host_steal_fraction": None,
+        "main_process_cores": (after.main_cpu_s - before.main_cpu_s) / wall,
+        "children_cores": None,
+        "children": after.children,
+    }
+    if before.host_jiffies and after.host_jiffies:
+        delta = [a - b for a, b in zip(after.host_jiffies, before.host_jiffies, strict=True)]
+        total = sum(delta)
+        if total > 0:
+            idle = delta[3] + delta[4]  # idle + iowait
+            usage["host_utilisation"] = (total - idle) / total
+            usage["host_cores_busy"] = usage["host_utilisation"] * (os.cpu_count() or 1)
+            usage["host_steal_fraction"] = delta[7] / total
+    if before.children_cpu_s is not None and after.children_cpu_s is not None:
+        # Descendants that ended in between drop out of the sum; clamp at 0.
+        usage["children_cores"] = max(after.children_cpu_s - before.children_cpu_s, 0) / wall
+    return usage
 
 
 @contextlib.contextmanager
@@ -277,17 +366,57 @@ def device_facts() -> dict[str, Any]:
         "peak_bf16_flops": peak,
         "peak_source": source,
         "host_cpu": platform.processor() or platform.machine(),
-        "host_cpu_count": _cpu_count(),
+        "host_cpu_count": cpu_count(),
     }
 
 
-def _cpu_count() -> int | None:
+def host_facts(since: CpuSample) -> dict[str, Any]:
+    """What every result JSON records about the host: its cores (usable by this process:
+    ``cpu_count``; all: ``os_cpu_count``), its load averages now, and its CPU use since
+    ``since`` (``cpu_usage``) — on a shared machine, the measure of how loaded it was."""
+    return {**cpu_usage(since, cpu_sample()), "load_average": load_average()}
+
+
+def load_average() -> tuple[float, float, float] | None:
+    """The host's 1, 5 and 15 minute load averages (None where the OS has none)."""
+    return os.getloadavg() if hasattr(os, "getloadavg") else None
+
+
+def cpu_count() -> int | None:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def device_slug(name: str) -> str:
     """``'NVIDIA H100 80GB HBM3'`` -> ``'nvidia-h100-80gb-hbm3'`` (for file names)."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_flags(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    *,
+    seed: bool = True,
+    grain: bool = False,
+) -> dict[str, Any]:
+    """Adds the flags every benchmark has (``--out_dir``, and ``--seed`` unless ``seed`` is
+    False), parses ``argv`` and returns the values by name, for ``run(**flags)``.
+
+    With ``grain``, also marks absl's flags parsed: grain's worker processes read them, and
+    these scripts define none.
+    """
+    parser.add_argument("--out_dir", type=Path, default=RESULTS_DIR)
+    if seed:
+        parser.add_argument("--seed", type=int, default=0)
+    flags = vars(parser.parse_args(argv))
+    if grain:
+        from absl import flags as absl_flags
+
+        absl_flags.FLAGS.mark_as_parsed()
+    return flags
 
 
 # --------------------------------------------------------------------------- output

@@ -75,6 +75,7 @@ def run(
     """Measures every segmenter and writes the JSON."""
     import importlib.util
 
+    started = common.cpu_sample()
     workdir = Path(tempfile.mkdtemp(prefix="protomask_export_bench_"))
     config = base_export_config(workdir, image_size, images_per_class)
     from segmentation import sources
@@ -99,6 +100,7 @@ def run(
         "benchmark": "export",
         "torch_device": device,
         "host_cpu_count": common.device_facts()["host_cpu_count"],
+        "host": common.host_facts(started),
         "versions": common.versions(with_torch=True),
         "git": common.git_revision(),
         "images": {
@@ -147,21 +149,14 @@ def _measure_sam(config: Any, workdir: Path, sam_models: list[str]) -> list[dict
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--sam_models", default="", help="comma-separated SAM types for the GPU, e.g. vit_b,vit_h"
+        "--sam_models",
+        type=lambda value: [m for m in value.split(",") if m],
+        default=[],
+        help="comma-separated SAM types for the GPU, e.g. vit_b,vit_h",
     )
     parser.add_argument("--image_size", type=int, default=256)
     parser.add_argument("--images_per_class", type=int, default=4, help="8 classes")
-    parser.add_argument("--out_dir", type=Path, default=common.RESULTS_DIR)
-    args = parser.parse_args(argv)
-    from absl import flags
-
-    flags.FLAGS.mark_as_parsed()
-    return run(
-        sam_models=[m for m in args.sam_models.split(",") if m],
-        image_size=args.image_size,
-        images_per_class=args.images_per_class,
-        out_dir=args.out_dir,
-    )
+    return run(**common.parse_flags(parser, argv, seed=False, grain=True))
 
 
 if __name__ == "__main__":

@@ -77,34 +77,43 @@ def decode_times(record_set: Any, count: int) -> dict[str, float]:
 
 
 def measure_stream(
-    record_set: Any, spec: Any, num_workers: int, num_batches: int, seed: int
+    record_set: Any,
+    spec: Any,
+    num_workers: int,
+    num_batches: int,
+    seed: int,
+    batch_size: int = BATCH_SIZE,
 ) -> dict[str, Any]:
-    """Time to the first batch and steady images/s of the training stream."""
+    """Time to the first batch, then steady images/s and CPU use (this process and its
+    grain workers, sampled while they are alive) of the training stream."""
     from protomask_jax.data import pipeline
 
     indices = np.arange(len(record_set))
     start = time.perf_counter()
     stream = pipeline.train_stream(
-        record_set, indices, spec, global_batch=BATCH_SIZE, seed=seed, num_workers=num_workers
+        record_set, indices, spec, global_batch=batch_size, seed=seed, num_workers=num_workers
     )
     try:
         next(stream)
         first_batch = time.perf_counter() - start
-        start = time.perf_counter()
+        before = common.cpu_sample()
         for _ in range(num_batches):
             batch = next(stream)
-        elapsed = time.perf_counter() - start
+        after = common.cpu_sample()
     finally:
         stream.close()
-    expected = (BATCH_SIZE, CANVAS_SIZE, CANVAS_SIZE, 3)
+    elapsed = after.wall_s - before.wall_s
+    expected = (batch_size, spec.canvas_size, spec.canvas_size, 3)
     if batch["canvas"].shape != expected:
         raise RuntimeError(f"unexpected canvas batch {batch['canvas'].shape}, want {expected}")
     return {
         "num_workers": num_workers,
         "first_batch_s": first_batch,
         "batches": num_batches,
+        "batch_size": batch_size,
         "steady_s": elapsed,
-        "images_per_s": num_batches * BATCH_SIZE / elapsed,
+        "images_per_s": num_batches * batch_size / elapsed,
+        "cpu": common.cpu_usage(before, after),
     }
 
 
@@ -129,6 +138,7 @@ def run(
     seed: int = 0,
 ) -> Path:
     """Exports the records (once), measures every worker count, writes the JSON."""
+    started = common.cpu_sample()
     from protomask_jax.data import pipeline
     from segmentation import export
 
@@ -158,10 +168,7 @@ def run(
         )
     payload = {
         "benchmark": "input_pipeline",
-        "host": {
-            "cpu": common.device_facts()["host_cpu"],
-            "cpu_count": common.device_facts()["host_cpu_count"],
-        },
+        "host": {"cpu": common.device_facts()["host_cpu"], **common.host_facts(started)},
         "versions": common.versions(with_torch=False),
         "git": common.git_revision(),
         "records": {
@@ -189,27 +196,17 @@ def run(
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
+    parser.add_argument(
+        "--workers",
+        type=lambda value: [int(w) for w in value.split(",")],
+        default=[0, 1, 2],
+        help="comma-separated worker counts",
+    )
     parser.add_argument("--image_size", type=int, default=512)
     parser.add_argument("--images_per_class", type=int, default=32, help="8 classes")
     parser.add_argument("--batches", type=int, default=24, help="timed batches of 16")
     parser.add_argument("--records_dir", type=Path, default=None)
-    parser.add_argument("--out_dir", type=Path, default=common.RESULTS_DIR)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    # grain's worker processes read absl flags; this script has none of its own.
-    from absl import flags
-
-    flags.FLAGS.mark_as_parsed()
-    return run(
-        [int(w) for w in args.workers.split(",")],
-        image_size=args.image_size,
-        images_per_class=args.images_per_class,
-        batches=args.batches,
-        records_dir=args.records_dir,
-        out_dir=args.out_dir,
-        seed=args.seed,
-    )
+    return run(**common.parse_flags(parser, argv, grain=True))
 
 
 if __name__ == "__main__":

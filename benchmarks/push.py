@@ -20,24 +20,20 @@ Output: ``benchmarks/results/push_<shape>_<device>.json``.
 
 from __future__ import annotations
 
-import os
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+import jax
+import numpy as np
+from flax import nnx
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from benchmarks.train_step import SHAPES, Shape, make_config  # noqa: E402
-from protomask_jax import push as push_lib  # noqa: E402
-from protomask_jax import steps as steps_lib  # noqa: E402
-from protomask_jax.models import protomask as model_lib  # noqa: E402
+from benchmarks import common
+from benchmarks.train_step import SHAPES, Shape, make_config
+from protomask_jax import push as push_lib
+from protomask_jax import steps as steps_lib
+from protomask_jax.models import protomask as model_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +111,7 @@ def reference_style_push(
 
 def run(shape_name: str, *, out_dir: Path = common.RESULTS_DIR, seed: int = 0) -> Path:
     """Measures eval pass, push and the reference-style push; writes the JSON."""
+    started = common.cpu_sample()
     shape = PUSH_SHAPES[shape_name]
     model_shape = shape.model
     config = make_config(model_shape, "bfloat16")
@@ -148,7 +145,43 @@ def run(shape_name: str, *, out_dir: Path = common.RESULTS_DIR, seed: int = 0) -
         )
 
     host_class = np.asarray(prototype_class)
+    device_facts = common.device_facts()
+    json_path = out_dir / f"push_{shape_name}_{common.device_slug(device_facts['name'])}.json"
     measured: dict[str, Any] = {}
+    outputs: dict[str, Any] = {}
+
+    def payload(complete: bool) -> dict[str, Any]:
+        def ratio(numerator: str, denominator: str) -> float | None:
+            if numerator not in measured or denominator not in measured:
+                return None
+            return (
+                measured[numerator]["seconds"]["median"]
+                / measured[denominator]["seconds"]["median"]
+            )
+
+        found = outputs.get("push")
+        return {
+            "benchmark": "push",
+            "shape_name": shape_name,
+            "shape": dataclasses.asdict(shape),
+            "device": device_facts,
+            "host": common.host_facts(started),
+            "versions": common.versions(with_torch=False),
+            "git": common.git_revision(),
+            "figures": measured,
+            "push_over_eval": ratio("push", "eval_pass"),
+            "reference_style_over_push": ratio("reference_style_push", "push"),
+            "prototypes_found": None if found is None else int(np.isfinite(found.distance).sum()),
+            "num_prototypes": int(prototypes.shape[0]),
+            "notes": (
+                "Random weights and synthetic batches; bfloat16 backbone. eval_pass and push "
+                "include every batch's forward; push adds the per-view outputs, the jitted "
+                "update and one device->host transfer at the end."
+            ),
+            "complete": complete,
+        }
+
+    # Rewritten after every pass: a run cut short by a time limit keeps what it measured.
     for name, fn in (
         ("eval_pass", evaluate),
         ("push", push),
@@ -159,7 +192,7 @@ def run(shape_name: str, *, out_dir: Path = common.RESULTS_DIR, seed: int = 0) -
         seconds = []
         for _ in range(shape.repeats):
             with common.stopwatch() as timed:
-                fn()
+                outputs[name] = fn()
             seconds.append(timed["seconds"])
         stats = common.percentiles(seconds)
         measured[name] = {
@@ -168,40 +201,14 @@ def run(shape_name: str, *, out_dir: Path = common.RESULTS_DIR, seed: int = 0) -
             "images_per_s": shape.num_images / stats["median"],
         }
         print(f"  {name}: {stats['median']:.3f} s", flush=True)
-
-    result = push()
-    device_facts = common.device_facts()
-    payload = {
-        "benchmark": "push",
-        "shape_name": shape_name,
-        "shape": dataclasses.asdict(shape),
-        "device": device_facts,
-        "versions": common.versions(with_torch=False),
-        "git": common.git_revision(),
-        "figures": measured,
-        "push_over_eval": measured["push"]["seconds"]["median"]
-        / measured["eval_pass"]["seconds"]["median"],
-        "reference_style_over_push": measured["reference_style_push"]["seconds"]["median"]
-        / measured["push"]["seconds"]["median"],
-        "prototypes_found": int(np.isfinite(result.distance).sum()),
-        "num_prototypes": int(prototypes.shape[0]),
-        "notes": (
-            "Random weights and synthetic batches; bfloat16 backbone. eval_pass and push "
-            "include every batch's forward; push adds the per-view outputs, the jitted "
-            "update and one device->host transfer at the end."
-        ),
-    }
-    slug = common.device_slug(device_facts["name"])
-    return common.write_json(out_dir / f"push_{shape_name}_{slug}.json", payload)
+        common.write_json(json_path, payload(complete=False))
+    return common.write_json(json_path, payload(complete=True))
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", choices=sorted(PUSH_SHAPES), default="cpu")
-    parser.add_argument("--out_dir", type=Path, default=common.RESULTS_DIR)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    return run(args.shape, out_dir=args.out_dir, seed=args.seed)
+    parser.add_argument("--shape", dest="shape_name", choices=sorted(PUSH_SHAPES), default="cpu")
+    return run(**common.parse_flags(parser, argv))
 
 
 if __name__ == "__main__":

@@ -22,35 +22,27 @@ Output: ``benchmarks/results/scaling_<device>.json``.
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
 
-_FAKE_DEVICES = "--xla_force_host_platform_device_count=8"
-if "jax" not in sys.modules and _FAKE_DEVICES not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAKE_DEVICES}".strip()
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from benchmarks.train_step import (  # noqa: E402
+from benchmarks import common
+from benchmarks.train_step import (
     SHAPES,
     Shape,
     make_config,
     make_jax_step,
     synthetic_batches,
 )
-from protomask_jax import sharding as sharding_lib  # noqa: E402
-from protomask_jax.models import protomask as model_lib  # noqa: E402
+from protomask_jax import sharding as sharding_lib
+from protomask_jax.models import protomask as model_lib
 
 # Per-device shape of the measured check: small enough for 8 fake devices on 2 cores.
 CHECK_SHAPE = Shape("resnet_tiny", 2, 4, 128, 64, 64, 2, 8, warmup=2, steps=5)
@@ -274,6 +266,7 @@ def run(
     seed: int = 0,
 ) -> Path:
     """Measures weak scaling, evaluates the analytic model, writes the JSON."""
+    started = common.cpu_sample()
     device_facts = common.device_facts()
     print(f"scaling: {device_facts['count']} x {device_facts['name']}", flush=True)
     measured = measure_weak_scaling(check_shape, seed)
@@ -290,6 +283,7 @@ def run(
     payload = {
         "benchmark": "scaling",
         "device": device_facts,
+        "host": common.host_facts(started),
         "versions": common.versions(with_torch=False),
         "git": common.git_revision(),
         "measured_weak_scaling": measured,
@@ -313,10 +307,10 @@ def main(argv: list[str] | None = None) -> Path:
         default=None,
         help="single-GPU CUB step time for the model (default: from a committed GPU JSON)",
     )
-    parser.add_argument("--out_dir", type=Path, default=common.RESULTS_DIR)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    return run(step_time_s=args.step_time_s, out_dir=args.out_dir, seed=args.seed)
+    flags = common.parse_flags(parser, argv)
+    # 8 CPU devices for the measured part (before jax starts its backends; no effect on GPUs).
+    jax.config.update("jax_num_cpu_devices", max(DEVICE_COUNTS))
+    return run(**flags)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,30 @@
-"""ProtoMask in PyTorch: the comparison point of ``benchmarks/train_step.py``.
+"""ProtoMask in PyTorch: the comparison point of the benchmarks and the reference of the tests.
 
-The same network, losses and joint-phase optimizer as ``protomask_jax`` (reference doc §3-§5),
-written the way a careful PyTorch user would, so that the benchmark compares two good
-implementations of one model and not a good one with a straw man:
+One model serves both: ``benchmarks/train_step.py`` times it against our JAX step, and the
+tests import its weights with ``protomask_jax.models.convert`` and check that our model
+reproduces its outputs, loss and gradients. It is the same network, losses and joint-phase
+optimizer as ``protomask_jax`` (docs/reference.md §3-§5), written the way a careful PyTorch
+user would, so the benchmark compares two good implementations of one model:
 
-* backbone: a ResNet built from torchvision's own ``BasicBlock`` / ``Bottleneck`` modules with
-  torchvision's module names (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer2.0.downsample.0``
-  ...) and init, no pooling head and no fc. For the ResNet-50 spec this is
-  ``torchvision.models.resnet50`` minus ``avgpool``/``fc`` (same modules, same keys);
-* add-on: global average pool first, then ``Linear(C_b -> D)``, then sigmoid (the 1x1 conv of
-  the reference commutes with the mean, so this is the same function at 1/(h*w) of the FLOPs);
-* prototypes ``[P, D]``; squared distances ``|z|^2 - 2 z.p + |p|^2`` clamped at 0; min over the
-  K views; similarity ``log((d + 1) / (d + eps))`` (computed as ``log1p((1 - eps) / (d + eps))``,
-  the same value); bias-free last layer initialised from the class identity;
-* loss ``ce * CE + cluster * clst - separation * sep + diversity * div`` (reference §4, the
-  diversity term with its gradient as in our default);
+* backbone (:class:`TorchResNet`): torchvision's own ``BasicBlock`` / ``Bottleneck`` modules
+  under torchvision's module names (``conv1``, ``bn1``, ``layer1.0.conv1``,
+  ``layer2.0.downsample.0`` ...) and init, any block counts and widths, no pooling head and
+  no fc. For ResNet-50 this is ``torchvision.models.resnet50`` minus ``avgpool``/``fc``;
+* add-on: global average pool, then the 1x1 projection ``C_b -> D`` applied as a matrix, then
+  sigmoid (the reference's 1x1 conv commutes with the mean: the same function at 1/(h*w) of
+  the FLOPs);
+* prototypes ``[P, 1 x D]``; squared distances ``|z|^2 - 2 z.p + |p|^2`` clamped at 0; min over
+  the K views; similarity ``log((d + 1) / (d + eps))`` (computed as
+  ``log1p((1 - eps) / (d + eps))``, the same value); bias-free last layer initialised from
+  the class identity;
+* loss ``ce * CE + cluster * clst - separation * sep + diversity * div`` (§4, the diversity
+  term with its gradient as in our default);
 * joint-phase Adam per parameter group (backbone, add-on, prototypes; last layer frozen).
+
+Parameters and buffers carry the reference's names and shapes (docs/reference.md §12), so
+``TorchProtoMask.state_dict()`` *is* a quanproto ProtoMask checkpoint: ``backbone.*``,
+``add_on_layers.0.weight [D, C_b, 1, 1]`` and ``.bias [D]``, ``prototype_vectors
+[P, D, 1, 1]``, ``last_layer.weight [C, P]`` and ``classification_loss_fn.weight [C]``.
 
 Views are cut from a ``uint8 [B, S, S, 3]`` canvas on the device with
 ``torchvision.ops.roi_align(aligned=True, sampling_ratio=1)``: one bilinear sample at the
@@ -25,20 +34,18 @@ boxes differ at the border pixels: roi_align clamps to the canvas, make_views to
 There is **no augmentation** on the torch side (no flip, rotation, shear, perspective or
 colour jitter); the JAX step is timed with and without it.
 
-``reference_style=True`` builds the network the way quanproto's forward runs it — the 1x1
-add-on convolution applied to every pixel of the ``h x w`` feature map *before* pooling, the
-distances as convolutions with a ones kernel, and a NaN check that syncs with the host on
-every forward — to show what the reference's forward costs. It is not the headline comparison.
-
-``ProtoMask.quanproto_state_dict()`` exports the weights in the reference's layout
-(reference doc §12), which ``protomask_jax.models.convert`` imports.
+``reference_style=True`` runs the forward the way quanproto does — the 1x1 add-on
+convolution on every pixel of the ``h x w`` feature map *before* pooling, the distances as
+convolutions with a ones kernel, and a NaN check that syncs with the host on every forward —
+to show what the reference's forward costs. Same parameters, same function; not the
+headline comparison.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -52,20 +59,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _DIVERSITY_SCALE = 1e-3
 
 VARIANTS = ("eager_fp32", "eager_amp_bf16", "compile_amp_bf16", "reference_style_fp32")
-
-
-@dataclasses.dataclass(frozen=True)
-class BackboneSpec:
-    """A ResNet: block kind, blocks per stage, stage widths, stem width (torchvision's
-    ResNet-50 is ``BackboneSpec("bottleneck", (3, 4, 6, 3), (64, 128, 256, 512), 64)``)."""
-
-    block: str
-    blocks_per_stage: tuple[int, ...]
-    widths: tuple[int, ...]
-    stem_width: int = 64
-
-
-RESNET50 = BackboneSpec("bottleneck", (3, 4, 6, 3), (64, 128, 256, 512), 64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,28 +83,27 @@ class JointLearningRates:
 # --------------------------------------------------------------------------- backbone
 
 
-class ResNetFeatures(nn.Module):
-    """torchvision's ResNet without ``avgpool`` and ``fc``: returns the last feature map.
+class TorchResNet(nn.Module):
+    """torchvision's ResNet without ``avgpool`` and ``fc``: NCHW images -> last feature map.
 
-    Args:
-      spec: the architecture.
+    ``TorchResNet("bottleneck", (3, 4, 6, 3), (64, 128, 256, 512))`` is ResNet-50's feature
+    extractor with torchvision's keys; :meth:`from_spec` takes anything with ``block``,
+    ``blocks_per_stage``, ``widths`` and ``stem_width`` (e.g. our ``ResNetSpec``).
     """
 
-    def __init__(self, spec: BackboneSpec):
+    def __init__(
+        self, block: str, blocks_per_stage: Sequence[int], widths: Sequence[int], stem_width=64
+    ):
         super().__init__()
-        if spec.block not in ("basic", "bottleneck"):
-            raise ValueError(
-                f"BackboneSpec.block must be 'basic' or 'bottleneck', got {spec.block}"
-            )
-        block_cls = tv_resnet.BasicBlock if spec.block == "basic" else tv_resnet.Bottleneck
-        self.conv1 = nn.Conv2d(3, spec.stem_width, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(spec.stem_width)
+        if block not in ("basic", "bottleneck"):
+            raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
+        block_cls = tv_resnet.BasicBlock if block == "basic" else tv_resnet.Bottleneck
+        self.conv1 = nn.Conv2d(3, stem_width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem_width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        in_channels = spec.stem_width
-        for stage, (num_blocks, planes) in enumerate(
-            zip(spec.blocks_per_stage, spec.widths, strict=True)
-        ):
+        in_channels = stem_width
+        for stage, (num_blocks, planes) in enumerate(zip(blocks_per_stage, widths, strict=True)):
             blocks = []
             for index in range(num_blocks):
                 stride = 2 if stage > 0 and index == 0 else 1
@@ -125,7 +117,7 @@ class ResNetFeatures(nn.Module):
                 blocks.append(block_cls(in_channels, planes, stride, downsample))
                 in_channels = out_channels
             self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
-        self.num_stages = len(spec.widths)
+        self.num_stages = len(widths)
         self.out_channels = in_channels
         # torchvision's init: Kaiming normal (fan_out, relu) convs, BatchNorm 1 / 0.
         for module in self.modules():
@@ -135,6 +127,10 @@ class ResNetFeatures(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    @classmethod
+    def from_spec(cls, spec) -> TorchResNet:
+        return cls(spec.block, spec.blocks_per_stage, spec.widths, spec.stem_width)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``[N, 3, H, W]`` -> ``[N, C_b, H / 2^(1 + stages), W / 2^(1 + stages)]``."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
@@ -143,53 +139,80 @@ class ResNetFeatures(nn.Module):
         return x
 
 
+def randomize(module: nn.Module, seed: int) -> nn.Module:
+    """Random conv weights and random BatchNorm affine parameters *and running statistics*
+    (a fresh model's are 0 / 1, which would hide a converter that mixes them up); returns
+    the module in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, nn.Conv2d):
+                fan_in = sub.weight[0].numel()
+                sub.weight.copy_(torch.randn(sub.weight.shape, generator=generator) / fan_in**0.5)
+            elif isinstance(sub, nn.BatchNorm2d):
+                shape = sub.weight.shape
+                sub.weight.copy_(1 + 0.2 * torch.randn(shape, generator=generator))
+                sub.bias.copy_(0.2 * torch.randn(shape, generator=generator))
+                sub.running_mean.copy_(0.2 * torch.randn(shape, generator=generator))
+                sub.running_var.copy_(0.5 + torch.rand(shape, generator=generator))
+    return module.eval()
+
+
 # --------------------------------------------------------------------------- network
 
 
-class ProtoMask(nn.Module):
-    """ProtoMask over B images of K views (module docstring).
+class TorchProtoMask(nn.Module):
+    """ProtoMask over B images of K views, with the reference's state_dict (module docstring).
 
     Args:
-      spec: backbone architecture.
+      backbone: a feature extractor with an ``out_channels`` attribute (:class:`TorchResNet`).
       num_classes: C.
       prototypes_per_class: ppc; P = C * ppc, prototype j belongs to class j // ppc.
       prototype_dim: D.
       similarity_eps: eps of the log similarity.
+      class_weights: ``[C]`` cross-entropy weights kept in ``classification_loss_fn`` as the
+        reference does (default: all 1).
       incorrect_strength: last-layer init for connections to other classes.
-      reference_style: run the add-on as a 1x1 conv before pooling and check for NaN with a
-        host sync on every forward, as the reference does.
+      reference_style: run the add-on as a 1x1 conv before pooling, the distances as
+        convolutions, and check for NaN with a host sync on every forward, as the reference
+        does.
     """
 
     def __init__(
         self,
-        spec: BackboneSpec,
+        backbone: nn.Module,
         num_classes: int,
-        *,
         prototypes_per_class: int,
         prototype_dim: int,
         similarity_eps: float = 1e-4,
+        *,
+        class_weights: torch.Tensor | None = None,
         incorrect_strength: float = 0.0,
         reference_style: bool = False,
     ):
         super().__init__()
         num_prototypes = num_classes * prototypes_per_class
-        self.backbone = ResNetFeatures(spec)
-        channels = self.backbone.out_channels
-        if reference_style:
-            self.add_on = nn.Conv2d(channels, prototype_dim, 1)
-        else:
-            self.add_on = nn.Linear(channels, prototype_dim)
-        self.prototype_vectors = nn.Parameter(torch.rand(num_prototypes, prototype_dim))
+        self.backbone = backbone
+        self.add_on_layers = nn.Sequential(nn.Conv2d(backbone.out_channels, prototype_dim, 1))
+        self.prototype_vectors = nn.Parameter(torch.rand(num_prototypes, prototype_dim, 1, 1))
         prototype_class = torch.arange(num_prototypes) // prototypes_per_class
         self.register_buffer("prototype_class", prototype_class, persistent=False)
         self.last_layer = nn.Linear(num_prototypes, num_classes, bias=False)
         with torch.no_grad():
             own_class = F.one_hot(prototype_class, num_classes).T.float()  # [C, P]
             self.last_layer.weight.copy_(own_class + (1 - own_class) * incorrect_strength)
+        if class_weights is None:
+            class_weights = torch.ones(num_classes)
+        self.classification_loss_fn = nn.CrossEntropyLoss(weight=class_weights.float())
         self.num_classes = num_classes
         self.prototypes_per_class = prototypes_per_class
         self.similarity_eps = similarity_eps
         self.reference_style = reference_style
+
+    @property
+    def prototypes(self) -> torch.Tensor:
+        """``[P, D]`` view of ``prototype_vectors``."""
+        return self.prototype_vectors.flatten(1)
 
     def embed(self, views: torch.Tensor) -> torch.Tensor:
         """``[N, 3, V, V]`` normalised views -> ``[N, D]`` float32 embeddings in (0, 1).
@@ -198,22 +221,21 @@ class ProtoMask(nn.Module):
         run in float32, as in the JAX model.
         """
         features = self.backbone(views)
+        add_on = self.add_on_layers[0]
         with torch.autocast(views.device.type, enabled=False):
             if self.reference_style:
-                projected = self.add_on(features.float())  # [N, D, h, w]: 1x1 conv per pixel
-                pooled = F.adaptive_avg_pool2d(projected, 1).flatten(1)
-                return torch.sigmoid(pooled)
+                projected = add_on(features.float())  # [N, D, h, w]: 1x1 conv per pixel
+                return torch.sigmoid(F.adaptive_avg_pool2d(projected, 1).flatten(1))
             pooled = features.float().mean(dim=(2, 3))
-            return torch.sigmoid(self.add_on(pooled))
+            return torch.sigmoid(F.linear(pooled, add_on.weight.flatten(1), add_on.bias))
 
     def distances(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``[N, D]`` -> squared L2 distances ``[N, P]`` to the prototypes, float32."""
-        prototypes = self.prototype_vectors
         if self.reference_style:
             # quanproto's L2SquaredConv2d: three convolutions on the 1x1 map, then a NaN
             # check whose Python `if` waits for the device on every forward.
             z = embeddings[:, :, None, None]
-            p = prototypes[:, :, None, None]
+            p = self.prototype_vectors
             z_sq = F.conv2d(z * z, torch.ones_like(p))
             cross = F.conv2d(z, p)
             p_sq = (p * p).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
@@ -221,70 +243,22 @@ class ProtoMask(nn.Module):
             if torch.isnan(distances).any():
                 raise ValueError("NaN in the prototype distances")
             return distances
+        prototypes = self.prototypes
         z_sq = (embeddings * embeddings).sum(dim=1, keepdim=True)
         p_sq = (prototypes * prototypes).sum(dim=1)
         return (z_sq - 2 * embeddings @ prototypes.T + p_sq).clamp_min(0)
 
-    def forward(self, views: torch.Tensor, num_views: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Classifies images from their views.
-
-        Args:
-          views: ``[B * K, 3, V, V]`` normalised views, image-major (views of image b are
-            rows ``b*K .. b*K + K - 1``).
-          num_views: K.
-
-        Returns:
-          ``(logits [B, C], min_distances [B, P])``, float32.
-        """
-        embeddings = self.embed(views)
+    def forward(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, K, 3, V, V]`` normalised views -> ``(logits [B, C], min_distances [B, P])``,
+        float32."""
+        batch, num_views = views.shape[:2]
+        embeddings = self.embed(views.flatten(0, 1))
         with torch.autocast(views.device.type, enabled=False):
-            view_distances = self.distances(embeddings)
-            view_distances = view_distances.view(-1, num_views, view_distances.shape[-1])
+            view_distances = self.distances(embeddings).view(batch, num_views, -1)
             min_distances = view_distances.min(dim=1).values
             eps = self.similarity_eps
             similarity = torch.log1p((1 - eps) / (min_distances + eps))
             return self.last_layer(similarity), min_distances
-
-    def quanproto_state_dict(
-        self, class_weights: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor]:
-        """The weights in quanproto's ProtoMask layout (reference doc §12), on the CPU.
-
-        ``backbone.*`` (torchvision names), ``add_on_layers.0.weight [D, C_b, 1, 1]`` and
-        ``.bias [D]``, ``prototype_vectors [P, D, 1, 1]``, ``last_layer.weight [C, P]`` and,
-        if given, ``classification_loss_fn.weight [C]``.
-        """
-        exported = {
-            f"backbone.{key}": value.detach().cpu().clone()
-            for key, value in self.backbone.state_dict().items()
-        }
-        weight = self.add_on.weight.detach().cpu()
-        exported["add_on_layers.0.weight"] = weight.reshape(*weight.shape[:2], 1, 1).clone()
-        exported["add_on_layers.0.bias"] = self.add_on.bias.detach().cpu().clone()
-        exported["prototype_vectors"] = self.prototype_vectors.detach().cpu()[:, :, None, None]
-        exported["last_layer.weight"] = self.last_layer.weight.detach().cpu().clone()
-        if class_weights is not None:
-            exported["classification_loss_fn.weight"] = class_weights.detach().cpu().clone()
-        return exported
-
-    def load_quanproto_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Loads weights in the layout of :meth:`quanproto_state_dict` (either add-on style).
-
-        Args:
-          state_dict: ``backbone.*``, ``add_on_layers.0.weight [D, C_b, 1, 1]`` and
-            ``.bias``, ``prototype_vectors [P, D, 1, 1]``, ``last_layer.weight [C, P]``;
-            ``classification_loss_fn.weight`` is ignored.
-        """
-        prefix = "backbone."
-        self.backbone.load_state_dict(
-            {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        )
-        weight = state_dict["add_on_layers.0.weight"]
-        with torch.no_grad():
-            self.add_on.weight.copy_(weight.reshape(self.add_on.weight.shape))
-            self.add_on.bias.copy_(state_dict["add_on_layers.0.bias"])
-            self.prototype_vectors.copy_(state_dict["prototype_vectors"][:, :, 0, 0])
-            self.last_layer.weight.copy_(state_dict["last_layer.weight"])
 
 
 # --------------------------------------------------------------------------- views
@@ -324,37 +298,32 @@ def _safe_norm(squared: torch.Tensor) -> torch.Tensor:
 
 
 def joint_loss(
+    model: TorchProtoMask,
     logits: torch.Tensor,
     min_distances: torch.Tensor,
     labels: torch.Tensor,
-    prototypes: torch.Tensor,
-    prototype_class: torch.Tensor,
-    prototypes_per_class: int,
-    class_weights: torch.Tensor | None,
     coefficients: LossCoefficients,
 ) -> torch.Tensor:
-    """``ce * CE + cluster * clst - separation * sep + diversity * div`` (reference §4).
+    """``ce * CE + cluster * clst - separation * sep + diversity * div`` (docs/reference.md §4).
+
+    The cross-entropy is weighted by ``model.classification_loss_fn.weight`` (mean reduction
+    ``sum w_y nll / sum w_y``); the diversity term reads ``model``'s prototypes.
 
     Args:
+      model: the network that produced ``logits`` and ``min_distances``.
       logits: ``[B, C]``.
       min_distances: ``[B, P]``.
       labels: ``[B]`` int64.
-      prototypes: ``[P, D]``, prototype j of class ``j // prototypes_per_class``.
-      prototype_class: ``[P]`` int64.
-      prototypes_per_class: ppc.
-      class_weights: ``[C]`` cross-entropy weights (mean reduction ``sum w_y nll / sum w_y``)
-        or None.
       coefficients: the loss weights.
 
     Returns:
       Scalar float32.
     """
-    ce = F.cross_entropy(logits.float(), labels, weight=class_weights)
-    own = prototype_class[None, :] == labels[:, None]
+    ce = F.cross_entropy(logits.float(), labels, weight=model.classification_loss_fn.weight)
+    own = model.prototype_class[None, :] == labels[:, None]
     cluster = min_distances.masked_fill(~own, float("inf")).min(dim=1).values.mean()
     separation = min_distances.masked_fill(own, float("inf")).min(dim=1).values.mean()
-    num_prototypes, dim = prototypes.shape
-    per_class = prototypes.view(num_prototypes // prototypes_per_class, prototypes_per_class, dim)
+    per_class = model.prototypes.unflatten(0, (-1, model.prototypes_per_class))  # [C, ppc, D]
     members = per_class[labels]  # [B, ppc, D]
     squared = (members[:, :, None, :] - members[:, None, :, :]).square().sum(dim=-1)
     spread = _safe_norm(squared).sum(dim=(1, 2))
@@ -387,7 +356,7 @@ class BackendFlags:
 
 
 # The reference sets float32 matmul precision "high" (TF32) and cudnn deterministic mode
-# (reference doc §5.1); the other variants are tuned and keep float32 exact.
+# (docs/reference.md §5.1); the other variants are tuned and keep float32 exact.
 VARIANT_FLAGS = {
     "eager_fp32": BackendFlags(False, True, False),
     "eager_amp_bf16": BackendFlags(False, True, False),
@@ -429,20 +398,19 @@ class TrainStep:
       variant: one of ``VARIANTS``.
       view_size: V.
       learning_rates: Adam learning rates per group; the last layer is frozen.
-      coefficients: loss weights.
-      class_weights: ``[C]`` cross-entropy weights or None.
+      coefficients: loss weights (the cross-entropy weights are the model's
+        ``classification_loss_fn.weight``).
       device: torch device.
     """
 
     def __init__(
         self,
-        model: ProtoMask,
+        model: TorchProtoMask,
         variant: str,
         *,
         view_size: int,
         learning_rates: JointLearningRates,
         coefficients: LossCoefficients,
-        class_weights: torch.Tensor | None,
         device: torch.device,
     ):
         if variant not in VARIANTS:
@@ -459,12 +427,11 @@ class TrainStep:
         self.model.last_layer.weight.requires_grad_(False)
         self.view_size = view_size
         self.coefficients = coefficients
-        self.class_weights = None if class_weights is None else class_weights.to(device)
         self.device = device
         self.optimizer = torch.optim.Adam(
             [
                 {"params": list(model.backbone.parameters()), "lr": learning_rates.backbone},
-                {"params": list(model.add_on.parameters()), "lr": learning_rates.add_on},
+                {"params": list(model.add_on_layers.parameters()), "lr": learning_rates.add_on},
                 {"params": [model.prototype_vectors], "lr": learning_rates.prototypes},
             ],
             betas=(0.9, 0.999),
@@ -483,19 +450,10 @@ class TrainStep:
         self, canvas: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
         views = crop_views(canvas, boxes, self.view_size)
-        views = views.contiguous(memory_format=self.memory_format)
+        views = views.contiguous(memory_format=self.memory_format).unflatten(0, boxes.shape[:2])
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits, min_distances = self.model(views, boxes.shape[1])
-        return joint_loss(
-            logits,
-            min_distances,
-            labels,
-            self.model.prototype_vectors,
-            self.model.prototype_class,
-            self.model.prototypes_per_class,
-            self.class_weights,
-            self.coefficients,
-        )
+            logits, min_distances = self.model(views)
+        return joint_loss(self.model, logits, min_distances, labels, self.coefficients)
 
     def __call__(
         self, canvas: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor

@@ -40,31 +40,27 @@ Output: ``benchmarks/results/train_step_<shape>_<device>.json`` and a ``.png`` b
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import dataclasses
+import gc
 import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
-# Before jax initialises its GPU client: allocate on demand, so torch can use the same GPU.
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
-import gc  # noqa: E402
-import tempfile  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from protomask_jax import phases as phases_lib  # noqa: E402
-from protomask_jax import steps as steps_lib  # noqa: E402
-from protomask_jax.models import convert  # noqa: E402
-from protomask_jax.models import protomask as model_lib  # noqa: E402
-from protomask_jax.models.resnet import ResNetSpec, resnet_spec  # noqa: E402
+from benchmarks import common
+from protomask_jax import phases as phases_lib
+from protomask_jax import steps as steps_lib
+from protomask_jax.models import convert
+from protomask_jax.models import protomask as model_lib
+from protomask_jax.models.resnet import ResNetSpec, resnet_spec
 
 JAX_VARIANTS = ("jax_fp32", "jax_bf16", "jax_bf16_aug")
 TORCH_VARIANTS = (
@@ -126,7 +122,7 @@ class Shape:
 
 
 SHAPES = {
-    # The paper's CUB-200 setting (reference doc §11): 16 images x 11 SAM2 views of 224^2.
+    # The paper's CUB-200 setting (docs/reference.md §11): 16 images x 11 SAM2 views of 224^2.
     "cub": Shape("resnet50", 16, 11, 448, 224, 1280, 10, 200, warmup=5, steps=20),
     # Seconds per step on a 2-core CPU; the last feature map is 4x4 (off the XLA CPU cliff).
     "cpu": Shape("resnet18", 4, 4, 256, 128, 128, 10, 10, warmup=5, steps=10),
@@ -297,11 +293,7 @@ def make_jax_step(
     if not augment:
         step_config = dataclasses.replace(step_config, augment=None)
     state = steps_lib.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=batch_stats,
-        constants=constants,
-        opt_state=tx.init(params),
+        jnp.zeros((), jnp.int32), params, batch_stats, constants, tx.init(params)
     )
     return state, steps_lib.make_train_step(graphdef, joint, tx, step_config)
 
@@ -312,7 +304,8 @@ class JaxVariant:
     Args:
       variant: one of ``JAX_VARIANTS``.
       shape: the benchmark shape.
-      torch_weights: quanproto-layout weights (numpy) every variant starts from.
+      torch_weights: quanproto-layout weights (numpy) every variant starts from; None keeps
+        the model's random init.
       batches: host batches (placed on the device here).
       class_weights: ``[C]`` cross-entropy weights.
     """
@@ -321,7 +314,7 @@ class JaxVariant:
         self,
         variant: str,
         shape: Shape,
-        torch_weights: dict[str, np.ndarray],
+        torch_weights: dict[str, np.ndarray] | None,
         batches: list[dict[str, np.ndarray]],
         class_weights: np.ndarray,
     ):
@@ -412,15 +405,31 @@ def _xla_peak_bytes(memory: Any) -> int | None:
 # --------------------------------------------------------------------------- torch
 
 
+def torch_model(shape: Shape, *, reference_style: bool = False, class_weights: Any = None) -> Any:
+    """The PyTorch ProtoMask (``benchmarks.torch_protomask.TorchProtoMask``) of ``shape``,
+    with torch's current random state; ``class_weights`` is a ``[C]`` tensor or None."""
+    from benchmarks import torch_protomask as tp
+
+    return tp.TorchProtoMask(
+        tp.TorchResNet.from_spec(resnet_spec(shape.backbone)),
+        shape.num_classes,
+        shape.prototypes_per_class,
+        shape.prototype_dim,
+        make_config(shape, "float32").model.similarity_eps,
+        class_weights=class_weights,
+        reference_style=reference_style,
+    )
+
+
 class TorchVariant:
     """One PyTorch variant of ``benchmarks.torch_protomask.TrainStep``.
 
     Args:
       variant: one of ``TORCH_VARIANTS``.
       shape: the benchmark shape.
-      torch_weights: quanproto-layout weights (torch tensors) every variant starts from.
+      torch_weights: the state_dict (quanproto layout, class weights included) every
+        variant starts from.
       batches: host batches (copied to the device here).
-      class_weights: ``[C]`` cross-entropy weights.
       device: the torch device.
     """
 
@@ -430,7 +439,6 @@ class TorchVariant:
         shape: Shape,
         torch_weights: dict[str, Any],
         batches: list[dict[str, np.ndarray]],
-        class_weights: np.ndarray,
         device: Any,
     ):
         import torch
@@ -442,17 +450,8 @@ class TorchVariant:
         self.shape = shape
         self.device = device
         self.step_variant = variant.removeprefix("torch_")
-        reference_style = self.step_variant == "reference_style_fp32"
-        spec = resnet_spec(shape.backbone)
-        model = tp.ProtoMask(
-            tp.BackboneSpec(spec.block, spec.blocks_per_stage, spec.widths, spec.stem_width),
-            shape.num_classes,
-            prototypes_per_class=shape.prototypes_per_class,
-            prototype_dim=shape.prototype_dim,
-            similarity_eps=make_config(shape, "float32").model.similarity_eps,
-            reference_style=reference_style,
-        )
-        model.load_quanproto_state_dict(torch_weights)
+        model = torch_model(shape, reference_style=self.step_variant == "reference_style_fp32")
+        model.load_state_dict(torch_weights)
         config = make_config(shape, "float32")
         self.train_step = tp.TrainStep(
             model,
@@ -469,7 +468,6 @@ class TorchVariant:
                 separation=config.loss.separation,
                 diversity=config.loss.diversity,
             ),
-            class_weights=torch.from_numpy(class_weights),
             device=device,
         )
         self.flags = tp.VARIANT_FLAGS[self.step_variant]
@@ -661,10 +659,9 @@ def run(
     )
     # JAX's CUDA backend starts before torch loads its CUDA libraries: JAX checks the
     # versions of the cuDNN/cuBLAS it finds loaded and refuses older ones.
+    started = common.cpu_sample()
     device_facts = common.device_facts()
     import torch
-
-    from benchmarks import torch_protomask as tp
 
     torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if (device_facts["platform"] == "gpu") != (torch_device.type == "cuda"):
@@ -692,15 +689,9 @@ def run(
     batches = synthetic_batches(shape, 2, seed)
     class_weights = np.random.default_rng(seed + 1).uniform(0.5, 1.5, shape.num_classes)
     class_weights = class_weights.astype(np.float32)
-    spec = resnet_spec(shape.backbone)
     torch.manual_seed(seed)
-    initial_model = tp.ProtoMask(
-        tp.BackboneSpec(spec.block, spec.blocks_per_stage, spec.widths, spec.stem_width),
-        shape.num_classes,
-        prototypes_per_class=shape.prototypes_per_class,
-        prototype_dim=shape.prototype_dim,
-    )
-    torch_weights = initial_model.quanproto_state_dict()
+    initial_model = torch_model(shape, class_weights=torch.from_numpy(class_weights))
+    torch_weights = {k: v.detach().clone() for k, v in initial_model.state_dict().items()}
     numpy_weights = convert.read_state_dict(torch_weights)
     del initial_model
 
@@ -708,7 +699,7 @@ def run(
         print(f"  building {variant} ...", flush=True)
         if variant in JAX_VARIANTS:
             return JaxVariant(variant, shape, numpy_weights, batches, class_weights)
-        return TorchVariant(variant, shape, torch_weights, batches, class_weights, torch_device)
+        return TorchVariant(variant, shape, torch_weights, batches, torch_device)
 
     # Parity first: nothing is timed unless both fp32 steps agree.
     prepared: dict[str, JaxVariant | TorchVariant] = {}
@@ -737,6 +728,7 @@ def run(
             "shape_name": shape_name,
             "shape": dataclasses.asdict(shape),
             "device": {**device_facts, "torch_device": torch_device_name},
+            "host": common.host_facts(started),
             "versions": common.versions(with_torch=True),
             "git": common.git_revision(),
             "config": _config_summary(shape),
@@ -816,32 +808,24 @@ def _config_summary(shape: Shape) -> dict[str, Any]:
     }
 
 
+def _variant_list(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
+    parser.add_argument("--shape", dest="shape_name", choices=sorted(SHAPES), default="cpu")
     parser.add_argument(
         "--variants",
-        default=",".join(ALL_VARIANTS),
+        type=_variant_list,
+        default=ALL_VARIANTS,
         help=f"comma-separated subset of {','.join(ALL_VARIANTS)}",
     )
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per method")
     parser.add_argument("--batch_size", type=int, default=None, help="images per step")
-    parser.add_argument("--out_dir", type=Path, default=common.RESULTS_DIR)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no_plot", action="store_true")
-    args = parser.parse_args(argv)
-    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    return run(
-        args.shape,
-        variants,
-        warmup=args.warmup,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        out_dir=args.out_dir,
-        seed=args.seed,
-        plot=not args.no_plot,
-    )
+    parser.add_argument("--no_plot", dest="plot", action="store_false")
+    return run(**common.parse_flags(parser, argv))
 
 
 if __name__ == "__main__":

@@ -31,12 +31,12 @@ def _dataset() -> ConfigDict:
 
 def _segmentation() -> ConfigDict:
     return ConfigDict(dict(
-        method="sam",  # sam | slic | grid | gt
+        method="sam",  # sam | sam2 | slic | grid | gt
         max_masks=16,  # K_max stored per image (largest first)
         skip_background=0,  # leading (largest) masks to drop; the reference: 0
         min_box_px=2,  # drop masks whose box is <= this many px wide or high
         shards=dict(train=16, test=8),
-        device="auto",  # torch device for sam: auto | cpu | cuda
+        device="auto",  # torch device for sam and sam2: auto | cpu | cuda
         sam=dict(
             checkpoint="",  # a local file, e.g. sam_vit_h_4b8939.pth
             checkpoint_sha256="",  # verified when given
@@ -45,6 +45,16 @@ def _segmentation() -> ConfigDict:
             points_per_side=32, points_per_batch=64, pred_iou_thresh=0.86,
             stability_score_thresh=0.92, crop_n_layers=1, crop_n_points_downscale_factor=2,
             min_mask_region_area=0,
+        ),
+        sam2=dict(
+            checkpoint="", checkpoint_sha256="",  # a local file, e.g. sam2.1_hiera_base_plus.pt
+            model_config="",  # a sam2 model .yaml; "": the package's sam2.1_hiera_b+.yaml
+            # The rest are SAM2AutomaticMaskGenerator's arguments, the reference's values.
+            points_per_side=32, points_per_batch=512, pred_iou_thresh=0.8,
+            stability_score_thresh=0.9, stability_score_offset=0.5, crop_n_layers=2,
+            mask_threshold=0.0, box_nms_thresh=0.7, crop_nms_thresh=0.7,
+            crop_overlap_ratio=512 / 1500, crop_n_points_downscale_factor=1,
+            min_mask_region_area=10, use_m2m=False,
         ),
         slic=dict(n_segments=16, compactness=10.0, sigma=1.0),
         grid=dict(rows=2, cols=2),
@@ -154,6 +164,8 @@ def sam_dataset_config(name: str) -> ConfigDict:
     )
     c.segmentation.method = "sam"
     c.input.num_views = num_views
+    # ~250 images/s per worker at CUB sizes (benchmarks/README.md): 4 feed one H100 at K = 11.
+    c.input.num_workers = 4
     c.train.update(backbone_lr=backbone_lr, prototype_lr=prototype_lr, lr_step_epochs=step)
     return finalize(c)
 

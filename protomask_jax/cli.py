@@ -74,6 +74,17 @@ def config_key_error(argv: list[str]) -> str | None:
     return None
 
 
+def define_config_flag(default: str | None, help_text: str) -> None:
+    """``--config``; with a default file, ml_collections applies the command line's overrides
+    while defining the flag, so a misspelt key must be caught here."""
+    from ml_collections import config_flags
+
+    try:
+        config_flags.DEFINE_config_file("config", default, help_text, lock_config=True)
+    except Exception as e:  # noqa: BLE001 - ml_collections raises many kinds
+        _fail(config_key_error(sys.argv[1:]) or _config_load_error(e, sys.argv))
+
+
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)

@@ -536,14 +536,11 @@ def format_table(results: dict[str, Any]) -> str:
 def define_run_flags(action: str) -> None:
     """The flags every tool on a finished run takes; ``action`` ends their help texts."""
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file(
-        "config",
+    cli.define_config_flag(
         cli.DEFAULT_CONFIG,
         "Leave out to use the run's own config (WORKDIR/config.json); a config file given here "
         "must agree with the run on the model.",
-        lock_config=True,
     )
     flags.DEFINE_string("workdir", None, "The training run's output folder.")
     flags.DEFINE_enum("split", "test", ["test", "train"], f"Split to {action}.")

@@ -82,14 +82,11 @@ def _prune_tool(config, config_name: str) -> str:
 
 if __name__ == "__main__":
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file(
-        "config",
+    cli.define_config_flag(
         cli.DEFAULT_CONFIG,
         "Leave out to use the run's own config; overrides such as "
         "--config.train.prune.finetune_epochs=N apply on top.",
-        lock_config=True,
     )
     flags.DEFINE_string("workdir", None, "The finished training run to prune (only read).")
     flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Checkpoint to prune.")

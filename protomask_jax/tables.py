@@ -5,10 +5,10 @@ Each workdir contributes its ``eval.json`` metrics (the families' table rows) an
 ``config.json`` (the settings a resumed run may change left out, see
 ``checkpoint.config_fingerprint``) and how eval.json was made (split, frame, explanation
 type, PRP rule, checkpoint kind): runs that differ only in ``seed`` form one group; a group is
-named by the keys that differ between groups. Per group and metric: n, mean, sample standard deviation (ddof 1, as the
-authors' pandas ``describe``), min and max. Printed as Markdown; ``--out`` also writes
-``tables.md``, ``tables.tex`` (``mean \pm std`` cells, as the authors' ``paper_table.py``) and
-``tables.json``.
+named by the keys that differ between groups. Per group and metric: n, mean, sample standard
+deviation (ddof 1, as the authors' pandas ``describe``), min and max. Printed as Markdown;
+``--out`` also writes ``tables.md``, ``tables.tex`` (``mean \pm std`` cells, as the authors'
+``paper_table.py``) and ``tables.json``.
 """
 
 from __future__ import annotations

@@ -55,6 +55,16 @@ def tiny_sam_model():
     return tiny_sam()
 
 
+@pytest.fixture(scope="session")
+def tiny_sam2_model():
+    """The tiny random SAM 2 of ``segmentation.tiny_sam`` (real sam2 modules)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("sam2")
+    from segmentation.tiny_sam import tiny_sam2
+
+    return tiny_sam2()
+
+
 @pytest.fixture
 def torch_single_thread():
     """Runs a test with one torch thread (restored after). On a small shared CPU, torch's

@@ -1,15 +1,17 @@
 """The benchmark suite: the PyTorch ProtoMask is the same model as ours, and the harness runs.
 
 The first tests are correctness tests of both implementations: the torch model of
-``benchmarks/torch_protomask.py`` and the JAX model (imported from its weights with
-``models/convert.py``) must agree on views, loss and gradients, so the throughput comparison
-compares one model with itself.
+``benchmarks/torch_protomask.py`` (also the reference of ``test_convert.py``) and the JAX
+model (imported from its state_dict with ``models/convert.py``) must agree on views, loss and
+gradients, so the throughput comparison compares one model with itself.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -34,15 +36,10 @@ pytestmark = pytest.mark.torch
 MICRO = train_step.SHAPES["micro"]
 
 
-def _torch_model(shape, *, reference_style=False, seed=0):
-    spec = resnet_spec(shape.backbone)
+def _torch_model(shape, *, reference_style=False, seed=0, class_weights=None):
     torch.manual_seed(seed)
-    return tp.ProtoMask(
-        tp.BackboneSpec(spec.block, spec.blocks_per_stage, spec.widths, spec.stem_width),
-        shape.num_classes,
-        prototypes_per_class=shape.prototypes_per_class,
-        prototype_dim=shape.prototype_dim,
-        reference_style=reference_style,
+    return train_step.torch_model(
+        shape, reference_style=reference_style, class_weights=class_weights
     )
 
 
@@ -50,7 +47,7 @@ def _jax_model_from(torch_model, shape, compute_dtype="float32"):
     config = train_step.make_config(shape, compute_dtype)
     # A different seed than the torch model: every value must come from the import.
     model = model_lib.build_model(config, shape.num_classes, nnx.Rngs(params=123))
-    weights = convert.read_state_dict(torch_model.quanproto_state_dict())
+    weights = convert.read_state_dict(torch_model.state_dict())
     state, _ = convert.protomask_state_from_torch(weights, model)
     nnx.update(model, state)
     return model, config
@@ -78,37 +75,45 @@ def _jax_joint_loss(model, config, views, labels, class_weights):
     return loss_fn, params
 
 
-def test_views_loss_and_gradients_agree_between_torch_and_jax():
-    shape = MICRO
-    (batch,) = train_step.synthetic_batches(shape, 1, seed=3)
-    class_weights = np.array([0.5, 1.0, 2.0], np.float32)
-    torch_model = _torch_model(shape).train()
-    jax_model, config = _jax_model_from(torch_model, shape)
-
-    torch_views = tp.crop_views(
+def _torch_views(batch, shape):
+    """``[B, K, 3, V, V]`` float32 views of a host batch, cropped by the torch model's code."""
+    views = tp.crop_views(
         torch.from_numpy(batch["canvas"]), torch.from_numpy(batch["boxes"]), shape.view_size
     )
-    jax_views = views_lib.make_views(
+    return views.unflatten(0, batch["boxes"].shape[:2])
+
+
+def _jax_views(batch, shape):
+    """``[B, K, V, V, 3]`` float32 views of a host batch, un-augmented, as our step crops them."""
+    return views_lib.make_views(
         jnp.asarray(batch["canvas"]),
         jnp.asarray(batch["boxes"]),
         None,
         view_size=shape.view_size,
         dtype=jnp.float32,
     )
-    jax_views_nchw = np.asarray(jax_views).reshape(-1, *jax_views.shape[2:]).transpose(0, 3, 1, 2)
-    np.testing.assert_allclose(torch_views.numpy(), jax_views_nchw, atol=1e-4)
 
-    logits, min_distances = torch_model(torch_views, shape.num_views)
-    torch_loss = tp.joint_loss(
-        logits,
-        min_distances,
-        torch.from_numpy(batch["label"]).long(),
-        torch_model.prototype_vectors,
-        torch_model.prototype_class,
-        shape.prototypes_per_class,
-        torch.from_numpy(class_weights),
-        tp.LossCoefficients(),
+
+def _torch_joint_loss(model, views, labels, amp=False):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        logits, min_distances = model(views)
+    labels = torch.from_numpy(labels).long()
+    return tp.joint_loss(model, logits, min_distances, labels, tp.LossCoefficients())
+
+
+def test_views_loss_and_gradients_agree_between_torch_and_jax():
+    shape = MICRO
+    (batch,) = train_step.synthetic_batches(shape, 1, seed=3)
+    class_weights = np.array([0.5, 1.0, 2.0], np.float32)
+    torch_model = _torch_model(shape, class_weights=torch.from_numpy(class_weights)).train()
+    jax_model, config = _jax_model_from(torch_model, shape)
+
+    torch_views, jax_views = _torch_views(batch, shape), _jax_views(batch, shape)
+    np.testing.assert_allclose(
+        torch_views.numpy(), np.asarray(jax_views).transpose(0, 1, 4, 2, 3), atol=1e-4
     )
+
+    torch_loss = _torch_joint_loss(torch_model, torch_views, batch["label"])
     torch_loss.backward()
 
     loss_fn, params = _jax_joint_loss(jax_model, config, jax_views, batch["label"], class_weights)
@@ -116,13 +121,13 @@ def test_views_loss_and_gradients_agree_between_torch_and_jax():
     np.testing.assert_allclose(float(jax_loss), torch_loss.item(), rtol=1e-5)
     np.testing.assert_allclose(
         np.asarray(grads["prototypes"][...]),
-        torch_model.prototype_vectors.grad.numpy(),
+        torch_model.prototype_vectors.grad.numpy()[:, :, 0, 0],
         rtol=1e-3,
         atol=1e-6,
     )
     np.testing.assert_allclose(
         np.asarray(grads["add_on"]["kernel"][...]),
-        torch_model.add_on.weight.grad.numpy().T,
+        torch_model.add_on_layers[0].weight.grad.numpy()[:, :, 0, 0].T,
         rtol=1e-3,
         atol=1e-6,
     )
@@ -150,41 +155,23 @@ def test_bf16_backbone_gradients_are_as_close_to_float32_as_torch_autocast():
     """
     shape = train_step.SHAPES["cpu"]
     (batch,) = train_step.synthetic_batches(shape, 1, seed=3)
-    labels = torch.from_numpy(batch["label"]).long()
     torch_model = _torch_model(shape).train()
     names = [n for n, _ in torch_model.named_parameters() if n.startswith("backbone.")]
 
     def torch_backbone_grads(amp):
         torch_model.zero_grad()
-        views = tp.crop_views(
-            torch.from_numpy(batch["canvas"]), torch.from_numpy(batch["boxes"]), shape.view_size
-        )
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            logits, min_distances = torch_model(views, shape.num_views)
-        tp.joint_loss(
-            logits.float(),
-            min_distances.float(),
-            labels,
-            torch_model.prototype_vectors,
-            torch_model.prototype_class,
-            shape.prototypes_per_class,
-            torch.ones(shape.num_classes),
-            tp.LossCoefficients(),
-        ).backward()
+        _torch_joint_loss(torch_model, _torch_views(batch, shape), batch["label"], amp).backward()
         grads = dict(torch_model.named_parameters())
         return [grads[n].grad.detach().numpy().copy() for n in names]
 
     def jax_grads(compute_dtype):
         model, config = _jax_model_from(torch_model, shape, compute_dtype)
-        views = views_lib.make_views(
-            jnp.asarray(batch["canvas"]),
-            jnp.asarray(batch["boxes"]),
-            None,
-            view_size=shape.view_size,
-            dtype=jnp.float32,
-        )
         loss_fn, params = _jax_joint_loss(
-            model, config, views, batch["label"], np.ones(shape.num_classes, np.float32)
+            model,
+            config,
+            _jax_views(batch, shape),
+            batch["label"],
+            np.ones(shape.num_classes, np.float32),
         )
         with jax.default_matmul_precision("highest"):
             return jax.jit(jax.grad(loss_fn))(params)
@@ -200,18 +187,16 @@ def test_bf16_backbone_gradients_are_as_close_to_float32_as_torch_autocast():
 
 
 def test_reference_style_forward_computes_the_same_function():
-    """1x1 conv before pooling (the reference) == pooling before the Dense (ours)."""
+    """1x1 conv before pooling (the reference) == pooling before the projection (ours)."""
     shape = MICRO
     (batch,) = train_step.synthetic_batches(shape, 1, seed=5)
     pooled_first = _torch_model(shape).eval()
     reference = _torch_model(shape, reference_style=True, seed=9).eval()
-    reference.load_quanproto_state_dict(pooled_first.quanproto_state_dict())
-    views = tp.crop_views(
-        torch.from_numpy(batch["canvas"]), torch.from_numpy(batch["boxes"]), shape.view_size
-    )
+    reference.load_state_dict(pooled_first.state_dict())
+    views = _torch_views(batch, shape)
     with torch.no_grad():
-        expected_logits, expected_distances = pooled_first(views, shape.num_views)
-        logits, distances = reference(views, shape.num_views)
+        expected_logits, expected_distances = pooled_first(views)
+        logits, distances = reference(views)
     np.testing.assert_allclose(distances.numpy(), expected_distances.numpy(), rtol=1e-5)
     np.testing.assert_allclose(logits.numpy(), expected_logits.numpy(), rtol=1e-5)
 
@@ -219,7 +204,7 @@ def test_reference_style_forward_computes_the_same_function():
 def test_backbone_has_torchvision_resnet50_layout():
     from torchvision.models import resnet50
 
-    ours = tp.ResNetFeatures(tp.RESNET50).state_dict()
+    ours = tp.TorchResNet.from_spec(resnet_spec("resnet50")).state_dict()
     reference = {
         k: v for k, v in resnet50(weights=None).state_dict().items() if not k.startswith("fc.")
     }
@@ -228,17 +213,19 @@ def test_backbone_has_torchvision_resnet50_layout():
     }
 
 
-def test_quanproto_export_has_the_reference_layout():
+def test_state_dict_has_the_reference_layout():
     shape = MICRO
-    model = _torch_model(shape)
-    exported = model.quanproto_state_dict(class_weights=torch.ones(shape.num_classes))
+    class_weights = torch.tensor([0.5, 1.0, 2.0])
+    model = _torch_model(shape, class_weights=class_weights)
+    exported = model.state_dict()
     channels = model.backbone.out_channels
     num_prototypes = shape.num_classes * shape.prototypes_per_class
     assert exported["add_on_layers.0.weight"].shape == (shape.prototype_dim, channels, 1, 1)
     assert exported["add_on_layers.0.bias"].shape == (shape.prototype_dim,)
     assert exported["prototype_vectors"].shape == (num_prototypes, shape.prototype_dim, 1, 1)
     assert exported["last_layer.weight"].shape == (shape.num_classes, num_prototypes)
-    assert exported["classification_loss_fn.weight"].shape == (shape.num_classes,)
+    np.testing.assert_array_equal(exported["classification_loss_fn.weight"], class_weights)
+    assert "prototype_class" not in exported  # nor by the reference (docs/reference.md §12)
     # Last layer: 1 for the prototype's own class (j // ppc), 0 elsewhere.
     expected = np.zeros((shape.num_classes, num_prototypes), np.float32)
     expected[np.arange(num_prototypes) // shape.prototypes_per_class, np.arange(num_prototypes)] = 1
@@ -341,3 +328,155 @@ def test_sharded_step_matches_one_device_on_fake_devices():
     measured = scaling.measure_weak_scaling(shape, seed=0)
     assert [row["devices"] for row in measured["rows"]] == [1, 2, 4, 8]
     assert measured["sharded_vs_single_device_loss"]["passed"]
+
+
+def test_end_to_end_runs_the_trainer_and_reports_consistent_figures(tmp_path):
+    """The micro shape end to end: records, host pipeline, the trainer's loop, the step."""
+    from benchmarks import end_to_end
+
+    shape = end_to_end.SHAPES["micro"]
+    model = shape.model
+    path = end_to_end.run("micro", data_dir=tmp_path / "data", num_workers=0, out_dir=tmp_path)
+    assert path == tmp_path / "end_to_end_micro_cpu.json"
+    payload = json.loads(path.read_text())
+    assert payload["complete"] is True
+    host = payload["host"]
+    assert host["cpu_count"] == common.cpu_count() and host["os_cpu_count"] == os.cpu_count()
+    assert len(host["load_average_at_start"]) == len(host["load_average"]) == 3
+    assert 0 < host["host_utilisation"] <= 1 and host["seconds"] > 0
+
+    train_images = shape.images.train_per_class * model.num_classes
+    split = payload["records"]["dataset_info"]["splits"]["train"]
+    assert split["num_images"] == train_images
+    assert split["num_masks"] == 11 * train_images  # 11 masks per image, like CUB's export
+
+    pipeline = payload["host_pipeline"]
+    assert [row["num_workers"] for row in pipeline["streams"]] == list(shape.worker_counts)
+    assert all(row["images_per_s"] > 0 for row in pipeline["streams"])
+    assert all(row["cpu"]["main_process_cores"] > 0 for row in pipeline["streams"])
+    costs, target = pipeline["costs"], pipeline["target"]
+    assert 0 < costs["decode_s"] < costs["all_s"] and costs["prefitted_s"] > 0
+    assert target["images_per_s"] == pytest.approx(6000 / model.num_views)
+    assert target["cores_at_single_core_cost"] == pytest.approx(
+        target["images_per_s"] * costs["all_s"]
+    )
+    for row in pipeline["streams"]:
+        cpu = row["cpu"]
+        cores = cpu["main_process_cores"] + cpu["children_cores"]
+        assert row["images_per_cpu_s"] == pytest.approx(row["images_per_s"] / cores)
+
+    loop = payload["loop"]
+    assert loop["steps"] == shape.steps and loop["num_workers"] == 0
+    assert loop["images_per_s"] == pytest.approx(shape.steps * model.batch_size / loop["seconds"])
+    assert loop["views_per_s"] == pytest.approx(loop["images_per_s"] * model.num_views)
+    assert 0 <= loop["data_wait_s_per_step"] < loop["step_time_s"]
+    assert loop["final_checkpoint_s"] > 0
+    cpu = loop["cpu"]
+    assert 0 < cpu["host_utilisation"] <= 1 and cpu["main_process_cores"] > 0
+    assert cpu["cpu_count"] == common.cpu_count()
+
+    step = payload["step"]
+    assert step["variant"] == "jax_bf16_aug"
+    assert step["images_per_s"] == pytest.approx(
+        model.batch_size / step["timing"]["back_to_back_mean"]
+    )
+    ratio = payload["ratio"]
+    assert ratio["loop_over_step"] == pytest.approx(loop["images_per_s"] / step["images_per_s"])
+    assert ratio["cpu_s_per_step_loop_over_step"] == pytest.approx(
+        cpu["main_process_cores"] * loop["step_time_s"] / step["process_cpu_s_per_step"]
+    )
+    assert ratio["loop_over_step_with_checkpoints"] < ratio["loop_over_step"]
+    assert "Loop / step" in "\n".join(report.end_to_end_tables(tmp_path))
+
+
+def test_loop_probe_times_the_stream_and_notes_log_steps(monkeypatch):
+    """The probe sees what the trainer does through the two public names it wraps, and
+    puts them back afterwards."""
+    from benchmarks import end_to_end
+    from protomask_jax import logs
+    from protomask_jax.data import pipeline
+
+    def slow_stream(*args, **kwargs):
+        def batches():
+            while True:
+                time.sleep(0.02)
+                yield {"canvas": np.zeros(1)}
+
+        return batches()
+
+    written = []
+    monkeypatch.setattr(pipeline, "train_stream", slow_stream)
+    monkeypatch.setattr(logs.MetricsWriter, "write", lambda self, *args: written.append(args))
+    original_stream, original_write = pipeline.train_stream, logs.MetricsWriter.write
+    probe = end_to_end.LoopProbe()
+    with probe.attached():
+        stream = pipeline.train_stream()
+        for _ in range(3):
+            next(stream)
+        writer = object.__new__(logs.MetricsWriter)
+        writer.write(5, {"train/loss": 1.0}, "joint")
+        writer.write(5, {"val/accuracy": 0.5}, "joint")  # not a training step: not noted
+    assert probe.batches == 3 and 0.06 <= probe.wait_s < 1.0
+    assert list(probe.marks) == [5] and probe.marks[5][1] == probe.wait_s
+    assert len(written) == 2  # the trainer's writes still happen
+    assert pipeline.train_stream is original_stream
+    assert logs.MetricsWriter.write is original_write
+
+
+def test_cpu_usage_counts_this_process_and_its_children():
+    """The CPU time read from /proc for a live child matches what the kernel reports for it
+    once it has ended (getrusage), whatever else loads the machine."""
+    import resource
+    import subprocess
+
+    def children_cpu_s():
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    ended_before = children_cpu_s()
+    before = common.cpu_sample()
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        deadline = time.perf_counter() + 1.0
+        while time.perf_counter() < deadline:  # this process busy too
+            pass
+        after = common.cpu_sample()
+    finally:
+        child.kill()
+        child.wait()
+    child_cpu_s = children_cpu_s() - ended_before
+    usage = common.cpu_usage(before, after)
+    assert after.children >= 1 and child_cpu_s > 0.01
+    # The child ran a little longer than the sample saw (until the kill); 10 ms ticks.
+    seen = usage["children_cores"] * usage["seconds"]
+    assert child_cpu_s - 0.1 <= seen <= child_cpu_s + 0.02
+    assert usage["main_process_cores"] > 0 and 0 < usage["host_utilisation"] <= 1
+    assert usage["seconds"] == pytest.approx(after.wall_s - before.wall_s)
+
+
+def test_wheelhouse_lists_a_distribution_for_every_module_the_gpu_path_needs():
+    import importlib.metadata
+
+    from benchmarks import wheelhouse
+
+    def normal(name):
+        return name.lower().replace("_", "-")
+
+    listed = {normal(n) for n in wheelhouse.requirement_names()}
+    providers = importlib.metadata.packages_distributions()
+    for module in wheelhouse.REQUIRED_MODULES:
+        top = module.split(".")[0]
+        assert {normal(d) for d in providers[top]} & listed, module
+    # The JAX and torch stacks come with the host and are never installed from here.
+    assert not listed & {"jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "torch", "numpy"}
+
+
+def test_wheelhouse_install_is_a_no_op_when_everything_imports(monkeypatch, capsys):
+    from benchmarks import wheelhouse
+
+    def no_pip(*args):
+        raise AssertionError(f"pip should not run: {args}")
+
+    monkeypatch.setattr(wheelhouse, "_pip", no_pip)
+    wheelhouse.install()
+    assert "nothing to install" in capsys.readouterr().out

@@ -89,6 +89,7 @@ def test_cub_commands_as_written_after_training_with_overrides(tmp_path):
         "--config.input.canvas_size=32", "--config.input.view_size=32",
         "--config.input.num_views=4", "--config.input.batch_size=8",
         "--config.input.eval_batch_size=8", "--config.input.validation_fraction=0",
+        "--config.input.num_workers=0",
         "--config.train.joint_epochs=1", "--config.train.finetune_epochs=1",
     ]  # fmt: skip
     trained = run("protomask_jax.train", "--config", "configs/cub.py", *data, *small,
@@ -138,3 +139,16 @@ def test_cub_commands_as_written_after_training_with_overrides(tmp_path):
                 f"--config.dataset.records_dir={relative}", *data[2:], *small,
                 "--workdir", str(workdir))  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "module", ["protomask_jax.evaluate", "protomask_jax.explain", "protomask_jax.predict"]
+)
+def test_misspelt_key_without_config_file_is_one_line(tmp_path, module):
+    """Without --config the tools check overrides against the base config while defining the
+    flag, before absl parses anything."""
+    completed = _trained_run.run_module(
+        module, "--workdir", str(tmp_path / "w"), "--config.input.num_view=3", str(tmp_path)
+    )
+    _one_line_error(completed, "--config.input.num_view", "num_views")
+    assert not (tmp_path / "w").exists()

@@ -12,7 +12,7 @@ from protomask_jax.models.protomask import ProtoMask, split_model
 from protomask_jax.models.resnet import ResNet, ResNetSpec
 
 torch = pytest.importorskip("torch")
-from torch_models import TorchProtoMask, TorchResNet, randomize  # noqa: E402
+from benchmarks.torch_protomask import TorchProtoMask, TorchResNet, randomize  # noqa: E402
 
 BASIC = ResNetSpec("basic", (1, 2), (8, 16), stem_width=8)
 BOTTLENECK = ResNetSpec("bottleneck", (2, 1), (4, 8), stem_width=8)
@@ -75,6 +75,7 @@ def _torch_protomask(num_classes=3, ppc=2, dim=6, eps=1e-4) -> TorchProtoMask:
     with torch.no_grad():
         # Random last layer (not the identity init) so the test sees the transpose.
         model.last_layer.weight.copy_(torch.randn(model.last_layer.weight.shape))
+        model.classification_loss_fn.weight.copy_(torch.rand(num_classes) + 0.5)
     return model.eval()
 
 

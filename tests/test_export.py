@@ -331,6 +331,33 @@ def test_export_with_a_tiny_sam(tmp_path, tiny_sam_model, torch_single_thread):
     assert records.decode_mask_png(record.mask_pngs[0]).all()
 
 
+@pytest.mark.torch
+def test_export_with_a_tiny_sam2(tmp_path, tiny_sam2_model, torch_single_thread):
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    config = _parts_world_config(tmp_path, "sam2", train_per_class=2, test_per_class=1)
+    relaxed = dict(points_per_side=4, pred_iou_thresh=-100.0, stability_score_thresh=0.0)
+    relaxed.update(crop_n_layers=0, min_mask_region_area=0, box_nms_thresh=1.0)
+    config.segmentation.sam2.update(relaxed)
+    export.export(config, sam_model=tiny_sam2_model, progress=False)
+    generator = SAM2AutomaticMaskGenerator(tiny_sam2_model, **relaxed)
+    generator.predictor._bb_feat_sizes = [(64, 64), (32, 32), (16, 16)]  # a 256 px model
+    for split, count in (("train", 8), ("test", 4)):
+        stored = _read_split(Path(config.dataset.records_dir), split)
+        assert len(stored) == count
+        for record in stored:
+            image = records.decode_image(record.image_bytes)
+            raw = np.stack([m["segmentation"] for m in generator.generate(image)])
+            expected = postprocess.postprocess(raw, 6, 0, 2)
+            masks = np.stack([records.decode_mask_png(m) for m in record.mask_pngs])
+            np.testing.assert_array_equal(masks, expected.masks)
+            np.testing.assert_array_equal(record.boxes, expected.boxes)
+    info = records.load_dataset_info(config.dataset.records_dir)
+    assert info["segmenter"]["method"] == "sam2"
+    assert info["splits"]["train"]["num_masks"] == 8 * 6  # max_masks of many
+    assert info["segmenter"]["params"]["pred_iou_thresh"] == -100.0
+
+
 # ------------------------------------------------------------------ the CLI, for real
 
 
@@ -450,7 +477,7 @@ def test_cli_bad_config_key_lists_the_valid_keys(tmp_path):
     assert run.returncode != 0
     assert (
         "config.segmentation has no key 'methd'; valid keys: device, grid, max_masks, "
-        "method, min_box_px, sam, shards, skip_background, slic."
+        "method, min_box_px, sam, sam2, shards, skip_background, slic."
     ) in run.stderr
 
 

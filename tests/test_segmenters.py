@@ -1,4 +1,4 @@
-"""Segmenters: grid, slic, gt and SAM (a tiny random SAM running the real generator)."""
+"""Segmenters: grid, slic, gt, SAM and SAM 2 (tiny random models running the real generators)."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def test_gt_errors_name_the_file():
 
 
 def test_unknown_method_lists_the_valid_ones():
-    valid = r"'watershed' is unknown; valid: \['grid', 'gt', 'sam', 'slic'\]"
+    valid = r"'watershed' is unknown; valid: \['grid', 'gt', 'sam', 'sam2', 'slic'\]"
     with pytest.raises(segmenters.SegmenterError, match=valid):
         segmenters.get_segmenter(_config("watershed"))
 
@@ -232,3 +232,132 @@ def test_sam_with_crops_and_no_mask_returns_none(tiny_sam_model, torch_single_th
     with pytest.raises(IndexError, match="size 0"):
         segmenter._generator.generate(image)
     assert segmenter.segment(image, ITEM).shape == (0, 32, 32)
+
+
+# -------------------------------------------------------------------------------- sam2
+
+SAM2_RELAXED = dict(
+    points_per_side=4, pred_iou_thresh=-100.0, stability_score_thresh=0.0, crop_n_layers=0
+)
+
+
+def _sam2_config(**overrides):
+    config = common.get_base_config()
+    config.segmentation.method = "sam2"
+    config.segmentation.sam2.update(overrides)
+    return common.finalize(config)
+
+
+def test_sam2_defaults_are_the_reference_settings():
+    # docs/reference.md §1.2: the authors' SAM2AutomaticMaskGenerator arguments.
+    expected = dict(
+        points_per_side=32, points_per_batch=512, pred_iou_thresh=0.8,
+        stability_score_thresh=0.9, stability_score_offset=0.5, crop_n_layers=2,
+        mask_threshold=0.0, box_nms_thresh=0.7, crop_nms_thresh=0.7,
+        crop_overlap_ratio=512 / 1500, crop_n_points_downscale_factor=1,
+        min_mask_region_area=10, use_m2m=False,
+    )  # fmt: skip
+    section = common.get_base_config().segmentation.sam2.to_dict()
+    assert {key: section[key] for key in expected} == expected
+    assert section["model_config"] == ""  # the sam2 package's sam2.1_hiera_b+.yaml
+    config = _sam2_config(checkpoint="/w/sam2.1_b.pt", model_config="/w/configs/b+.yaml")
+    params = segmenters.segmenter_description(config)["params"]
+    assert params["checkpoint"] == "sam2.1_b.pt" and params["input"] == "rgb"
+    assert params["model_config"] == "b+.yaml"
+    assert "points_per_batch" not in params
+
+
+def _tiny_generator(model, **overrides):
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    generator = SAM2AutomaticMaskGenerator(model, **{**SAM2_RELAXED, **overrides})
+    # sam2 assumes 1024 px models; the tiny one works at 256 px.
+    generator.predictor._bb_feat_sizes = [(64, 64), (32, 32), (16, 16)]
+    return generator
+
+
+@pytest.mark.torch
+def test_sam2_returns_the_generator_masks_for_the_rgb_image(
+    tiny_sam2_model, monkeypatch, torch_single_thread
+):
+    import warnings
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    segmenter = segmenters.get_segmenter(
+        _sam2_config(**SAM2_RELAXED, min_mask_region_area=0), sam_model=tiny_sam2_model
+    )
+    masks = segmenter.segment(image, ITEM)
+    direct = _tiny_generator(tiny_sam2_model, min_mask_region_area=0).generate(image)
+    assert len(direct) >= 1
+    assert masks.dtype == bool and masks.shape == (len(direct), 40, 56)
+    np.testing.assert_array_equal(masks, np.stack([d["segmentation"] for d in direct]))
+    # The reference's small-region clean-up runs without sam2's CUDA kernel (no warning).
+    cleaned = segmenters.get_segmenter(_sam2_config(**SAM2_RELAXED), sam_model=tiny_sam2_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert cleaned.segment(image, ITEM).shape[1:] == (40, 56)
+    # The generator is fed the RGB image as is (the reference flips it to BGR, §9.4).
+    seen = []
+    monkeypatch.setattr(segmenter._generator, "generate", lambda x: seen.append(x) or [])
+    assert segmenter.segment(image, ITEM).shape == (0, 40, 56)
+    np.testing.assert_array_equal(seen[0], image)
+
+
+@pytest.mark.torch
+def test_connected_components_by_hand():
+    import torch
+
+    mask = np.zeros((2, 1, 5, 6), bool)
+    mask[0, 0, 0, 0] = mask[0, 0, 1, 1] = True  # diagonal neighbours: one component of 2
+    mask[0, 0, 3:5, 3:6] = True  # a second component of 6
+    labels, areas = segmenters.connected_components(torch.from_numpy(mask))
+    labels, areas = labels.numpy(), areas.numpy()
+    assert labels[0, 0, 0, 0] == labels[0, 0, 1, 1] > 0
+    assert labels[0, 0, 4, 5] > 0 and labels[0, 0, 4, 5] != labels[0, 0, 0, 0]
+    expected_areas = np.zeros((2, 1, 5, 6), np.int32)
+    expected_areas[0, 0, 0, 0] = expected_areas[0, 0, 1, 1] = 2
+    expected_areas[0, 0, 3:5, 3:6] = 6
+    np.testing.assert_array_equal(areas, expected_areas)
+    np.testing.assert_array_equal(labels[~mask], 0)
+
+
+@pytest.mark.torch
+def test_sam2_checkpoint_loading(tiny_sam2_model, tmp_path):
+    import torch
+    from omegaconf import OmegaConf
+
+    from segmentation.tiny_sam import tiny_sam2_config
+
+    model_config = tmp_path / "tiny_sam2.yaml"
+    OmegaConf.save(tiny_sam2_config(), model_config)
+    path = tmp_path / "tiny_sam2.pt"
+    torch.save({"model": tiny_sam2_model.state_dict()}, path)  # sam2's checkpoint layout
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    model = segmenters.load_sam2_model(str(model_config), str(path), sha256)
+    for (name, loaded), original in zip(
+        model.state_dict().items(), tiny_sam2_model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(loaded, original, msg=name)
+
+    load = segmenters.load_sam2_model
+    with pytest.raises(segmenters.SegmenterError, match="SHA-256 .* does not match"):
+        load(str(model_config), str(path), "0" * 64)
+    with pytest.raises(segmenters.SegmenterError, match="sam2.checkpoint is empty. Download"):
+        load(str(model_config), "")
+    with pytest.raises(segmenters.SegmenterError, match="SAM 2 checkpoint .* not found"):
+        load(str(model_config), str(tmp_path / "missing.pt"))
+    with pytest.raises(segmenters.SegmenterError, match="no_such_model.yaml not found"):
+        load(str(tmp_path / "no_such_model.yaml"), str(path))
+    # The default: the package's own config of the reference's model, which the tiny
+    # checkpoint does not fit.
+    with pytest.raises(segmenters.SegmenterError, match="sam2.1_hiera_b.*yaml: Error"):
+        load("", str(path))
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": _Unsafe()}, evil)
+    with pytest.raises(Exception, match="[Ww]eights only|weights_only"):
+        load(str(model_config), str(evil))
+    torch.save({"model": {"unexpected.weight": torch.zeros(1)}}, tmp_path / "other.pt")
+    with pytest.raises(segmenters.SegmenterError, match="does not fit .*tiny_sam2.yaml"):
+        load(str(model_config), str(tmp_path / "other.pt"))

@@ -84,11 +84,15 @@ def section(
     sources: list[PrototypeSource],
     train_images: pictures.RecordImages | None,
     tick: Callable[[], Any],
+    only: set[int] | None = None,
 ) -> tuple[html.Section, dict[int, tuple[str | None, str | None]]]:
-    """The section and, per prototype, its ``(source, view)`` pictures (None: never pushed)."""
+    """The section and, per prototype, its ``(source, view)`` pictures (None: never pushed);
+    ``only``: the prototypes to draw (default: all)."""
     drawn: dict[int, tuple[str | None, str | None]] = {}
     cards: dict[int, list[str]] = {c: [] for c in range(len(canvas.class_names))}
     for j, source in enumerate(sources):
+        if only is not None and j not in only:
+            continue
         own = int(arrays.prototype_class[j])
         lines = _caption(canvas, arrays.last_layer[:, j], own)
         drawn[j] = (None, None)

@@ -81,6 +81,7 @@ img.curves { max-width: 100%; background: #fff; border: 1px solid var(--line);
          border-left: 6px solid var(--verdict); box-shadow: 0 1px 2px rgba(0,0,0,.04); }
 .panel.right { --verdict: var(--good); }
 .panel.wrong { --verdict: var(--bad); }
+.panel.new { --verdict: var(--accent); }
 .panel .whole { flex: none; width: 230px; }
 .panel .whole img { display: block; border-radius: 8px; }
 .verdict { font-weight: 700; margin: 8px 0 2px; font-size: 15px; }

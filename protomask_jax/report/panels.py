@@ -6,7 +6,8 @@ Per image ``n`` (``evaluate.EvalOutputs`` row): the prototypes' contributions
 prototype's match is its winning view, whose mask is ``view % num_masks``. Pictures:
 ``images/{id}.png``, ``images/{id}_r{rank}_mask.png`` and ``_view.png`` (with PRP heatmaps
 ``_prp.png``, see ``relevance.py``), and one self-contained figure per image,
-``figures/explanation_{id}.png``.
+``figures/explanation_{id}.png``. An image whose label is -1 (a new image,
+``protomask_jax.predict``) is named by its file and gets no verdict.
 """
 
 from __future__ import annotations
@@ -57,10 +58,10 @@ def shown_prototypes(outputs, arrays, top_k: int) -> list[int]:
     return sorted(shown)
 
 
-def explanation_figure(path: Path, whole, heading: str, correct: bool, details: str, rows):
-    """One picture: the test image and its verdict, then per ``(test view overlay, prototype
-    source or None, title, caption)`` of ``rows`` the view ("this") above the source
-    ("looks like that")."""
+def explanation_figure(path: Path, whole, heading: str, correct, details: str, rows):
+    """One picture: the test image and its verdict (none if ``correct`` is None), then per
+    ``(test view overlay, prototype source or None, title, caption)`` of ``rows`` the view
+    ("this") above the source ("looks like that")."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,10 +76,11 @@ def explanation_figure(path: Path, whole, heading: str, correct: bool, details: 
     for axis in axes.ravel():
         axis.axis("off")
     axes[0, 0].imshow(whole)
-    axes[0, 0].set_title("test image", fontsize=10)
+    axes[0, 0].set_title("image" if correct is None else "test image", fontsize=10)
     verdict, colour = ("\u2714 right", "#1a7f37") if correct else ("\u2718 wrong", "#c62828")
     text = dict(va="top", transform=axes[1, 0].transAxes)
-    axes[1, 0].text(0.0, 1.0, verdict, color=colour, fontsize=12, fontweight="bold", **text)
+    if correct is not None:
+        axes[1, 0].text(0.0, 1.0, verdict, color=colour, fontsize=12, fontweight="bold", **text)
     heading = textwrap.fill(heading, 26, break_on_hyphens=False)
     axes[1, 0].text(0.0, 0.84, f"{heading}\n\n{details}", fontsize=9, linespacing=1.35, **text)
     for column, (view, source, title, caption) in enumerate(rows, start=1):
@@ -136,19 +138,23 @@ def _match_row(rank: int, match: Match, own: int, canvas, drawn, logit: float) -
     )
 
 
-def _panel(canvas, image_id: int, predicted: int, true: int, logits, rows) -> tuple[str, float]:
+def _panel(canvas, image_id: int, name: str, predicted: int, true: int, logits, rows):
     names, colours = canvas.class_names, canvas.colours
     correct = predicted == true
     probabilities = np.exp(logits - logits.max())
     probability = float(probabilities[predicted] / probabilities.sum())
-    whole = html.img(f"images/{image_id}.png", f"test image {image_id}", pictures.SIZES["whole"])
+    whole = html.img(f"images/{image_id}.png", name, pictures.SIZES["whole"])
+    kind, verdict, truth = "new", "", ""  # a new image's class is unknown
+    if true >= 0:
+        kind = "right" if correct else "wrong"
+        verdict = f'<div class="verdict">{"&#10004; right" if correct else "&#10008; wrong"}</div>'
+        truth = f'<br>true {html.chip(colours[true])} <span class="name">{e(names[true])}</span>'
     return (
-        f'<div class="panel {"right" if correct else "wrong"}" id="image-{image_id}" '
-        f'data-image="{image_id}"><div class="whole">{whole}'
-        f'<div class="verdict">{"&#10004; right" if correct else "&#10008; wrong"}</div>'
-        f'<div class="meta">test image {image_id}<br>'
+        f'<div class="panel {kind}" id="image-{image_id}" '
+        f'data-image="{image_id}"><div class="whole">{whole}{verdict}'
+        f'<div class="meta">{e(name)}<br>'
         f'predicted {html.chip(colours[predicted])} <span class="name">{e(names[predicted])}'
-        f'</span><br>true {html.chip(colours[true])} <span class="name">{e(names[true])}</span>'
+        f"</span>{truth}"
         f"<br>probability {probability * 100:.1f}%, logit {logits[predicted]:.2f}</div>"
         f'<div><a class="figure" href="figures/explanation_{image_id}.png">figure (PNG)</a>'
         f'</div></div><div class="matches">{"".join(rows)}</div></div>'
@@ -171,6 +177,7 @@ def _explain_image(canvas, outputs, n, arrays, images, prototype_pictures, top_k
         outputs.num_masks[n],
         top_k,
     )
+    name = f"test image {image_id}" if true >= 0 else Path(decoded.record.filename).name
     whole = pictures.fit_width(decoded.image, pictures.rendered("whole"))
     canvas.save(whole, f"images/{image_id}.png")
     masks = [match.mask_index for match in matches]
@@ -200,14 +207,17 @@ def _explain_image(canvas, outputs, n, arrays, images, prototype_pictures, top_k
         caption += f"\nsimilarity {match.similarity:.2f}\n"
         caption += f"x weight {match.weight:.2f} = {match.contribution:.2f}"
         figure_rows.append((this, that, f"#{rank}: prototype {j}", caption))
-    panel, probability = _panel(canvas, image_id, predicted, true, logits, rows)
-    details = textwrap.fill(f"true: {canvas.class_names[true]}", 26, break_on_hyphens=False)
+    panel, probability = _panel(canvas, image_id, name, predicted, true, logits, rows)
+    details = f"probability {100 * probability:.1f}%\n{textwrap.fill(name, 26)}"
+    if true >= 0:
+        truth = f"true: {canvas.class_names[true]}"
+        details = f"{textwrap.fill(truth, 26, break_on_hyphens=False)}\n{details}"
     explanation_figure(
         canvas.out_dir / f"figures/explanation_{image_id}.png",
         whole,
         f"predicted: {canvas.class_names[predicted]}",
-        predicted == true,
-        f"{details}\nprobability {100 * probability:.1f}%\ntest image {image_id}",
+        predicted == true if true >= 0 else None,
+        details,
         figure_rows,
     )
     return panel

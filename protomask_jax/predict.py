@@ -1,0 +1,303 @@
+r"""Explains new images with a trained run: ``python -m protomask_jax.predict --workdir W
+IMAGE_OR_FOLDER... [--out DIR] [--top_k 3] [--segmenter slic|grid|sam|sam2] [--config.x=y]``
+(docs/predict.md); the run's config comes from ``cli.run_config``.
+
+Each file: ``data.images.load_image`` (upright 8-bit RGB, at most ``MAX_SIDE`` px) -> the
+segmenter of the run's records (``dataset_info.json``) -> ``segmentation.export.build_record``
+(masks post-processed and stored as the export does) -> one temporary shard. One
+``evaluate.run_model`` pass over it (the evaluation pipeline and forward, in batches of
+``input.eval_batch_size``) gives logits ``[N, C]``, similarities and winning views ``[N, P]``;
+``report.panels`` draws each image's top contributions, with PRP maps of the matched views
+unless ``explain.explanation_type`` is ``mask`` (``figures/explanation_{n}.png``);
+``OUT/predictions.json`` and ``OUT/index.html`` list them. OUT is built beside itself and
+swapped in when complete. A file that is not a readable image is skipped with its reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from protomask_jax import cli, config_checks
+from protomask_jax import evaluate as evaluate_lib
+from protomask_jax.data import images as images_lib
+from protomask_jax.data import pipeline
+from protomask_jax.data import records as records_lib
+from protomask_jax.report import gallery, html, panels, pictures, relevance
+
+PREDICTIONS = "predictions.json"
+SPLIT = "predict"  # the temporary shard's split
+
+
+class PredictError(cli.UserError):
+    """Nothing to explain, an output folder that is not predict's, ..."""
+
+
+def collect_files(inputs: Sequence[str | Path]) -> list[Path]:
+    """The files named and every file under the folders named (sorted; hidden ones left out)."""
+    files = []
+    for given in map(Path, inputs):
+        if not given.exists():
+            raise PredictError(f"{given}: no such file or folder.")
+        found = sorted(p for p in given.rglob("*") if p.is_file()) if given.is_dir() else [given]
+        files += [p for p in found if not any(s[0] == "." for s in p.relative_to(given).parts)]
+    if not files:
+        raise PredictError(f"no files to explain in {', '.join(map(str, inputs))}.")
+    return files
+
+
+def segmentation_config(config, info: dict[str, Any], method: str | None):
+    """``(config copy, note)``: its ``segmentation`` makes masks as the run's records were
+    made (method, slic/grid parameters and post-processing of ``dataset_info.json``) or with
+    ``method``; the note says why the records' method could not be used for a new image."""
+    config = config.copy_and_resolve_references()
+    config.unlock()
+    seg, stored, note = config.segmentation, info["segmenter"], ""
+    seg.update(info["postprocess"])
+    seg.method = method or stored["method"]
+    if seg.method == stored["method"] and seg.method in ("slic", "grid"):
+        seg[seg.method].update(stored["params"])
+    if seg.method == "gt":
+        seg.method, seg.slic.n_segments = "slic", seg.max_masks
+        note = (
+            "the run was trained on the dataset's own masks (gt), which a new image does not "
+            f"have: segmenting with slic, n_segments={seg.max_masks} (--segmenter to choose)."
+        )
+    return config, note
+
+
+def _segment(files, config, records_dir: Path, progress: bool, say):
+    """Writes the readable files' records into one shard; ``(loaded images, skipped)``."""
+    from PIL import Image
+
+    from segmentation import export, segmenters, sources
+
+    segmenter = segmenters.get_segmenter(config)
+    loaded, skipped = [], []
+
+    def serialized():
+        for path in tqdm(files, desc="segmenting", unit="img", disable=not progress):
+            try:
+                image = images_lib.load_image(path)
+            except images_lib.ImageError as e:
+                skipped.append({"file": str(path), "reason": str(e)})
+                say(f"skipped {e}")
+                continue
+            png = io.BytesIO()
+            Image.fromarray(image.rgb).save(png, format="PNG", compress_level=1)
+            item = sources.SourceItem(len(loaded), str(path), png.getvalue(), -1)
+            loaded.append((path, image))
+            yield export.build_record(item, segmenter, config, path.parent)[0].to_bytes()
+
+    records_lib.write_shard(records_dir / records_lib.shard_name(SPLIT, 0, 1), serialized())
+    return loaded, skipped
+
+
+def _entry(n: int, loaded, outputs, arrays, record, names, top_k: int, out_dir: Path) -> dict:
+    """Image ``n``'s entry of predictions.json; writes the PNGs of its matched masks."""
+    path, image = loaded
+    logits = outputs.logits[n].astype(np.float64)
+    probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    top5 = [
+        {"class_id": int(c), "name": names[c], "probability": float(probabilities[c])}
+        for c in np.argsort(-probabilities, kind="stable")[:5]
+    ]
+    scores = (outputs.similarities[n], arrays.last_layer, top5[0]["class_id"])
+    contributions = []
+    for match in panels.top_contributions(
+        *scores, outputs.winning_view[n], outputs.num_masks[n], top_k
+    ):
+        mask = out_dir / f"masks/{n}_m{match.mask_index}.png"
+        mask.parent.mkdir(exist_ok=True)
+        mask.write_bytes(record.mask_pngs[match.mask_index])
+        own = int(arrays.prototype_class[match.prototype])
+        contributions.append(
+            dataclasses.asdict(match)
+            | {"prototype_class": own, "prototype_class_name": names[own]}
+            | {"view_box": record.boxes[match.mask_index].round(6).tolist()}
+            | {"mask": str(mask.relative_to(out_dir))}
+        )
+    return {
+        "file": str(path),
+        "image_size": list(image.size),
+        "notes": image.notes,
+        "predicted": top5[0],
+        "top5": top5,
+        "logits": outputs.logits[n].tolist(),
+        "figure": f"figures/explanation_{n}.png",
+        "contributions": contributions,
+    }
+
+
+def predict(
+    config,
+    workdir: str | Path,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    top_k: int = 3,
+    segmenter: str | None = None,
+    checkpoint: str = "best",
+    progress: bool = True,
+    say=print,
+) -> dict[str, Any]:
+    """Explains the images among ``inputs`` with the ``checkpoint`` of the run in ``workdir``;
+    writes ``out_dir`` and returns what its predictions.json holds."""
+    from protomask_jax import trainer
+    from segmentation import segmenters
+
+    evaluate_lib.require_single_label(config)
+    out_dir = Path(out_dir).absolute()
+    if out_dir.is_file() or (
+        out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / PREDICTIONS).exists()
+    ):
+        raise PredictError(
+            f"--out {out_dir} exists and holds no {PREDICTIONS} of an earlier run of predict; "
+            "choose another folder."
+        )
+    files = collect_files(inputs)
+    info = records_lib.load_dataset_info(config.dataset.records_dir)
+    config_checks.check_dataset_info(config, info)
+    names = list(info.get("class_names") or map(str, range(config.dataset.num_classes)))
+    seg_config, note = segmentation_config(config, info, segmenter)
+    if note:
+        say(note)
+    trained = trainer.restore_trained(config, workdir, which=checkpoint)
+    arrays = evaluate_lib.model_arrays(trained)
+    num_prototypes = arrays.last_layer.shape[1]
+    top_k = max(1, min(top_k, num_prototypes))
+    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    clock = [time.perf_counter()]
+
+    def lap() -> float:
+        clock.append(time.perf_counter())
+        return round(clock[-1] - clock[-2], 3)
+
+    try:
+        with tempfile.TemporaryDirectory(dir=staging) as records_dir:
+            loaded, skipped = _segment(files, seg_config, Path(records_dir), progress, say)
+            seconds = {"segmentation": lap()}
+            if not loaded:
+                raise PredictError(f"none of the {len(files)} file(s) is a readable image.")
+            record_set = pipeline.RecordSet(records_dir, SPLIT)
+            outputs = evaluate_lib.run_model(trained, record_set, progress=progress)
+            seconds["model"] = lap()
+            new_images = pictures.RecordImages(record_set)
+            entries = [
+                _entry(n, item, outputs, arrays, new_images.get(n).record, names, top_k, staging)
+                for n, item in enumerate(loaded)
+            ]
+            used = {c["prototype"] for entry in entries for c in entry["contributions"]}
+            canvas = pictures.Canvas(staging, names, pictures.class_colours(len(names)))
+            sources = gallery.prototype_sources(trained.meta, num_prototypes)
+            train_images = pictures.RecordImages(
+                pipeline.RecordSet(config.dataset.records_dir, "train")
+            )
+            heatmaps = None  # the matched views under their PRP maps, as the report shows them
+            if config.explain.explanation_type == "prp":
+                view_relevance = relevance.ViewRelevance(trained, config.explain.prp_rule)
+                heatmaps = relevance.Heatmaps(view_relevance, canvas, sources, train_images)
+            total = len(used) + len(loaded)
+            with tqdm(total=total, desc="drawing", unit="picture", disable=not progress) as bar:
+                gallery_section, drawn = gallery.section(
+                    canvas, arrays, sources, train_images, bar.update, used
+                )
+                explanations = panels.section(
+                    canvas, outputs, arrays, new_images, drawn, top_k, bar.update, heatmaps
+                )
+            seconds["pictures"] = lap()
+        explanations.note = explanations.note.replace("test image", "image")
+        described = segmenters.segmenter_description(seg_config) | {"note": note}
+        result = {"workdir": str(Path(workdir).absolute()), "checkpoint": trained.checkpoint}
+        result |= {"segmenter": described, "images": entries, "skipped": skipped}
+        result["seconds"] = seconds
+        records_lib.write_json_atomic(staging / PREDICTIONS, result)
+        _write_page(staging, result, [explanations, gallery_section], config.dataset.name)
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        if out_dir.exists():
+            os.replace(out_dir, old)  # an earlier output goes only once the new one is whole
+        os.replace(staging, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return result
+
+
+def _write_page(out_dir: Path, result: dict[str, Any], sections, dataset: str) -> None:
+    skipped = result["skipped"]
+    if skipped:
+        items = "".join(f"<li>{html.e(s['reason'])}</li>" for s in skipped)
+        note = "Files that are not readable images; the others were explained."
+        sections.append(html.Section("skipped", "Skipped", "Skipped", note, f"<ul>{items}</ul>"))
+    facts = [(key, result[key]) for key in ("workdir", "checkpoint")]
+    facts += [("segmenter", result["segmenter"]["method"])]
+    facts += [("images", f"{len(result['images'])} explained, {len(skipped)} skipped")]
+    page = html.page(
+        f"ProtoMask predictions: {dataset}", facts, [], sections, f"numbers: {PREDICTIONS}"
+    )
+    (out_dir / "index.html").write_text(page, encoding="utf-8")
+
+
+def summary(result: dict[str, Any], out_dir: Path) -> str:
+    """A line per image and per skipped file, the time taken and where the output is."""
+    lines = [
+        f"{Path(e['file']).name}: {e['predicted']['name']} "
+        f"({100 * e['predicted']['probability']:.1f}%)"
+        for e in result["images"]
+    ]
+    lines += [f"skipped {s['reason']}" for s in result["skipped"]]
+    seconds, files = result["seconds"], len(result["images"]) + len(result["skipped"])
+    lines.append(
+        f"segmentation {seconds['segmentation'] / files:.2f} s per file, model "
+        f"{seconds['model']:.1f} s, pictures {seconds['pictures']:.1f} s; written: "
+        f"{out_dir / PREDICTIONS} and {out_dir / 'index.html'}"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    from protomask_jax.logs import setup_cli_logging
+
+    FLAGS, inputs = flags.FLAGS, argv[1:]
+    if not FLAGS.workdir or not inputs:
+        raise PredictError("usage: --workdir RUN_FOLDER [flags] IMAGE_OR_FOLDER...")
+    setup_cli_logging()
+    out_dir = Path(FLAGS.out or Path(FLAGS.workdir) / "predictions").absolute()
+    result = predict(
+        cli.run_config(FLAGS.workdir, FLAGS["config"]),
+        FLAGS.workdir,
+        inputs,
+        out_dir,
+        top_k=FLAGS.top_k,
+        segmenter=FLAGS.segmenter,
+        checkpoint=FLAGS.checkpoint,
+        say=tqdm.write,
+    )
+    print(summary(result, out_dir))
+
+
+if __name__ == "__main__":
+    from absl import flags
+
+    cli.define_config_flag(cli.DEFAULT_CONFIG, "Leave out: the run's own config.")
+    flags.DEFINE_string("workdir", None, "The training run's output folder.")
+    flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/predictions).")
+    flags.DEFINE_integer("top_k", 3, "Prototypes shown per image.")
+    segmenters = ["slic", "grid", "sam", "sam2"]
+    flags.DEFINE_enum("segmenter", None, segmenters, "Default: the one of the run's records.")
+    flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Checkpoint to explain with.")
+    cli.run(main)
