@@ -13,10 +13,11 @@ from protomask_jax.models.resnet import resnet_spec
 # The smallest value each key accepts.
 _AT_LEAST = {
     0: "train.warmup_lr train.backbone_lr train.addon_lr train.prototype_lr train.finetune_lr "
-    "train.warmup_epochs train.joint_epochs train.finetune_epochs",
+    "train.warmup_epochs train.joint_epochs train.finetune_epochs train.prune.finetune_epochs",
     1: "input.num_views input.batch_size input.eval_batch_size train.accumulate_steps "
     "train.lr_step_epochs train.eval_every_epochs train.log_every_steps "
-    "train.checkpoint_every_steps model.prototypes_per_class model.prototype_dim",
+    "train.checkpoint_every_steps model.prototypes_per_class model.prototype_dim "
+    "train.prune.k train.prune.threshold",
     2: "dataset.num_classes",
     8: "input.view_size input.canvas_size",
 }
@@ -36,9 +37,16 @@ def validate(config: Any) -> None:
     i, m = config.input, config.model
     for low, keys in _AT_LEAST.items():
         for key in keys.split():
-            section, name = key.split(".")
-            value = config[section][name]
+            value = config
+            for name in key.split("."):
+                value = value[name]
             _require(value >= low, key, f"must be >= {low}, got {value}")
+    prune = config.train.prune
+    _require(
+        prune.threshold <= prune.k,
+        "train.prune.threshold",
+        f"must be <= train.prune.k={prune.k} (of the k nearest images), got {prune.threshold}",
+    )
     _require(m.similarity_eps > 0, "model.similarity_eps", "must be > 0")
     _require(
         0.0 <= i.validation_fraction < 1.0,
