@@ -25,7 +25,7 @@ def _dataset() -> ConfigDict:
         num_classes=200, multi_label=False,
         # Read only when name == "parts_world" (the embedded synthetic dataset).
         synthetic=dict(num_classes=8, image_size=96, train_per_class=80, test_per_class=20,
-                       seed=0),
+                       seed=0, multi_label=False),  # multi_label: images show attribute sets
     ))
 
 

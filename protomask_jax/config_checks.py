@@ -19,10 +19,11 @@ from protomask_jax.models.resnet import resnet_spec
 # The smallest value each key accepts.
 _AT_LEAST = {
     0: "train.warmup_lr train.backbone_lr train.addon_lr train.prototype_lr train.finetune_lr "
-    "train.warmup_epochs train.joint_epochs train.finetune_epochs",
+    "train.warmup_epochs train.joint_epochs train.finetune_epochs train.prune.finetune_epochs",
     1: "input.num_views input.batch_size input.eval_batch_size train.accumulate_steps "
     "train.lr_step_epochs train.eval_every_epochs train.log_every_steps "
     "train.checkpoint_every_steps model.prototypes_per_class model.prototype_dim "
+    "train.prune.k train.prune.threshold "
     # resume and evaluation read the latest checkpoint
     "train.keep_checkpoints",
     2: "dataset.num_classes",
@@ -45,14 +46,20 @@ def validate(config: Any) -> None:
     _require(0 <= config.seed < 2**32, "seed", f"must be in [0, 2**32), got {config.seed}")
     for low, keys in _AT_LEAST.items():
         for key in keys.split():
-            section, name = key.split(".")
-            value = config[section][name]
+            value = config
+            for name in key.split("."):
+                value = value[name]
             _require(value >= low, key, f"must be >= {low}, got {value}")
     epochs = [t.warmup_epochs, t.joint_epochs, t.finetune_epochs]
     _require(
         sum(epochs) + (t.prune.finetune_epochs if t.prune.enabled else 0) > 0,
         "train",
         "every phase has 0 epochs; set train.joint_epochs (or warmup_/finetune_epochs) >= 1",
+    )
+    _require(
+        t.prune.threshold <= t.prune.k,
+        "train.prune.threshold",
+        f"must be <= train.prune.k={t.prune.k} (of the k nearest images), got {t.prune.threshold}",
     )
     _require(m.similarity_eps > 0, "model.similarity_eps", "must be > 0")
     _require(

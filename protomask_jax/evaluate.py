@@ -314,6 +314,7 @@ def model_arrays(trained) -> ModelArrays:
         last_layer=to_host(params["last_layer"][...]).T.astype(np.float32),
         prototypes=to_host(params["prototypes"][...]).astype(np.float32),
         prototype_class=to_host(constants["prototype_class"][...]).astype(np.int32),
+        multi_label_threshold=trained.meta.get("multi_label_threshold"),  # from validation
     )
 
 
@@ -384,15 +385,6 @@ def _nan_to_none(value: Any) -> Any:
     return value
 
 
-def require_single_label(config) -> None:
-    """The host pipeline feeds the first label of a multi-label record: refuse those configs."""
-    if config.dataset.multi_label:
-        raise config_checks.ConfigError(
-            "config.dataset.multi_label: evaluation and explanations support single-label "
-            "datasets only (the host pipeline feeds the first label of a multi-label record)."
-        )
-
-
 def check_explain_config(config) -> None:
     """Refuses an unknown ``explain.explanation_type`` or ``explain.prp_rule``."""
     for key, value, allowed in (
@@ -429,7 +421,6 @@ def evaluate(
     ``topk`` technique also ``workdir/topk.json`` (over the train and the test split)."""
     from protomask_jax import trainer
 
-    require_single_label(config)
     check_explain_config(config)
     workdir, resolution = Path(workdir), int(resolution)
     if resolution < 4:

@@ -10,6 +10,7 @@ curves, the prototype gallery after push, and "this looks like that" per test im
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import shutil
@@ -67,7 +68,8 @@ def _highlights(workdir: Path, eval_results: dict | None) -> list[tuple[str, str
             return []
         return [("test accuracy", f"{100 * results['test_accuracy']:.1f}%", "results.json")]
     highlights = []
-    accuracy = eval_results.get("classification", {}).get("top1_accuracy")
+    group = eval_results.get("classification") or {}
+    accuracy = group.get("top1_accuracy", group.get("subset_accuracy"))  # multi-label: exact
     if accuracy is not None:
         images = f"{eval_results['num_images']} images (eval.json)"
         highlights.append((f"{eval_results['split']} accuracy", f"{accuracy:.1f}%", images))
@@ -95,7 +97,6 @@ def explain(
     ``top_k`` prototypes of ``image_ids`` of ``split`` (default: see :func:`select_images`)."""
     from protomask_jax import trainer
 
-    evaluate_lib.require_single_label(config)
     evaluate_lib.check_explain_config(config)
     workdir, records_dir = Path(workdir), config.dataset.records_dir
     info = records_lib.load_dataset_info(records_dir)
@@ -109,6 +110,11 @@ def explain(
     test_set = pipeline.RecordSet(records_dir, split, skip_bad_records=skip)
     chosen = select_images(test_set, image_ids, num_images)
     outputs = evaluate_lib.run_model(trained, test_set, chosen, progress=progress)
+    if outputs.labels.ndim == 2:  # the panels name one true class: the prediction if held
+        predicted = np.argmax(outputs.logits, axis=1)
+        held = outputs.labels[np.arange(len(predicted)), predicted] > 0
+        labels = np.where(held, predicted, np.argmax(outputs.labels, axis=1))
+        outputs = dataclasses.replace(outputs, labels=labels)
     out_dir = workdir / REPORT_DIR
     if jax.process_index() != 0:
         return out_dir / "index.html"  # every process joins the forward pass; process 0 writes

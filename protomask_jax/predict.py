@@ -156,7 +156,10 @@ def predict(
     from protomask_jax import trainer
     from segmentation import segmenters
 
-    evaluate_lib.require_single_label(config)
+    if config.dataset.multi_label:  # its panels name one true class per image
+        raise config_checks.ConfigError(
+            "config.dataset.multi_label: predict explains single-label runs only"
+        )
     out_dir = Path(out_dir).absolute()
     if out_dir.is_file() or (
         out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / PREDICTIONS).exists()

@@ -8,6 +8,11 @@ resets its running minimum at every batch, so a prototype lands on the nearest v
 (``train.reference_push_per_batch`` restores the reference). Pruning (§5.5) drops the
 prototypes with fewer than ``threshold`` own-class images among their k nearest, by a
 streaming top-k merge instead of Python heaps over N x P.
+
+Multi-label (labels multi-hot ``[B, C]``): an image "of" a prototype's class is one whose label
+set holds it. The reference's push is single-label only; ours projects a prototype onto the
+nearest view of any such image, and pruning counts such images, as the reference's sum of
+label vectors does (§5.5).
 """
 
 from __future__ import annotations
@@ -45,6 +50,13 @@ class PushResult:
         }
 
 
+def has_class(labels: jax.Array, prototype_class: jax.Array) -> jax.Array:
+    """bool ``[B, P]``: image b is of prototype j's class (labels ``[B]`` or multi-hot)."""
+    if labels.ndim == 1:
+        return labels[:, None] == prototype_class[None, :]
+    return jnp.take(labels, prototype_class, axis=1) > 0
+
+
 def init_push_carry(prototypes: jax.Array) -> dict[str, jax.Array]:
     """The running state of a push: nothing found yet."""
     num_prototypes = prototypes.shape[0]
@@ -74,7 +86,7 @@ def push_update(
     """
     distances = outputs.view_distances.astype(jnp.float32)  # [B, K, P]
     batch_size, num_views, num_prototypes = distances.shape
-    own_class = batch["label"][:, None] == prototype_class[None, :]  # [B, P]
+    own_class = has_class(batch["label"], prototype_class)  # [B, P]
     eligible_image = own_class & (batch["weight"][:, None] > 0)
     eligible = eligible_image[:, None, :] & batch["valid"][:, :, None]  # [B, K, P]
     flat = jnp.where(eligible, distances, jnp.inf).reshape(batch_size * num_views, num_prototypes)
@@ -127,34 +139,36 @@ def run_push(
 
 
 def init_prune_carry(num_prototypes: int, k: int) -> dict[str, jax.Array]:
+    """The ``[P, k]`` nearest images so far: their distances and whether each is of the
+    prototype's class."""
     return {
         "distance": jnp.full((num_prototypes, k), jnp.inf, jnp.float32),
-        "label": jnp.full((num_prototypes, k), -1, jnp.int32),
+        "own": jnp.zeros((num_prototypes, k), bool),
     }
 
 
 def prune_update(
-    carry: dict[str, jax.Array], min_distances: jax.Array, batch: dict[str, jax.Array]
+    carry: dict[str, jax.Array],
+    min_distances: jax.Array,
+    batch: dict[str, jax.Array],
+    prototype_class: jax.Array,
 ) -> dict[str, jax.Array]:
     """Merges ``min_distances [B, P]`` into the ``[P, k]`` nearest images so far; filler rows
     (weight 0) never count, ties keep the earlier image."""
     k = carry["distance"].shape[1]
     distances = jnp.where(batch["weight"][:, None] > 0, min_distances, jnp.inf).T  # [P, B]
-    labels = jnp.broadcast_to(batch["label"][None, :], distances.shape).astype(jnp.int32)
+    own = has_class(batch["label"], prototype_class).T
     all_distances = jnp.concatenate([carry["distance"], distances], axis=1)
-    all_labels = jnp.concatenate([carry["label"], labels], axis=1)
+    all_own = jnp.concatenate([carry["own"], own], axis=1)
     _, nearest = jax.lax.top_k(-all_distances, k)
     return {
         "distance": jnp.take_along_axis(all_distances, nearest, axis=1),
-        "label": jnp.take_along_axis(all_labels, nearest, axis=1),
+        "own": jnp.take_along_axis(all_own, nearest, axis=1),
     }
 
 
-def prototypes_to_keep(
-    carry: dict[str, np.ndarray], prototype_class: np.ndarray, threshold: int
-) -> np.ndarray:
+def prototypes_to_keep(carry: dict[str, np.ndarray], threshold: int) -> np.ndarray:
     """Indices of the prototypes with at least ``threshold`` own-class images among their k
     nearest (the reference prunes the others)."""
-    labels = np.asarray(carry["label"])
-    own = (labels == np.asarray(prototype_class)[:, None]) & np.isfinite(carry["distance"])
+    own = np.asarray(carry["own"]) & np.isfinite(carry["distance"])
     return np.flatnonzero(own.sum(axis=1) >= threshold)

@@ -145,7 +145,7 @@ def make_train_step(
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+        accuracy = batch_accuracy(logits, labels)
         metrics = {"loss": total, "accuracy": accuracy, **terms}
         new_state = state.replace(
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
@@ -153,6 +153,23 @@ def make_train_step(
         return new_state, metrics
 
     return step
+
+
+def batch_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Top-1 accuracy; multi-hot labels: exact-match accuracy at this batch's threshold
+    (mean true-positive + mean true-negative logit) / 2, as the reference logs in training."""
+    logits = logits.astype(jnp.float32)
+    if labels.ndim == 1:
+        return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+    positive = labels > 0
+
+    def mean_of_sample_means(mask):
+        count = jnp.sum(mask, axis=-1)
+        means = jnp.sum(jnp.where(mask, logits, 0.0), axis=-1) / jnp.maximum(count, 1)
+        return jnp.sum(jnp.where(count > 0, means, 0.0)) / jnp.maximum(jnp.sum(count > 0), 1)
+
+    threshold = (mean_of_sample_means(positive) + mean_of_sample_means(~positive)) / 2
+    return jnp.mean(jnp.all((logits > threshold) == positive, axis=-1).astype(jnp.float32))
 
 
 def make_eval_step(

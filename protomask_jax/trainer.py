@@ -35,6 +35,7 @@ from protomask_jax import sharding as sharding_lib
 from protomask_jax import steps as steps_lib
 from protomask_jax.data import pipeline
 from protomask_jax.data import records as records_lib
+from protomask_jax.evaluators import classification
 from protomask_jax.logs import MetricsWriter, ProgressBar
 from protomask_jax.models import convert
 from protomask_jax.models import protomask as model_lib
@@ -268,9 +269,11 @@ def _set_up(
         )
     state, weights = _initial_state(config, mesh, fresh=resumed is None)
     if weights is None:
-        weights = pipeline.class_weights(
-            train_records.labels[train_indices], config.dataset.num_classes
-        )
+        labels = train_records.labels[train_indices]
+        if config.dataset.multi_label:
+            sets = [train_records.label_sets[i] for i in train_indices]
+            labels = pipeline.multi_hot(sets, config.dataset.num_classes)
+        weights = pipeline.class_weights(labels, config.dataset.num_classes)
     stop.check()
     # ------------------------------------------------------------ the workdir is written
     workdir.mkdir(parents=True, exist_ok=True)
@@ -296,6 +299,7 @@ def _set_up(
             "pruned": False,
             "push": None,
             "best_val_accuracy": {},
+            "multi_label_threshold": None,  # of the last validation (multi-label runs)
             "phase": None,
         },
     )
@@ -347,9 +351,17 @@ def _close(ctx: RunContext) -> None:
 
 
 def evaluate_indices(
-    ctx: RunContext, state, record_set, indices, eval_fn, stop: _StopFlag | None = None
+    ctx: RunContext,
+    state,
+    record_set,
+    indices,
+    eval_fn,
+    threshold: float | None = None,
+    stop: _StopFlag | None = None,
 ) -> dict[str, float]:
-    """Accuracy of ``state`` on ``indices`` of ``record_set``, gathered over processes;
+    """Accuracy of ``state`` on ``indices`` of ``record_set``, gathered over processes.
+    Multi-label: exact-match accuracy and samples F1 of ``logit > threshold``, the threshold
+    (given, else the reference's (mean TP + mean TN logit) / 2 on these images, §7.2) beside.
     ``stop``: a SIGTERM ends it between two batches."""
     if len(indices) == 0:
         return {}
@@ -365,18 +377,32 @@ def evaluate_indices(
         for xs in (logits, labels, weights)
     )
     keep = weights > 0
-    predictions = np.argmax(logits[keep], axis=-1)
-    return {"accuracy": float(np.mean(predictions == labels[keep])), "num_images": int(keep.sum())}
+    logits, labels = logits[keep], labels[keep]
+    if labels.ndim == 1:
+        accuracy = float(np.mean(np.argmax(logits, axis=-1) == labels))
+        return {"accuracy": accuracy, "num_images": int(keep.sum())}
+    if threshold is None:
+        threshold = classification.multilabel_threshold(logits, labels)
+    scores = classification.multilabel_scores(logits, labels, threshold)
+    return {
+        "accuracy": scores["accuracy"] / 100,
+        "samples_f1": scores["f1"] / 100,
+        "threshold": float(threshold),
+        "num_images": int(keep.sum()),
+    }
 
 
 def final_evaluation(ctx: RunContext, state, stop: _StopFlag | None = None) -> dict[str, Any]:
-    """Test accuracy of the final state and of the last phase's best checkpoint (if any)."""
+    """Test accuracy of the final state and of the last phase's best checkpoint (if any);
+    multi-label: at the threshold each one's validation gave (none without validation)."""
     test_records = ctx.test_records
     test_indices = test_records.good
     eval_fn = ctx.eval_fn()
     skipped = {"train": len(ctx.train_records.skipped), "test": len(test_records.skipped)}
     results: dict[str, Any] = {
-        "final": evaluate_indices(ctx, state, test_records, test_indices, eval_fn, stop),
+        "final": evaluate_indices(
+            ctx, state, test_records, test_indices, eval_fn, ctx.meta["multi_label_threshold"], stop
+        ),
         "best_val_accuracy": dict(ctx.meta["best_val_accuracy"]),
         "num_prototypes": int(state.params["prototypes"].shape[0]),
         "skipped_records": skipped,
@@ -386,8 +412,9 @@ def final_evaluation(ctx: RunContext, state, stop: _StopFlag | None = None) -> d
         best_manager, best_step = best
         # the live state is the target: same shapes and shardings
         best_state = ckpt.restore_state(best_manager, best_step, state)
+        threshold = ckpt.read_meta(best_manager, best_step).get("multi_label_threshold")
         results["best"] = evaluate_indices(
-            ctx, best_state, test_records, test_indices, eval_fn, stop
+            ctx, best_state, test_records, test_indices, eval_fn, threshold, stop
         )
         results["best"]["step"] = int(best_step)
         best_manager.close()
@@ -440,15 +467,12 @@ def prune_prototypes(ctx: RunContext, state: TrainState) -> TrainState:
     forward = ctx.eval_fn()
     update = jax.jit(push_lib.prune_update, donate_argnums=0)
     num_prototypes = state.params["prototypes"].shape[0]
+    prototype_class = state.constants["prototype_class"][...]
     carry = push_lib.init_prune_carry(num_prototypes, config.train.prune.k)
     for batch in ctx.eval_batches(ctx.train_records, ctx.train_indices):
         outputs = forward(state.params, state.batch_stats, state.constants, batch)
-        carry = update(carry, outputs.min_distances, batch)
-    keep = push_lib.prototypes_to_keep(
-        jax.device_get(carry),
-        np.asarray(state.constants["prototype_class"][...]),
-        config.train.prune.threshold,
-    )
+        carry = update(carry, outputs.min_distances, batch, prototype_class)
+    keep = push_lib.prototypes_to_keep(jax.device_get(carry), config.train.prune.threshold)
     if len(keep) == 0:
         raise config_checks.ConfigError(
             f"config.train.prune: no prototype has {config.train.prune.threshold} images of its "
@@ -552,6 +576,7 @@ def _validate(ctx: RunContext, phase: Phase, state, step: int, eval_fn) -> None:
     """Validation accuracy; a new best for the phase is kept in ``best_<phase>/``."""
     val = evaluate_indices(ctx, state, ctx.train_records, ctx.val_indices, eval_fn)
     ctx.writer.write(step, {"val/accuracy": val["accuracy"]}, phase.name)
+    ctx.meta["multi_label_threshold"] = val.get("threshold")
     if val["accuracy"] <= ctx.meta["best_val_accuracy"].get(phase.name, -1.0):
         return
     ctx.meta["best_val_accuracy"][phase.name] = val["accuracy"]
@@ -675,6 +700,40 @@ def _run(config, workdir: Path, max_steps: int | None, source, stop: _StopFlag) 
         return results
     finally:
         _close(ctx)
+
+
+def start_pruned_run(config, workdir: str | Path, out_dir: str | Path, which: str = "best"):
+    """Starts ``out_dir`` as a run of ``config`` (pruning enabled) at the end of its last phase
+    before pruning, holding ``which`` checkpoint of the finished, unpruned run in ``workdir``
+    (only read). Training ``out_dir`` then prunes, fine-tunes the last layer and evaluates
+    (``python -m protomask_jax.prune``); one already started is left to resume."""
+    out_manager = ckpt.manager(Path(out_dir) / "checkpoints", max_to_keep=None)
+    try:
+        if out_manager.latest_step() is not None:
+            return
+        trained = restore_trained(config, workdir, which)
+        if trained.meta.get("pruned"):
+            raise cli.UserError(f"{workdir} is already pruned; prune the run it came from")
+        records = pipeline.RecordSet(
+            config.dataset.records_dir, "train", skip_bad_records=config.input.skip_bad_records
+        )
+        train, _ = pipeline.split_train_validation(
+            records.labels[records.good], config.input.validation_fraction, config.seed
+        )
+        plan = phases_lib.plan_phases(config, len(train), pruned=True)
+        step = plan[-1].first_step  # where prune_finetune starts
+        meta = dict(
+            trained.meta,
+            config=json.loads(config.to_json()),
+            fingerprint=ckpt.config_fingerprint(config.to_dict()),
+            step=step,
+            epoch=step // phases_lib.steps_per_epoch(len(train), config.input.batch_size),
+            data_state={"batches_consumed": step},
+        )
+        state = trained.state.replace(step=jnp.full_like(trained.state.step, step))
+        ckpt.save(out_manager, step, state, meta)
+    finally:
+        out_manager.close()
 
 
 # ========================================================================= inference

@@ -187,24 +187,30 @@ class PartsWorldSource(Source):
         self._metadata = parts_world.generate(self.root, **config.dataset.synthetic.to_dict())
         self.class_names = list(self._metadata["class_names"])
         self.part_names = list(self._metadata["part_names"])
-        self._decisive = [
-            np.asarray(c["decisive_parts"], np.int64) for c in self._metadata["classes"]
-        ]
+        self.multi_label = bool(config.dataset.synthetic.multi_label)
+        self._decisive = [c["decisive_parts"] for c in self._metadata["classes"]]
 
     def entries(self, split: str) -> list[SourceEntry]:
-        rows = [
-            SourceEntry(e["id"], e["image"], e["label"], key=e["part_map"])
-            for e in self._metadata["images"]
-            if e["split"] == split
-        ]
+        rows = []
+        for e in self._metadata["images"]:
+            if e["split"] == split:
+                # multi-label: a tuple of attributes, and the parts showing them
+                if self.multi_label:
+                    label, decisive = tuple(e["label"]), e["decisive_parts"]
+                else:
+                    label, decisive = e["label"], self._decisive[e["label"]]
+                rows.append(
+                    SourceEntry(e["id"], e["image"], label, key=(e["part_map"], tuple(decisive)))
+                )
         return sorted(rows, key=lambda e: e.image_id)
 
     def ground_truth(self, entry: SourceEntry, image_bytes: bytes) -> GroundTruth:
         from PIL import Image
 
-        with Image.open(self.root / entry.key) as part_map:
+        part_map_file, decisive = entry.key
+        with Image.open(self.root / part_map_file) as part_map:
             part_map = np.asarray(part_map, dtype=np.uint8)
-        return GroundTruth(part_map=part_map, decisive_parts=self._decisive[entry.label])
+        return GroundTruth(part_map=part_map, decisive_parts=np.asarray(decisive, np.int64))
 
 
 _FOLDER_LAYOUT = (

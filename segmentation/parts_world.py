@@ -7,6 +7,11 @@ no other class shares; every other part has a random shape and a muted colour, a
 classes come in pairs that differ only by the decisive part's shape. Each image's part
 label map is written too, so explanations can be checked against the deciding part.
 
+The multi-label variant (``multi_label=True``) asks which *attributes* an image shows: class
+c is the first decisive (part, shape, colour) signature of single-label class c, each part
+carries one of its attributes with probability ``ATTRIBUTE_PROBABILITY`` (else a distractor),
+every image at least one; its label is the sorted list of the attributes drawn.
+
 Layout under ``root`` (ids are global, train first; the same seed gives the same bytes):
 ``images/{id:05d}.png`` (RGB), ``part_maps/{id:05d}.png`` (uint8: 0 background, p + 1 =
 part p), ``contact_sheet.png`` (examples per class, for people) and ``parts_world.json``
@@ -70,6 +75,7 @@ STRIPE_SHADE = 0.6  # brightness of the dark stripes of a striped part
 OUTLINE_SHADE = 0.55  # brightness of a part's one-pixel outline
 STRIPED_PROBABILITY = 0.3
 MAX_CLASSES = 40  # beyond this the construction of unique signatures below repeats
+ATTRIBUTE_PROBABILITY = 0.5  # multi-label: a part shows one of its attributes
 
 # Object geometry in "units": one unit is one pixel of a 96 px image at scale 1.
 _REFERENCE_SIZE = 96
@@ -124,6 +130,26 @@ def class_specs(num_classes: int) -> list[ClassSpec]:
     triples = [(p, s, col) for spec in specs for p, (s, col) in spec.decisive.items()]
     assert len(set(triples)) == len(triples), "decisive signatures must be unique"
     return specs
+
+
+def attribute_specs(num_classes: int) -> list[ClassSpec]:
+    """The multi-label classes: one (part, shape, colour) signature each."""
+    firsts = [
+        (spec.name.split("+")[0], next(iter(spec.decisive.items())))
+        for spec in class_specs(num_classes)
+    ]
+    return [ClassSpec(name=name, decisive=dict([first])) for name, first in firsts]
+
+
+def draw_attributes(rng: np.random.Generator, specs: list[ClassSpec]) -> list[int]:
+    """The sorted attributes of one multi-label image: per part at most one (a part has one
+    shape and colour), at least one in all."""
+    chosen = []
+    for part in sorted({p for spec in specs for p in spec.decisive}):
+        on_part = [c for c, spec in enumerate(specs) if part in spec.decisive]
+        if rng.random() < ATTRIBUTE_PROBABILITY:
+            chosen.append(on_part[rng.integers(len(on_part))])
+    return sorted(chosen) if chosen else [int(rng.integers(len(specs)))]
 
 
 def _ellipse(
@@ -332,12 +358,14 @@ def generate(
     train_per_class: int = 80,
     test_per_class: int = 20,
     seed: int = 0,
+    multi_label: bool = False,
 ) -> dict[str, Any]:
     """Generates a parts world under ``root`` unless it is there already; returns its metadata.
 
     Within a split ids interleave the classes (c0, c1, ..., c0, c1, ...), so any contiguous
-    id range is close to class-balanced. A ``root`` generated with other parameters is
-    refused (ValueError)."""
+    id range is close to class-balanced (multi-label: ``num_classes * per_class`` images, each
+    with its own attributes). A ``root`` generated with other parameters is refused
+    (ValueError)."""
     root = Path(root)
     params = dict(
         num_classes=int(num_classes),
@@ -346,6 +374,8 @@ def generate(
         test_per_class=int(test_per_class),
         seed=int(seed),
     )
+    if multi_label:  # absent when False: single-label worlds made before the variant still match
+        params["multi_label"] = True
     existing = load_metadata(root)
     if existing is not None:
         if existing["params"] != params:
@@ -356,7 +386,7 @@ def generate(
         return existing
     if image_size < 32:
         raise ValueError(f"parts world image_size must be >= 32 px, got {image_size}.")
-    specs = class_specs(num_classes)
+    specs = attribute_specs(num_classes) if multi_label else class_specs(num_classes)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "part_maps").mkdir(parents=True, exist_ok=True)
     images = []
@@ -364,21 +394,19 @@ def generate(
         for _ in range(per_class):
             for label, spec in enumerate(specs):
                 image_id = len(images)
-                rendered = render_image(np.random.default_rng([seed, image_id]), spec, image_size)
+                rng = np.random.default_rng([seed, image_id])
+                entry = dict(id=image_id, split=split, label=label)
+                if multi_label:
+                    shown = draw_attributes(rng, specs)
+                    decisive = {p: s for c in shown for p, s in specs[c].decisive.items()}
+                    spec = ClassSpec("+".join(specs[c].name for c in shown), decisive)
+                    entry.update(label=shown, decisive_parts=sorted(decisive))
+                rendered = render_image(rng, spec, image_size)
                 image_file, part_map_file = _write_image(root, image_id, rendered)
                 parts = {
                     PART_NAMES[p]: dataclasses.asdict(a) for p, a in sorted(rendered.parts.items())
                 }
-                images.append(
-                    dict(
-                        id=image_id,
-                        split=split,
-                        label=label,
-                        image=image_file,
-                        part_map=part_map_file,
-                        parts=parts,
-                    )
-                )
+                images.append(dict(entry, image=image_file, part_map=part_map_file, parts=parts))
     metadata = dict(
         format=FORMAT,
         version=VERSION,
@@ -410,8 +438,9 @@ def contact_sheet(
     class_names: Sequence[str] = metadata["class_names"]
     by_class: dict[int, list[dict[str, Any]]] = {c: [] for c in range(len(class_names))}
     for entry in metadata["images"]:
-        if entry["split"] == "train" and len(by_class[entry["label"]]) < examples_per_class:
-            by_class[entry["label"]].append(entry)
+        for label in np.atleast_1d(entry["label"]).tolist() if entry["split"] == "train" else ():
+            if len(by_class[label]) < examples_per_class:
+                by_class[label].append(entry)
     label_width, gap = 200, 2
     width = label_width + (examples_per_class + 1) * (size + gap)
     sheet = Image.new("RGB", (width, len(class_names) * (size + gap)), (255, 255, 255))

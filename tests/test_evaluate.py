@@ -397,16 +397,6 @@ def test_evaluate_command_line_prints_the_table_and_writes_eval_json(trained, tm
     assert f"{accuracy:.2f}" in completed.stdout
 
 
-def test_multi_label_configs_are_refused_before_anything_runs(tmp_path):
-    from protomask_jax import config_checks
-
-    config = tiny_config(tmp_path / "no_records")
-    config.unlock()
-    config.dataset.multi_label = True
-    with pytest.raises(config_checks.ConfigError, match="single-label"):
-        evaluate.evaluate(config, tmp_path / "no_run")
-
-
 def test_techniques_select_the_groups_and_unknown_ones_are_refused(tmp_path):
     record_set = _hand_records(tmp_path)
     outputs = _outputs([[1.0, 0.0], [1.0, 0.0]], np.eye(2), [[0, 2], [1, 0]])

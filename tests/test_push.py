@@ -1,5 +1,6 @@
 """Push and prune as streaming reductions, against hand-built cases."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -140,10 +141,10 @@ def test_prune_keeps_prototypes_whose_nearest_images_share_their_class():
     carry = push_lib.init_prune_carry(3, 3)
     for rows in (slice(0, 4), slice(4, 6)):
         batch = {"label": jnp.asarray(labels[rows]), "weight": jnp.ones(len(labels[rows]))}
-        carry = push_lib.prune_update(carry, jnp.asarray(min_distances[rows]), batch)
-    keep = push_lib.prototypes_to_keep(
-        {k: np.asarray(v) for k, v in carry.items()}, np.array([0, 0, 1]), threshold=2
-    )
+        carry = push_lib.prune_update(
+            carry, jnp.asarray(min_distances[rows]), batch, jnp.array([0, 0, 1])
+        )
+    keep = push_lib.prototypes_to_keep({k: np.asarray(v) for k, v in carry.items()}, threshold=2)
     assert keep.tolist() == [0, 2]
     # plain computation of the same rule
     for j, cls in enumerate([0, 0, 1]):
@@ -157,5 +158,28 @@ def test_prune_ignores_filler_rows(weight):
         push_lib.init_prune_carry(1, 2),
         jnp.array([[0.5], [0.0]]),
         {"label": jnp.array([0, 0]), "weight": jnp.asarray(weight, jnp.float32)},
+        jnp.array([0]),
     )
     np.testing.assert_allclose(np.asarray(carry["distance"])[0], [0.5, np.inf])
+    assert np.asarray(carry["own"])[0].tolist() == [True, False]
+
+
+def test_multi_label_push_and_prune_count_images_whose_label_set_holds_the_class():
+    # Prototype 0 of class 0, prototype 1 of class 2. Image 30 holds {0, 1}, image 31 {1, 2},
+    # image 32 {2}. Distances make image 31 the nearest for prototype 0 (but it lacks class 0)
+    # and image 30 the nearest for prototype 1 (it lacks class 2).
+    labels = jnp.array([[1, 1, 0], [0, 1, 1], [0, 0, 1]], jnp.int32)
+    batch = _batch(np.zeros(3), [30, 31, 32], num_views=1) | {"label": labels}
+    min_distances = np.array([[0.3, 0.1], [0.1, 0.4], [0.9, 0.2]])
+    out = _outputs(min_distances[:, None, :], [[[1.0]], [[2.0]], [[3.0]]])
+    classes = jnp.array([0, 2])
+    carry = push_lib.push_update(push_lib.init_push_carry(jnp.zeros((2, 1))), out, batch, classes)
+    assert np.asarray(carry["image_id"]).tolist() == [30, 32]  # nearest image holding the class
+    np.testing.assert_allclose(carry["distance"], [0.3, 0.2])
+    pruned = push_lib.prune_update(
+        push_lib.init_prune_carry(2, 2), jnp.asarray(min_distances), batch, classes
+    )
+    # k = 2 nearest: prototype 0 -> images 31, 30 (one holds 0); prototype 1 -> 30, 32 (one).
+    assert np.asarray(pruned["own"]).tolist() == [[False, True], [False, True]]
+    assert push_lib.prototypes_to_keep(jax.device_get(pruned), threshold=1).tolist() == [0, 1]
+    assert push_lib.prototypes_to_keep(jax.device_get(pruned), threshold=2).tolist() == []

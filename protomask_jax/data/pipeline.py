@@ -4,6 +4,8 @@ Each record is decoded once into an example: ``canvas uint8 [S, S, 3]`` (the ima
 in), ``boxes float32 [K, 4]`` (mapped into the canvas, padded cyclically to K), ``valid
 bool [K]``, ``num_masks``, ``label``, ``image_id``, ``weight`` (0 for filler) and, for
 ``input.fill_background == "mask"``, ``masks uint8 [K, M, M]``. Views are cut on the device.
+``label`` is int32 ``[]``, or for ``dataset.multi_label`` the multi-hot int32 ``[C]`` of the
+record's label set (``docs/design.md``, "Records").
 
 The training stream draws one seeded permutation of the training images per epoch and cuts
 its first ``floor(N / B) B`` positions into global batches: an epoch is exactly one pass, no
@@ -45,6 +47,8 @@ class PipelineSpec:
     num_views: int
     with_masks: bool = False
     mask_size: int = 112
+    num_classes: int = 0  # C of the multi-hot labels, with multi_label
+    multi_label: bool = False
     # (fitted image uint8 [h, w, 3], image id) -> same: evaluation's perturbed passes.
     image_transform: Callable[[np.ndarray, int], np.ndarray] | None = None
 
@@ -55,7 +59,15 @@ class PipelineSpec:
             num_views=config.input.num_views,
             with_masks=config.input.fill_background == "mask",
             mask_size=config.input.mask_size,
+            num_classes=config.dataset.num_classes,
+            multi_label=bool(config.dataset.multi_label),
         )
+
+    def encode_label(self, label) -> np.ndarray:
+        """A record's label (a class, or the positive classes) as the batch holds it."""
+        if not self.multi_label:
+            return np.int32(label if np.ndim(label) == 0 else label[0])
+        return multi_hot([np.atleast_1d(label)], self.num_classes)[0]
 
 
 class RecordSet:
@@ -63,7 +75,9 @@ class RecordSet:
     (``ImageRecord.from_bytes``), its labels (in ``[0, num_classes)`` when that is given) and
     its image header. A bad record raises ``RecordError``
     naming file, offset and image id, or, with ``skip_bad_records``, is left out of ``good``
-    and described in ``skipped``. ``labels`` and ``image_ids`` are -1 for skipped records."""
+    and described in ``skipped``. ``labels`` (a multi-label record's smallest class, -1 for
+    an empty set) and ``image_ids`` are -1 for skipped records; ``label_sets`` hold every
+    record's classes (empty for skipped ones)."""
 
     def __init__(
         self,
@@ -80,6 +94,7 @@ class RecordSet:
             records_lib.list_shards(records_dir, split), verify_crc=verify_crc
         )
         self.skipped: list[str] = []
+        self.label_sets: list[np.ndarray] = []
         self.labels, self.image_ids = self._scan(skip_bad_records)
         self.good = np.flatnonzero(self.image_ids >= 0)
 
@@ -107,9 +122,10 @@ class RecordSet:
                     raise
                 self.skipped.append(str(e))
                 log.warning("skipping bad record: %s", e)
+                self.label_sets.append(np.zeros(0, np.int64))
                 continue
-            label = record.label
-            labels[i] = label if np.ndim(label) == 0 else label[0]
+            self.label_sets.append(np.atleast_1d(np.asarray(record.label, np.int64)))
+            labels[i] = self.label_sets[-1][0] if len(self.label_sets[-1]) else -1
             ids[i] = record.image_id
         return labels, ids
 
@@ -129,9 +145,9 @@ def split_train_validation(
     labels: np.ndarray, fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (train, validation) record indices: each class gives ``round(fraction n_c)``
-    images (at least one when it has two or more), chosen by a seeded permutation. The
-    reference selects models on the test set (``docs/reference.md`` §9.6); we select on this
-    held-out part of the training set."""
+    images (at least one when it has two or more), chosen by a seeded permutation; multi-label
+    records are stratified by their smallest class. The reference selects models on the test
+    set (``docs/reference.md`` §9.6); we select on this held-out part of the training set."""
     rng = np.random.default_rng(seed)
     validation = []
     for c in np.unique(labels):
@@ -161,7 +177,7 @@ def fit_record(record: records_lib.ImageRecord, spec: PipelineSpec, where: str) 
         "boxes": boxes[slots].astype(np.float32),
         "valid": np.arange(spec.num_views) < n,
         "num_masks": np.int32(min(n, spec.num_views)),
-        "label": np.int32(record.label if np.ndim(record.label) == 0 else record.label[0]),
+        "label": spec.encode_label(record.label),
         "image_id": np.int32(record.image_id),
         "weight": np.float32(1.0),
     }
@@ -191,7 +207,7 @@ def filler_example(spec: PipelineSpec) -> Batch:
         "boxes": np.tile(np.array([0.0, 0.0, 1.0, 1.0], np.float32), (spec.num_views, 1)),
         "valid": np.zeros(spec.num_views, bool),
         "num_masks": np.int32(1),
-        "label": np.int32(0),
+        "label": np.zeros_like(spec.encode_label(0)),  # no class
         "image_id": np.int32(-1),
         "weight": np.float32(0.0),
     }
@@ -358,8 +374,21 @@ def eval_stream(
     return BatchIterator(stream, num_batches)
 
 
+def multi_hot(label_sets, num_classes: int) -> np.ndarray:
+    """int32 ``[N, C]``: 1 where class c is among image n's classes."""
+    hot = np.zeros((len(label_sets), num_classes), np.int32)
+    for n, classes in enumerate(label_sets):
+        hot[n, np.asarray(classes, np.int64)] = 1
+    return hot
+
+
 def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """The reference's cross-entropy class weights ``w_c = N / (C n_c)`` (absent → 0)."""
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    """The reference's cross-entropy class weights ``w_c = N / (C n_c)`` (absent → 0), from
+    labels ``[N]`` or multi-hot ``[N, C]`` (n_c: the images holding c)."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        counts = labels.sum(axis=0).astype(np.float64)
+    else:
+        counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
     return weights.astype(np.float32)

@@ -36,8 +36,16 @@ def faithfulness_per_image(outputs, last_layer, masks, decisive_masks, k=K) -> d
         "overlap": chosen.mean(axis=1),
         "chance_hit_rate": ((fraction > 0.5) & shown).sum(axis=1) / num_masks,
         "chance_overlap": np.where(shown, fraction, 0.0).sum(axis=1) / num_masks,
-        "correct": (predictions == np.asarray(outputs.labels)).astype(np.float64),
+        "correct": _holds(outputs.labels, predictions).astype(np.float64),
     }
+
+
+def _holds(labels, predictions) -> np.ndarray:
+    """bool ``[N]``: the prediction is the label, or among a multi-hot label's classes."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        return labels[np.arange(len(predictions)), predictions] > 0
+    return predictions == labels
 
 
 def contribution_ids(outputs, last_layer, k=K) -> np.ndarray:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 K = 5  # images per prototype and split (the reference)
-_COLUMNS = ("similarity", "image_id", "label", "view", "mask")
+_COLUMNS = ("similarity", "image_id", "label", "view", "mask", "own")
 
 
 def merge(top: dict | None, new: dict, k: int) -> dict:
@@ -36,8 +36,11 @@ class Evaluator:
 
     def update(self, chunk) -> None:
         out = chunk.outputs
-        labels = np.asarray(out.labels)
-        labels = labels if labels.ndim == 1 else np.argmax(labels, axis=1)  # multi-hot: first
+        labels, classes = np.asarray(out.labels), self.prototype_class
+        if labels.ndim == 1:
+            own = labels[:, None] == classes[None, :]
+        else:  # multi-hot: own class when the set holds it; the first class is listed
+            own, labels = labels[:, classes] > 0, np.argmax(labels, axis=1)
         per_image = np.stack([out.image_ids, labels, out.num_masks])[..., None]  # [3, n, 1]
         image_ids, labels, num_masks = np.broadcast_arrays(*per_image, out.winning_view)[:3]
         new = {
@@ -46,6 +49,7 @@ class Evaluator:
             "label": labels,
             "view": np.asarray(out.winning_view),
             "mask": np.asarray(out.winning_view) % num_masks,
+            "own": own,
         }
         self.top[chunk.split] = merge(self.top.get(chunk.split), new, self.k)
 
@@ -53,8 +57,7 @@ class Evaluator:
         group = {"k": self.k, "splits": sorted(self.top)}
         lists = [{"prototype": j, "class": int(c)} for j, c in enumerate(self.prototype_class)]
         for split, top in sorted(self.top.items()):
-            own = top["label"] == self.prototype_class[None, :]
-            group[f"own_class_{split}"] = float(100.0 * own.mean())
+            group[f"own_class_{split}"] = float(100.0 * top["own"].mean())
             group[f"distinct_{split}"] = len(np.unique(top["image_id"]))
             for j, entry in enumerate(lists):
                 entry[split] = [
