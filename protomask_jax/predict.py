@@ -160,14 +160,7 @@ def predict(
         raise config_checks.ConfigError(
             "config.dataset.multi_label: predict explains single-label runs only"
         )
-    out_dir = Path(out_dir).absolute()
-    if out_dir.is_file() or (
-        out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / PREDICTIONS).exists()
-    ):
-        raise PredictError(
-            f"--out {out_dir} exists and holds no {PREDICTIONS} of an earlier run of predict; "
-            "choose another folder."
-        )
+    out_dir = _check_out_dir(Path(out_dir).absolute())
     files = collect_files(inputs)
     info = records_lib.load_dataset_info(config.dataset.records_dir)
     config_checks.check_dataset_info(config, info)
@@ -203,39 +196,61 @@ def predict(
                 for n, item in enumerate(loaded)
             ]
             used = {c["prototype"] for entry in entries for c in entry["contributions"]}
-            canvas = pictures.Canvas(staging, names, pictures.class_colours(len(names)))
-            sources = gallery.prototype_sources(trained.meta, num_prototypes)
-            train_images = pictures.RecordImages(
-                pipeline.RecordSet(config.dataset.records_dir, "train")
-            )
-            heatmaps = None  # the matched views under their PRP maps, as the report shows them
-            if config.explain.explanation_type == "prp":
-                view_relevance = relevance.ViewRelevance(trained, config.explain.prp_rule)
-                heatmaps = relevance.Heatmaps(view_relevance, canvas, sources, train_images)
-            total = len(used) + len(loaded)
-            with tqdm(total=total, desc="drawing", unit="picture", disable=not progress) as bar:
-                gallery_section, drawn = gallery.section(
-                    canvas, arrays, sources, train_images, bar.update, used
-                )
-                explanations = panels.section(
-                    canvas, outputs, arrays, new_images, drawn, top_k, bar.update, heatmaps
-                )
+            new = (outputs, new_images, used)
+            sections = _draw(config, trained, arrays, names, new, top_k, staging, progress)
             seconds["pictures"] = lap()
-        explanations.note = explanations.note.replace("test image", "image")
         described = segmenters.segmenter_description(seg_config) | {"note": note}
         result = {"workdir": str(Path(workdir).absolute()), "checkpoint": trained.checkpoint}
         result |= {"segmenter": described, "images": entries, "skipped": skipped}
         result["seconds"] = seconds
         records_lib.write_json_atomic(staging / PREDICTIONS, result)
-        _write_page(staging, result, [explanations, gallery_section], config.dataset.name)
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        if out_dir.exists():
-            os.replace(out_dir, old)  # an earlier output goes only once the new one is whole
-        os.replace(staging, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        _write_page(staging, result, sections, config.dataset.name)
+        _replace_dir(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return result
+
+
+def _replace_dir(new: Path, out_dir: Path) -> None:
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    if out_dir.exists():
+        os.replace(out_dir, old)  # an earlier output goes only once the new one is whole
+    os.replace(new, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_out_dir(out_dir: Path) -> Path:
+    if out_dir.is_file() or (
+        out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / PREDICTIONS).exists()
+    ):
+        raise PredictError(
+            f"--out {out_dir} exists and holds no {PREDICTIONS} of an earlier run of predict; "
+            "choose another folder."
+        )
+    return out_dir
+
+
+def _draw(config, trained, arrays, names, new, top_k: int, out_dir: Path, progress: bool):
+    """The report's sections for ``new`` = (model outputs, RecordImages, prototypes used) of
+    the new images: their panels, then the gallery of the prototypes used."""
+    outputs, new_images, used = new
+    canvas = pictures.Canvas(out_dir, names, pictures.class_colours(len(names)))
+    sources = gallery.prototype_sources(trained.meta, arrays.last_layer.shape[1])
+    train_images = pictures.RecordImages(pipeline.RecordSet(config.dataset.records_dir, "train"))
+    heatmaps = None  # the matched views under their PRP maps, as the report shows them
+    if config.explain.explanation_type == "prp":
+        view_relevance = relevance.ViewRelevance(trained, config.explain.prp_rule)
+        heatmaps = relevance.Heatmaps(view_relevance, canvas, sources, train_images)
+    total = len(used) + len(outputs.logits)
+    with tqdm(total=total, desc="drawing", unit="picture", disable=not progress) as bar:
+        gallery_section, drawn = gallery.section(
+            canvas, arrays, sources, train_images, bar.update, used
+        )
+        explanations = panels.section(
+            canvas, outputs, arrays, new_images, drawn, top_k, bar.update, heatmaps
+        )
+    explanations.note = explanations.note.replace("test image", "image")
+    return [explanations, gallery_section]
 
 
 def _write_page(out_dir: Path, result: dict[str, Any], sections, dataset: str) -> None:
