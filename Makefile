@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(PY) -m segmentation.export --config $(CONFIG)
 	$(PY) -m protomask_jax.train --config $(CONFIG) --workdir $(WORKDIR)
 	$(PY) -m protomask_jax.evaluate --config $(CONFIG) --workdir $(WORKDIR) \
-		--techniques classification,compactness,contrastivity,complexity,faithfulness,topk
+		--techniques classification,compactness,contrastivity,complexity,faithfulness,continuity,completeness,topk
 	$(PY) -m protomask_jax.explain --config $(CONFIG) --workdir $(WORKDIR)
 
 # The demo with each of SEEDS (one export) into workdirs/demo_seed<s>, evaluated, then mean ±
