@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from protomask_jax.cli import UserError
-from protomask_jax.data import records
+from protomask_jax.data import images, records
 from segmentation import (
     datasets,  # noqa: F401  (registers the built-in datasets)
     postprocess,
@@ -111,22 +111,26 @@ def _postprocess_params(config: ml_collections.ConfigDict) -> dict[str, int]:
 
 
 def _decode(item: sources.SourceItem, root: Path) -> tuple[np.ndarray, bytes, str]:
-    """(RGB uint8 [H, W, 3], the bytes to store, their format)."""
-    from PIL import Image, UnidentifiedImageError
+    """(RGB uint8 [H, W, 3], the bytes to store, their format). The image is read as
+    ``predict`` reads a file (upright by EXIF, 16-bit to 8, alpha over white; full size); the
+    source's own JPEG or PNG bytes are stored when they decode to exactly that."""
+    from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(item.image_bytes)) as image:
-            rgb = np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+        loaded = images.load_image(io.BytesIO(item.image_bytes), full_size=True)
+    except images.ImageError as e:
         raise ExportError(
-            f"{root / item.filename}: cannot decode image (id {item.image_id}): {e}. Replace "
-            "or remove the file and re-run (complete shards are skipped)."
+            f"{root / item.filename}: cannot decode image (id {item.image_id}): "
+            f"{str(e.__cause__ or e)}. Replace or remove the file and re-run (complete shards "
+            "are skipped)."
         ) from e
-    if item.image_bytes.startswith(b"\x89PNG\r\n\x1a\n"):
+    rgb = loaded.rgb
+    if not loaded.notes and item.image_bytes.startswith(b"\x89PNG\r\n\x1a\n"):
         return rgb, item.image_bytes, "png"
-    if item.image_bytes.startswith(b"\xff\xd8\xff"):
+    if not loaded.notes and item.image_bytes.startswith(b"\xff\xd8\xff"):
         return rgb, item.image_bytes, "jpeg"
-    # BMP, GIF, WebP, TIFF: the pipeline decodes JPEG and PNG only; store a lossless PNG.
+    # Rotated, 16-bit, transparent or CMYK, or BMP, GIF, WebP, TIFF (the pipeline decodes
+    # JPEG and PNG only): a lossless PNG of what the segmenter sees.
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
     return rgb, buffer.getvalue(), "png"

@@ -299,6 +299,40 @@ def test_folder_source_ids_labels_and_formats(tmp_path):
     np.testing.assert_array_equal(records.decode_image(record.image_bytes), pixels)
 
 
+def test_photos_are_stored_as_predict_reads_them(tmp_path):
+    """Upright by EXIF, 16-bit grey to 8 bits, transparency over white, computed here by
+    hand; a plain JPEG keeps its bytes."""
+    root = _make_folder_dataset(tmp_path)
+    folder = root / "train" / "class_1"
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (40, 64, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a viewer turns the stored pixels 90 degrees clockwise
+    Image.fromarray(photo).save(folder / "rotated.png", exif=exif)
+    grey16 = rng.integers(0, 65536, (48, 48), dtype=np.uint16)
+    Image.fromarray(grey16).save(folder / "grey16.png")
+    rgba = np.dstack([photo, rng.integers(0, 256, (40, 64), dtype=np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(folder / "alpha.png")
+    plain = folder / "plain.jpg"
+    Image.fromarray(photo).save(plain, quality=90)
+    export.export(_folder_config(root, tmp_path / "records"), progress=False)
+    stored = {r.filename: r for r in _read_split(tmp_path / "records", "train")}
+
+    def pixels(name: str) -> np.ndarray:
+        record = stored[f"train/class_1/{name}"]
+        image = records.decode_image(record.image_bytes)
+        mask = records.decode_mask_png(record.mask_pngs[0])
+        assert image.shape[:2] == mask.shape == (record.height, record.width)
+        return image
+
+    np.testing.assert_array_equal(pixels("rotated.png"), np.rot90(photo, k=-1))
+    grey8 = (grey16 >> 8).astype(np.uint8)
+    np.testing.assert_array_equal(pixels("grey16.png"), np.stack([grey8] * 3, axis=-1))
+    alpha = rgba[..., 3:] / 255
+    np.testing.assert_allclose(pixels("alpha.png"), photo * alpha + 255 * (1 - alpha), atol=1)
+    assert stored["train/class_1/plain.jpg"].image_bytes == plain.read_bytes()
+
+
 def test_unreadable_image_is_named(tmp_path):
     root = _make_folder_dataset(tmp_path)
     broken = root / "test" / "class_1" / "00029.png"

@@ -10,7 +10,8 @@ palette and grey become RGB; a longest side over :data:`MAX_SIDE` is scaled down
 (Lanczos): segmenters return full-resolution masks, ``[N, H, W]`` each, while SAM and SAM 2
 look at 1024 px and the classifier at the canvas size anyway. Images smaller than a view are
 kept as they are (the pipeline scales them up). A file PIL cannot read raises
-:class:`ImageError` with a one-line reason.
+:class:`ImageError` with a one-line reason. The export reads dataset images the same way, at
+full size, so a model trains on what ``predict`` later shows it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import dataclasses
 import math
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -39,26 +41,27 @@ class LoadedImage:
     notes: list[str]  # what was done to the file, for a person
 
 
-def load_image(path: str | Path) -> LoadedImage:
-    """Reads ``path`` as described above."""
+def load_image(path: str | Path | BinaryIO, full_size: bool = False) -> LoadedImage:
+    """Reads ``path`` (or an open binary file) as described above; ``full_size``: no
+    downscaling."""
     try:
         with warnings.catch_warnings():
             # Photos of 90+ MP trip PIL's decompression-bomb warning; they are scaled down
             # here (PIL still refuses images over twice that size, which then are skipped).
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                return _upright_rgb(image)
+                return _upright_rgb(image, None if full_size else MAX_SIDE)
     except Exception as e:  # PIL's plugins raise many types on malformed files
         raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
 
 
-def _upright_rgb(image: Image.Image) -> LoadedImage:
+def _upright_rgb(image: Image.Image, max_side: int | None) -> LoadedImage:
     width, height = image.size
     orientation = image.getexif().get(_ORIENTATION, 1)
     if orientation in (5, 6, 7, 8):
         width, height = height, width
     notes = []
-    scale = MAX_SIDE / max(width, height)
+    scale = 1.0 if max_side is None else max_side / max(width, height)
     if scale < 1:
         # JPEG only (elsewhere a no-op): decode at the smallest 1/2^k scale still >= target.
         image.draft(image.mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
