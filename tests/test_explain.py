@@ -207,7 +207,7 @@ def report(tmp_path_factory, tiny_records):
 @pytest.mark.slow
 def test_report_links_only_existing_files_and_shows_every_prototype_and_image(report):
     from protomask_jax import trainer
-    from protomask_jax.data import pipeline
+    from protomask_jax.data import pipeline, records
 
     assert report.index == report.workdir / "report" / "index.html"
     page = _Page()
@@ -233,6 +233,9 @@ def test_report_links_only_existing_files_and_shows_every_prototype_and_image(re
     assert list(page.panels) == report.image_ids
     test_set = pipeline.RecordSet(report.records, "test")
     independent = independent_outputs(restored, test_set)
+    reader = records.ShardedRecords(records.list_shards(report.records, "test"))
+    stored = [records.ImageRecord.from_bytes(reader[i]) for i in range(len(reader))]
+    file_names = {record.image_id: record.filename for record in stored}
     eps = report.config.model.similarity_eps
     distances = independent["min_distances"].astype(np.float64)
     similarities = np.log((distances + 1) / (distances + eps))
@@ -245,6 +248,8 @@ def test_report_links_only_existing_files_and_shows_every_prototype_and_image(re
         assert shown == expected
         correct = predicted == independent["labels"][n]
         assert f'class="panel {"right" if correct else "wrong"}" id="image-{image_id}"' in text
+        # Named by id and by the file it came from (read here from the records).
+        assert f"test image {image_id}: {Path(file_names[image_id]).name}" in text
 
     # The header carries the evaluation (eval.json) and the run.
     assert "explanations on the deciding part" in text.lower()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -107,8 +108,8 @@ def section(
             )
             label = int(np.atleast_1d(decoded.record.label)[0])
             lines.append(
-                f"source: train image {source.image_id} ({canvas.class_names[label]}), "
-                f"mask {source.mask_index}"
+                f"source: train image {source.image_id} {Path(decoded.record.filename).name} "
+                f"({canvas.class_names[label]}), mask {source.mask_index}"
             )
             lines.append(f"push distance {source.distance:.3g}")
         cards[own].append(_card(j, drawn[j], lines, canvas.colours[own]))

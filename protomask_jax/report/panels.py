@@ -177,7 +177,8 @@ def _explain_image(canvas, outputs, n, arrays, images, prototype_pictures, top_k
         outputs.num_masks[n],
         top_k,
     )
-    name = f"test image {image_id}" if true >= 0 else Path(decoded.record.filename).name
+    file_name = Path(decoded.record.filename).name
+    name = f"test image {image_id}: {file_name}" if true >= 0 else file_name
     whole = pictures.fit_width(decoded.image, pictures.rendered("whole"))
     canvas.save(whole, f"images/{image_id}.png")
     masks = [match.mask_index for match in matches]
