@@ -244,7 +244,9 @@ class _GeneratorSegmenter(Segmenter):
     def segment(self, image: np.ndarray, item: SourceItem) -> np.ndarray:
         height, width = image.shape[:2]
         try:
-            found = self._generator.generate(np.ascontiguousarray(image))
+            # a writable copy: SAM 2's transform hands the array to torch, which warns on
+            # read-only ones (PIL's arrays are)
+            found = self._generator.generate(np.array(image, order="C"))
         except IndexError as e:
             # Both generators index an empty tensor in their cross-crop de-duplication when
             # no crop yields a mask (crop_n_layers > 0): that case means "no masks".
