@@ -405,7 +405,7 @@ def test_export_with_a_tiny_sam2(tmp_path, tiny_sam2_model, torch_single_thread)
         assert len(stored) == count
         for record in stored:
             image = records.decode_image(record.image_bytes)
-            raw = np.stack([m["segmentation"] for m in generator.generate(image)])
+            raw = np.stack([m["segmentation"] for m in generator.generate(np.array(image))])
             expected = postprocess.postprocess(raw, 6, 0, 2)
             masks = np.stack([records.decode_mask_png(m) for m in record.mask_pngs])
             np.testing.assert_array_equal(masks, expected.masks)
