@@ -121,7 +121,7 @@ def _decode(item: sources.SourceItem, root: Path) -> tuple[np.ndarray, bytes, st
     except images.ImageError as e:
         raise ExportError(
             f"{root / item.filename}: cannot decode image (id {item.image_id}): "
-            f"{str(e.__cause__ or e)}. Replace or remove the file and re-run (complete shards "
+            f"{e.__cause__ or e}. Replace or remove the file and re-run (complete shards "
             "are skipped)."
         ) from e
     rgb = loaded.rgb

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -108,7 +107,7 @@ def section(
             )
             label = int(np.atleast_1d(decoded.record.label)[0])
             lines.append(
-                f"source: train image {source.image_id} {Path(decoded.record.filename).name} "
+                f"source: train image {source.image_id} {decoded.file_name} "
                 f"({canvas.class_names[label]}), mask {source.mask_index}"
             )
             lines.append(f"push distance {source.distance:.3g}")

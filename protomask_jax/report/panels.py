@@ -177,8 +177,9 @@ def _explain_image(canvas, outputs, n, arrays, images, prototype_pictures, top_k
         outputs.num_masks[n],
         top_k,
     )
-    file_name = Path(decoded.record.filename).name
-    name = f"test image {image_id}: {file_name}" if true >= 0 else file_name
+    name = decoded.file_name
+    if true >= 0:
+        name = f"test image {image_id}: {name}"
     whole = pictures.fit_width(decoded.image, pictures.rendered("whole"))
     canvas.save(whole, f"images/{image_id}.png")
     masks = [match.mask_index for match in matches]

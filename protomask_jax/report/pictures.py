@@ -112,6 +112,11 @@ class DecodedImage:
     record: records_lib.ImageRecord
     image: np.ndarray  # uint8 [H, W, 3]
 
+    @property
+    def file_name(self) -> str:
+        """The name of the file the image was exported from (no folders)."""
+        return Path(self.record.filename).name
+
     def mask(self, index: int) -> np.ndarray:
         return records_lib.decode_mask_png(self.record.mask_pngs[index])
 

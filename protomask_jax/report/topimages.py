@@ -21,7 +21,7 @@ def _cell(canvas, images, split: str, entry: dict, own: int) -> str:
     overlay = decoded.overlay(entry["mask"], canvas.colours[own], "topk")
     name = f"topk/{split}_{entry['image_id']}_m{entry['mask']}_c{own}.png"
     label = entry["label"][0] if isinstance(entry["label"], list) else entry["label"]
-    alt = f"{split} image {entry['image_id']}: {Path(decoded.record.filename).name}"
+    alt = f"{split} image {entry['image_id']}: {decoded.file_name}"
     return (
         f'<div class="top" title="{e(alt)}">'
         f"{html.img(canvas.save(overlay, name), alt, pictures.SIZES['topk'])}"
