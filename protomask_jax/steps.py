@@ -18,6 +18,8 @@ import optax
 from flax import nnx
 
 from protomask_jax import losses
+from protomask_jax import phases as phases_lib
+from protomask_jax import sharding as sharding_lib
 from protomask_jax.data import views as views_lib
 from protomask_jax.models import protomask as model_lib
 from protomask_jax.phases import Phase
@@ -185,3 +187,31 @@ def make_eval_step(
         )[0]
 
     return eval_step
+
+
+def jit_train_step(
+    graphdef: nnx.GraphDef, phase: Phase, step_config: StepConfig, mesh, state: TrainState
+) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+    """``phase``'s step jitted as training runs it: the state keeps its shardings (and is
+    donated), the batch is split over ``data``, class weights and metrics replicated.
+    ``state`` (arrays or ShapeDtypeStructs) gives the tree the shardings follow."""
+    state_shardings = sharding_lib.tree_shardings(mesh, state)
+    replicated = sharding_lib.replicated(mesh)
+    step = make_train_step(graphdef, phase, phases_lib.make_optimizer(phase), step_config)
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh), replicated),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
+
+
+def jit_eval_step(
+    graphdef: nnx.GraphDef, step_config: StepConfig, mesh, *, return_views: bool = False
+) -> Callable[[nnx.State, nnx.State, nnx.State, dict], model_lib.ProtoMaskOutput]:
+    """:func:`make_eval_step` jitted as evaluation, push and pruning run it: parameters keep
+    the placement they have, the batch is split over ``data``."""
+    return jax.jit(
+        make_eval_step(graphdef, step_config, return_views=return_views),
+        in_shardings=(None, None, None, sharding_lib.batch_sharding(mesh)),
+    )

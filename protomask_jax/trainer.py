@@ -67,10 +67,8 @@ class _ModelOnMesh:
 
     def eval_fn(self, return_views: bool = False):
         """A jitted ``(params, batch_stats, constants, batch) -> ProtoMaskOutput``."""
-        # Parameters keep the placement they have (None); the batch is sharded over `data`.
-        return jax.jit(
-            steps_lib.make_eval_step(self.graphdef, self.step_config, return_views=return_views),
-            in_shardings=(None, None, None, sharding_lib.batch_sharding(self.mesh)),
+        return steps_lib.jit_eval_step(
+            self.graphdef, self.step_config, self.mesh, return_views=return_views
         )
 
     def eval_batches(self, record_set, indices) -> Iterator[dict[str, jax.Array]]:
@@ -560,16 +558,7 @@ def _diverged(ctx: RunContext, what: str, step: int, phase) -> TrainingDiverged:
 
 
 def _compile_train_step(ctx: RunContext, phase: Phase, state):
-    state_shardings = sharding_lib.tree_shardings(ctx.mesh, state)
-    replicated = sharding_lib.replicated(ctx.mesh)
-    return jax.jit(
-        steps_lib.make_train_step(
-            ctx.graphdef, phase, phases_lib.make_optimizer(phase), ctx.step_config
-        ),
-        in_shardings=(state_shardings, sharding_lib.batch_sharding(ctx.mesh), replicated),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=0,
-    )
+    return steps_lib.jit_train_step(ctx.graphdef, phase, ctx.step_config, ctx.mesh, state)
 
 
 def _validate(ctx: RunContext, phase: Phase, state, step: int, eval_fn) -> None:
