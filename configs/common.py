@@ -88,6 +88,7 @@ def _model() -> ConfigDict:
         incorrect_strength=0.0,  # last-layer init of wrong-class connections
         similarity_eps=1e-4,  # log((d+1)/(d+eps)); the reference's 1e-14, see §3
         compute_dtype="bfloat16",  # activations; parameters stay float32
+        remat="none",  # none | blocks: recompute residual blocks in backward (less memory)
     ))
 
 

@@ -70,6 +70,7 @@ def validate(config: Any) -> None:
     for key, value, allowed in (
         ("input.fill_background", i.fill_background, ("original", "mask")),
         ("model.compute_dtype", m.compute_dtype, ("float32", "bfloat16", "float16")),
+        ("model.remat", m.remat, ("none", "blocks")),
     ):
         _require(value in allowed, key, f"must be one of {allowed}, got {value!r}")
     try:

@@ -142,3 +142,35 @@ def test_batchnorm_in_bfloat16_matches_float32_math():
     # by ~2^-9 of the direct term |cotangent * m| ~ 1, about 30x the centred gradient here.)
     error = float(jnp.max(jnp.abs(grad16.astype(jnp.float32) - grad32)))
     assert error <= 2**-8 * float(jnp.max(jnp.abs(grad32)))
+
+
+def test_block_remat_gives_the_same_loss_gradients_and_statistics():
+    """remat="blocks" recomputes activations in the backward pass: same numbers, one
+    checkpoint per residual block (the memory it saves on a TPU: tests/test_aot.py)."""
+    images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+
+    def loss_and_grads(remat):
+        model = ResNet("resnet_micro", remat=remat, rngs=nnx.Rngs(0))
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(params, rest):
+            module = nnx.merge(graphdef, params, rest, copy=True)
+            out = module(images, train=True)
+            return jnp.mean(jnp.square(out)), nnx.state(module, nnx.BatchStat)
+
+        grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        (value, stats), grads = grad_fn(params, rest)
+        forward = str(jax.make_jaxpr(loss)(params, rest))
+        return value, stats, grads, forward.count(" remat2[")
+
+    plain, plain_stats, plain_grads, plain_checkpoints = loss_and_grads("none")
+    remat, remat_stats, remat_grads, remat_checkpoints = loss_and_grads("blocks")
+    np.testing.assert_allclose(remat, plain, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(plain_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(remat_stats), jax.tree.leaves(plain_stats), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    blocks = sum(resnet.resnet_spec("resnet_micro").blocks_per_stage)
+    assert (plain_checkpoints, remat_checkpoints) == (0, blocks)
+    with pytest.raises(ValueError, match="remat must be one of"):
+        ResNet("resnet_micro", remat="everything", rngs=nnx.Rngs(0))

@@ -107,10 +107,11 @@ class ProtoMask(nnx.Module):
         incorrect_strength: float = 0.0,
         similarity_eps: float = 1e-4,
         compute_dtype: jnp.dtype | str = jnp.float32,
+        remat: str = "none",
         rngs: nnx.Rngs,
     ):
         num_prototypes = num_classes * prototypes_per_class
-        self.backbone = ResNet(backbone, compute_dtype=compute_dtype, rngs=rngs)
+        self.backbone = ResNet(backbone, compute_dtype=compute_dtype, remat=remat, rngs=rngs)
         backbone_channels = self.backbone.out_channels
         self.add_on = nnx.Linear(
             backbone_channels,
@@ -207,6 +208,7 @@ def build_model(config: Any, num_classes: int, rngs: nnx.Rngs) -> ProtoMask:
         incorrect_strength=model_config.incorrect_strength,
         similarity_eps=model_config.similarity_eps,
         compute_dtype=model_config.compute_dtype,
+        remat=model_config.get("remat", "none"),
         rngs=rngs,
     )
 

@@ -211,6 +211,11 @@ def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     )
 
 
+# "blocks": recompute each residual block's activations in the backward pass (about a third
+# more backbone FLOPs, a fraction of the activation memory; docs/tpu.md).
+REMAT_POLICIES = ("none", "blocks")
+
+
 class ResNet(nnx.Module):
     """Stem (``conv1``, ``bn1``, max-pool), then ``layer1`` .. ``layerN`` (``nnx.List`` of
     blocks); ``[N, H, W, 3]`` images -> ``[N, H / 2^(1 + N), W / 2^(1 + N), out_channels]``
@@ -221,8 +226,12 @@ class ResNet(nnx.Module):
         spec: str | ResNetSpec,
         *,
         compute_dtype: jnp.dtype | str = jnp.float32,
+        remat: str = "none",
         rngs: nnx.Rngs,
     ):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"ResNet: remat must be one of {REMAT_POLICIES}, got {remat!r}")
+        self.remat = remat
         self.spec = resnet_spec(spec)
         self.compute_dtype = jnp.dtype(compute_dtype)
         block_cls = BasicBlock if self.spec.block == "basic" else Bottleneck
@@ -250,5 +259,23 @@ class ResNet(nnx.Module):
         x = _max_pool_3x3_s2(x)
         for stage in self.stages:
             for block in stage:
-                x = block(x, train=train)
+                if self.remat == "blocks":
+                    x = _rematerialised(block, x, train)
+                else:
+                    x = block(x, train=train)
         return x
+
+
+def _rematerialised(block: nnx.Module, x: jax.Array, train: bool) -> jax.Array:
+    """``block(x)`` under ``jax.checkpoint``: differentiated, only the block's input is kept
+    and its inner activations are recomputed in the backward pass (forward-only calls are
+    unchanged). Functional split/merge, so the BatchNorm statistics update crosses it."""
+    graphdef, state = nnx.split(block)
+
+    def run(state, x):
+        module = nnx.merge(graphdef, state, copy=True)  # Variables owned by this trace
+        return module(x, train=train), nnx.state(module)
+
+    y, state = jax.checkpoint(run)(state, x)
+    nnx.update(block, state)
+    return y
