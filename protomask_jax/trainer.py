@@ -460,6 +460,15 @@ def push_prototypes(ctx: RunContext, state: TrainState) -> TrainState:
         int(np.sum(~np.isfinite(result.distance))),
     )
     gallery = result.to_json()
+    groups = gallery["duplicate_groups"]
+    if groups:
+        log.warning(
+            "push: %d of %d prototypes share their view with another, in groups %s (push.json "
+            "duplicate_groups): all but one of each group are redundant",
+            sum(map(len, groups)),
+            len(result.distance),
+            groups,
+        )
     records_lib.write_json_atomic(ctx.workdir / "push.json", gallery)
     ctx.meta.update(pushed=True, push=gallery)
     if len(ctx.val_indices):

@@ -5,6 +5,7 @@ hand-made views, top images per prototype) and its screenshot."""
 from __future__ import annotations
 
 import html.parser
+import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -106,6 +107,58 @@ def test_prototype_sources_follow_pruning_and_missing_push():
     ]
     unpushed = gallery.prototype_sources({"pushed": False, "push": None}, 2)
     assert all(s.image_id is None for s in unpushed)
+
+
+def _page_with(section):
+    from protomask_jax.report import html
+
+    return html.page("report", [], [], [section], "footer")
+
+
+def test_duplicate_prototypes_get_a_warning_card_and_a_line_on_their_cards():
+    from protomask_jax.report import html
+
+    # The user's case: 9 of 10 prototypes pushed onto mask 1 of train image 4.
+    sources = [gallery.PrototypeSource(4, 1, 0.5)] * 9 + [gallery.PrototypeSource(8, 0, 0.2)]
+    prototypes = np.array([[1.0, 2.0]] * 9 + [[3.0, 4.0]], np.float32)
+    groups = gallery.duplicate_groups(sources, prototypes)
+    assert groups == [list(range(9))]
+    warning = gallery.duplicates_warning(groups, sources)
+    text = _page_with(html.Section("prototypes", "P", "Prototypes", "", "cards", warning))
+    assert text.count('class="warning"') == 1
+    assert "Duplicate prototypes: 9 of 10 share one view, so 8 of them add nothing." in text
+    assert "prototypes " + ", ".join(f'<a href="#prototype-{j}">{j}</a>' for j in range(9)) in text
+    assert ": train image 4, mask 1</li>" in text
+    # The card sits above the sections.
+    assert text.index('id="duplicate-prototypes"') < text.index('<section id="prototypes">')
+
+
+def test_gallery_section_marks_the_cards_of_duplicates(tmp_path):
+    # Never projected, but prototypes 0 and 2 have one vector: the section warns and says so
+    # on both cards; prototype 1 is left alone.
+    sources = [gallery.PrototypeSource()] * 3
+    prototypes = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], np.float32)
+    groups = gallery.duplicate_groups(sources, prototypes)
+    assert groups == [[0, 2]]
+    canvas = pictures.Canvas(tmp_path, ["a", "b"], [(255, 0, 0), (0, 0, 255)])
+    arrays = SimpleNamespace(prototype_class=np.array([0, 0, 1]), last_layer=np.eye(2, 3))
+    section, _ = gallery.section(canvas, arrays, sources, None, lambda: None, duplicates=groups)
+    assert "Duplicate prototypes: 2 of 3 share one view" in section.warning
+    assert "identical vectors</li>" in section.warning
+    cards = section.body.split('class="card"')[1:]  # by class: 0 and 1 (a), then 2 (b)
+    assert [f'data-prototype="{j}"' in card for j, card in enumerate(cards)] == [True] * 3
+    assert "same view as prototype 2<" in cards[0] and "same view as prototype 0<" in cards[2]
+    assert "same view" not in cards[1]
+
+
+def test_no_warning_card_without_duplicate_prototypes():
+    from protomask_jax.report import html
+
+    sources = [gallery.PrototypeSource(4, 1, 0.5), gallery.PrototypeSource(4, 2, 0.5)]
+    groups = gallery.duplicate_groups(sources, np.eye(2, dtype=np.float32))
+    assert groups == [] and gallery.duplicates_warning(groups, sources) == ""
+    section = html.Section("prototypes", "P", "Prototypes", "", "cards")
+    assert 'class="warning"' not in _page_with(section)
 
 
 def test_training_curves_plot_rows_and_refuse_an_empty_log(tmp_path):
@@ -254,6 +307,20 @@ def test_report_links_only_existing_files_and_shows_every_prototype_and_image(re
     # The header carries the evaluation (eval.json) and the run.
     assert "explanations on the deciding part" in text.lower()
     assert report.config.model.backbone in text
+
+
+@pytest.mark.slow
+def test_report_summary_and_page_flag_prototypes_pushed_onto_one_view(report):
+    push = json.loads((report.workdir / "push.json").read_text())
+    by_view: dict[tuple[int, int], list[int]] = {}
+    for j, view in enumerate(zip(push["image_id"], push["mask_index"], strict=True)):
+        by_view.setdefault(view, []).append(j)
+    expected = sorted(group for group in by_view.values() if len(group) > 1)
+    summary = json.loads((report.index.parent / "summary.json").read_text())
+    assert summary["duplicate_groups"] == expected == push["duplicate_groups"]
+    assert summary["num_redundant_prototypes"] == sum(len(g) - 1 for g in expected)
+    assert summary["num_prototypes"] == len(push["image_id"])
+    assert ('id="duplicate-prototypes"' in report.index.read_text()) == bool(expected)
 
 
 @pytest.mark.slow
