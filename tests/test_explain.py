@@ -52,6 +52,48 @@ def test_mask_overlay_marks_a_vanishing_mask_by_its_box():
     assert out[30, 30, 0] < 100
 
 
+def test_outline_colours_the_mask_border_and_leaves_the_rest():
+    picture = np.full((12, 12, 3), 50, np.uint8)
+    picture[5, 6] = (1, 2, 3)  # inside, past the outline: must survive
+    mask = np.zeros((12, 12), bool)
+    mask[3:9, 3:9] = True
+    colour = (0, 229, 255)
+    out = pictures.outline(picture, mask, colour, width=2)
+    border = mask.copy()
+    border[5:7, 5:7] = False  # the 6 x 6 square less its 2 x 2 core: 32 pixels
+    assert border.sum() == 32
+    np.testing.assert_array_equal(out[border], np.tile(colour, (32, 1)))
+    np.testing.assert_array_equal(out[~border], picture[~border])
+    assert picture[3, 3, 0] == 50  # the input is not drawn on
+
+
+def test_prp_thumbnails_outline_the_views_mask():
+    # A 40 x 40 image whose mask is an L in the box rows/cols 10..29: in the 192 px view the
+    # L is the top half and the bottom-left quarter. Zero relevance: the map is plain grey.
+    from protomask_jax.data import records
+
+    image = np.full((40, 40, 3), 120, np.uint8)
+    mask = np.zeros((40, 40), bool)
+    mask[10:30, 10:20] = mask[10:20, 10:30] = True
+    record = SimpleNamespace(
+        boxes=np.array([[0.25, 0.25, 0.75, 0.75]]), mask_pngs=[records.encode_mask_png(mask)]
+    )
+    decoded = pictures.DecodedImage(record, image)
+    side = pictures.rendered("match_view")
+    assert side == 192
+    maps = lambda record, masks, ids: np.zeros((len(masks), 8, 8), np.float32)  # noqa: E731
+    heatmaps = relevance.Heatmaps(maps, None, [], None)
+    (drawn,) = heatmaps.views(decoded, [0], [0], "match_view")
+    plain = relevance.heatmap_overlay(decoded.view(0, "match_view"), np.zeros((8, 8)))
+    cyan = np.all(drawn == relevance.MASK_OUTLINE, axis=-1)
+    assert cyan[0, 50] and cyan[150, 95] and cyan[94, 150]  # top, inner sides of the L
+    assert not cyan[50, 50] and not cyan[150, 150]  # inside the L; outside it
+    np.testing.assert_array_equal(drawn[~cyan], plain[~cyan])
+    # Without masks in the record, the map alone.
+    decoded = pictures.DecodedImage(SimpleNamespace(boxes=record.boxes, mask_pngs=[]), image)
+    np.testing.assert_array_equal(heatmaps.views(decoded, [0], [0], "match_view")[0], plain)
+
+
 def test_view_crop_takes_the_box_and_stretches_it_to_a_square():
     image = np.zeros((40, 80, 3), np.uint8)
     image[10:20, 40:80] = 255  # the box below, exactly
@@ -326,7 +368,8 @@ def test_report_summary_and_page_flag_prototypes_pushed_onto_one_view(report):
 @pytest.mark.slow
 def test_panels_show_prp_heatmaps_of_the_matched_views(report):
     """Each row: the test image's mask and its view under the PRP map, the prototype's source
-    and its view under its map; the maps equal PRP run on a view made by hand."""
+    and its view under its map, each view's mask outlined; the maps equal PRP run on a view
+    made by hand."""
     import jax
 
     from protomask_jax import trainer
@@ -370,6 +413,8 @@ def test_panels_show_prp_heatmaps_of_the_matched_views(report):
         np.testing.assert_allclose(maps[rank - 1], np.asarray(expected)[0, 0], rtol=1e-4, atol=1e-7)
         drawn = np.asarray(Image.open(root / f"images/{image_id}_r{rank}_prp.png"))
         redrawn = relevance.heatmap_overlay(decoded.view(mask, "match_view"), maps[rank - 1])
+        outlined = decoded.view_mask(mask, "match_view")
+        redrawn = pictures.outline(redrawn, outlined, relevance.MASK_OUTLINE)
         np.testing.assert_allclose(drawn, redrawn, atol=1)
         assert not np.array_equal(drawn, decoded.view(mask, "match_view"))
     # The prototype side: the source view push recorded, under the prototype's own map.
@@ -380,6 +425,8 @@ def test_panels_show_prp_heatmaps_of_the_matched_views(report):
     (source_map,) = view_relevance(decoded.record, [source.mask_index], [j])
     drawn = np.asarray(Image.open(root / f"prototypes/p{j:04d}_prp.png"))
     redrawn = relevance.heatmap_overlay(decoded.view(source.mask_index, "match_view"), source_map)
+    outlined = decoded.view_mask(source.mask_index, "match_view")
+    redrawn = pictures.outline(redrawn, outlined, relevance.MASK_OUTLINE)
     np.testing.assert_allclose(drawn, redrawn, atol=1)
 
 
