@@ -22,7 +22,15 @@ from _trained_run import (
 from PIL import Image
 
 from protomask_jax import explain, prp
-from protomask_jax.report import curves, gallery, panels, pictures, relevance, screenshot
+from protomask_jax.report import (
+    curves,
+    gallery,
+    names,
+    panels,
+    pictures,
+    relevance,
+    screenshot,
+)
 
 # ------------------------------------------------------------------------- helpers
 
@@ -92,6 +100,53 @@ def test_prp_thumbnails_outline_the_views_mask():
     # Without masks in the record, the map alone.
     decoded = pictures.DecodedImage(SimpleNamespace(boxes=record.boxes, mask_pngs=[]), image)
     np.testing.assert_array_equal(heatmaps.views(decoded, [0], [0], "match_view")[0], plain)
+
+
+@pytest.mark.parametrize(
+    "name, width, max_lines, keep_underscores, lines",
+    [
+        ("001.Black_footed_Albatross", 26, 2, False, ["001.Black footed Albatross"]),
+        ("001.Black_footed_Albatross", 20, 2, False, ["001.Black footed", "Albatross"]),
+        ("001.Black_footed_Albatross", 12, 3, False, ["001.Black", "footed", "Albatross"]),
+        # one line too many: the last shown ends in the ellipsis
+        ("001.Black_footed_Albatross", 12, 2, False, ["001.Black", "footed\u2026"]),
+        ("200.Common__Yellowthroat ", 30, 2, False, ["200.Common Yellowthroat"]),
+        # a word longer than a line is cut, never broken onto the next
+        ("Supercalifragilistic bird", 8, 2, False, ["Superca\u2026", "bird"]),
+        # file names keep their underscores and may break after one
+        (
+            "Black_Footed_Albatross_0046_18.jpg",
+            14,
+            3,
+            True,
+            ["Black_Footed_", "Albatross_", "0046_18.jpg"],
+        ),
+        ("Black_Footed_Albatross_0046_18.jpg", 14, 2, True, ["Black_Footed_", "Albatross_\u2026"]),
+        ("test image 27: a_b.png", 16, 2, True, ["test image 27:", "a_b.png"]),
+    ],
+)
+def test_wrap_name_breaks_between_words_and_cuts_with_an_ellipsis(
+    name, width, max_lines, keep_underscores, lines
+):
+    assert names.wrap_name(name, width, max_lines, keep_underscores) == lines
+    assert all(len(line) <= width for line in lines)
+
+
+def test_html_names_wrap_at_words_clamp_and_carry_the_full_name():
+    span = names.html_name("001.Black_footed_Albatross")
+    assert span == (
+        '<span class="name-box" style="-webkit-line-clamp: 2; line-clamp: 2" '
+        'title="001.Black_footed_Albatross">001.Black footed Albatross</span>'
+    )
+    span = names.html_name('a_b "c".jpg', "file", lines=1)
+    assert 'title="a_b &quot;c&quot;.jpg"' in span and "-webkit-line-clamp: 1;" in span
+    assert span.endswith(">a_<wbr>b &quot;c&quot;.jpg</span>")  # may break after "_" only
+    # the page's style clips a name-box: it cannot spill out of its box
+    from protomask_jax.report import html
+
+    rule = html.STYLE.split(".name-box {")[1].split("}")[0]
+    assert "overflow: hidden" in rule and "max-width: 100%" in rule
+    assert "word-break: normal" in rule  # never mid-word
 
 
 def test_view_crop_takes_the_box_and_stretches_it_to_a_square():
@@ -343,8 +398,9 @@ def test_report_links_only_existing_files_and_shows_every_prototype_and_image(re
         assert shown == expected
         correct = predicted == independent["labels"][n]
         assert f'class="panel {"right" if correct else "wrong"}" id="image-{image_id}"' in text
-        # Named by id and by the file it came from (read here from the records).
-        assert f"test image {image_id}: {Path(file_names[image_id]).name}" in text
+        # Named by id and by the file it came from (read here from the records), in full in
+        # the tooltip of the clamped name.
+        assert f'title="test image {image_id}: {Path(file_names[image_id]).name}"' in text
 
     # The header carries the evaluation (eval.json) and the run.
     assert "explanations on the deciding part" in text.lower()

@@ -19,6 +19,7 @@ import numpy as np
 from protomask_jax import push as push_lib
 from protomask_jax.report import html, pictures
 from protomask_jax.report.html import e
+from protomask_jax.report.names import html_name
 
 
 class _Html(str):
@@ -111,7 +112,8 @@ def _caption(canvas, weights: np.ndarray, own: int) -> list[str]:
     others = np.delete(np.arange(len(weights)), own)
     if len(others):
         other = int(others[np.argmax(weights[others])])
-        lines.append(f"largest other {weights[other]:+.3f} ({canvas.class_names[other]})")
+        name = html_name(canvas.class_names[other], lines=1)
+        lines.append(_Html(f"largest other {weights[other]:+.3f}: {name}"))
     return lines
 
 
@@ -146,10 +148,9 @@ def section(
                 ),
             )
             label = int(np.atleast_1d(decoded.record.label)[0])
-            lines.append(
-                f"source: train image {source.image_id} {decoded.file_name} "
-                f"({canvas.class_names[label]}), mask {source.mask_index}"
-            )
+            lines.append(f"source: train image {source.image_id}, mask {source.mask_index}")
+            lines.append(_Html(html_name(decoded.file_name, "file", lines=1)))
+            lines.append(_Html(f"its class: {html_name(canvas.class_names[label], lines=1)}"))
             lines.append(f"push distance {source.distance:.3g}")
         if j in group_of:
             others = [str(i) for i in group_of[j] if i != j]
@@ -159,7 +160,7 @@ def section(
         tick()
     groups = "".join(
         f'<div class="class-group"><h3 id="class-{c}">{html.chip(canvas.colours[c])}'
-        f"class {c}: {e(canvas.class_names[c])}</h3>"
+        f"class {c}: {html_name(canvas.class_names[c])}</h3>"
         f'<div class="gallery">{"".join(class_cards)}</div></div>'
         for c, class_cards in cards.items()
         if class_cards

@@ -99,7 +99,7 @@ img.curves { max-width: 100%; background: #fff; border: 1px solid var(--line);
 .match .arrow { color: var(--muted); font-size: 13px; text-align: center; width: 78px;
                 line-height: 1.2; }
 .match .arrow b { font-size: 20px; color: var(--ink); display: block; }
-.match .numbers { font-size: 13.5px; min-width: 210px; }
+.match .numbers { font-size: 13.5px; min-width: 210px; max-width: 280px; }
 .match .numbers .proto { font-weight: 650; display: flex; align-items: center; gap: 6px;
                          margin-bottom: 3px; }
 .match .numbers .cls { color: var(--muted); font-size: 12.5px; }
@@ -115,6 +115,9 @@ a.figure { font-size: 13px; color: var(--accent); }
 .topk .split { font-size: 12.5px; color: var(--muted); }
 .topk .tops { display: flex; gap: 6px; margin-top: 3px; }
 .topk .top { font-size: 12px; text-align: center; }
+.name-box { display: -webkit-inline-box; -webkit-box-orient: vertical; overflow: hidden;
+            max-width: 100%; min-width: 0; overflow-wrap: normal; word-break: normal;
+            vertical-align: top; }
 .warning { background: #fff6e5; border: 1px solid #f0c36d; border-left: 6px solid #e69500;
            border-radius: 10px; padding: 10px 16px; margin-top: 18px; max-width: 980px; }
 .warning b { color: #8a5a00; }
