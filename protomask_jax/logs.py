@@ -130,6 +130,7 @@ class ProgressBar:
 
 
 def images_per_second(images: int, seconds: float) -> float:
+    """``images / seconds``; a step too quick for the clock (0 s) gives a large finite rate."""
     return images / max(seconds, 1e-9)
 
 
