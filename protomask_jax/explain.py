@@ -6,6 +6,8 @@ sections of ``protomask_jax/report/`` draw their pictures under ``DIR/report/`` 
 their HTML: the metrics of ``DIR/eval.json`` (run ``protomask_jax.evaluate`` first), training
 curves, the prototype gallery after push, and "this looks like that" per test image.
 ``DIR/report/index.html`` opens from disk; ``docs/explanations.md`` describes the page.
+``DIR/report/summary.json`` holds what the page warns of, for scripts (prototypes push made
+duplicates of each other).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from protomask_jax.data import records as records_lib
 from protomask_jax.report import curves, gallery, html, panels, pictures, relevance, topimages
 
 REPORT_DIR = "report"
+SUMMARY = "summary.json"
 DEFAULT_NUM_IMAGES = 12
 DEFAULT_TOP_K = 3
 
@@ -119,6 +122,7 @@ def explain(
     if jax.process_index() != 0:
         return out_dir / "index.html"  # every process joins the forward pass; process 0 writes
     sources = gallery.prototype_sources(trained.meta, num_prototypes)
+    duplicates = gallery.duplicate_groups(sources, arrays.prototypes)
     record_sets = {split: test_set}  # the train images are the prototypes' sources
     for other in {"train", "test"} - {split}:
         record_sets[other] = pipeline.RecordSet(records_dir, other, skip_bad_records=skip)
@@ -136,7 +140,9 @@ def explain(
     with tqdm(total=total, desc="rendering report", unit="picture", disable=not progress) as bar:
         training = curves.section(workdir, out_dir)
         bar.update()
-        prototypes, drawn = gallery.section(canvas, arrays, sources, images["train"], bar.update)
+        prototypes, drawn = gallery.section(
+            canvas, arrays, sources, images["train"], bar.update, duplicates=duplicates
+        )
         explanations = panels.section(
             canvas, outputs, arrays, images[split], drawn, top_k, bar.update, heatmaps
         )
@@ -144,6 +150,13 @@ def explain(
         top = topimages.section(canvas, workdir, shown, images, trained.checkpoint)
         bar.update()
     sections = [training, prototypes, explanations, top]
+    summary = {
+        "checkpoint": trained.checkpoint,
+        "num_prototypes": num_prototypes,
+        "duplicate_groups": duplicates,
+        "num_redundant_prototypes": sum(len(group) - 1 for group in duplicates),
+    }
+    records_lib.write_json_atomic(out_dir / SUMMARY, summary)
     return _write_page(config, workdir, out_dir, trained.checkpoint, config_name, sections)
 
 
@@ -170,8 +183,11 @@ def _write_page(config, workdir, out_dir, checkpoint: str, config_name, sections
         [html.metrics_section(eval_results, workdir), *sections],
         f"generated {now} by protomask_jax.explain",
     )
-    (out_dir / "index.html").write_text(page, encoding="utf-8")
-    return out_dir / "index.html"
+    index = out_dir / "index.html"
+    tmp = index.with_name(index.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(index)
+    return index
 
 
 def _explain_tool(config, config_name: str) -> str:

@@ -1,10 +1,12 @@
-"""What a person sees during training: a progress bar, ``metrics.jsonl``, TensorBoard."""
+"""What a person sees during training: a progress bar per epoch and per evaluation stage
+(validation, push, prune, test), ``metrics.jsonl``, TensorBoard."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -69,12 +71,16 @@ def read_metrics(workdir: str | Path) -> list[dict]:
 
 
 class ProgressBar:
-    """A tqdm bar per epoch counting images (tqdm shows images/s) with the last loss."""
+    """A tqdm bar per epoch counting images (tqdm shows images/s) with the last loss, then one
+    line per epoch (:func:`epoch_line`). ``clock``: seconds, for tests."""
 
-    def __init__(self, phase: str, steps_per_epoch: int, global_batch: int):
+    def __init__(
+        self, phase: str, steps_per_epoch: int, global_batch: int, clock=time.perf_counter
+    ):
         self.phase = phase
         self.steps_per_epoch = steps_per_epoch
         self.global_batch = global_batch
+        self.clock = clock
         self._bar = None
 
     @property
@@ -83,6 +89,7 @@ class ProgressBar:
 
     def start_epoch(self, epoch: int, done: int = 0) -> None:
         self.close()
+        self._epoch, self._steps, self._times = epoch, 0, [self.clock()]
         self._bar = tqdm(
             total=self.steps_per_epoch * self.global_batch,
             initial=done * self.global_batch,
@@ -94,24 +101,90 @@ class ProgressBar:
 
     def advance(self) -> None:
         self._bar.update(self.global_batch)
+        self._steps += 1
+        if self._steps == 1:
+            self._times.append(self.clock())
 
     def set_metrics(self, values: dict[str, float]) -> None:
         self._bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['accuracy']:.3f}")
 
     def end_epoch(self) -> None:
-        bar = self._bar.format_dict
-        elapsed = max(bar["elapsed"], 1e-9)
-        images_per_s = (bar["n"] - bar["initial"]) / elapsed
+        """Call once the epoch's metrics are on the host, so every step has finished."""
+        started, first_step_done = self._times
+        postfix = self._bar.format_dict["postfix"]
         self.close()
-        tqdm.write(
-            f"{self.phase}: epoch done in {elapsed:.1f} s ({images_per_s:.0f} images/s) "
-            f"{bar['postfix'] or ''}"
+        line = epoch_line(
+            self.phase,
+            self._epoch,
+            self._steps * self.global_batch,
+            first_step_s=first_step_done - started,
+            rest_s=self.clock() - first_step_done,
+            images_per_step=self.global_batch,
         )
+        tqdm.write(f"{line}, {postfix}" if postfix else line)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def images_per_second(images: int, seconds: float) -> float:
+    """``images / seconds``; a step too quick for the clock (0 s) gives a large finite rate."""
+    return images / max(seconds, 1e-9)
+
+
+def epoch_line(
+    phase: str, epoch: int, images: int, first_step_s: float, rest_s: float, images_per_step: int
+) -> str:
+    """The summary of an epoch of ``images`` trained in steps of ``images_per_step``. Its
+    throughput leaves out the first step, which compiles the step at a phase's start (or
+    after a resume): including it put 2 images/s beside a bar showing 344. The steps are
+    dispatched asynchronously, so ``rest_s`` runs until the last step's metrics arrived."""
+    total_s = first_step_s + rest_s
+    head = f"{phase} epoch {epoch} done in {total_s:.1f} s"
+    if images <= images_per_step:
+        rate = images_per_second(images, total_s)
+        return f"{head} (one step, {rate:.0f} images/s including its start-up)"
+    rate = images_per_second(images - images_per_step, rest_s)
+    return f"{head}: {rate:.0f} images/s after the first step ({first_step_s:.1f} s)"
+
+
+class StageProgress:
+    """A tqdm bar ``label (N images)`` over one pass of a stage the train loop has no bar
+    for (validation, push, prune, test), then the line ``label: N images in X s``. As a
+    context manager, so the time runs until the caller has its results on the host::
+
+        with StageProgress("test", len(indices)) as stage:
+            for batch in stage.track(batches): ...
+    """
+
+    def __init__(self, label: str, num_images: int, clock=time.perf_counter):
+        self.label, self.num_images, self.clock = label, num_images, clock
+
+    def __enter__(self) -> StageProgress:
+        self._started = self.clock()
+        self._bar = tqdm(
+            total=self.num_images,
+            desc=f"{self.label} ({self.num_images} images)",
+            unit="img",
+            leave=False,
+            dynamic_ncols=True,
+        )
+        return self
+
+    def track(self, batches: Iterable[dict]) -> Iterator[dict]:
+        """``batches``, the bar advanced by each one's images (filler rows of the padded last
+        batch not counted)."""
+        for batch in batches:
+            yield batch
+            self._bar.update(min(len(batch["weight"]), self.num_images - self._bar.n))
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self._bar.close()
+        if kind is None:
+            seconds = self.clock() - self._started
+            tqdm.write(f"{self.label}: {self.num_images} images in {seconds:.1f} s")
 
 
 def setup_cli_logging() -> None:

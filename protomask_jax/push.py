@@ -47,7 +47,41 @@ class PushResult:
             "view_index": self.view_index.astype(int).tolist(),
             "mask_index": self.mask_index.astype(int).tolist(),
             "box": np.round(self.box.astype(float), 6).tolist(),
+            "duplicate_groups": duplicate_groups(self.image_id, self.mask_index, self.prototypes),
         }
+
+
+def duplicate_groups(image_id, mask_index, prototypes=None) -> list[list[int]]:
+    """The prototypes push made into one: groups (ascending, two or more each, ordered by
+    their first) linked by the same source image and mask, or by identical vectors (the
+    same view reached through two masks of one box). A prototype never projected (image id
+    -1) is linked only by its vector. Each group computes one similarity, so all but one of
+    its prototypes add nothing."""
+    image_id, mask_index = np.asarray(image_id), np.asarray(mask_index)
+    parent = list(range(len(image_id)))
+
+    def root(j: int) -> int:
+        while parent[j] != j:
+            j = parent[j]
+        return j
+
+    def link(keys) -> None:
+        first: dict = {}
+        for j, key in enumerate(keys):
+            if key is None:
+                continue
+            if key in first:
+                parent[root(j)] = root(first[key])
+            else:
+                first[key] = j
+
+    link([(int(i), int(m)) if i >= 0 else None for i, m in zip(image_id, mask_index, strict=True)])
+    if prototypes is not None:
+        link(np.unique(np.asarray(prototypes), axis=0, return_inverse=True)[1].ravel().tolist())
+    groups: dict[int, list[int]] = {}
+    for j in range(len(parent)):
+        groups.setdefault(root(j), []).append(j)
+    return sorted(g for g in groups.values() if len(g) > 1)
 
 
 def has_class(labels: jax.Array, prototype_class: jax.Array) -> jax.Array:

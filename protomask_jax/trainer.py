@@ -36,7 +36,7 @@ from protomask_jax import steps as steps_lib
 from protomask_jax.data import pipeline
 from protomask_jax.data import records as records_lib
 from protomask_jax.evaluators import classification
-from protomask_jax.logs import MetricsWriter, ProgressBar
+from protomask_jax.logs import MetricsWriter, ProgressBar, StageProgress
 from protomask_jax.models import convert
 from protomask_jax.models import protomask as model_lib
 from protomask_jax.phases import Phase
@@ -356,24 +356,30 @@ def evaluate_indices(
     eval_fn,
     threshold: float | None = None,
     stop: _StopFlag | None = None,
+    *,
+    label: str,
 ) -> dict[str, float]:
-    """Accuracy of ``state`` on ``indices`` of ``record_set``, gathered over processes.
-    Multi-label: exact-match accuracy and samples F1 of ``logit > threshold``, the threshold
-    (given, else the reference's (mean TP + mean TN logit) / 2 on these images, §7.2) beside.
-    ``stop``: a SIGTERM ends it between two batches."""
+    """Accuracy of ``state`` on ``indices`` of ``record_set``, gathered over processes, under
+    a progress bar named ``label``. Multi-label: exact-match accuracy and samples F1 of
+    ``logit > threshold``, the threshold (given, else the reference's (mean TP + mean TN
+    logit) / 2 on these images, §7.2) beside. ``stop``: a SIGTERM ends it between two
+    batches."""
     if len(indices) == 0:
         return {}
     logits, labels, weights = [], [], []
-    for batch in ctx.eval_batches(record_set, indices):
-        if stop is not None:
-            stop.check()
-        logits.append(eval_fn(state.params, state.batch_stats, state.constants, batch).logits)
-        labels.append(batch["label"])
-        weights.append(batch["weight"])
-    logits, labels, weights = (
-        np.concatenate([np.asarray(multihost_utils.process_allgather(x, tiled=True)) for x in xs])
-        for xs in (logits, labels, weights)
-    )
+    with StageProgress(label, len(indices)) as stage:
+        for batch in stage.track(ctx.eval_batches(record_set, indices)):
+            if stop is not None:
+                stop.check()
+            logits.append(eval_fn(state.params, state.batch_stats, state.constants, batch).logits)
+            labels.append(batch["label"])
+            weights.append(batch["weight"])
+        logits, labels, weights = (
+            np.concatenate(
+                [np.asarray(multihost_utils.process_allgather(x, tiled=True)) for x in xs]
+            )
+            for xs in (logits, labels, weights)
+        )
     keep = weights > 0
     logits, labels = logits[keep], labels[keep]
     if labels.ndim == 1:
@@ -397,9 +403,10 @@ def final_evaluation(ctx: RunContext, state, stop: _StopFlag | None = None) -> d
     test_indices = test_records.good
     eval_fn = ctx.eval_fn()
     skipped = {"train": len(ctx.train_records.skipped), "test": len(test_records.skipped)}
+    threshold = ctx.meta["multi_label_threshold"]
     results: dict[str, Any] = {
         "final": evaluate_indices(
-            ctx, state, test_records, test_indices, eval_fn, ctx.meta["multi_label_threshold"], stop
+            ctx, state, test_records, test_indices, eval_fn, threshold, stop, label="test, final"
         ),
         "best_val_accuracy": dict(ctx.meta["best_val_accuracy"]),
         "num_prototypes": int(state.params["prototypes"].shape[0]),
@@ -411,8 +418,9 @@ def final_evaluation(ctx: RunContext, state, stop: _StopFlag | None = None) -> d
         # the live state is the target: same shapes and shardings
         best_state = ckpt.restore_state(best_manager, best_step, state)
         threshold = ckpt.read_meta(best_manager, best_step).get("multi_label_threshold")
+        label = f"test, best {ctx.phases[-1].name} checkpoint, step {best_step}"
         results["best"] = evaluate_indices(
-            ctx, best_state, test_records, test_indices, eval_fn, threshold, stop
+            ctx, best_state, test_records, test_indices, eval_fn, threshold, stop, label=label
         )
         results["best"]["step"] = int(best_step)
         best_manager.close()
@@ -428,13 +436,14 @@ def push_prototypes(ctx: RunContext, state: TrainState) -> TrainState:
     the gallery to ``push.json`` and the metadata, and logs validation accuracy after it."""
     start = time.perf_counter()
     forward = ctx.eval_fn(return_views=True)
-    result = push_lib.run_push(
-        lambda batch: forward(state.params, state.batch_stats, state.constants, batch),
-        ctx.eval_batches(ctx.train_records, ctx.train_indices),
-        state.params["prototypes"][...],
-        state.constants["prototype_class"][...],
-        reference_per_batch=ctx.config.train.reference_push_per_batch,
-    )
+    with StageProgress("push, training images", len(ctx.train_indices)) as stage:
+        result = push_lib.run_push(
+            lambda batch: forward(state.params, state.batch_stats, state.constants, batch),
+            stage.track(ctx.eval_batches(ctx.train_records, ctx.train_indices)),
+            state.params["prototypes"][...],
+            state.constants["prototype_class"][...],
+            reference_per_batch=ctx.config.train.reference_push_per_batch,
+        )
     old = state.params["prototypes"][...]
     new = jax.device_put(jnp.asarray(result.prototypes, old.dtype), old.sharding)
     # Replace the one leaf and keep the tree's structure (and thus the step's shardings).
@@ -449,10 +458,26 @@ def push_prototypes(ctx: RunContext, state: TrainState) -> TrainState:
         int(np.sum(~np.isfinite(result.distance))),
     )
     gallery = result.to_json()
+    groups = gallery["duplicate_groups"]
+    if groups:
+        log.warning(
+            "push: %d of %d prototypes share their view with another, in groups %s (push.json "
+            "duplicate_groups): all but one of each group are redundant",
+            sum(map(len, groups)),
+            len(result.distance),
+            groups,
+        )
     records_lib.write_json_atomic(ctx.workdir / "push.json", gallery)
     ctx.meta.update(pushed=True, push=gallery)
     if len(ctx.val_indices):
-        val = evaluate_indices(ctx, state, ctx.train_records, ctx.val_indices, ctx.eval_fn())
+        val = evaluate_indices(
+            ctx,
+            state,
+            ctx.train_records,
+            ctx.val_indices,
+            ctx.eval_fn(),
+            label="validation after push",
+        )
         step = int(jax.device_get(state.step))
         ctx.writer.write(step, {"val/accuracy_after_push": val["accuracy"]}, "push")
     return state
@@ -467,10 +492,12 @@ def prune_prototypes(ctx: RunContext, state: TrainState) -> TrainState:
     num_prototypes = state.params["prototypes"].shape[0]
     prototype_class = state.constants["prototype_class"][...]
     carry = push_lib.init_prune_carry(num_prototypes, config.train.prune.k)
-    for batch in ctx.eval_batches(ctx.train_records, ctx.train_indices):
-        outputs = forward(state.params, state.batch_stats, state.constants, batch)
-        carry = update(carry, outputs.min_distances, batch, prototype_class)
-    keep = push_lib.prototypes_to_keep(jax.device_get(carry), config.train.prune.threshold)
+    with StageProgress("prune, training images", len(ctx.train_indices)) as stage:
+        for batch in stage.track(ctx.eval_batches(ctx.train_records, ctx.train_indices)):
+            outputs = forward(state.params, state.batch_stats, state.constants, batch)
+            carry = update(carry, outputs.min_distances, batch, prototype_class)
+        carry = jax.device_get(carry)
+    keep = push_lib.prototypes_to_keep(carry, config.train.prune.threshold)
     if len(keep) == 0:
         raise config_checks.ConfigError(
             f"config.train.prune: no prototype has {config.train.prune.threshold} images of its "
@@ -563,7 +590,8 @@ def _compile_train_step(ctx: RunContext, phase: Phase, state):
 
 def _validate(ctx: RunContext, phase: Phase, state, step: int, eval_fn) -> None:
     """Validation accuracy; a new best for the phase is kept in ``best_<phase>/``."""
-    val = evaluate_indices(ctx, state, ctx.train_records, ctx.val_indices, eval_fn)
+    label = f"{phase.name} validation, epoch {step // ctx.steps_per_epoch - 1}"
+    val = evaluate_indices(ctx, state, ctx.train_records, ctx.val_indices, eval_fn, label=label)
     ctx.writer.write(step, {"val/accuracy": val["accuracy"]}, phase.name)
     ctx.meta["multi_label_threshold"] = val.get("threshold")
     if val["accuracy"] <= ctx.meta["best_val_accuracy"].get(phase.name, -1.0):

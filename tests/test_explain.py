@@ -5,6 +5,7 @@ hand-made views, top images per prototype) and its screenshot."""
 from __future__ import annotations
 
 import html.parser
+import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +22,15 @@ from _trained_run import (
 from PIL import Image
 
 from protomask_jax import explain, prp
-from protomask_jax.report import curves, gallery, panels, pictures, relevance, screenshot
+from protomask_jax.report import (
+    curves,
+    gallery,
+    names,
+    panels,
+    pictures,
+    relevance,
+    screenshot,
+)
 
 # ------------------------------------------------------------------------- helpers
 
@@ -49,6 +58,95 @@ def test_mask_overlay_marks_a_vanishing_mask_by_its_box():
     np.testing.assert_array_equal(out[12, 14], 100)
     np.testing.assert_array_equal(out[8, 14], (255, 0, 0))
     assert out[30, 30, 0] < 100
+
+
+def test_outline_colours_the_mask_border_and_leaves_the_rest():
+    picture = np.full((12, 12, 3), 50, np.uint8)
+    picture[5, 6] = (1, 2, 3)  # inside, past the outline: must survive
+    mask = np.zeros((12, 12), bool)
+    mask[3:9, 3:9] = True
+    colour = (0, 229, 255)
+    out = pictures.outline(picture, mask, colour, width=2)
+    border = mask.copy()
+    border[5:7, 5:7] = False  # the 6 x 6 square less its 2 x 2 core: 32 pixels
+    assert border.sum() == 32
+    np.testing.assert_array_equal(out[border], np.tile(colour, (32, 1)))
+    np.testing.assert_array_equal(out[~border], picture[~border])
+    assert picture[3, 3, 0] == 50  # the input is not drawn on
+
+
+def test_prp_thumbnails_outline_the_views_mask():
+    # A 40 x 40 image whose mask is an L in the box rows/cols 10..29: in the 192 px view the
+    # L is the top half and the bottom-left quarter. Zero relevance: the map is plain grey.
+    from protomask_jax.data import records
+
+    image = np.full((40, 40, 3), 120, np.uint8)
+    mask = np.zeros((40, 40), bool)
+    mask[10:30, 10:20] = mask[10:20, 10:30] = True
+    record = SimpleNamespace(
+        boxes=np.array([[0.25, 0.25, 0.75, 0.75]]), mask_pngs=[records.encode_mask_png(mask)]
+    )
+    decoded = pictures.DecodedImage(record, image)
+    side = pictures.rendered("match_view")
+    assert side == 192
+    maps = lambda record, masks, ids: np.zeros((len(masks), 8, 8), np.float32)  # noqa: E731
+    heatmaps = relevance.Heatmaps(maps, None, [], None)
+    (drawn,) = heatmaps.views(decoded, [0], [0], "match_view")
+    plain = relevance.heatmap_overlay(decoded.view(0, "match_view"), np.zeros((8, 8)))
+    cyan = np.all(drawn == relevance.MASK_OUTLINE, axis=-1)
+    assert cyan[0, 50] and cyan[150, 95] and cyan[94, 150]  # top, inner sides of the L
+    assert not cyan[50, 50] and not cyan[150, 150]  # inside the L; outside it
+    np.testing.assert_array_equal(drawn[~cyan], plain[~cyan])
+    # Without masks in the record, the map alone.
+    decoded = pictures.DecodedImage(SimpleNamespace(boxes=record.boxes, mask_pngs=[]), image)
+    np.testing.assert_array_equal(heatmaps.views(decoded, [0], [0], "match_view")[0], plain)
+
+
+@pytest.mark.parametrize(
+    "name, width, max_lines, keep_underscores, lines",
+    [
+        ("001.Black_footed_Albatross", 26, 2, False, ["001.Black footed Albatross"]),
+        ("001.Black_footed_Albatross", 20, 2, False, ["001.Black footed", "Albatross"]),
+        ("001.Black_footed_Albatross", 12, 3, False, ["001.Black", "footed", "Albatross"]),
+        # one line too many: the last shown ends in the ellipsis
+        ("001.Black_footed_Albatross", 12, 2, False, ["001.Black", "footed\u2026"]),
+        ("200.Common__Yellowthroat ", 30, 2, False, ["200.Common Yellowthroat"]),
+        # a word longer than a line is cut, never broken onto the next
+        ("Supercalifragilistic bird", 8, 2, False, ["Superca\u2026", "bird"]),
+        # file names keep their underscores and may break after one
+        (
+            "Black_Footed_Albatross_0046_18.jpg",
+            14,
+            3,
+            True,
+            ["Black_Footed_", "Albatross_", "0046_18.jpg"],
+        ),
+        ("Black_Footed_Albatross_0046_18.jpg", 14, 2, True, ["Black_Footed_", "Albatross_\u2026"]),
+        ("test image 27: a_b.png", 16, 2, True, ["test image 27:", "a_b.png"]),
+    ],
+)
+def test_wrap_name_breaks_between_words_and_cuts_with_an_ellipsis(
+    name, width, max_lines, keep_underscores, lines
+):
+    assert names.wrap_name(name, width, max_lines, keep_underscores) == lines
+    assert all(len(line) <= width for line in lines)
+
+
+def test_html_names_wrap_at_words_clamp_and_carry_the_full_name():
+    span = names.html_name("001.Black_footed_Albatross")
+    assert span == (
+        '<span class="name-box" style="-webkit-line-clamp: 2; line-clamp: 2" '
+        'title="001.Black_footed_Albatross">001.Black footed Albatross</span>'
+    )
+    span = names.html_name('a_b "c".jpg', "file", lines=1)
+    assert 'title="a_b &quot;c&quot;.jpg"' in span and "-webkit-line-clamp: 1;" in span
+    assert span.endswith(">a_<wbr>b &quot;c&quot;.jpg</span>")  # may break after "_" only
+    # the page's style clips a name-box: it cannot spill out of its box
+    from protomask_jax.report import html
+
+    rule = html.STYLE.split(".name-box {")[1].split("}")[0]
+    assert "overflow: hidden" in rule and "max-width: 100%" in rule
+    assert "word-break: normal" in rule  # never mid-word
 
 
 def test_view_crop_takes_the_box_and_stretches_it_to_a_square():
@@ -106,6 +204,58 @@ def test_prototype_sources_follow_pruning_and_missing_push():
     ]
     unpushed = gallery.prototype_sources({"pushed": False, "push": None}, 2)
     assert all(s.image_id is None for s in unpushed)
+
+
+def _page_with(section):
+    from protomask_jax.report import html
+
+    return html.page("report", [], [], [section], "footer")
+
+
+def test_duplicate_prototypes_get_a_warning_card_and_a_line_on_their_cards():
+    from protomask_jax.report import html
+
+    # The user's case: 9 of 10 prototypes pushed onto mask 1 of train image 4.
+    sources = [gallery.PrototypeSource(4, 1, 0.5)] * 9 + [gallery.PrototypeSource(8, 0, 0.2)]
+    prototypes = np.array([[1.0, 2.0]] * 9 + [[3.0, 4.0]], np.float32)
+    groups = gallery.duplicate_groups(sources, prototypes)
+    assert groups == [list(range(9))]
+    warning = gallery.duplicates_warning(groups, sources)
+    text = _page_with(html.Section("prototypes", "P", "Prototypes", "", "cards", warning))
+    assert text.count('class="warning"') == 1
+    assert "Duplicate prototypes: 9 of 10 share one view, so 8 of them add nothing." in text
+    assert "prototypes " + ", ".join(f'<a href="#prototype-{j}">{j}</a>' for j in range(9)) in text
+    assert ": train image 4, mask 1</li>" in text
+    # The card sits above the sections.
+    assert text.index('id="duplicate-prototypes"') < text.index('<section id="prototypes">')
+
+
+def test_gallery_section_marks_the_cards_of_duplicates(tmp_path):
+    # Never projected, but prototypes 0 and 2 have one vector: the section warns and says so
+    # on both cards; prototype 1 is left alone.
+    sources = [gallery.PrototypeSource()] * 3
+    prototypes = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], np.float32)
+    groups = gallery.duplicate_groups(sources, prototypes)
+    assert groups == [[0, 2]]
+    canvas = pictures.Canvas(tmp_path, ["a", "b"], [(255, 0, 0), (0, 0, 255)])
+    arrays = SimpleNamespace(prototype_class=np.array([0, 0, 1]), last_layer=np.eye(2, 3))
+    section, _ = gallery.section(canvas, arrays, sources, None, lambda: None, duplicates=groups)
+    assert "Duplicate prototypes: 2 of 3 share one view" in section.warning
+    assert "identical vectors</li>" in section.warning
+    cards = section.body.split('class="card"')[1:]  # by class: 0 and 1 (a), then 2 (b)
+    assert [f'data-prototype="{j}"' in card for j, card in enumerate(cards)] == [True] * 3
+    assert "same view as prototype 2<" in cards[0] and "same view as prototype 0<" in cards[2]
+    assert "same view" not in cards[1]
+
+
+def test_no_warning_card_without_duplicate_prototypes():
+    from protomask_jax.report import html
+
+    sources = [gallery.PrototypeSource(4, 1, 0.5), gallery.PrototypeSource(4, 2, 0.5)]
+    groups = gallery.duplicate_groups(sources, np.eye(2, dtype=np.float32))
+    assert groups == [] and gallery.duplicates_warning(groups, sources) == ""
+    section = html.Section("prototypes", "P", "Prototypes", "", "cards")
+    assert 'class="warning"' not in _page_with(section)
 
 
 def test_training_curves_plot_rows_and_refuse_an_empty_log(tmp_path):
@@ -248,8 +398,9 @@ def test_report_links_only_existing_files_and_shows_every_prototype_and_image(re
         assert shown == expected
         correct = predicted == independent["labels"][n]
         assert f'class="panel {"right" if correct else "wrong"}" id="image-{image_id}"' in text
-        # Named by id and by the file it came from (read here from the records).
-        assert f"test image {image_id}: {Path(file_names[image_id]).name}" in text
+        # Named by id and by the file it came from (read here from the records), in full in
+        # the tooltip of the clamped name.
+        assert f'title="test image {image_id}: {Path(file_names[image_id]).name}"' in text
 
     # The header carries the evaluation (eval.json) and the run.
     assert "explanations on the deciding part" in text.lower()
@@ -257,9 +408,24 @@ def test_report_links_only_existing_files_and_shows_every_prototype_and_image(re
 
 
 @pytest.mark.slow
+def test_report_summary_and_page_flag_prototypes_pushed_onto_one_view(report):
+    push = json.loads((report.workdir / "push.json").read_text())
+    by_view: dict[tuple[int, int], list[int]] = {}
+    for j, view in enumerate(zip(push["image_id"], push["mask_index"], strict=True)):
+        by_view.setdefault(view, []).append(j)
+    expected = sorted(group for group in by_view.values() if len(group) > 1)
+    summary = json.loads((report.index.parent / "summary.json").read_text())
+    assert summary["duplicate_groups"] == expected == push["duplicate_groups"]
+    assert summary["num_redundant_prototypes"] == sum(len(g) - 1 for g in expected)
+    assert summary["num_prototypes"] == len(push["image_id"])
+    assert ('id="duplicate-prototypes"' in report.index.read_text()) == bool(expected)
+
+
+@pytest.mark.slow
 def test_panels_show_prp_heatmaps_of_the_matched_views(report):
     """Each row: the test image's mask and its view under the PRP map, the prototype's source
-    and its view under its map; the maps equal PRP run on a view made by hand."""
+    and its view under its map, each view's mask outlined; the maps equal PRP run on a view
+    made by hand."""
     import jax
 
     from protomask_jax import trainer
@@ -303,6 +469,8 @@ def test_panels_show_prp_heatmaps_of_the_matched_views(report):
         np.testing.assert_allclose(maps[rank - 1], np.asarray(expected)[0, 0], rtol=1e-4, atol=1e-7)
         drawn = np.asarray(Image.open(root / f"images/{image_id}_r{rank}_prp.png"))
         redrawn = relevance.heatmap_overlay(decoded.view(mask, "match_view"), maps[rank - 1])
+        outlined = decoded.view_mask(mask, "match_view")
+        redrawn = pictures.outline(redrawn, outlined, relevance.MASK_OUTLINE)
         np.testing.assert_allclose(drawn, redrawn, atol=1)
         assert not np.array_equal(drawn, decoded.view(mask, "match_view"))
     # The prototype side: the source view push recorded, under the prototype's own map.
@@ -313,6 +481,8 @@ def test_panels_show_prp_heatmaps_of_the_matched_views(report):
     (source_map,) = view_relevance(decoded.record, [source.mask_index], [j])
     drawn = np.asarray(Image.open(root / f"prototypes/p{j:04d}_prp.png"))
     redrawn = relevance.heatmap_overlay(decoded.view(source.mask_index, "match_view"), source_map)
+    outlined = decoded.view_mask(source.mask_index, "match_view")
+    redrawn = pictures.outline(redrawn, outlined, relevance.MASK_OUTLINE)
     np.testing.assert_allclose(drawn, redrawn, atol=1)
 
 

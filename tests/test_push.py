@@ -120,6 +120,30 @@ def test_run_push_keeps_prototypes_without_a_class_image():
     assert not np.isfinite(result.distance[2])
     gallery = result.to_json()
     assert gallery["image_id"] == [10, 21, -1]
+    assert gallery["duplicate_groups"] == []
+
+
+def test_duplicate_groups_link_one_view_and_identical_vectors():
+    # p0..p2 on image 5 mask 2; p4 on mask 3 of image 5, a mask with the same box, so the
+    # same vector as p0; p3 and p7 on image 7 mask 2; p5, p6 never projected (image -1),
+    # different vectors: not duplicates of each other.
+    image_id = [5, 5, 5, 7, 5, -1, -1, 7]
+    mask_index = [2, 2, 2, 2, 3, 0, 0, 2]
+    a, b = [1.0, 0.0], [0.0, 1.0]
+    vectors = np.array([a, a, a, b, a, [3.0, 3.0], [4.0, 3.0], b], np.float32)
+    assert push_lib.duplicate_groups(image_id, mask_index, vectors) == [[0, 1, 2, 4], [3, 7]]
+    # by source alone p4 (another mask) stays apart
+    assert push_lib.duplicate_groups(image_id, mask_index) == [[0, 1, 2], [3, 7]]
+    # identical vectors link even prototypes never projected
+    vectors[6] = vectors[5]
+    assert push_lib.duplicate_groups(image_id, mask_index, vectors)[-1] == [5, 6]
+
+
+def test_duplicate_groups_of_nine_prototypes_on_one_view():
+    # The user's case: 9 of 10 prototypes projected onto one view of image 4.
+    groups = push_lib.duplicate_groups([4] * 9 + [8], [1] * 9 + [0])
+    assert groups == [list(range(9))]
+    assert push_lib.duplicate_groups([1, 2, 3], [0, 0, 0]) == []
 
 
 def test_prune_keeps_prototypes_whose_nearest_images_share_their_class():

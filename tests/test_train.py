@@ -128,6 +128,31 @@ def test_push_leaves_prototypes_on_training_views(tiny_records, tmp_path):
     np.testing.assert_allclose(matched, prototypes, atol=1e-5)
 
 
+def test_end_of_training_stages_show_progress_bars_and_lines(tiny_records, tmp_path, capfd):
+    # 16 training images (2 steps of 8 per epoch), 8 validation and 8 test images; joint is
+    # epoch 0, fine-tune epoch 1, whose best checkpoint is its last step, 4.
+    config = tiny_config(tiny_records, **{"train.joint_epochs": 1})
+    trainer.train_and_evaluate(config, tmp_path)
+    captured = capfd.readouterr()
+    stages = [
+        ("joint validation, epoch 0", 8),
+        ("push, training images", 16),
+        ("validation after push", 8),
+        ("finetune validation, epoch 1", 8),
+        ("test, final", 8),
+        ("test, best finetune checkpoint, step 4", 8),
+    ]
+    for label, images in stages:
+        assert f"{label} ({images} images)" in captured.err  # the bar
+    lines = [line for line in captured.out.splitlines() if " images in " in line]
+    assert [line.split(":")[0] for line in lines] == [label for label, _ in stages]
+    for line, (_, images) in zip(lines, stages, strict=True):
+        assert f": {images} images in " in line
+    epoch_lines = [line for line in captured.out.splitlines() if " done in " in line]
+    assert [line.split(" done")[0] for line in epoch_lines] == ["joint epoch 0", "finetune epoch 1"]
+    assert all("images/s after the first step" in line for line in epoch_lines)
+
+
 def test_workdir_of_another_config_is_refused(tiny_records, tmp_path):
     trainer.train_and_evaluate(tiny_config(tiny_records), tmp_path, max_steps=1)
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}

@@ -18,13 +18,15 @@ RGB = tuple[int, int, int]
 
 @dataclasses.dataclass
 class Section:
-    """``<section id=key>`` under the heading, linked from the navigation bar as ``nav``."""
+    """``<section id=key>`` under the heading, linked from the navigation bar as ``nav``;
+    its ``warning`` (HTML, a ``warning`` card) goes to the top of the page."""
 
     key: str
     nav: str
     heading: str
     note: str
     body: str = ""
+    warning: str = ""
 
 
 STYLE = """
@@ -97,7 +99,7 @@ img.curves { max-width: 100%; background: #fff; border: 1px solid var(--line);
 .match .arrow { color: var(--muted); font-size: 13px; text-align: center; width: 78px;
                 line-height: 1.2; }
 .match .arrow b { font-size: 20px; color: var(--ink); display: block; }
-.match .numbers { font-size: 13.5px; min-width: 210px; }
+.match .numbers { font-size: 13.5px; min-width: 210px; max-width: 280px; }
 .match .numbers .proto { font-weight: 650; display: flex; align-items: center; gap: 6px;
                          margin-bottom: 3px; }
 .match .numbers .cls { color: var(--muted); font-size: 12.5px; }
@@ -113,6 +115,14 @@ a.figure { font-size: 13px; color: var(--accent); }
 .topk .split { font-size: 12.5px; color: var(--muted); }
 .topk .tops { display: flex; gap: 6px; margin-top: 3px; }
 .topk .top { font-size: 12px; text-align: center; }
+.name-box { display: -webkit-inline-box; -webkit-box-orient: vertical; overflow: hidden;
+            max-width: 100%; min-width: 0; overflow-wrap: normal; word-break: normal;
+            vertical-align: top; }
+.warning { background: #fff6e5; border: 1px solid #f0c36d; border-left: 6px solid #e69500;
+           border-radius: 10px; padding: 10px 16px; margin-top: 18px; max-width: 980px; }
+.warning b { color: #8a5a00; }
+.warning p, .warning ul { margin: 6px 0 0; }
+.card .caption .duplicate { color: #8a5a00; font-weight: 600; }
 footer { color: var(--muted); font-size: 12.5px; padding: 20px 40px 30px; }
 """
 
@@ -171,6 +181,7 @@ def page(title, facts, highlights, sections: list[Section], footer: str) -> str:
         for label, value, note in highlights
     )
     nav = "".join(f'<a href="#{s.key}">{e(s.nav)}</a>' for s in sections)
+    warnings = "".join(s.warning for s in sections)
     body = "\n".join(
         f'<section id="{s.key}"><h2>{e(s.heading)}</h2>'
         + (f'<p class="note">{e(s.note)}</p>' if s.note else "")
@@ -193,6 +204,7 @@ def page(title, facts, highlights, sections: list[Section], footer: str) -> str:
 </header>
 <nav>{nav}</nav>
 <main>
+{warnings}
 {body}
 </main>
 <footer>{e(footer)}</footer>

@@ -13,7 +13,6 @@ prototype's match is its winning view, whose mask is ``view % num_masks``. Pictu
 from __future__ import annotations
 
 import dataclasses
-import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from PIL import Image
 
 from protomask_jax.evaluators.chunk import top_indices
 from protomask_jax.report import html, pictures, relevance
-from protomask_jax.report.html import e
+from protomask_jax.report.names import html_name, wrap_name
 
 
 @dataclasses.dataclass
@@ -81,7 +80,7 @@ def explanation_figure(path: Path, whole, heading: str, correct, details: str, r
     text = dict(va="top", transform=axes[1, 0].transAxes)
     if correct is not None:
         axes[1, 0].text(0.0, 1.0, verdict, color=colour, fontsize=12, fontweight="bold", **text)
-    heading = textwrap.fill(heading, 26, break_on_hyphens=False)
+    heading = "\n".join(wrap_name(heading, 26, max_lines=3))
     axes[1, 0].text(0.0, 0.84, f"{heading}\n\n{details}", fontsize=9, linespacing=1.35, **text)
     for column, (view, source, title, caption) in enumerate(rows, start=1):
         top, bottom = axes[0, column], axes[1, column]
@@ -133,7 +132,7 @@ def _match_row(rank: int, match: Match, own: int, canvas, drawn, logit: float) -
         f'<div class="pair">{prototype_side}</div>'
         f'<div class="numbers"><div class="proto">#{rank} {html.chip(canvas.colours[own])}'
         f'<a href="#prototype-{j}">prototype {j}</a></div>'
-        f'<div class="cls">{e(canvas.class_names[own])}</div><table>'
+        f'<div class="cls">{html_name(canvas.class_names[own])}</div><table>'
         f"{table}{share_row}</table>{share_bar}</div></div>"
     )
 
@@ -148,13 +147,14 @@ def _panel(canvas, image_id: int, name: str, predicted: int, true: int, logits, 
     if true >= 0:
         kind = "right" if correct else "wrong"
         verdict = f'<div class="verdict">{"&#10004; right" if correct else "&#10008; wrong"}</div>'
-        truth = f'<br>true {html.chip(colours[true])} <span class="name">{e(names[true])}</span>'
+        truth = f"<br>true {html.chip(colours[true])} "
+        truth += f'<span class="name">{html_name(names[true])}</span>'
     return (
         f'<div class="panel {kind}" id="image-{image_id}" '
         f'data-image="{image_id}"><div class="whole">{whole}{verdict}'
-        f'<div class="meta">{e(name)}<br>'
-        f'predicted {html.chip(colours[predicted])} <span class="name">{e(names[predicted])}'
-        f"</span>{truth}"
+        f'<div class="meta">{html_name(name, "file")}<br>'
+        f"predicted {html.chip(colours[predicted])} "
+        f'<span class="name">{html_name(names[predicted])}</span>{truth}'
         f"<br>probability {probability * 100:.1f}%, logit {logits[predicted]:.2f}</div>"
         f'<div><a class="figure" href="figures/explanation_{image_id}.png">figure (PNG)</a>'
         f'</div></div><div class="matches">{"".join(rows)}</div></div>'
@@ -205,15 +205,16 @@ def _explain_image(canvas, outputs, n, arrays, images, prototype_pictures, top_k
             this = relevance.side_by_side(overlay, view)
             if that is not None:
                 that = relevance.side_by_side(that, _read(canvas, source_view))
-        caption = textwrap.fill(canvas.class_names[own], 24, break_on_hyphens=False)
+        caption = "\n".join(wrap_name(canvas.class_names[own], 24))
         caption += f"\nsimilarity {match.similarity:.2f}\n"
         caption += f"x weight {match.weight:.2f} = {match.contribution:.2f}"
         figure_rows.append((this, that, f"#{rank}: prototype {j}", caption))
     panel, probability = _panel(canvas, image_id, name, predicted, true, logits, rows)
-    details = f"probability {100 * probability:.1f}%\n{textwrap.fill(name, 26)}"
+    file_lines = wrap_name(name, 26, max_lines=3, keep_underscores=True)
+    details = "\n".join([f"probability {100 * probability:.1f}%", *file_lines])
     if true >= 0:
-        truth = f"true: {canvas.class_names[true]}"
-        details = f"{textwrap.fill(truth, 26, break_on_hyphens=False)}\n{details}"
+        truth = wrap_name(f"true: {canvas.class_names[true]}", 26, max_lines=3)
+        details = "\n".join([*truth, details])
     explanation_figure(
         canvas.out_dir / f"figures/explanation_{image_id}.png",
         whole,

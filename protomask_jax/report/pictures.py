@@ -77,11 +77,27 @@ def mask_overlay(image, mask, colour: RGB, width: int, box=None) -> np.ndarray:
         region[top:bottom, left:right] = True
     dimmed = _DIM * (0.6 * shown + 0.4 * shown.mean(axis=-1, keepdims=True))
     out = np.where(region[..., None], shown, dimmed)
-    edge = region & ~ndimage.binary_erosion(region, iterations=_OUTLINE_PX, border_value=0)
+    edge = _edge(region, _OUTLINE_PX)
     halo = ndimage.binary_dilation(edge, iterations=1) & ~edge & ~region
     out[halo] = 255.0
     out[edge] = colour
     return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def _edge(region: np.ndarray, width: int) -> np.ndarray:
+    """The pixels of ``region`` within ``width`` pixels of its border (the picture's edge
+    counts as outside)."""
+    from scipy import ndimage
+
+    return region & ~ndimage.binary_erosion(region, iterations=width, border_value=0)
+
+
+def outline(picture: np.ndarray, region: np.ndarray, colour: RGB, width: int = _OUTLINE_PX):
+    """``picture`` with the border of ``region`` (bool, the picture's size), ``width`` pixels
+    inward, in ``colour``; every other pixel as it was."""
+    out = picture.copy()
+    out[_edge(region, width)] = colour
+    return out
 
 
 def view_crop(image: np.ndarray, box, size: int) -> np.ndarray:
@@ -127,6 +143,15 @@ class DecodedImage:
 
     def view(self, index: int, size: str) -> np.ndarray:
         return view_crop(self.image, self.record.boxes[index], rendered(size))
+
+    def view_mask(self, index: int, size: str) -> np.ndarray | None:
+        """Mask ``index`` in the frame of :meth:`view` (None: the record has no masks)."""
+        if index >= len(self.record.mask_pngs):
+            return None
+        mask = self.mask(index)
+        top, left, bottom, right = _pixel_box(self.record.boxes[index], *mask.shape)
+        side = rendered(size)
+        return frame.resize_mask(mask[top:bottom, left:right], side, side)
 
 
 class RecordImages:

@@ -5,7 +5,9 @@
 >= 0, the record fitted as the host pipeline does, view ``m`` (= mask ``m``) made without
 augmentation in float32, one vjp for the J pairs (``prp.input_relevance``), summed over RGB
 and clipped at 0 as ``prp.relevance_maps`` does. The view is the one the panel shows (the
-model's winning view, or push's source view), not chosen again.
+model's winning view, or push's source view), not chosen again. The view's mask is outlined
+on the map (``pictures.outline``), so relevance inside and outside the object can be told
+apart.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from PIL import Image
 from protomask_jax import prp
 from protomask_jax.data import pipeline
 from protomask_jax.data import views as views_lib
+from protomask_jax.report import pictures
 
 _TOP_PERCENTILE = 99.5  # the colour scale's top: LRP maps are spiky
 _MAX_ALPHA = 0.9
 _DIM = 0.45  # brightness of the greyed view under the map
+MASK_OUTLINE = (0, 229, 255)  # cyan: apart from every colour of the "hot" map and the grey
 
 
 def _relevance(model, canvas, boxes, masks, prototypes, *, view_size, rule):
@@ -80,8 +84,14 @@ class Heatmaps:
 
     def views(self, decoded, mask_indices, prototype_ids, size: str) -> list[np.ndarray]:
         maps = self.relevance(decoded.record, mask_indices, prototype_ids)
-        views = [decoded.view(m, size) for m in mask_indices]
-        return [heatmap_overlay(view, r) for view, r in zip(views, maps, strict=True)]
+        drawn = []
+        for m, relevance in zip(mask_indices, maps, strict=True):
+            picture = heatmap_overlay(decoded.view(m, size), relevance)
+            mask = decoded.view_mask(m, size)
+            if mask is not None:
+                picture = pictures.outline(picture, mask, MASK_OUTLINE)
+            drawn.append(picture)
+        return drawn
 
     def source(self, j: int) -> str | None:
         """``prototypes/p{j:04d}_prp.png`` (None: never projected)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from protomask_jax import evaluate
 from protomask_jax.report import html, pictures
 from protomask_jax.report.html import e
+from protomask_jax.report.names import html_name
 
 SPLITS = ("train", "test")
 
@@ -52,7 +53,7 @@ def section(canvas, workdir: Path, prototypes, images: dict, checkpoint: str) ->
             for split in SPLITS
             if entry.get(split)
         )
-        chip, name = html.chip(canvas.colours[own]), e(canvas.class_names[own])
+        chip, name = html.chip(canvas.colours[own]), html_name(canvas.class_names[own])
         rows.append(
             f'<div class="topk" data-prototype="{j}"><div class="proto">{chip}'
             f'<a href="#prototype-{j}">prototype {j}</a><br>{name}</div>{groups}</div>'
