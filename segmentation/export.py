@@ -310,10 +310,12 @@ def _dataset_info(
 def _check_config(
     config: ml_collections.ConfigDict, source: sources.Source, splits: Sequence[str]
 ) -> None:
-    if config.dataset.num_classes != len(source.class_names):
+    found = len(source.class_names)
+    if config.dataset.num_classes != found:
         raise ExportError(
             f"config.dataset.num_classes={config.dataset.num_classes} but the "
-            f"{source.name} dataset at {source.root} has {len(source.class_names)} classes."
+            f"{source.name} dataset at {source.root} has {found} classes; set "
+            f"--config.dataset.num_classes={found}."
         )
     if bool(config.dataset.multi_label) != bool(source.multi_label):
         raise ExportError(
