@@ -7,10 +7,10 @@ writes ``config.dataset.records_dir/{split}-{j:05d}-of-{n:05d}.tfrecord`` (+ ``.
 ``n = config.segmentation.shards[split]``; shard ``j`` holds the images ``[j N // n,
 (j + 1) N // n)`` of the split sorted by id, written by process ``j % num_shards``. A shard
 is written under a temporary name, renamed when complete and described by a ``.stats.json``
-sidecar holding its fingerprint (settings, image list and the ground truth inputs, e.g. which
+sidecar holding its fingerprint (settings, image list and ground truth inputs, e.g. which
 bird mask files exist); a re-run skips complete shards, exports again those whose ground
-truth inputs changed and refuses those of other settings. Whichever process finds every shard complete
-writes ``dataset_info.json`` (``docs/design.md``)."""
+truth inputs changed and refuses those of other settings. Whichever process finds every
+shard complete writes ``dataset_info.json`` (``docs/design.md``)."""
 
 from __future__ import annotations
 
@@ -221,12 +221,11 @@ def _empty_stats(plan: ShardPlan, num_classes: int, fingerprint: dict[str, Any])
 
 
 def _count(stats: dict[str, Any], record: records.ImageRecord, fallback: bool) -> None:
-    label = record.label
     stats["num_images"] += 1
     stats["num_masks"] += record.num_masks
     stats["num_fallbacks"] += int(fallback)
     stats["num_object_masks"] += int(record.object_mask_png is not None)
-    for c in np.atleast_1d(np.asarray(label)).tolist():
+    for c in np.atleast_1d(np.asarray(record.label)).tolist():
         stats["class_counts"][int(c)] += 1
 
 
