@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 EVAL_FILE = "eval.json"
 TOPK_FILE = "topk.json"
 NOT_COMPUTED = "not_computed"  # eval.json: {family: why it has no group}
+NO_INPUT = "no image of the split had what it needs"  # an evaluator that names nothing
 # What every group of one eval.json was computed on: evaluations that agree on these merge.
 CONTEXT_KEYS = (
     "split",
@@ -401,9 +402,6 @@ def compute_metrics(
     return groups | ({NOT_COMPUTED: skipped} if skipped else {})
 
 
-NO_INPUT = "no image of the split had what it needs"
-
-
 def merge_eval(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any] | None:
     """``new`` over ``old``: each family ``new`` evaluated (a group or a :data:`NOT_COMPUTED`
     reason) replaces its entry, the other families of ``old`` are kept. None when ``old``
@@ -438,6 +436,7 @@ def write_eval(workdir: str | Path, results: dict[str, Any]) -> dict[str, Any]:
             old = json.loads(path.read_text())
         except ValueError:
             readable = False
+        readable = readable and isinstance(old, dict)
     merged = merge_eval(old, results) if readable else None
     if merged is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -548,6 +548,9 @@ def test_write_eval_keeps_an_eval_json_of_another_evaluation_beside_it(tmp_path)
     assert evaluate.write_eval(tmp_path, first) == first
     kept = sorted(tmp_path.glob("eval.replaced-*.json"))
     assert len(kept) == 2 and '{"split": "te' in {path.read_text() for path in kept}
+    (tmp_path / "eval.json").write_text("[1, 2]")  # JSON, but no eval.json
+    assert evaluate.write_eval(tmp_path, first) == first
+    assert "[1, 2]" in {path.read_text() for path in tmp_path.glob("eval.replaced-*.json")}
 
 
 @pytest.mark.slow
