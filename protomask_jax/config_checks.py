@@ -83,11 +83,12 @@ def validate(config: Any) -> None:
 def check_dataset_info(config: Any, info: dict[str, Any]) -> None:
     """The records must be of the dataset the config describes."""
     path = Path(config.dataset.records_dir) / DATASET_INFO
-    if info.get("num_classes") != config.dataset.num_classes:
+    found = info.get("num_classes")
+    if found != config.dataset.num_classes:
         raise ConfigError(
             f"config.dataset.num_classes={config.dataset.num_classes} but {path} says "
-            f"{info.get('num_classes')} classes; fix the config or point "
-            "dataset.records_dir at the right export."
+            f"{found} classes; set --config.dataset.num_classes={found} (or point "
+            "--config.dataset.records_dir at the export of the intended dataset)."
         )
     if bool(info.get("multi_label", False)) != bool(config.dataset.multi_label):
         raise ConfigError(

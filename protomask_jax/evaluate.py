@@ -9,19 +9,24 @@ walks the images in chunks (``evaluators.chunk.Chunk``: masks and ground truth i
 ``R x R`` frame of the whole image, explanation maps ``[n, k, R, R]`` of the top prototypes:
 PRP maps made on the device per chunk, :class:`PrpExplanations`, or the winning views' masks)
 through the evaluators of the chosen techniques (``protomask_jax/evaluators/``); their groups
-go to ``DIR/eval.json`` and a table on stdout. Continuity and output completeness rerun the
-model on a chunk's images perturbed (:func:`run_perturbed`: a photometric change applied by
-the host pipeline, or noise outside a box added to the views on the device); ``topk`` also
-reads the other split, chunk by chunk, and writes ``DIR/topk.json``.
+go to ``DIR/eval.json`` (:func:`write_eval` merges them into the groups an earlier
+evaluation of the same checkpoint, split and frame left there; a family whose ground truth
+the records lack is listed under ``not_computed`` with the reason) and a table on stdout.
+Continuity and output completeness rerun the model on a chunk's images perturbed
+(:func:`run_perturbed`: a photometric change applied by the host pipeline, or noise outside a
+box added to the views on the device); ``topk`` also reads the other split, chunk by chunk,
+and writes ``DIR/topk.json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,6 +52,20 @@ log = logging.getLogger(__name__)
 
 EVAL_FILE = "eval.json"
 TOPK_FILE = "topk.json"
+NOT_COMPUTED = "not_computed"  # eval.json: {family: why it has no group}
+NO_INPUT = "no image of the split had what it needs"  # an evaluator that names nothing
+# What every group of one eval.json was computed on: evaluations that agree on these merge.
+CONTEXT_KEYS = (
+    "split",
+    "checkpoint",
+    "dataset",
+    "num_images",
+    "num_classes",
+    "num_prototypes",
+    "resolution",
+    "explanation_type",
+    "prp_rule",
+)
 # Images whose masks are held at once: 128 x 11 masks at 224 px is ~70 MB as bool.
 CHUNK = 128
 DEFAULT_RESOLUTION = 224  # the reference's frame, on every backend
@@ -335,7 +354,8 @@ def compute_metrics(
     progress: bool = True,
 ) -> dict[str, Any]:
     """The eval.json groups of ``techniques`` (default: ``evaluators.DEFAULT``) that the data
-    allows.
+    allows, and under :data:`NOT_COMPUTED` why the others have none (the evaluator's
+    ``missing``).
 
     ``num_parts``: Q for keypoints derived from part maps. ``explain``: the producer of the
     chunks' explanation maps (default: the winning views' masks). ``run``: the chunks'
@@ -367,13 +387,74 @@ def compute_metrics(
                 begin = time.perf_counter()
                 evaluator.update(chunk)  # the first family to ask pays for shared maps
                 seconds[evaluator.name] += time.perf_counter() - begin
-    groups = {}
+    groups, skipped = {}, {}
     for evaluator in active:
         begin = time.perf_counter()
-        groups[evaluator.name] = evaluator.result()
+        group = evaluator.result()
         seconds[evaluator.name] += time.perf_counter() - begin
+        if group is None:
+            skipped[evaluator.name] = getattr(evaluator, "missing", NO_INPUT)
+        else:
+            groups[evaluator.name] = group
     log.info("metric families (wall s): %s", {k: round(v, 2) for k, v in seconds.items()})
-    return {name: group for name, group in groups.items() if group is not None}
+    for name, reason in skipped.items():
+        log.warning("%s not computed: %s", name, reason)
+    return groups | ({NOT_COMPUTED: skipped} if skipped else {})
+
+
+def merge_eval(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any] | None:
+    """``new`` over ``old``: each family ``new`` evaluated (a group or a :data:`NOT_COMPUTED`
+    reason) replaces its entry, the other families of ``old`` are kept. None when ``old``
+    was computed on something else (:data:`CONTEXT_KEYS` differ): its groups cannot sit
+    under ``new``'s header."""
+    if old is None:
+        return new
+    if any(old.get(key) != new.get(key) for key in CONTEXT_KEYS):
+        return None
+    new_reasons, old_reasons = new.get(NOT_COMPUTED, {}), old.get(NOT_COMPUTED, {})
+    evaluated = set(new_reasons) | {name for name in evaluators.TECHNIQUES if name in new}
+    merged = {k: v for k, v in new.items() if k not in evaluators.TECHNIQUES and k != NOT_COMPUTED}
+    reasons = {}
+    for name in evaluators.TECHNIQUES:
+        source = new if name in evaluated else old
+        if name in source:
+            merged[name] = source[name]
+        reason = (new_reasons if name in evaluated else old_reasons).get(name)
+        if reason is not None:
+            reasons[name] = reason
+    return merged | ({NOT_COMPUTED: reasons} if reasons else {})
+
+
+def write_eval(workdir: str | Path, results: dict[str, Any]) -> dict[str, Any]:
+    """Merges ``results`` into ``workdir/eval.json`` (:func:`merge_eval`) and returns what it
+    wrote. An eval.json of another evaluation (or one that does not parse) is first copied
+    to ``eval.replaced-<time>.json`` beside it, so no result is lost."""
+    path = Path(workdir) / EVAL_FILE
+    old, readable = None, True
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            readable = False
+        readable = readable and isinstance(old, dict)
+    merged = merge_eval(old, results) if readable else None
+    if merged is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        backup = path.with_name(f"eval.replaced-{stamp}.json")
+        for n in itertools.count(1):
+            if not backup.exists():
+                break
+            backup = path.with_name(f"eval.replaced-{stamp}-{n}.json")
+        shutil.copy2(path, backup)
+        what = "another evaluation" if readable else "a damaged file"
+        log.warning("%s held %s; kept as %s, written anew", path, what, backup.name)
+        merged = results
+    else:
+        kept = [name for name in evaluators.TECHNIQUES if name in merged and name not in results]
+        if kept:
+            log.info("%s: kept the earlier %s groups", path, ", ".join(kept))
+    records_lib.write_json_atomic(path, merged)
+    return merged
 
 
 def _nan_to_none(value: Any) -> Any:
@@ -417,8 +498,9 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluates the ``checkpoint`` (``best`` or ``latest``) a run left in ``workdir`` on
-    ``split`` and writes ``workdir/eval.json`` (nan/inf as null), which it returns; with the
-    ``topk`` technique also ``workdir/topk.json`` (over the train and the test split)."""
+    ``split``, merges the groups into ``workdir/eval.json`` (nan/inf as null;
+    :func:`write_eval`) and returns that file's content; with the ``topk`` technique also
+    writes ``workdir/topk.json`` (over the train and the test split)."""
     from protomask_jax import trainer
 
     check_explain_config(config)
@@ -478,7 +560,7 @@ def evaluate(
         }
     )
     if jax.process_index() == 0:
-        records_lib.write_json_atomic(workdir / EVAL_FILE, results)
+        results = write_eval(workdir, results)
         if top_images is not None:
             payload = {"checkpoint": trained.checkpoint, "k": metrics["topk"]["k"]}
             records_lib.write_json_atomic(workdir / TOPK_FILE, payload | {"prototypes": top_images})
@@ -499,20 +581,28 @@ def _format_value(value, unit: str) -> str:
     return f"{value:.2f}" if unit == "%" else f"{value:.4f}"
 
 
-def _sections(results: dict[str, Any]):
-    """``(title, [(label, value, unit)], [note])`` per group of eval.json, in display order."""
+class _Blank(dict):
+    """Formats a title's ``{k}`` as ``k`` when there is no group to fill it from."""
+
+    def __missing__(self, key: str) -> str:
+        return key
+
+
+def sections(results: dict[str, Any]) -> list[tuple[str, list[tuple[str, str, str]], list[str]]]:
+    """``(title, [(label, value, unit)], [note])`` per family of eval.json, in display order;
+    a family under :data:`NOT_COMPUTED` has no rows and the note ``not computed: <why>``."""
+    out = []
+    reasons = results.get(NOT_COMPUTED) or {}
     for name in evaluators.TECHNIQUES:
         group, (title, table) = results.get(name) or {}, evaluators.TABLES[name]
         shown = [(key, unit, label) for key, unit, label in table if key in group]
         rows = [(label, _format_value(group[key], u), u) for key, u, label in shown if u != "note"]
         notes = [f"{label}: {group[key]}" for key, unit, label in shown if unit == "note"]
         if rows:
-            yield title.format(**group), rows, notes
-
-
-def table_rows(results: dict[str, Any]) -> list[tuple[str, list[tuple[str, str, str]]]]:
-    """The metric sections of eval.json as ``(title, [(label, value, unit)])``."""
-    return [(title, rows) for title, rows, _ in _sections(results)]
+            out.append((title.format(**group), rows, notes))
+        elif name in reasons:
+            out.append((title.format_map(_Blank()), [], [f"not computed: {reasons[name]}"]))
+    return out
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -523,7 +613,7 @@ def format_table(results: dict[str, Any]) -> str:
         f"mask frame {results['resolution']}x{results['resolution']}"
         + "".join(f", {k} {results[k]}" for k in ("explanation_type", "prp_rule") if k in results)
     ]
-    for title, rows, notes in _sections(results):
+    for title, rows, notes in sections(results):
         lines += ["", title, "-" * 64]
         lines += [f"  {label:<44}{text:>10} {unit}" for label, text, unit in rows]
         lines += [f"  {note}" for note in notes]

@@ -207,6 +207,27 @@ def scan_records(config) -> tuple[dict, pipeline.RecordSet, pipeline.RecordSet]:
     return info, scanned[0], scanned[1]
 
 
+def records_segmentation(config, info: dict[str, Any]):
+    """A copy of ``config`` whose ``segmentation`` says how the records were made
+    (``dataset_info.json``: method, its parameters, post-processing) rather than what the
+    config file would ask a new export for: training reads the records, and the run's
+    config.json (and every table grouping runs by it) must name what it was trained on.
+    File paths (SAM checkpoints) stay as given: the records keep only their file names."""
+    segmenter = info.get("segmenter") or {}
+    if not segmenter.get("method"):
+        return config
+    config = config.copy_and_resolve_references()
+    seg = config.segmentation
+    seg.method = segmenter["method"]
+    seg.update({k: v for k, v in (info.get("postprocess") or {}).items() if k in seg})
+    params = seg.get(seg.method)  # gt has no parameters
+    if params is not None:
+        stored = segmenter.get("params") or {}
+        params.update({k: v for k, v in stored.items() if k in params and k not in cli.PATH_KEYS})
+    config.lock()
+    return config
+
+
 def _run_to_resume(config, workdir: Path, fingerprint: dict, info: dict) -> dict | None:
     """The metadata of the workdir's latest checkpoint (None: nothing to resume), after
     refusing a run of another config or of other records."""
@@ -220,7 +241,12 @@ def _run_to_resume(config, workdir: Path, fingerprint: dict, info: dict) -> dict
         manager.close()
     if meta is None:
         return None
-    diffs = ckpt.config_differences(meta["fingerprint"], fingerprint)
+    # The segmentation a run records is its records' (checked below with the records); runs
+    # saved before that recorded the config file's.
+    diffs = ckpt.config_differences(
+        {k: v for k, v in meta["fingerprint"].items() if k != "segmentation"},
+        {k: v for k, v in fingerprint.items() if k != "segmentation"},
+    )
     if diffs:
         raise config_checks.ConfigError(
             f"{workdir} holds a checkpoint of a run with a different config:\n  "
@@ -246,6 +272,7 @@ def _set_up(
     sharding_lib.check_batch_divisible(config.input.batch_size, mesh, "input.batch_size")
     sharding_lib.check_batch_divisible(config.input.eval_batch_size, mesh, "input.eval_batch_size")
     info, train_records, test_records = scan_records(config)
+    config = records_segmentation(config, info)
     stop.check()
     good = train_records.good
     train_positions, val_positions = pipeline.split_train_validation(

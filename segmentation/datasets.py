@@ -10,6 +10,7 @@ position in the split, splits one after another."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Sequence
@@ -350,11 +351,35 @@ class Cub200Source(_LocalSource):
         yx = np.clip(np.stack([y / height, x / width], axis=-1), 0.0, 1.0)
         return np.concatenate([yx * visible[:, None], visible[:, None]], axis=-1).astype(np.float32)
 
+    def _mask_path(self, entry: SourceEntry) -> Path:
+        relative, _, _ = entry.key
+        return self.segmentations_dir / Path(relative).with_suffix(".png")
+
+    def ground_truth_inputs(self, entries: Sequence[SourceEntry]) -> dict[str, Any]:
+        """How many of ``entries`` have a bird mask file and a digest of those files' bytes
+        (a missing file marked), so unpacking or replacing segmentations.tgz re-exports."""
+        if self.segmentations_dir is None:
+            return {"object_masks": 0}
+        digest, found = hashlib.sha256(), 0
+        for entry in entries:
+            try:
+                data = self._mask_path(entry).read_bytes()
+            except OSError:  # building the record names the file
+                digest.update(b"missing")
+                continue
+            found += 1
+            digest.update(hashlib.sha256(data).digest())
+        return {"object_masks": found, "object_masks_sha256": digest.hexdigest()}
+
+    def object_mask_location(self) -> str:
+        if self.segmentations_dir is not None:
+            return str(self.segmentations_dir)
+        return f"{self.root / 'segmentations'} or {self.root.parent / 'segmentations'}"
+
     def object_mask(self, entry: SourceEntry, height: int, width: int) -> np.ndarray | None:
         if self.segmentations_dir is None:
             return None
-        relative, _, _ = entry.key
-        path = self.segmentations_dir / Path(relative).with_suffix(".png")
+        path = self._mask_path(entry)
         try:
             data = path.read_bytes()
         except OSError as e:

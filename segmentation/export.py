@@ -7,8 +7,10 @@ writes ``config.dataset.records_dir/{split}-{j:05d}-of-{n:05d}.tfrecord`` (+ ``.
 ``n = config.segmentation.shards[split]``; shard ``j`` holds the images ``[j N // n,
 (j + 1) N // n)`` of the split sorted by id, written by process ``j % num_shards``. A shard
 is written under a temporary name, renamed when complete and described by a ``.stats.json``
-sidecar; a re-run skips complete shards. Whichever process finds every shard complete
-writes ``dataset_info.json`` (``docs/design.md``)."""
+sidecar holding its fingerprint (settings, image list and ground truth inputs, e.g. which
+bird mask files exist); a re-run skips complete shards, exports again those whose ground
+truth inputs changed and refuses those of other settings. Whichever process finds every
+shard complete writes ``dataset_info.json`` (``docs/design.md``)."""
 
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from segmentation import (
 )
 
 STATS_SUFFIX = ".stats.json"
+GROUND_TRUTH = "ground_truth"  # the fingerprint's key for Source.ground_truth_inputs
 
 
 class ExportError(UserError):
@@ -64,6 +67,7 @@ class ShardPlan:
 class ExportResult:
     records_dir: Path
     shards_written: list[str]
+    shards_redone: list[str]  # written again, among shards_written: their ground truth changed
     shards_skipped: list[str]
     shards_missing: list[str]  # owned by other processes and not complete yet
     images_written: int
@@ -93,7 +97,7 @@ def _fingerprint(
 ) -> dict[str, Any]:
     """What determines a shard's bytes; a complete shard must match it to be reused."""
     listing = "".join(f"{e.image_id}\t{e.filename}\t{e.label}\n" for e in plan.entries)
-    return dict(
+    fingerprint = dict(
         schema_version=records.SCHEMA_VERSION,
         dataset=source.name,
         num_classes=len(source.class_names),
@@ -101,6 +105,23 @@ def _fingerprint(
         postprocess=_postprocess_params(config),
         images_sha256=hashlib.sha256(listing.encode()).hexdigest(),
     )
+    ground_truth = source.ground_truth_inputs(plan.entries)
+    if ground_truth is not None:  # absent, not null: other sources' shards keep theirs
+        fingerprint[GROUND_TRUTH] = ground_truth
+    return fingerprint
+
+
+def _ground_truth_changed(plan: ShardPlan, fingerprint: dict[str, Any]) -> bool:
+    """A complete shard written with these settings whose ground truth inputs have changed
+    since (masks unpacked, replaced or removed): it is exported again."""
+    if not plan.stats_path.exists():
+        return False
+    written = json.loads(plan.stats_path.read_text()).get("export") or {}
+
+    def settings(f: dict[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in f.items() if key != GROUND_TRUTH}
+
+    return written != fingerprint and settings(written) == settings(fingerprint)
 
 
 def _postprocess_params(config: ml_collections.ConfigDict) -> dict[str, int]:
@@ -191,6 +212,7 @@ def _empty_stats(plan: ShardPlan, num_classes: int, fingerprint: dict[str, Any])
         num_images=0,
         num_masks=0,
         num_fallbacks=0,
+        num_object_masks=0,
         class_counts=[0] * num_classes,
         first_id=plan.entries[0].image_id if plan.entries else None,
         last_id=plan.entries[-1].image_id if plan.entries else None,
@@ -198,11 +220,12 @@ def _empty_stats(plan: ShardPlan, num_classes: int, fingerprint: dict[str, Any])
     )
 
 
-def _count(stats: dict[str, Any], label: Any, num_masks: int, fallback: bool) -> None:
+def _count(stats: dict[str, Any], record: records.ImageRecord, fallback: bool) -> None:
     stats["num_images"] += 1
-    stats["num_masks"] += num_masks
+    stats["num_masks"] += record.num_masks
     stats["num_fallbacks"] += int(fallback)
-    for c in np.atleast_1d(np.asarray(label)).tolist():
+    stats["num_object_masks"] += int(record.object_mask_png is not None)
+    for c in np.atleast_1d(np.asarray(record.label)).tolist():
         stats["class_counts"][int(c)] += 1
 
 
@@ -219,7 +242,7 @@ def _write_shard(
     def serialized():
         for entry in plan.entries:
             record, fallback = build_record(source.load(entry), segmenter, config, source.root)
-            _count(stats, record.label, record.num_masks, fallback)
+            _count(stats, record, fallback)
             yield record.to_bytes()
             on_image()
 
@@ -238,7 +261,7 @@ def _load_stats(plan: ShardPlan, num_classes: int, fingerprint: dict[str, Any]) 
         for data in records.iter_records(plan.path):
             record = records.ImageRecord.from_bytes(data, where=str(plan.path))
             lone_full_mask = record.num_masks == 1 and record.areas[0] == 1.0
-            _count(stats, record.label, record.num_masks, lone_full_mask)
+            _count(stats, record, lone_full_mask)
         records.write_json_atomic(plan.stats_path, stats)
         return stats
     stats = json.loads(plan.stats_path.read_text())
@@ -267,6 +290,7 @@ def _dataset_info(
                 [s["class_counts"] for s in shard_stats], axis=0, dtype=np.int64
             ).tolist(),
             num_fallbacks=sum(s["num_fallbacks"] for s in shard_stats),
+            num_object_masks=sum(s.get("num_object_masks", 0) for s in shard_stats),
         )
     return dict(
         schema_version=records.SCHEMA_VERSION,
@@ -277,6 +301,7 @@ def _dataset_info(
         part_names=list(source.part_names),
         segmenter=segmenters.segmenter_description(config),
         postprocess=_postprocess_params(config),
+        object_masks_looked_in=source.object_mask_location(),
         splits=splits,
     )
 
@@ -284,10 +309,12 @@ def _dataset_info(
 def _check_config(
     config: ml_collections.ConfigDict, source: sources.Source, splits: Sequence[str]
 ) -> None:
-    if config.dataset.num_classes != len(source.class_names):
+    found = len(source.class_names)
+    if config.dataset.num_classes != found:
         raise ExportError(
             f"config.dataset.num_classes={config.dataset.num_classes} but the "
-            f"{source.name} dataset at {source.root} has {len(source.class_names)} classes."
+            f"{source.name} dataset at {source.root} has {found} classes; set "
+            f"--config.dataset.num_classes={found}."
         )
     if bool(config.dataset.multi_label) != bool(source.multi_label):
         raise ExportError(
@@ -361,8 +388,19 @@ def export(
     fingerprints = {plan.path: _fingerprint(config, source, plan) for plan in plans}
 
     mine = [p for p in plans if p.index % num_shards == shard_index]
-    todo = [p for p in mine if not p.is_complete()]
-    skipped = [p for p in mine if p.is_complete()]
+    changed = [
+        p for p in mine if p.is_complete() and _ground_truth_changed(p, fingerprints[p.path])
+    ]
+    for plan in changed:
+        logging.warning(
+            "%s: the dataset's ground truth changed since it was written (%s, now %s); "
+            "exporting it again.",
+            plan.path.name,
+            json.loads(plan.stats_path.read_text())["export"].get(GROUND_TRUTH),
+            fingerprints[plan.path].get(GROUND_TRUTH),
+        )
+    todo = [p for p in mine if not p.is_complete() or p in changed]
+    skipped = [p for p in mine if p not in todo]
     # The segmenter (and its weights) is checked before anything is written.
     segmenter = segmenters.get_segmenter(config, sam_model=sam_model) if todo else None
     records_dir.mkdir(parents=True, exist_ok=True)
@@ -383,7 +421,12 @@ def export(
 
     # A shard counts once its sidecar exists too: another process publishes its shard a
     # moment before the sidecar.
-    missing = [p for p in plans if not (p.is_complete() and p.stats_path.exists())]
+    missing = [
+        p
+        for p in plans
+        if not (p.is_complete() and p.stats_path.exists())
+        or _ground_truth_changed(p, fingerprints[p.path])  # its process has yet to redo it
+    ]
     dataset_info = None
     if not missing:
         split_stats = {split: [] for split in source.splits()}
@@ -399,6 +442,7 @@ def export(
     return ExportResult(
         records_dir=records_dir,
         shards_written=[p.path.name for p in todo],
+        shards_redone=[p.path.name for p in changed],
         shards_skipped=[p.path.name for p in skipped],
         shards_missing=[p.path.name for p in missing],
         images_written=sum(len(p.entries) for p in todo),
@@ -409,8 +453,10 @@ def export(
 
 def summary(result: ExportResult) -> str:
     """A few lines saying what was written and where the records are."""
+    count = len(result.shards_redone)
+    redone = f" ({count} again: new ground truth)" if count else ""
     lines = [
-        f"Wrote {len(result.shards_written)} shard(s) ({result.images_written} images) "
+        f"Wrote {len(result.shards_written)} shard(s){redone} ({result.images_written} images) "
         f"in {result.seconds:.1f} s; skipped {len(result.shards_skipped)} complete."
     ]
     info = result.dataset_info
@@ -431,7 +477,23 @@ def summary(result: ExportResult) -> str:
             f"({s['num_masks'] / max(s['num_images'], 1):.1f} per image), "
             f"{s['num_shards']} shards, {s['num_fallbacks']} full-image fallbacks"
         )
-    return "\n".join(lines)
+    line = object_mask_line(info)
+    return "\n".join(lines + ([line] if line else []))
+
+
+def object_mask_line(info: dict[str, Any]) -> str | None:
+    """Whether the records carry object masks (for the metrics that need them), or None for
+    a dataset that has none to find."""
+    looked_in = info.get("object_masks_looked_in")
+    found = sum(s.get("num_object_masks", 0) for s in info["splits"].values())
+    total = sum(s["num_images"] for s in info["splits"].values())
+    if found:
+        return f"object masks: found for {found}/{total} images" + (
+            f" (in {looked_in})" if looked_in else ""
+        )
+    if looked_in:
+        return f"object masks: none found under {looked_in}: records carry no object masks"
+    return None
 
 
 def main(argv: Sequence[str]) -> None:

@@ -79,6 +79,17 @@ class Source(abc.ABC):
     def ground_truth(self, entry: SourceEntry, image_bytes: bytes) -> GroundTruth:
         return GroundTruth()
 
+    def ground_truth_inputs(self, entries: Sequence[SourceEntry]) -> dict[str, Any] | None:
+        """What decides the ground truth of ``entries`` besides the image files and the
+        dataset's fixed tables, if it can change between export runs (files unpacked later):
+        part of the shard fingerprint, so a change re-exports the shard. None: nothing."""
+        return None
+
+    def object_mask_location(self) -> str | None:
+        """Where object masks are looked for, for the export's summary (None: the dataset
+        has no optional object masks)."""
+        return None
+
     def load(self, entry: SourceEntry) -> SourceItem:
         image_bytes = self.read_bytes(entry.filename)
         return SourceItem(

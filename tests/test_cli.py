@@ -76,12 +76,16 @@ def test_cub_commands_as_written_after_training_with_overrides(tmp_path):
         f"--config.dataset.records_dir={records}",
         "--config.dataset.num_classes=3",
     ]
-    exported = run(
-        "segmentation.export", "--config", "configs/cub.py", *data,
-        "--config.segmentation.method=grid", "--config.segmentation.shards.train=1",
-        "--config.segmentation.shards.test=1",
-    )  # fmt: skip
+    grid = ["--config.segmentation.method=grid", "--config.segmentation.shards.train=1",
+            "--config.segmentation.shards.test=1"]  # fmt: skip
+    # configs/cub.py says 200 classes: the error names the flag and the count found.
+    _one_line_error(
+        run("segmentation.export", "--config", "configs/cub.py", *data[:2], *grid),
+        "has 3 classes; set --config.dataset.num_classes=3.",
+    )
+    exported = run("segmentation.export", "--config", "configs/cub.py", *data, *grid)
     assert exported.returncode == 0, exported.stderr
+    assert "object masks: found for 9/9 images" in exported.stdout
     workdir = tmp_path / "workdir"
     small = [
         "--config.model.backbone=resnet_micro", "--config.model.prototype_dim=8",
@@ -92,10 +96,16 @@ def test_cub_commands_as_written_after_training_with_overrides(tmp_path):
         "--config.input.num_workers=0",
         "--config.train.joint_epochs=1", "--config.train.finetune_epochs=1",
     ]  # fmt: skip
+    wrong = run("protomask_jax.train", "--config", "configs/cub.py", *data[:2],
+                "--config.dataset.num_classes=5", *small, "--workdir", str(workdir))  # fmt: skip
+    _one_line_error(wrong, "says 3 classes; set --config.dataset.num_classes=3 ")
+    assert not workdir.exists()
     trained = run("protomask_jax.train", "--config", "configs/cub.py", *data, *small,
                   "--workdir", str(workdir))  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-3000:]
     stored = json.loads((workdir / cli.RUN_CONFIG).read_text())
+    # configs/cub.py asks for SAM masks; the run was trained on grid records and says so.
+    assert stored["config"]["segmentation"]["method"] == "grid"
     assert stored["config"]["model"]["backbone"] == "resnet_micro"
     assert stored["source"]["file"] == str(REPO / "configs" / "cub.py")
     assert stored["source"]["overrides"]["model.backbone"] == "resnet_micro"
@@ -105,6 +115,10 @@ def test_cub_commands_as_written_after_training_with_overrides(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     results = json.loads((workdir / "eval.json").read_text())
     assert results["num_images"] == 3 and results["num_classes"] == 3
+    # CUB has bird masks but no deciding parts: faithfulness is not computed, and says why.
+    assert "complexity" in results and "faithfulness" not in results
+    reason = results["not_computed"]["faithfulness"]
+    assert "gt/decisive_parts" in reason and f"not computed: {reason}" in evaluated.stdout
     explained = run("protomask_jax.explain", "--config", "configs/cub.py", "--workdir",
                     str(workdir))  # fmt: skip
     assert explained.returncode == 0, explained.stderr[-3000:]

@@ -225,6 +225,46 @@ def test_cub_export_records_match(tmp_path, method):
     _check_export(_config("cub200", expected.root, tmp_path / "records", method=method), expected)
 
 
+def test_cub_bird_masks_unpacked_after_an_export_reach_the_records(tmp_path):
+    expected = fx.make_cub(tmp_path / "data", segmentations="beside")
+    unpacked = tmp_path / "data" / "segmentations"
+    unpacked.rename(tmp_path / "not_yet")
+    config = _config("cub200", expected.root, tmp_path / "records")
+    records_dir = Path(config.dataset.records_dir)
+    before = export.export(config, progress=False)
+    looked_in = f"{expected.root / 'segmentations'} or {unpacked}"
+    assert export.summary(before).splitlines()[-1] == (
+        f"object masks: none found under {looked_in}: records carry no object masks"
+    )
+    assert before.dataset_info["splits"]["train"]["num_object_masks"] == 0
+    stored = _records(records_dir, "train") + _records(records_dir, "test")
+    assert all(record.object_mask_png is None for record in stored)
+
+    (tmp_path / "not_yet").rename(unpacked)
+    after = export.export(config, progress=False)
+    assert sorted(after.shards_redone) == sorted(before.shards_written)  # every shard again
+    assert after.dataset_info != before.dataset_info
+    assert after.dataset_info["splits"]["train"]["num_object_masks"] == 6
+    assert (
+        export.summary(after).splitlines()[-1]
+        == f"object masks: found for 9/9 images (in {unpacked})"
+    )
+    for split in ("train", "test"):
+        for record, want in zip(_records(records_dir, split), expected.split(split), strict=True):
+            mask = records.decode_mask_png(record.object_mask_png)
+            np.testing.assert_array_equal(mask, want.object_mask)
+    # Nothing changed: every shard is skipped. One mask file replaced: its shard only.
+    assert export.export(config, progress=False).shards_written == []
+    test_image = expected.split("test")[0]
+    mask_file = unpacked / Path(test_image.filename).relative_to("images").with_suffix(".png")
+    mask_file.write_bytes(
+        fx.png_bytes(np.full((test_image.height, test_image.width), 255, np.uint8))
+    )
+    again = export.export(config, progress=False)
+    assert again.shards_redone == again.shards_written == ["test-00000-of-00001.tfrecord"]
+    assert records.decode_mask_png(_records(records_dir, "test")[0].object_mask_png).all()
+
+
 # ------------------------------------------------------------------------------ Dogs
 
 

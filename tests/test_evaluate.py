@@ -261,6 +261,10 @@ def test_compute_metrics_without_ground_truth_reports_no_gt_groups(tmp_path):
         progress=False,
     )
     assert "complexity" not in results and "faithfulness" not in results
+    assert results[evaluate.NOT_COMPUTED] == {
+        "complexity": complexity.Evaluator.missing,
+        "faithfulness": faithfulness.Evaluator.missing,
+    }
     assert not frame.render_frame_maps(
         pipeline.RecordSet(bare, "test"), np.arange(2), 4, SIZE
     ).has_object.any()
@@ -268,6 +272,55 @@ def test_compute_metrics_without_ground_truth_reports_no_gt_groups(tmp_path):
     # All four winning views are view 0 -> the same mask each time: VLC 0.
     assert results["contrastivity"]["vlc"] == 0.0
     assert results["compactness"]["global_explanation_size"] == 4
+
+
+def test_faithfulness_without_deciding_parts_is_recorded_as_not_computed(tmp_path):
+    """CUB's records: a bird mask and keypoints, no part map, so nothing decides the class."""
+    from protomask_jax.report import html
+
+    def as_cub(i, record):
+        record.object_mask_png = records_lib.encode_mask_png(BODY | HEAD)
+        record.keypoints = np.array([[0.25, 0.5, 1.0], [0.75, 0.25, 1.0]], np.float32)
+
+    cub_like = _rewritten(_hand_records(tmp_path), tmp_path / "cub_like", as_cub)
+    outputs = _outputs([[1.0, 0.0], [0.0, 1.0]], [[3.0, 2.0], [1.0, 4.0]], [[1, 2], [0, 1]])
+    arrays = evaluate.ModelArrays(np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32), [0, 1])
+    metrics = evaluate.compute_metrics(
+        outputs,
+        arrays,
+        pipeline.RecordSet(cub_like, "test"),
+        num_views=4,
+        resolution=SIZE,
+        techniques=["classification", "complexity", "faithfulness"],
+        progress=False,
+    )
+    assert metrics[evaluate.NOT_COMPUTED] == {"faithfulness": faithfulness.Evaluator.missing}
+    assert "gt/decisive_parts" in faithfulness.Evaluator.missing
+    assert "faithfulness" not in metrics
+    # The bird mask G = BODY | HEAD (432 px) is the object. Top-2 by similarity: image 0
+    # prototypes 0, 1 -> views 1, 2 -> HEAD, HALF: |S n G| / |G| = (144 + 72) / 432 / 2;
+    # image 1 prototypes 1, 0 -> views 1, 0 -> HEAD, BODY: (144 + 288) / 432 / 2.
+    assert metrics["complexity"]["object_mask"] == frame.OBJECT_FROM_FIELD
+    assert metrics["complexity"]["object_overlap"] == pytest.approx(100 * (1 / 4 + 1 / 2) / 2)
+    assert metrics["classification"]["top1_accuracy"] == 100.0
+
+    results = {
+        "dataset": "cub200",
+        "split": "test",
+        "num_images": 2,
+        "num_prototypes": 2,
+        "checkpoint": "best_finetune step 3",
+        "resolution": SIZE,
+        **metrics,
+    }
+    reason = f"not computed: {faithfulness.Evaluator.missing}"
+    (line,) = [line for line in evaluate.format_table(results).splitlines() if reason in line]
+    assert line.strip() == reason
+    table = evaluate.format_table(results)
+    assert "Explanation faithfulness (top-k contributions to the prediction)" in table
+    section = html.metrics_section(results, tmp_path)
+    assert "<caption>Explanation faithfulness (top-k contributions" in section.body
+    assert html.e(reason) in section.body
 
 
 def test_object_boxes_are_the_object_region_when_there_is_no_mask(tmp_path):
@@ -437,6 +490,93 @@ def test_table_shows_missing_values_as_na_and_skips_absent_groups():
     (correct_line,) = [line for line in table.splitlines() if "correctly classified" in line]
     assert correct_line.split()[-2:] == ["n/a", "%"]
     assert "Compactness" not in table and "Ground truth" not in table
+
+
+_HEADER = {
+    "split": "test",
+    "checkpoint": "best_finetune step 7",
+    "config": "c.py",
+    "dataset": "d",
+    "num_images": 3,
+    "num_classes": 2,
+    "num_prototypes": 4,
+    "resolution": 64,
+    "explanation_type": "mask",
+}
+
+
+def test_merge_replaces_the_families_evaluated_again_and_keeps_the_others():
+    old = _HEADER | {
+        "classification": {"top1_accuracy": 75.0},
+        "faithfulness": {"k": 3, "rate": 40.0},
+        evaluate.NOT_COMPUTED: {"complexity": "no object"},
+    }
+    topk = {"k": 2, "own_class_test": 50.0}
+    merged = evaluate.merge_eval(old, _HEADER | {"config": "other.py", "topk": topk})
+    assert merged == old | {"config": "other.py", "topk": topk}
+    # A family evaluated again replaces its group; one now without ground truth loses it.
+    again = _HEADER | {
+        "classification": {"top1_accuracy": 50.0},
+        evaluate.NOT_COMPUTED: {"faithfulness": "no parts"},
+    }
+    merged = evaluate.merge_eval(merged, again)
+    assert merged["classification"] == {"top1_accuracy": 50.0} and merged["topk"] == topk
+    assert "faithfulness" not in merged
+    assert merged[evaluate.NOT_COMPUTED] == {"complexity": "no object", "faithfulness": "no parts"}
+    # ... and a family computed now drops its old reason.
+    merged = evaluate.merge_eval(merged, _HEADER | {"complexity": {"k": 5, "iou": 1.0}})
+    assert merged[evaluate.NOT_COMPUTED] == {"faithfulness": "no parts"}
+    # Another checkpoint, split or frame: nothing to merge with.
+    for key, value in (("checkpoint", "latest step 9"), ("split", "train"), ("resolution", 32)):
+        assert evaluate.merge_eval(old, _HEADER | {key: value, "topk": topk}) is None
+
+
+def test_write_eval_keeps_an_eval_json_of_another_evaluation_beside_it(tmp_path):
+    first = _HEADER | {"classification": {"top1_accuracy": 75.0}}
+    assert evaluate.write_eval(tmp_path, first) == first
+    merged = evaluate.write_eval(tmp_path, _HEADER | {"compactness": {"epsilon": 0.001}})
+    assert merged == first | {"compactness": {"epsilon": 0.001}}
+    assert json.loads((tmp_path / "eval.json").read_text()) == merged
+
+    other = _HEADER | {"resolution": 32, "classification": {"top1_accuracy": 10.0}}
+    assert evaluate.write_eval(tmp_path, other) == other
+    assert json.loads((tmp_path / "eval.json").read_text()) == other
+    (kept,) = tmp_path.glob("eval.replaced-*.json")
+    assert json.loads(kept.read_text()) == merged
+
+    (tmp_path / "eval.json").write_text('{"split": "te')  # a damaged file is kept too
+    assert evaluate.write_eval(tmp_path, first) == first
+    kept = sorted(tmp_path.glob("eval.replaced-*.json"))
+    assert len(kept) == 2 and '{"split": "te' in {path.read_text() for path in kept}
+    (tmp_path / "eval.json").write_text("[1, 2]")  # JSON, but no eval.json
+    assert evaluate.write_eval(tmp_path, first) == first
+    assert "[1, 2]" in {path.read_text() for path in tmp_path.glob("eval.replaced-*.json")}
+
+
+@pytest.mark.slow
+def test_evaluations_merge_and_the_report_keeps_the_accuracy(trained):
+    """The report's hint (evaluate --techniques topk, then re-run the report) must not cost
+    the metrics of the default evaluation."""
+    from protomask_jax import explain
+
+    records_dir, workdir = trained
+    config = _with(tiny_config(records_dir), explanation_type="mask")
+    (workdir / "eval.json").unlink(missing_ok=True)
+    techniques = ["classification", "compactness"]
+    first = evaluate.evaluate(config, workdir, techniques=techniques, resolution=32, progress=False)
+    second = evaluate.evaluate(config, workdir, techniques=["topk"], resolution=32, progress=False)
+    written = json.loads((workdir / "eval.json").read_text())
+    assert written == second
+    assert written["classification"] == first["classification"]
+    assert written["compactness"] == first["compactness"]
+    assert "topk" in written and "topk" not in first
+    accuracy = 100 * results_json(workdir)["test_accuracy"]  # the trainer's own count
+    assert written["classification"]["top1_accuracy"] == pytest.approx(accuracy)
+
+    page = explain.explain(config, workdir, num_images=2, progress=False).read_text()
+    assert f'<div class="label">test accuracy</div><div class="value">{accuracy:.1f}%' in page
+    assert "<caption>Classification</caption>" in page
+    assert "<caption>Top-" in page  # topk's table beside the first evaluation's
 
 
 # ----------------------------------------------------------------------- PRP explanations

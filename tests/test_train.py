@@ -190,6 +190,7 @@ def _cli(args, cwd=REPO):
 
 
 def test_cli_trains_end_to_end(tiny_records, tmp_path):
+    """With grain worker processes, and a segmentation section that is not the records'."""
     overrides = [f"--config.{k}={v}" for k, v in TINY_OVERRIDES.items()]
     result = _cli(
         [
@@ -199,12 +200,49 @@ def test_cli_trains_end_to_end(tiny_records, tmp_path):
             str(tmp_path / "run"),
             f"--config.dataset.records_dir={tiny_records}",
             *overrides,
+            "--config.input.num_workers=2",
+            "--config.segmentation.method=sam",
+            "--config.segmentation.max_masks=16",
         ]
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test accuracy:" in result.stdout
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert f"{results['test_accuracy']:.4f}" in result.stdout
+    # Batches from the workers came in shared memory; none may be left at exit.
+    assert "leaked shared_memory" not in result.stderr, result.stderr[-3000:]
+    # config.json records how the records were made (the fixture: gt masks, at most 8).
+    segmentation = json.loads((tmp_path / "run" / "config.json").read_text())["config"][
+        "segmentation"
+    ]
+    assert (segmentation["method"], segmentation["max_masks"]) == ("gt", 8)
+
+
+def test_records_segmentation_replaces_the_config_files_request():
+    info = {
+        "segmenter": {"method": "slic", "params": {"n_segments": 7, "compactness": 4.0,
+                                                   "sigma": 0.5}},
+        "postprocess": {"max_masks": 5, "skip_background": 1, "min_box_px": 3},
+    }  # fmt: skip
+    config = demo.get_config()
+    config.unlock()
+    config.segmentation.method = "sam"
+    config.segmentation.sam.checkpoint = "/weights/sam_vit_h_4b8939.pth"
+    config.lock()
+    made = trainer.records_segmentation(config, info)
+    seg = made.segmentation
+    assert seg.method == "slic"
+    assert seg.slic.to_dict() == {"n_segments": 7, "compactness": 4.0, "sigma": 0.5}
+    assert (seg.max_masks, seg.skip_background, seg.min_box_px) == (5, 1, 3)
+    assert seg.sam.checkpoint == "/weights/sam_vit_h_4b8939.pth"  # paths stay as given
+    assert config.segmentation.method == "sam"  # the caller's config is untouched
+    # SAM records: the generator's settings are the records'; the file name is not a path.
+    params = {"points_per_side": 8, "model_type": "vit_b", "checkpoint": "sam_vit_b_01ec64.pth"}
+    sam = {"method": "sam", "params": params | {"input": "rgb"}}
+    made = trainer.records_segmentation(config, {"segmenter": sam, "postprocess": {}})
+    assert (made.segmentation.sam.points_per_side, made.segmentation.sam.model_type) == (8, "vit_b")
+    assert made.segmentation.sam.checkpoint == "/weights/sam_vit_h_4b8939.pth"
+    assert "input" not in made.segmentation.sam  # no key the config does not have
 
 
 def test_cli_refuses_a_misspelt_key(tmp_path):

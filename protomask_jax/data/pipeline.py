@@ -23,12 +23,14 @@ import dataclasses
 import functools
 import io
 import logging
+import mmap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grain
 import numpy as np
+from grain.multiprocessing import SharedMemoryArray
 
 from protomask_jax.cli import UserError
 from protomask_jax.data import records as records_lib
@@ -276,6 +278,19 @@ class _InOrder:
         return position if position < self.size else -1
 
 
+def _private_copy(array: np.ndarray) -> np.ndarray:
+    """``array`` in this process's own memory. Worker processes hand batches over in shared
+    memory segments that grain unlinks only when the array is collected, on a background
+    thread; a segment still referenced or queued when Python exits is reported by the
+    resource tracker as leaked. Copying out and unlinking the segment at once leaves none."""
+    if not isinstance(array, SharedMemoryArray) or not isinstance(array.base, mmap.mmap):
+        return array
+    copy = np.array(array)
+    array.shm.unlink()  # also unregisters it from the resource tracker
+    array._unlink_on_del = False  # collected later, it only unmaps (unlinked already)
+    return copy
+
+
 class BatchIterator:
     """Iterates numpy batches of one stream; ``get_state``/``set_state`` like grain's."""
 
@@ -293,7 +308,7 @@ class BatchIterator:
             raise StopIteration
         batch = next(self._iter)
         self._position += 1
-        return batch
+        return {key: _private_copy(value) for key, value in batch.items()}
 
     def get_state(self) -> dict[str, int]:
         return {"batches_consumed": self._position}

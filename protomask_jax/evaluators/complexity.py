@@ -69,6 +69,10 @@ def part_consistency(prototype_ids, part_hits, num_prototypes: int) -> float:
 
 class Evaluator:
     name = "complexity"
+    missing = (
+        "needs an object region (gt/object_mask, gt/part_map or object boxes) or keypoints in "
+        "the records; none of the split's records has one"
+    )
 
     def __init__(self, model):
         self.num_prototypes = model.last_layer.shape[1]

@@ -86,6 +86,10 @@ def summarize(per_image: dict[str, np.ndarray]) -> dict[str, float]:
 
 class Evaluator:
     name = "faithfulness"
+    missing = (
+        "needs the parts that decide each image's class (gt/part_map + gt/decisive_parts); "
+        "only the synthetic parts world's records carry them"
+    )
 
     def __init__(self, model):
         self.last_layer = model.last_layer

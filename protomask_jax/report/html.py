@@ -62,6 +62,7 @@ h3 { font-size: 16px; margin: 18px 0 8px; display: flex; align-items: center; ga
 .metrics td.v { text-align: right; font-variant-numeric: tabular-nums; font-weight: 600;
                 white-space: nowrap; }
 .metrics td.u { color: var(--muted); width: 1%; white-space: nowrap; }
+.metrics td.n { color: var(--muted); font-size: 13px; }
 img.curves { max-width: 100%; background: #fff; border: 1px solid var(--line);
              border-radius: 10px; }
 .chip { display: inline-block; width: 14px; height: 14px; border-radius: 4px;
@@ -147,7 +148,8 @@ def img(src: str | None, alt: str, width: int, missing: str = "") -> str:
 
 
 def metrics_section(eval_results: dict | None, workdir) -> Section:
-    """The tables of eval.json (``evaluate.table_rows``), or how to make it."""
+    """The tables of eval.json (``evaluate.sections``; a family not computed shows why), or
+    how to make it."""
     if not eval_results:
         note = (
             "No eval.json yet: run `python -m protomask_jax.evaluate --config ... "
@@ -155,12 +157,12 @@ def metrics_section(eval_results: dict | None, workdir) -> Section:
         )
         return Section("metrics", "Metrics", "Evaluation", note)
     tables = []
-    for title, rows in evaluate.table_rows(eval_results):
+    for title, rows, notes in evaluate.sections(eval_results):
         body = "".join(
             f'<tr><td>{e(label.strip())}</td><td class="v">{e(value)}</td>'
             f'<td class="u">{e(unit)}</td></tr>'
             for label, value, unit in rows
-        )
+        ) + "".join(f'<tr><td class="n" colspan="3">{e(note)}</td></tr>' for note in notes)
         tables.append(f"<table><caption>{e(title)}</caption>{body}</table>")
     note = (
         f"From eval.json ({eval_results['split']} split, {eval_results['checkpoint']}, "
