@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from protomask_jax.cli import PATH_KEYS
+from protomask_jax.base import PATH_KEYS
 
 _MAY_CHANGE_ON_RESUME = {
     "train": ("log_every_steps", "eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints"),

@@ -33,7 +33,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from protomask_jax import cli, config_checks, evaluators, prp
+from protomask_jax import base, cli, config_checks, evaluators, prp
 from protomask_jax import sharding as sharding_lib
 from protomask_jax import steps as steps_lib
 from protomask_jax.data import pipeline
@@ -182,7 +182,7 @@ def run_model(
     config = trained.config
     indices = np.asarray(record_set.good if record_indices is None else record_indices, np.int64)
     if len(indices) == 0:
-        raise cli.UserError(f"no images to evaluate in split '{record_set.split}'")
+        raise base.UserError(f"no images to evaluate in split '{record_set.split}'")
     sharding_lib.check_batch_divisible(
         config.input.eval_batch_size, trained.mesh, "input.eval_batch_size"
     )
@@ -424,7 +424,7 @@ def evaluate(
     check_explain_config(config)
     workdir, resolution = Path(workdir), int(resolution)
     if resolution < 4:
-        raise cli.UserError(f"--resolution must be >= 4 pixels, got {resolution}")
+        raise base.UserError(f"--resolution must be >= 4 pixels, got {resolution}")
     techniques = evaluators.check(techniques)  # before the slow part
     info = records_lib.load_dataset_info(config.dataset.records_dir)
     config_checks.check_dataset_info(config, info)
@@ -478,10 +478,10 @@ def evaluate(
         }
     )
     if jax.process_index() == 0:
-        records_lib.write_json_atomic(workdir / EVAL_FILE, results)
+        base.write_json_atomic(workdir / EVAL_FILE, results)
         if top_images is not None:
             payload = {"checkpoint": trained.checkpoint, "k": metrics["topk"]["k"]}
-            records_lib.write_json_atomic(workdir / TOPK_FILE, payload | {"prototypes": top_images})
+            base.write_json_atomic(workdir / TOPK_FILE, payload | {"prototypes": top_images})
     return results
 
 

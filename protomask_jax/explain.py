@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from protomask_jax import cli, config_checks
+from protomask_jax import base, cli, config_checks
 from protomask_jax import evaluate as evaluate_lib
 from protomask_jax.data import pipeline
 from protomask_jax.data import records as records_lib
@@ -44,7 +44,7 @@ def select_images(
         index_of_id = {int(ids[n]): int(n) for n in record_set.good}
         missing = [i for i in image_ids if int(i) not in index_of_id]
         if missing:
-            raise cli.UserError(
+            raise base.UserError(
                 f"--images: ids {missing} are not in split '{record_set.split}' of "
                 f"{record_set.records_dir} (it holds ids {good_ids.min()}..{good_ids.max()}, "
                 f"e.g. {good_ids[:5].tolist()})"

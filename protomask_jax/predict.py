@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from protomask_jax import cli, config_checks
+from protomask_jax import base, cli, config_checks
 from protomask_jax import evaluate as evaluate_lib
 from protomask_jax.data import images as images_lib
 from protomask_jax.data import pipeline
@@ -39,7 +39,7 @@ PREDICTIONS = "predictions.json"
 SPLIT = "predict"  # the temporary shard's split
 
 
-class PredictError(cli.UserError):
+class PredictError(base.UserError):
     """Nothing to explain, an output folder that is not predict's, ..."""
 
 
@@ -203,7 +203,7 @@ def predict(
         result = {"workdir": str(Path(workdir).absolute()), "checkpoint": trained.checkpoint}
         result |= {"segmenter": described, "images": entries, "skipped": skipped}
         result["seconds"] = seconds
-        records_lib.write_json_atomic(staging / PREDICTIONS, result)
+        base.write_json_atomic(staging / PREDICTIONS, result)
         _write_page(staging, result, sections, config.dataset.name)
         _replace_dir(staging, out_dir)
     finally:

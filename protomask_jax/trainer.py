@@ -27,8 +27,8 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from protomask_jax import base, cli, config_checks
 from protomask_jax import checkpoint as ckpt
-from protomask_jax import cli, config_checks
 from protomask_jax import phases as phases_lib
 from protomask_jax import push as push_lib
 from protomask_jax import sharding as sharding_lib
@@ -185,9 +185,9 @@ def _check_workdir(workdir: Path) -> None:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise cli.UserError(f"--workdir {workdir}: {existing} is a file; give a folder.")
+        raise base.UserError(f"--workdir {workdir}: {existing} is a file; give a folder.")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise cli.UserError(
+        raise base.UserError(
             f"--workdir {workdir}: {existing} is read-only; give a folder you can write to."
         )
 
@@ -240,7 +240,7 @@ def _set_up(
     # Every check runs before anything slow and before anything is written to the workdir.
     config_checks.validate(config)
     if max_steps is not None and max_steps < 1:
-        raise cli.UserError(f"--max_steps={max_steps}: must be >= 1 (the step to stop after).")
+        raise base.UserError(f"--max_steps={max_steps}: must be >= 1 (the step to stop after).")
     _check_workdir(workdir)
     convert.check_weights(config)
     sharding_lib.maybe_initialize_distributed()
@@ -263,7 +263,7 @@ def _set_up(
     resumed = _run_to_resume(config, workdir, fingerprint, info)
     reached = None if resumed is None else resumed["step"]
     if max_steps is not None and reached is not None and max_steps <= reached:
-        raise cli.UserError(
+        raise base.UserError(
             f"--max_steps={max_steps}: the run in {workdir} is at step {reached} already; give "
             "a larger --max_steps, or leave it out to finish the run."
         )
@@ -451,7 +451,7 @@ def push_prototypes(ctx: RunContext, state: TrainState) -> TrainState:
         int(np.sum(~np.isfinite(result.distance))),
     )
     gallery = result.to_json()
-    records_lib.write_json_atomic(ctx.workdir / "push.json", gallery)
+    base.write_json_atomic(ctx.workdir / "push.json", gallery)
     ctx.meta.update(pushed=True, push=gallery)
     if len(ctx.val_indices):
         val = evaluate_indices(ctx, state, ctx.train_records, ctx.val_indices, ctx.eval_fn())
@@ -696,7 +696,7 @@ def _run(config, workdir: Path, max_steps: int | None, source, stop: _StopFlag) 
         results["train_time_s"] = time.time() - started
         results["workdir"] = str(workdir)
         if jax.process_index() == 0:
-            records_lib.write_json_atomic(workdir / "results.json", results)
+            base.write_json_atomic(workdir / "results.json", results)
         return results
     finally:
         _close(ctx)
@@ -713,7 +713,7 @@ def start_pruned_run(config, workdir: str | Path, out_dir: str | Path, which: st
             return
         trained = restore_trained(config, workdir, which)
         if trained.meta.get("pruned"):
-            raise cli.UserError(f"{workdir} is already pruned; prune the run it came from")
+            raise base.UserError(f"{workdir} is already pruned; prune the run it came from")
         records = pipeline.RecordSet(
             config.dataset.records_dir, "train", skip_bad_records=config.input.skip_bad_records
         )

@@ -30,7 +30,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from protomask_jax.cli import UserError
+from protomask_jax.base import UserError
 from protomask_jax.data import records as records_lib
 from protomask_jax.data import views as views_lib
 

@@ -9,7 +9,7 @@ Its table is its entry in :data:`TABLES`. A new family: one module here, one ent
 
 from __future__ import annotations
 
-from protomask_jax.cli import UserError
+from protomask_jax.base import UserError
 from protomask_jax.evaluators import (
     classification,
     compactness,
