@@ -30,10 +30,15 @@ def unique_tmp(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}{TMP_SUFFIX}")
 
 
-def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    """JSON through a temporary file and a rename; the temporary name is unique per process,
-    so several export processes may write one file (the last rename wins)."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """UTF-8 ``text`` through a temporary file and a rename; the temporary name is unique per
+    process, so several export processes may write one file (the last rename wins)."""
     path = Path(path)
     tmp = unique_tmp(path)
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
+    """``payload`` as indented JSON, written as :func:`write_text_atomic` writes."""
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
