@@ -7,7 +7,7 @@ Each file: ``data.images.load_image`` (upright 8-bit RGB, at most ``MAX_SIDE`` p
 on what decoding did; :func:`size_note` adds one for an image much smaller than the network's
 input) -> the segmenter of the run's records (``dataset_info.json``) ->
 ``segmentation.export.build_record`` (masks post-processed and stored as the export does) ->
-one temporary shard. One ``evaluate.run_model`` pass over it (the evaluation pipeline and
+one temporary shard. One ``inference.run_model`` pass over it (the evaluation pipeline and
 forward, in batches of ``input.eval_batch_size``) gives logits ``[N, C]``, similarities and
 winning views ``[N, P]``. Softmax of the logits -> ``OUT/predictions.csv`` (the top classes
 per file) and the table printed. Unless figures are off, ``report.panels`` draws each image's
@@ -35,8 +35,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from protomask_jax import base, cli, config_checks
-from protomask_jax import evaluate as evaluate_lib
+from protomask_jax import base, cli, config_checks, inference
 from protomask_jax.data import images as images_lib
 from protomask_jax.data import pipeline
 from protomask_jax.data import records as records_lib
@@ -211,7 +210,6 @@ def predict(
     """Explains the images among ``inputs`` with the ``checkpoint`` of the run in ``workdir``;
     writes ``out_dir`` and returns what its predictions.json holds. ``top_classes``: classes
     per file in predictions.csv (at most all); ``figures``: draw figures and index.html."""
-    from protomask_jax import trainer
     from segmentation import segmenters
 
     if config.dataset.multi_label:  # its panels name one true class per image
@@ -229,8 +227,8 @@ def predict(
     seg_config, note = segmentation_config(config, info, segmenter)
     if note:
         say(note)
-    trained = trainer.restore_trained(config, workdir, which=checkpoint)
-    arrays = evaluate_lib.model_arrays(trained)
+    trained = inference.restore_trained(config, workdir, which=checkpoint)
+    arrays = inference.model_arrays(trained)
     num_prototypes = arrays.last_layer.shape[1]
     top_k = max(1, min(top_k, num_prototypes))
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
@@ -249,7 +247,7 @@ def predict(
             if not loaded:
                 raise PredictError(f"none of the {len(files)} file(s) is a readable image.")
             record_set = pipeline.RecordSet(records_dir, SPLIT)
-            outputs = evaluate_lib.run_model(trained, record_set, progress=progress)
+            outputs = inference.run_model(trained, record_set, progress=progress)
             seconds["model"] = lap()
             new_images = pictures.RecordImages(record_set)
             stems = figure_names([path for path, _ in loaded]) if figures else []
@@ -304,10 +302,10 @@ def _draw(config, trained, arrays, names, new, top_k: int, out_dir: Path, progre
     canvas = pictures.Canvas(out_dir, names, pictures.class_colours(len(names)))
     sources = gallery.prototype_sources(trained.meta, arrays.last_layer.shape[1])
     train_images = pictures.RecordImages(pipeline.RecordSet(config.dataset.records_dir, "train"))
+    explainer = inference.explainer(trained)
     heatmaps = None  # the matched views under their PRP maps, as the report shows them
-    if config.explain.explanation_type == "prp":
-        view_relevance = relevance.ViewRelevance(trained, config.explain.prp_rule)
-        heatmaps = relevance.Heatmaps(view_relevance, canvas, sources, train_images)
+    if explainer.kind == "prp":
+        heatmaps = relevance.Heatmaps(explainer, canvas, sources, train_images)
     total = len(used) + len(outputs.logits)
     with tqdm(total=total, desc="drawing", unit="picture", disable=not progress) as bar:
         gallery_section, drawn = gallery.section(

@@ -372,7 +372,7 @@ def test_cli_explains_everyday_files_and_skips_a_corrupt_one(slic_run, tmp_path)
 
 @pytest.mark.slow
 def test_prediction_equals_evaluate_for_a_test_image(slic_run, tmp_path):
-    from protomask_jax import evaluate, predict, trainer
+    from protomask_jax import inference, predict
     from protomask_jax.data import pipeline
     from protomask_jax.data import records as records_lib
 
@@ -389,7 +389,7 @@ def test_prediction_equals_evaluate_for_a_test_image(slic_run, tmp_path):
     result = predict.predict(
         config, workdir, files, out, top_classes=9, figures=False, progress=False
     )
-    expected = evaluate.run_model(trainer.restore_trained(config, workdir), test_set, chosen)
+    expected = inference.run_model(inference.restore_trained(config, workdir), test_set, chosen)
     logits = np.asarray([entry["logits"] for entry in result["images"]], np.float32)
     np.testing.assert_array_equal(logits, expected.logits)
     predicted = [entry["predicted"]["class_id"] for entry in result["images"]]

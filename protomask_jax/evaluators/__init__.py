@@ -1,6 +1,6 @@
 """Evaluators: one module per metric family (the reference's "techniques").
 
-An ``Evaluator(model: evaluate.ModelArrays)`` sees every ``chunk.Chunk`` once (``update``) and
+An ``Evaluator(model: inference.ModelArrays)`` sees every ``chunk.Chunk`` once (``update``) and
 gives its eval.json group (``result()``, None without its ground truth); optional ``aliases``
 are other names ``--techniques`` accepts, ``every_split`` asks for the chunks of every split.
 Its table is its entry in :data:`TABLES`. A new family: one module here, one entry in

@@ -1,7 +1,7 @@
 """Report section "This looks like that": per test image, the prototypes adding most to the
 predicted class's logit, each with the image's matched view beside the prototype's source.
 
-Per image ``n`` (``evaluate.EvalOutputs`` row): the prototypes' contributions
+Per image ``n`` (``inference.EvalOutputs`` row): the prototypes' contributions
 ``s_j W[pred, j]`` rank them (ties to the lower index, as the faithfulness metric); a
 prototype's match is its winning view, whose mask is ``view % num_masks``. Pictures:
 ``images/{id}.png``, ``images/{id}_r{rank}_mask.png`` and ``_view.png`` (with PRP heatmaps
