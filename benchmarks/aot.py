@@ -208,7 +208,7 @@ def programs(
     import jax.numpy as jnp
     from flax import nnx
 
-    from protomask_jax import evaluate, prp, push, trainer
+    from protomask_jax import inference, prp, push, trainer
     from protomask_jax import phases as phases_lib
     from protomask_jax import sharding as sharding_lib
     from protomask_jax import steps as steps_lib
@@ -217,7 +217,7 @@ def programs(
     chips = mesh.devices.size
     spec = pipeline.PipelineSpec.from_config(config)
     step_config = steps_lib.StepConfig.from_config(config)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: trainer._build_model(config, 0)))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: inference.build_model(config, 0)))
     num_prototypes = config.dataset.num_classes * config.model.prototypes_per_class
     replicated = sharding_lib.replicated(mesh)
     class_weights = jax.ShapeDtypeStruct(
@@ -304,7 +304,7 @@ def programs(
         )
         frames = jax.jit(
             functools.partial(
-                evaluate._prp_frames,
+                inference._prp_frames,
                 view_size=config.input.view_size,
                 rule=config.explain.prp_rule,
                 resolution=config.input.canvas_size,

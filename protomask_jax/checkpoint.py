@@ -2,8 +2,9 @@
 
 Items: ``state`` (the whole :class:`~protomask_jax.steps.TrainState`) and ``meta`` (phase,
 epoch, step, data iterator state, prototype count, push gallery, best validation accuracy,
-resolved config). Restoring needs an abstract target for the recorded phase and prototype
-count: optimizer states differ between phases and pruning changes shapes.
+resolved config). Resuming needs an abstract target for the recorded phase and prototype
+count: optimizer states differ between phases and pruning changes shapes. Inference restores
+only the ``WEIGHTS`` (:func:`restore_weights`), so it needs the prototype count alone.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from protomask_jax.cli import PATH_KEYS
+from protomask_jax.base import PATH_KEYS
 
+# The parts of a saved TrainState that inference reads (not opt_state).
+WEIGHTS = ("step", "params", "batch_stats", "constants")
 _MAY_CHANGE_ON_RESUME = {
     "train": ("log_every_steps", "eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints"),
     "input": ("num_workers", "prefetch", "eval_batch_size", "skip_bad_records"),
@@ -64,6 +67,25 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -
     )
     args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
     return mngr.restore(step, args=args)["state"]
+
+
+def restore_weights(mngr: ocp.CheckpointManager, step: int, abstract: dict[str, Any]) -> dict:
+    """The ``WEIGHTS`` fields of ``step``'s ``state`` item onto the shapes/shardings of
+    ``abstract`` (a dict of them): the optimizer state on disk is left unread, so inference
+    needs no optimizer to describe it."""
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    state = ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True)
+    return mngr.restore(step, args=ocp.args.Composite(state=state))["state"]
+
+
+def best_checkpoint(workdir: Path, phase_name: str):
+    """``(manager, step)`` of ``best_<phase>/``'s best checkpoint, or None."""
+    if (workdir / f"best_{phase_name}").exists():
+        mngr = manager(workdir / f"best_{phase_name}", max_to_keep=1, best=True)
+        if mngr.best_step() is not None:
+            return mngr, mngr.best_step()
+        mngr.close()
+    return None
 
 
 def config_fingerprint(config_dict: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,8 @@ from typing import Any
 
 import ml_collections
 
+from protomask_jax.base import PATH_KEYS, UserError, write_json_atomic
+
 RUN_CONFIG = "config.json"
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "common.py")
 # What the restored parameters' shapes and meaning depend on.
@@ -33,13 +35,6 @@ MODEL_KEYS = (
     "model.prototype_dim",
     "model.prototypes_per_class",
 )
-# String keys that name files or folders: stored absolute, so a run is found from anywhere.
-PATH_KEYS = ("root", "records_dir", "tfds_data_dir", "pretrained", "import_protomask",
-             "checkpoint", "model_config")  # fmt: skip
-
-
-class UserError(ValueError):
-    """A mistake the user can fix; the message names the file, record or key and what to do."""
 
 
 # ------------------------------------------------------------------------------- flags
@@ -160,8 +155,6 @@ def absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 
 def save_run_config(workdir: Path, config, source: Mapping[str, Any] | None) -> None:
-    from protomask_jax.data.records import write_json_atomic
-
     path = Path(workdir) / RUN_CONFIG
     if source is None and path.is_file():  # a library call resuming a CLI run keeps its source
         source = json.loads(path.read_text()).get("source")

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from protomask_jax.cli import UserError
+from protomask_jax.base import UserError
 from protomask_jax.data.records import DATASET_INFO, RecordError
 from protomask_jax.models.resnet import resnet_spec
 

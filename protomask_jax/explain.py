@@ -1,7 +1,7 @@
 r"""Writes the explanation report of a run: ``python -m protomask_jax.explain --config C
 --workdir DIR [--images ID,ID,...] [--num_images N] [--top_k K]``.
 
-One evaluation forward over the chosen test images (``evaluate.run_model``), then the
+One evaluation forward over the chosen test images (``inference.run_model``), then the
 sections of ``protomask_jax/report/`` draw their pictures under ``DIR/report/`` and return
 their HTML: the metrics of ``DIR/eval.json`` (run ``protomask_jax.evaluate`` first), training
 curves, the prototype gallery after push, and "this looks like that" per test image.
@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from protomask_jax import cli, config_checks
+from protomask_jax import base, cli, config_checks, inference
 from protomask_jax import evaluate as evaluate_lib
 from protomask_jax.data import pipeline
 from protomask_jax.data import records as records_lib
@@ -47,7 +47,7 @@ def select_images(
         index_of_id = {int(ids[n]): int(n) for n in record_set.good}
         missing = [i for i in image_ids if int(i) not in index_of_id]
         if missing:
-            raise cli.UserError(
+            raise base.UserError(
                 f"--images: ids {missing} are not in split '{record_set.split}' of "
                 f"{record_set.records_dir} (it holds ids {good_ids.min()}..{good_ids.max()}, "
                 f"e.g. {good_ids[:5].tolist()})"
@@ -98,21 +98,19 @@ def explain(
 ) -> Path:
     """Writes ``workdir/report/index.html`` and its pictures and returns its path: the
     ``top_k`` prototypes of ``image_ids`` of ``split`` (default: see :func:`select_images`)."""
-    from protomask_jax import trainer
-
-    evaluate_lib.check_explain_config(config)
+    inference.check_explain_config(config)
     workdir, records_dir = Path(workdir), config.dataset.records_dir
     info = records_lib.load_dataset_info(records_dir)
     config_checks.check_dataset_info(config, info)
     num_classes = config.dataset.num_classes
     class_names = list(info.get("class_names") or [f"class {c}" for c in range(num_classes)])
-    trained = trainer.restore_trained(config, workdir, which=checkpoint)
-    arrays = evaluate_lib.model_arrays(trained)
+    trained = inference.restore_trained(config, workdir, which=checkpoint)
+    arrays = inference.model_arrays(trained)
     num_prototypes = arrays.last_layer.shape[1]
     skip = config.input.skip_bad_records
     test_set = pipeline.RecordSet(records_dir, split, skip_bad_records=skip)
     chosen = select_images(test_set, image_ids, num_images)
-    outputs = evaluate_lib.run_model(trained, test_set, chosen, progress=progress)
+    outputs = inference.run_model(trained, test_set, chosen, progress=progress)
     if outputs.labels.ndim == 2:  # the panels name one true class: the prediction if held
         predicted = np.argmax(outputs.logits, axis=1)
         held = outputs.labels[np.arange(len(predicted)), predicted] > 0
@@ -132,10 +130,10 @@ def explain(
     out_dir.mkdir(parents=True)
     canvas = pictures.Canvas(out_dir, class_names, pictures.class_colours(num_classes))
     top_k = max(1, min(top_k, num_prototypes))
-    heatmaps = None
-    if config.explain.explanation_type == "prp":
-        view_relevance = relevance.ViewRelevance(trained, config.explain.prp_rule)
-        heatmaps = relevance.Heatmaps(view_relevance, canvas, sources, images["train"])
+    explainer = inference.explainer(trained)
+    heatmaps = None  # the mask alone explains: the panels show the plain views
+    if explainer.kind == "prp":
+        heatmaps = relevance.Heatmaps(explainer, canvas, sources, images["train"])
     total = num_prototypes + len(chosen) + 2
     with tqdm(total=total, desc="rendering report", unit="picture", disable=not progress) as bar:
         training = curves.section(workdir, out_dir)

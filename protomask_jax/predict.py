@@ -1,21 +1,28 @@
 r"""Explains new images with a trained run: ``python -m protomask_jax.predict --workdir W
-IMAGE_OR_FOLDER... [--out DIR] [--top_k 3] [--segmenter slic|grid|sam|sam2] [--config.x=y]``
-(docs/predict.md); the run's config comes from ``cli.run_config``.
+IMAGE_OR_FOLDER... [--out DIR] [--top_k 3] [--top_classes 5] [--nofigures]
+[--segmenter slic|grid|sam|sam2] [--config.x=y]`` (docs/predict.md); the run's config comes
+from ``cli.run_config``.
 
-Each file: ``data.images.load_image`` (upright 8-bit RGB, at most ``MAX_SIDE`` px) -> the
-segmenter of the run's records (``dataset_info.json``) -> ``segmentation.export.build_record``
-(masks post-processed and stored as the export does) -> one temporary shard. One
-``evaluate.run_model`` pass over it (the evaluation pipeline and forward, in batches of
-``input.eval_batch_size``) gives logits ``[N, C]``, similarities and winning views ``[N, P]``;
-``report.panels`` draws each image's top contributions, with PRP maps of the matched views
-unless ``explain.explanation_type`` is ``mask`` (``figures/explanation_{n}.png``);
-``OUT/predictions.json`` and ``OUT/index.html`` list them. OUT is built beside itself and
-swapped in when complete. A file that is not a readable image is skipped with its reason.
+Each file: ``data.images.load_image`` (upright 8-bit RGB, at most ``MAX_SIDE`` px, with notes
+on what decoding did; :func:`size_note` adds one for an image much smaller than the network's
+input) -> the segmenter of the run's records (``dataset_info.json``) ->
+``segmentation.export.build_record`` (masks post-processed and stored as the export does) ->
+one temporary shard. One ``inference.run_model`` pass over it (the evaluation pipeline and
+forward, in batches of ``input.eval_batch_size``) gives logits ``[N, C]``, similarities and
+winning views ``[N, P]``. Softmax of the logits -> ``OUT/predictions.csv`` (the top classes
+per file) and the table printed. Unless figures are off, ``report.panels`` draws each image's
+top contributions, with PRP maps of the matched views unless ``explain.explanation_type`` is
+``mask``, as ``figures/{file stem}.png`` (:func:`figure_names`), listed in ``OUT/index.html``.
+``OUT/predictions.json`` holds everything. OUT is built beside itself and swapped in when
+complete. A file that is not a readable image is skipped with its reason.
 """
 
 from __future__ import annotations
 
+import collections
+import csv
 import dataclasses
+import hashlib
 import io
 import os
 import shutil
@@ -28,18 +35,22 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from protomask_jax import cli, config_checks
-from protomask_jax import evaluate as evaluate_lib
+from protomask_jax import base, cli, config_checks, inference
 from protomask_jax.data import images as images_lib
 from protomask_jax.data import pipeline
 from protomask_jax.data import records as records_lib
 from protomask_jax.report import gallery, html, panels, pictures, relevance
 
 PREDICTIONS = "predictions.json"
+TABLE = "predictions.csv"
 SPLIT = "predict"  # the temporary shard's split
+# An image whose shorter side is under this fraction of input.view_size is mostly invented
+# by upscaling: an 8x8 icon once came out at 99.4 % for one class, which it cannot support.
+SMALL_FRACTION = 0.5
+SHOWN_CLASSES = 3  # top classes in the printed table (the CSV has --top_classes)
 
 
-class PredictError(cli.UserError):
+class PredictError(base.UserError):
     """Nothing to explain, an output folder that is not predict's, ..."""
 
 
@@ -76,6 +87,53 @@ def segmentation_config(config, info: dict[str, Any], method: str | None):
     return config, note
 
 
+def size_note(size: tuple[int, int], view_size: int) -> str | None:
+    """The note for an image of ``size`` ``(H, W)`` px (before any downscaling) whose shorter
+    side is under ``SMALL_FRACTION`` of the network's input, else None. Every view is a box of
+    the image resized to ``view_size`` square, so each is upscaled at least
+    ``view_size / min(H, W)`` times along one side."""
+    height, width = size
+    limit = SMALL_FRACTION * view_size
+    if min(height, width) >= limit:
+        return None
+    return (
+        f"small image: {width}x{height} px, shorter side under {limit:g} px (half the "
+        f"network's {view_size} px input): every view is upscaled at least "
+        f"{view_size / min(height, width):.1f}x, so the probability rests on detail the "
+        "image lacks"
+    )
+
+
+def figure_names(files: Sequence[Path]) -> list[str]:
+    """A figure name per file (no folder, no extension): the file's stem, characters other
+    than letters, digits and ``._-`` made ``_``. Stems that collide (ignoring case, as macOS
+    and Windows do) get ``-`` and 6 hex digits of the SHA-1 of the absolute path, and a file
+    named twice ``-2``, ``-3``: the same files get the same names in any order."""
+    stems = [
+        "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(f).stem) or "image"
+        for f in files
+    ]
+    counts = collections.Counter(stem.lower() for stem in stems)
+    names, taken = [], collections.Counter()
+    for file, stem in zip(files, stems, strict=True):
+        if counts[stem.lower()] > 1:
+            stem += "-" + hashlib.sha1(os.path.abspath(file).encode()).hexdigest()[:6]
+        taken[stem.lower()] += 1
+        names.append(stem if taken[stem.lower()] == 1 else f"{stem}-{taken[stem.lower()]}")
+    return names
+
+
+def class_ranking(logits, names: Sequence[str], k: int) -> list[dict[str, Any]]:
+    """The ``k`` most probable classes (softmax of ``logits [C]``, float64), most first."""
+    logits = np.asarray(logits, np.float64)
+    probabilities = np.exp(logits - logits.max())
+    probabilities /= probabilities.sum()
+    return [
+        {"class_id": int(c), "name": names[c], "probability": float(probabilities[c])}
+        for c in np.argsort(-probabilities, kind="stable")[:k]
+    ]
+
+
 def _segment(files, config, records_dir: Path, progress: bool, say):
     """Writes the readable files' records into one shard; ``(loaded images, skipped)``."""
     from PIL import Image
@@ -93,6 +151,8 @@ def _segment(files, config, records_dir: Path, progress: bool, say):
                 skipped.append({"file": str(path), "reason": str(e)})
                 say(f"skipped {e}")
                 continue
+            note = size_note(image.size, config.input.view_size)
+            image.notes += [note] if note else []
             png = io.BytesIO()
             Image.fromarray(image.rgb).save(png, format="PNG", compress_level=1)
             item = sources.SourceItem(len(loaded), str(path), png.getvalue(), -1)
@@ -106,12 +166,7 @@ def _segment(files, config, records_dir: Path, progress: bool, say):
 def _entry(n: int, loaded, outputs, arrays, record, names, top_k: int, out_dir: Path) -> dict:
     """Image ``n``'s entry of predictions.json; writes the PNGs of its matched masks."""
     path, image = loaded
-    logits = outputs.logits[n].astype(np.float64)
-    probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
-    top5 = [
-        {"class_id": int(c), "name": names[c], "probability": float(probabilities[c])}
-        for c in np.argsort(-probabilities, kind="stable")[:5]
-    ]
+    top5 = class_ranking(outputs.logits[n], names, 5)
     scores = (outputs.similarities[n], arrays.last_layer, top5[0]["class_id"])
     contributions = []
     for match in panels.top_contributions(
@@ -134,7 +189,6 @@ def _entry(n: int, loaded, outputs, arrays, record, names, top_k: int, out_dir: 
         "predicted": top5[0],
         "top5": top5,
         "logits": outputs.logits[n].tolist(),
-        "figure": f"figures/explanation_{n}.png",
         "contributions": contributions,
     }
 
@@ -146,30 +200,35 @@ def predict(
     out_dir: str | Path,
     *,
     top_k: int = 3,
+    top_classes: int = 5,
+    figures: bool = True,
     segmenter: str | None = None,
     checkpoint: str = "best",
     progress: bool = True,
     say=print,
 ) -> dict[str, Any]:
     """Explains the images among ``inputs`` with the ``checkpoint`` of the run in ``workdir``;
-    writes ``out_dir`` and returns what its predictions.json holds."""
-    from protomask_jax import trainer
+    writes ``out_dir`` and returns what its predictions.json holds. ``top_classes``: classes
+    per file in predictions.csv (at most all); ``figures``: draw figures and index.html."""
     from segmentation import segmenters
 
     if config.dataset.multi_label:  # its panels name one true class per image
         raise config_checks.ConfigError(
             "config.dataset.multi_label: predict explains single-label runs only"
         )
+    if top_classes < 1:
+        raise PredictError(f"--top_classes={top_classes}: give at least 1 (the default is 5).")
     out_dir = _check_out_dir(Path(out_dir).absolute())
     files = collect_files(inputs)
     info = records_lib.load_dataset_info(config.dataset.records_dir)
     config_checks.check_dataset_info(config, info)
     names = list(info.get("class_names") or map(str, range(config.dataset.num_classes)))
+    top_classes = min(top_classes, len(names))
     seg_config, note = segmentation_config(config, info, segmenter)
     if note:
         say(note)
-    trained = trainer.restore_trained(config, workdir, which=checkpoint)
-    arrays = evaluate_lib.model_arrays(trained)
+    trained = inference.restore_trained(config, workdir, which=checkpoint)
+    arrays = inference.model_arrays(trained)
     num_prototypes = arrays.last_layer.shape[1]
     top_k = max(1, min(top_k, num_prototypes))
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
@@ -188,23 +247,29 @@ def predict(
             if not loaded:
                 raise PredictError(f"none of the {len(files)} file(s) is a readable image.")
             record_set = pipeline.RecordSet(records_dir, SPLIT)
-            outputs = evaluate_lib.run_model(trained, record_set, progress=progress)
+            outputs = inference.run_model(trained, record_set, progress=progress)
             seconds["model"] = lap()
             new_images = pictures.RecordImages(record_set)
+            stems = figure_names([path for path, _ in loaded]) if figures else []
+            figure_of = {n: f"figures/{stem}.png" for n, stem in enumerate(stems)}
             entries = [
                 _entry(n, item, outputs, arrays, new_images.get(n).record, names, top_k, staging)
+                | {"figure": figure_of.get(n)}
                 for n, item in enumerate(loaded)
             ]
-            used = {c["prototype"] for entry in entries for c in entry["contributions"]}
-            new = (outputs, new_images, used)
-            sections = _draw(config, trained, arrays, names, new, top_k, staging, progress)
-            seconds["pictures"] = lap()
+            if figures:
+                used = {c["prototype"] for entry in entries for c in entry["contributions"]}
+                new = (outputs, new_images, used, figure_of)
+                sections = _draw(config, trained, arrays, names, new, top_k, staging, progress)
+                seconds["pictures"] = lap()
         described = segmenters.segmenter_description(seg_config) | {"note": note}
         result = {"workdir": str(Path(workdir).absolute()), "checkpoint": trained.checkpoint}
-        result |= {"segmenter": described, "images": entries, "skipped": skipped}
-        result["seconds"] = seconds
-        records_lib.write_json_atomic(staging / PREDICTIONS, result)
-        _write_page(staging, result, sections, config.dataset.name)
+        result |= {"segmenter": described, "top_classes": top_classes}
+        result |= {"images": entries, "skipped": skipped, "seconds": seconds}
+        base.write_json_atomic(staging / PREDICTIONS, result)
+        base.write_text_atomic(staging / TABLE, predictions_csv(result, names))
+        if figures:
+            _write_page(staging, result, sections, config.dataset.name)
         _replace_dir(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -231,23 +296,23 @@ def _check_out_dir(out_dir: Path) -> Path:
 
 
 def _draw(config, trained, arrays, names, new, top_k: int, out_dir: Path, progress: bool):
-    """The report's sections for ``new`` = (model outputs, RecordImages, prototypes used) of
-    the new images: their panels, then the gallery of the prototypes used."""
-    outputs, new_images, used = new
+    """The report's sections for ``new`` = (model outputs, RecordImages, prototypes used,
+    figure names) of the new images: their panels, then the gallery of the prototypes used."""
+    outputs, new_images, used, figure_paths = new
     canvas = pictures.Canvas(out_dir, names, pictures.class_colours(len(names)))
     sources = gallery.prototype_sources(trained.meta, arrays.last_layer.shape[1])
     train_images = pictures.RecordImages(pipeline.RecordSet(config.dataset.records_dir, "train"))
+    explainer = inference.explainer(trained)
     heatmaps = None  # the matched views under their PRP maps, as the report shows them
-    if config.explain.explanation_type == "prp":
-        view_relevance = relevance.ViewRelevance(trained, config.explain.prp_rule)
-        heatmaps = relevance.Heatmaps(view_relevance, canvas, sources, train_images)
+    if explainer.kind == "prp":
+        heatmaps = relevance.Heatmaps(explainer, canvas, sources, train_images)
     total = len(used) + len(outputs.logits)
     with tqdm(total=total, desc="drawing", unit="picture", disable=not progress) as bar:
         gallery_section, drawn = gallery.section(
             canvas, arrays, sources, train_images, bar.update, used
         )
         explanations = panels.section(
-            canvas, outputs, arrays, new_images, drawn, top_k, bar.update, heatmaps
+            canvas, outputs, arrays, new_images, drawn, top_k, bar.update, heatmaps, figure_paths
         )
     explanations.note = explanations.note.replace("test image", "image")
     return [explanations, gallery_section]
@@ -268,19 +333,64 @@ def _write_page(out_dir: Path, result: dict[str, Any], sections, dataset: str) -
     (out_dir / "index.html").write_text(page, encoding="utf-8")
 
 
+def predictions_csv(result: dict[str, Any], names: Sequence[str]) -> str:
+    """``file, class_1, probability_1, ..., class_k, probability_k, notes`` (k =
+    ``result["top_classes"]``), one row per explained file, then one per skipped file with
+    its reason as the note; notes joined by ``; ``."""
+    k = result["top_classes"]
+    header = ["file"]
+    for i in range(1, k + 1):
+        header += [f"class_{i}", f"probability_{i}"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([*header, "notes"])
+    for entry in result["images"]:
+        ranked = class_ranking(entry["logits"], names, k)
+        cells = [value for c in ranked for value in (c["name"], f"{c['probability']:.6f}")]
+        writer.writerow([entry["file"], *cells, "; ".join(entry["notes"])])
+    for skipped in result["skipped"]:
+        reason = skipped["reason"].removeprefix(f"{skipped['file']}: ")
+        writer.writerow([skipped["file"], *[""] * (2 * k), f"skipped: {reason}"])
+    return buffer.getvalue()
+
+
+def _short_names(files: Sequence[str]) -> list[str]:
+    """Each file's name, or the path as given where two files share a name."""
+    counts = collections.Counter(Path(f).name for f in files)
+    return [Path(f).name if counts[Path(f).name] == 1 else f for f in files]
+
+
+def _text_table(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows]  # fmt: skip
+
+
 def summary(result: dict[str, Any], out_dir: Path) -> str:
-    """A line per image and per skipped file, the time taken and where the output is."""
-    lines = [
-        f"{Path(e['file']).name}: {e['predicted']['name']} "
-        f"({100 * e['predicted']['probability']:.1f}%)"
-        for e in result["images"]
-    ]
+    """A table of the most probable classes per image, the notes, the skipped files, the
+    time taken and where the output is."""
+    entries = result["images"]
+    shown = min(SHOWN_CLASSES, result["top_classes"])
+    labels = _short_names([entry["file"] for entry in entries])
+    rows = [["file", *(f"class {i}" for i in range(1, shown + 1)), "notes"]]
+    for label, entry in zip(labels, entries, strict=True):
+        ranked = [f"{c['name']} {100 * c['probability']:.1f}%" for c in entry["top5"][:shown]]
+        rows.append([label, *ranked, str(len(entry["notes"])) if entry["notes"] else ""])
+    lines = _text_table(rows)
+    noted = [(label, e["notes"]) for label, e in zip(labels, entries, strict=True) if e["notes"]]
+    if noted:
+        lines.append("notes:")
+        lines += [f"  {label}: {note}" for label, notes in noted for note in notes]
     lines += [f"skipped {s['reason']}" for s in result["skipped"]]
-    seconds, files = result["seconds"], len(result["images"]) + len(result["skipped"])
+    seconds, files = result["seconds"], len(entries) + len(result["skipped"])
+    written = [out_dir / TABLE, out_dir / PREDICTIONS]
+    pictures_time = "no figures"
+    if "pictures" in seconds:
+        pictures_time = f"pictures {seconds['pictures']:.1f} s"
+        written.append(out_dir / "index.html")
     lines.append(
         f"segmentation {seconds['segmentation'] / files:.2f} s per file, model "
-        f"{seconds['model']:.1f} s, pictures {seconds['pictures']:.1f} s; written: "
-        f"{out_dir / PREDICTIONS} and {out_dir / 'index.html'}"
+        f"{seconds['model']:.1f} s, {pictures_time}; written: {', '.join(map(str, written))}"
     )
     return "\n".join(lines)
 
@@ -301,6 +411,8 @@ def main(argv: list[str]) -> None:
         inputs,
         out_dir,
         top_k=FLAGS.top_k,
+        top_classes=FLAGS.top_classes,
+        figures=FLAGS.figures,
         segmenter=FLAGS.segmenter,
         checkpoint=FLAGS.checkpoint,
         say=tqdm.write,
@@ -315,6 +427,10 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "The training run's output folder.")
     flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/predictions).")
     flags.DEFINE_integer("top_k", 3, "Prototypes shown per image.")
+    flags.DEFINE_integer("top_classes", 5, "Most probable classes per file in predictions.csv.")
+    flags.DEFINE_boolean(
+        "figures", True, "Draw figures and index.html; --nofigures: only the CSV and JSON (fast)."
+    )
     segmenters = ["slic", "grid", "sam", "sam2"]
     flags.DEFINE_enum("segmenter", None, segmenters, "Default: the one of the run's records.")
     flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Checkpoint to explain with.")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from protomask_jax import cli, config_checks
+from protomask_jax import base, cli, config_checks
 from protomask_jax import evaluate as evaluate_lib
 
 
@@ -51,7 +51,7 @@ def prune(
     prune = config.train.prune
     workdir = Path(workdir)
     if not (workdir / "results.json").is_file():
-        raise cli.UserError(
+        raise base.UserError(
             f"{workdir} holds no finished run (no results.json); finish its training first"
         )
     out_dir = Path(out_dir or workdir / f"pruned_k{prune.k}_t{prune.threshold}")

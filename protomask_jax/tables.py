@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from protomask_jax import cli, evaluators
+from protomask_jax import base, cli, evaluators
 
 # The metrics of the first table, when present.
 MAIN = (
@@ -42,11 +42,11 @@ RESULTS_ROWS = [
 
 def _read_json(path: Path, fix: str) -> dict:
     if not path.is_file():
-        raise cli.UserError(f"{path.parent} has no {path.name}; {fix}")
+        raise base.UserError(f"{path.parent} has no {path.name}; {fix}")
     try:
         return json.loads(path.read_text())
     except ValueError as e:
-        raise cli.UserError(f"{path} is damaged ({e})") from None
+        raise base.UserError(f"{path} is damaged ({e})") from None
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -66,7 +66,7 @@ def load_run(workdir: str | Path) -> dict[str, Any]:
 
     workdir = Path(workdir)
     if not workdir.is_dir():
-        raise cli.UserError(f"{workdir}: no such run folder")
+        raise base.UserError(f"{workdir}: no such run folder")
     evaluate = f"run `python -m protomask_jax.evaluate --workdir {workdir}` first"
     evaluation = _read_json(workdir / "eval.json", evaluate)
     config = _read_json(workdir / cli.RUN_CONFIG, "it is not a training run")["config"]
@@ -230,8 +230,6 @@ def _write(path: Path, text: str) -> None:
 def main(argv: list[str]) -> None:
     from absl import app, flags
 
-    from protomask_jax.data import records as records_lib
-
     if len(argv) < 2:
         raise app.UsageError("name the run folders (or a glob): WORKDIR...")
     table = aggregate(expand(argv[1:]))
@@ -241,7 +239,7 @@ def main(argv: list[str]) -> None:
         Path(out).mkdir(parents=True, exist_ok=True)
         _write(Path(out) / "tables.md", markdown)
         _write(Path(out) / "tables.tex", render(table, latex=True))
-        records_lib.write_json_atomic(Path(out) / "tables.json", table)
+        base.write_json_atomic(Path(out) / "tables.json", table)
         markdown += f"\nwritten: {out}/tables.md, tables.tex, tables.json"
     print(markdown)
 

@@ -4,12 +4,12 @@ Set-up (every check first, cheapest first, and nothing written to the workdir un
 pass; mesh, records, parameters born sharded) → resume → phases → test evaluation. A
 phase starts in :func:`enter_phase` (prune, fresh optimizer state, push, save) and trains in
 :func:`run_phase` (validation per epoch, best checkpoint, saves on schedule or SIGTERM, stop
-on NaN). :func:`restore_trained` hands a finished run to evaluation and explanations.
+on NaN). :func:`start_pruned_run` begins a pruned copy of a finished run; ``inference``
+restores one for evaluation and explanations.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import logging
@@ -17,18 +17,16 @@ import math
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 
+from protomask_jax import base, cli, config_checks, inference
 from protomask_jax import checkpoint as ckpt
-from protomask_jax import cli, config_checks
 from protomask_jax import phases as phases_lib
 from protomask_jax import push as push_lib
 from protomask_jax import sharding as sharding_lib
@@ -44,9 +42,6 @@ from protomask_jax.steps import TrainState
 
 log = logging.getLogger(__name__)
 
-# The phases whose best-on-validation checkpoint restore_trained prefers, last first.
-_BEST_PHASES = (phases_lib.PRUNE_FINETUNE, phases_lib.FINETUNE, phases_lib.JOINT)
-
 
 class TrainingDiverged(FloatingPointError):
     """Loss or parameters became NaN/inf; the message names the step and the last checkpoint."""
@@ -55,73 +50,11 @@ class TrainingDiverged(FloatingPointError):
 # =================================================================== the model on a mesh
 
 
-@dataclasses.dataclass
-class _ModelOnMesh:
-    """What the jitted forward and the evaluation stream need besides the parameters."""
-
-    config: Any
-    graphdef: Any
-    mesh: Any
-    step_config: steps_lib.StepConfig
-    spec: pipeline.PipelineSpec
-
-    def eval_fn(self, return_views: bool = False):
-        """A jitted ``(params, batch_stats, constants, batch) -> ProtoMaskOutput``."""
-        return steps_lib.jit_eval_step(
-            self.graphdef, self.step_config, self.mesh, return_views=return_views
-        )
-
-    def eval_batches(self, record_set, indices) -> Iterator[dict[str, jax.Array]]:
-        """Device batches of one unaugmented pass over ``indices`` (zero-weight filler last)."""
-        batch_size = self.config.input.eval_batch_size
-        stream = pipeline.eval_stream(
-            record_set, indices, self.spec, global_batch=batch_size, **_stream_args(self.config)
-        )
-        try:
-            yield from _device_batches(stream, self.mesh, self.config.input.prefetch)
-        finally:
-            stream.close()
-
-
-def _model_on_mesh(config, mesh) -> dict[str, Any]:
-    abstract_model = nnx.eval_shape(lambda: _build_model(config, 0))
-    return dict(
-        config=config,
-        graphdef=model_lib.split_model(abstract_model)[0],
-        mesh=mesh,
-        step_config=steps_lib.StepConfig.from_config(config),
-        spec=pipeline.PipelineSpec.from_config(config),
-    )
-
-
-def _stream_args(config) -> dict[str, int]:
-    return dict(
-        num_workers=config.input.num_workers,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-
-
-def _build_model(config, key):
-    return model_lib.build_model(config, config.dataset.num_classes, nnx.Rngs(params=key))
-
-
-def _device_batches(iterator, mesh, prefetch: int) -> Iterator[dict[str, jax.Array]]:
-    """Global device arrays from process-local batches, ``prefetch`` batches ahead."""
-    queue: collections.deque = collections.deque()
-    for local in iterator:
-        queue.append(sharding_lib.global_batch(mesh, local))
-        if len(queue) > prefetch:
-            yield queue.popleft()
-    while queue:
-        yield queue.popleft()
-
-
 def _abstract_train_state(config, mesh, phase: Phase, num_prototypes: int):
     """The restore target: shapes and shardings of ``phase``'s state with ``num_prototypes``."""
 
     def build():
-        model = _build_model(config, 0)
+        model = inference.build_model(config, 0)
         if num_prototypes != model.prototypes.shape[0]:
             model_lib.prune(model, np.arange(num_prototypes))
         _, *state = model_lib.split_model(model)
@@ -138,7 +71,7 @@ def _abstract_train_state(config, mesh, phase: Phase, num_prototypes: int):
 
 
 @dataclasses.dataclass
-class RunContext(_ModelOnMesh):
+class RunContext(inference.ModelOnMesh):
     """What the sections of one training run share."""
 
     workdir: Path
@@ -161,11 +94,11 @@ def _initial_state(config, mesh, fresh: bool) -> tuple[TrainState, np.ndarray | 
     key = jax.random.key(config.seed)
 
     def init(key):
-        return model_lib.split_model(_build_model(config, key))[1:]
+        return model_lib.split_model(inference.build_model(config, key))[1:]
 
     imported_weights = None
     if config.model.pretrained or config.model.import_protomask:
-        model = _build_model(config, key)
+        model = inference.build_model(config, key)
         imported_weights = convert.load_pretrained(model, config)
         state = model_lib.split_model(model)[1:]
         state = jax.device_put(state, sharding_lib.tree_shardings(mesh, state))
@@ -183,9 +116,9 @@ def _check_workdir(workdir: Path) -> None:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise cli.UserError(f"--workdir {workdir}: {existing} is a file; give a folder.")
+        raise base.UserError(f"--workdir {workdir}: {existing} is a file; give a folder.")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise cli.UserError(
+        raise base.UserError(
             f"--workdir {workdir}: {existing} is read-only; give a folder you can write to."
         )
 
@@ -264,7 +197,7 @@ def _set_up(
     # Every check runs before anything slow and before anything is written to the workdir.
     config_checks.validate(config)
     if max_steps is not None and max_steps < 1:
-        raise cli.UserError(f"--max_steps={max_steps}: must be >= 1 (the step to stop after).")
+        raise base.UserError(f"--max_steps={max_steps}: must be >= 1 (the step to stop after).")
     _check_workdir(workdir)
     convert.check_weights(config)
     sharding_lib.maybe_initialize_distributed()
@@ -288,7 +221,7 @@ def _set_up(
     resumed = _run_to_resume(config, workdir, fingerprint, info)
     reached = None if resumed is None else resumed["step"]
     if max_steps is not None and reached is not None and max_steps <= reached:
-        raise cli.UserError(
+        raise base.UserError(
             f"--max_steps={max_steps}: the run in {workdir} is at step {reached} already; give "
             "a larger --max_steps, or leave it out to finish the run."
         )
@@ -303,7 +236,7 @@ def _set_up(
     # ------------------------------------------------------------ the workdir is written
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(
-        **_model_on_mesh(config, mesh),
+        **inference.model_on_mesh(config, mesh),
         workdir=workdir,
         train_records=train_records,
         test_records=test_records,
@@ -355,16 +288,6 @@ def _save(ctx: RunContext, state, phase: str, manager=None, metrics=None) -> Non
     ctx.meta.update(step=step, phase=phase, epoch=epoch, data_state={"batches_consumed": step})
     manager = ctx.manager if manager is None else manager
     ckpt.save(manager, step, state, dict(ctx.meta), metrics=metrics)
-
-
-def _best_checkpoint(workdir: Path, phase_name: str):
-    """``(manager, step)`` of ``best_<phase>/``'s best checkpoint, or None."""
-    if (workdir / f"best_{phase_name}").exists():
-        manager = ckpt.manager(workdir / f"best_{phase_name}", max_to_keep=1, best=True)
-        if manager.best_step() is not None:
-            return manager, manager.best_step()
-        manager.close()
-    return None
 
 
 def _close(ctx: RunContext) -> None:
@@ -439,7 +362,7 @@ def final_evaluation(ctx: RunContext, state, stop: _StopFlag | None = None) -> d
         "num_prototypes": int(state.params["prototypes"].shape[0]),
         "skipped_records": skipped,
     }
-    best = _best_checkpoint(ctx.workdir, ctx.phases[-1].name)
+    best = ckpt.best_checkpoint(ctx.workdir, ctx.phases[-1].name)
     if best is not None:
         best_manager, best_step = best
         # the live state is the target: same shapes and shardings
@@ -494,7 +417,7 @@ def push_prototypes(ctx: RunContext, state: TrainState) -> TrainState:
             len(result.distance),
             groups,
         )
-    records_lib.write_json_atomic(ctx.workdir / "push.json", gallery)
+    base.write_json_atomic(ctx.workdir / "push.json", gallery)
     ctx.meta.update(pushed=True, push=gallery)
     if len(ctx.val_indices):
         val = evaluate_indices(
@@ -644,9 +567,9 @@ def run_phase(
         global_batch=config.input.batch_size,
         seed=config.seed,
         start_batch=step,
-        **_stream_args(config),
+        **inference.stream_args(config),
     )
-    batches = _device_batches(stream, ctx.mesh, config.input.prefetch)
+    batches = inference.device_batches(stream, ctx.mesh, config.input.prefetch)
     progress = ProgressBar(phase.name, spe, config.input.batch_size)
     pending: list[dict] = []
     try:
@@ -740,7 +663,7 @@ def _run(config, workdir: Path, max_steps: int | None, source, stop: _StopFlag) 
         results["train_time_s"] = time.time() - started
         results["workdir"] = str(workdir)
         if jax.process_index() == 0:
-            records_lib.write_json_atomic(workdir / "results.json", results)
+            base.write_json_atomic(workdir / "results.json", results)
         return results
     finally:
         _close(ctx)
@@ -755,9 +678,9 @@ def start_pruned_run(config, workdir: str | Path, out_dir: str | Path, which: st
     try:
         if out_manager.latest_step() is not None:
             return
-        trained = restore_trained(config, workdir, which)
+        trained = inference.restore_trained(config, workdir, which)
         if trained.meta.get("pruned"):
-            raise cli.UserError(f"{workdir} is already pruned; prune the run it came from")
+            raise base.UserError(f"{workdir} is already pruned; prune the run it came from")
         records = pipeline.RecordSet(
             config.dataset.records_dir, "train", skip_bad_records=config.input.skip_bad_records
         )
@@ -774,56 +697,12 @@ def start_pruned_run(config, workdir: str | Path, out_dir: str | Path, which: st
             epoch=step // phases_lib.steps_per_epoch(len(train), config.input.batch_size),
             data_state={"batches_consumed": step},
         )
-        state = trained.state.replace(step=jnp.full_like(trained.state.step, step))
+        # Resuming restores the optimizer structure of the saved phase; its values never
+        # matter, as entering prune_finetune starts a fresh optimizer state.
+        saved_phase = next((p for p in plan if p.name == meta["phase"]), plan[-1])
+        opt_state = phases_lib.make_optimizer(saved_phase).init(trained.state.params)
+        step_array = jnp.full_like(trained.state.step, step)
+        state = trained.state.replace(step=step_array, opt_state=opt_state)
         ckpt.save(out_manager, step, state, meta)
     finally:
         out_manager.close()
-
-
-# ========================================================================= inference
-
-
-@dataclasses.dataclass
-class TrainedModel(_ModelOnMesh):
-    """A model restored from a workdir: the state, its checkpoint metadata (push gallery,
-    kept prototypes, ...) and which checkpoint it is (``"best_joint step 12"``)."""
-
-    state: TrainState
-    meta: dict[str, Any]
-    checkpoint: str
-
-
-def restore_trained(config, workdir: str | Path, which: str = "best") -> TrainedModel:
-    """The model a run left in ``workdir``; ``which="best"``: the best-on-validation checkpoint
-    of the last phase that has one (what the test accuracy reports), else the latest."""
-    if which not in ("best", "latest"):
-        raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
-    workdir = Path(workdir)
-    manager = ckpt.manager(workdir / "checkpoints", max_to_keep=None)
-    step, source = manager.latest_step(), "checkpoints"
-    if step is None:
-        raise FileNotFoundError(
-            f"{workdir / 'checkpoints'} holds no checkpoint; train first with "
-            f"`python -m protomask_jax.train --config <config> --workdir {workdir}`."
-        )
-    for phase_name in _BEST_PHASES if which == "best" else ():
-        best = _best_checkpoint(workdir, phase_name)
-        if best is not None:
-            (manager, step), source = best, f"best_{phase_name}"
-            break
-    meta = ckpt.read_meta(manager, step)
-    records_dir = config.dataset.records_dir
-    if (Path(records_dir) / records_lib.DATASET_INFO).is_file():
-        info = records_lib.load_dataset_info(records_dir)
-        config_checks.check_same_records(meta.get("records"), info, records_dir, names_only=True)
-    mesh = sharding_lib.make_mesh(config)
-    # Only the phase's optimizer *structure* matters here, not its step counts.
-    plan = phases_lib.plan_phases(config, 1, pruned=True)
-    phase = next((p for p in plan if p.name == meta["phase"]), plan[-1])
-    abstract = _abstract_train_state(config, mesh, phase, meta["num_prototypes"])
-    return TrainedModel(
-        **_model_on_mesh(config, mesh),
-        state=ckpt.restore_state(manager, step, abstract),
-        meta=meta,
-        checkpoint=f"{source} step {step}",
-    )

@@ -28,7 +28,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from protomask_jax.cli import UserError
+from protomask_jax import base
+from protomask_jax.base import UserError
 from protomask_jax.data import images, records
 from segmentation import (
     datasets,  # noqa: F401  (registers the built-in datasets)
@@ -247,7 +248,7 @@ def _write_shard(
             on_image()
 
     records.write_shard(plan.path, serialized())
-    records.write_json_atomic(plan.stats_path, stats)
+    base.write_json_atomic(plan.stats_path, stats)
 
 
 def _load_stats(plan: ShardPlan, num_classes: int, fingerprint: dict[str, Any]) -> dict[str, Any]:
@@ -262,7 +263,7 @@ def _load_stats(plan: ShardPlan, num_classes: int, fingerprint: dict[str, Any]) 
             record = records.ImageRecord.from_bytes(data, where=str(plan.path))
             lone_full_mask = record.num_masks == 1 and record.areas[0] == 1.0
             _count(stats, record, lone_full_mask)
-        records.write_json_atomic(plan.stats_path, stats)
+        base.write_json_atomic(plan.stats_path, stats)
         return stats
     stats = json.loads(plan.stats_path.read_text())
     if stats.get("export") != fingerprint:
@@ -405,7 +406,7 @@ def export(
     segmenter = segmenters.get_segmenter(config, sam_model=sam_model) if todo else None
     records_dir.mkdir(parents=True, exist_ok=True)
     for plan in mine:  # what a killed run of this process left: no other process writes these
-        for tmp in records_dir.glob(plan.path.name + ".*" + records.TMP_SUFFIX):
+        for tmp in records_dir.glob(plan.path.name + ".*" + base.TMP_SUFFIX):
             tmp.unlink(missing_ok=True)
     for plan in skipped:
         _load_stats(plan, num_classes, fingerprints[plan.path])
@@ -433,9 +434,9 @@ def export(
         for p in plans:
             split_stats[p.split].append(_load_stats(p, num_classes, fingerprints[p.path]))
         dataset_info = _dataset_info(config, source, split_stats)
-        records.write_json_atomic(records_dir / records.DATASET_INFO, dataset_info)
+        base.write_json_atomic(records_dir / records.DATASET_INFO, dataset_info)
         # Another process may be writing its own copy now; one a minute old is a killed run's.
-        for tmp in records_dir.glob(records.DATASET_INFO + ".*" + records.TMP_SUFFIX):
+        for tmp in records_dir.glob(records.DATASET_INFO + ".*" + base.TMP_SUFFIX):
             with contextlib.suppress(FileNotFoundError):
                 if time.time() - tmp.stat().st_mtime > 60:
                     tmp.unlink()

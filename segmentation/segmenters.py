@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from protomask_jax.cli import UserError
+from protomask_jax.base import UserError
 from segmentation.sources import SourceItem
 
 SAM_CHECKPOINT_URLS = {

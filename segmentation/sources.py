@@ -19,7 +19,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from protomask_jax.cli import UserError
+from protomask_jax.base import UserError
 
 
 class SourceError(UserError):

@@ -18,7 +18,7 @@ import pytest
 from _trained_run import tiny_config, trained_workdir
 from PIL import Image
 
-from protomask_jax import evaluate, steps
+from protomask_jax import evaluate, inference, steps
 from protomask_jax.data import pipeline
 from protomask_jax.data import records as records_lib
 from protomask_jax.evaluators import chunk, completeness, continuity
@@ -386,7 +386,7 @@ def test_view_noise_lands_exactly_outside_the_box():
         "image_id": np.array([3, 4], np.int32),
         "num_masks": np.array([2, 1], np.int32),
     }
-    noise = jax.jit(evaluate._noise_outside)
+    noise = jax.jit(inference._noise_outside)
     noisy = np.asarray(noise(views, batch, 0.05, 1))
     for b, v, i, j in np.ndindex(2, 2, 8, 8):
         y0, x0, y1, x1 = batch["boxes"][b, v]
@@ -406,11 +406,10 @@ def test_view_noise_lands_exactly_outside_the_box():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_records):
-    from protomask_jax import trainer
 
     workdir = trained_workdir(tmp_path_factory, tiny_records)
     config = tiny_config(tiny_records)
-    restored = trainer.restore_trained(config, workdir)
+    restored = inference.restore_trained(config, workdir)
     return restored, pipeline.RecordSet(tiny_records, "test")
 
 
@@ -431,7 +430,7 @@ def _independent(trained, record_set, spec, ids=None):
 @pytest.mark.slow
 def test_forward_gathers_what_an_independent_forward_computes(trained):
     trained, record_set = trained
-    outputs = evaluate.run_model(trained, record_set, progress=False)
+    outputs = inference.run_model(trained, record_set, progress=False)
     independent = _independent(trained, record_set, trained.spec)
     eps = trained.config.model.similarity_eps
     similarities = np.log1p((1 - eps) / (independent["min_distances"].astype(np.float64) + eps))
@@ -453,10 +452,10 @@ def test_forward_gathers_what_an_independent_forward_computes(trained):
 @pytest.mark.slow
 def test_perturbed_passes_match_an_independent_forward(trained):
     trained, record_set = trained
-    outputs = evaluate.run_model(trained, record_set, progress=False)
+    outputs = inference.run_model(trained, record_set, progress=False)
     render = lambda indices: SimpleNamespace(sizes=np.full((len(indices), 2), 64))  # noqa: E731
     run = functools.partial(
-        evaluate.run_perturbed, trained, record_set, evaluate.eval_forward(trained)
+        inference.run_perturbed, trained, record_set, inference.eval_forward(trained)
     )
     clean = chunk.Chunk(outputs, render, run=run)
     # The continuity pass equals the model on records fitted with the perturbation.

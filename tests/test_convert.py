@@ -232,7 +232,7 @@ def test_load_pretrained_from_config(tmp_path):
 
 def test_weights_mistakes_are_user_errors_and_random_weights_are_announced(tmp_path, caplog):
     from configs import common
-    from protomask_jax.cli import UserError
+    from protomask_jax.base import UserError
 
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a torch file")

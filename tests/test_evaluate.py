@@ -23,7 +23,7 @@ from _trained_run import (
 )
 from PIL import Image
 
-from protomask_jax import evaluate, prp
+from protomask_jax import evaluate, inference, prp
 from protomask_jax.data import pipeline
 from protomask_jax.data import records as records_lib
 from protomask_jax.data import views as views_lib
@@ -166,9 +166,9 @@ def _rewritten(record_set, directory: Path, edit) -> Path:
     return directory
 
 
-def _outputs(logits, similarities, winning_view) -> evaluate.EvalOutputs:
+def _outputs(logits, similarities, winning_view) -> inference.EvalOutputs:
     """Model outputs of the two hand-built records (labels 0, 1; 3 and 2 masks)."""
-    return evaluate.EvalOutputs(
+    return inference.EvalOutputs(
         record_indices=np.arange(2),
         image_ids=np.array([10, 11]),
         labels=np.array([0, 1]),
@@ -191,7 +191,7 @@ def test_compute_metrics_on_hand_built_records(tmp_path):
     winning_view = np.array([[1, 2, 3, 0], [0, 1, 1, 2]], np.int32)
     # logits [5, 1.5] -> 0 (right); [1, 6] -> 1 (right)
     outputs = _outputs(similarities @ last_layer.T, similarities, winning_view)
-    arrays = evaluate.ModelArrays(
+    arrays = inference.ModelArrays(
         last_layer=last_layer,
         prototypes=np.eye(4, 3, dtype=np.float32),
         prototype_class=np.array([0, 0, 1, 1], np.int32),
@@ -246,7 +246,7 @@ def test_compute_metrics_without_ground_truth_reports_no_gt_groups(tmp_path):
     bare = _rewritten(_hand_records(tmp_path), tmp_path / "bare", lambda i, record: None)
     similarities = [[3.0, 2.0, 1.0, 0.5], [1.0, 0.0, 2.0, 4.0]]
     outputs = _outputs([[1.0, 0.0], [1.0, 0.0]], similarities, np.zeros((2, 4)))
-    arrays = evaluate.ModelArrays(
+    arrays = inference.ModelArrays(
         np.array([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]], np.float32),
         np.eye(4, 3, dtype=np.float32),
         np.array([0, 0, 1, 1], np.int32),
@@ -365,7 +365,6 @@ def _independent(restored, test_set):
 
 @pytest.mark.slow
 def test_eval_json_matches_metrics_of_independently_collected_arrays(trained):
-    from protomask_jax import trainer
 
     records_dir, workdir = trained
     config = _with(tiny_config(records_dir), explanation_type="mask")
@@ -381,7 +380,7 @@ def test_eval_json_matches_metrics_of_independently_collected_arrays(trained):
     # Arrays collected without the evaluation driver; masks decoded straight from the
     # records (the images are 64 px, so the 64 px frame is the image itself).
     test_set = pipeline.RecordSet(records_dir, "test")
-    restored = trainer.restore_trained(config, workdir)
+    restored = inference.restore_trained(config, workdir)
     independent, similarities = _independent(restored, test_set)
     logits, labels = independent["logits"], independent["labels"]
     last_layer = np.asarray(restored.state.params["last_layer"][...]).T
@@ -453,7 +452,7 @@ def test_evaluate_command_line_prints_the_table_and_writes_eval_json(trained, tm
 def test_techniques_select_the_groups_and_unknown_ones_are_refused(tmp_path):
     record_set = _hand_records(tmp_path)
     outputs = _outputs([[1.0, 0.0], [1.0, 0.0]], np.eye(2), [[0, 2], [1, 0]])
-    arrays = evaluate.ModelArrays(np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32), [0, 1])
+    arrays = inference.ModelArrays(np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32), [0, 1])
     results = evaluate.compute_metrics(
         outputs,
         arrays,
@@ -612,7 +611,7 @@ def test_explain_config_values_are_checked():
     for key, value in (("explanation_type", "saliency"), ("prp_rule", "broadcast")):
         config = _with(tiny_config(Path("unused")), **{key: value})
         with pytest.raises(config_checks.ConfigError, match=f"config.explain.{key}: must be"):
-            evaluate.check_explain_config(config)
+            inference.check_explain_config(config)
 
 
 def test_table_is_unchanged_by_the_one_label_table():
@@ -665,23 +664,22 @@ def _box_pixels(box, resolution: int) -> tuple[slice, slice]:
 
 @pytest.mark.slow
 def test_prp_producer_equals_prp_on_hand_made_views(trained):
-    from protomask_jax import trainer
 
     records_dir, workdir = trained
     config = tiny_config(records_dir)
     config.unlock()
     config.input.num_views = 8  # 4-6 masks per image: cyclic repeats in every image
     config.lock()
-    restored = trainer.restore_trained(config, workdir)
+    restored = inference.restore_trained(config, workdir)
     test_set = pipeline.RecordSet(records_dir, "test")
-    outputs = evaluate.run_model(restored, test_set, progress=False)
+    outputs = inference.run_model(restored, test_set, progress=False)
     resolution = 40
-    producer = evaluate.PrpExplanations(restored, test_set, resolution)
+    producer = inference.PrpExplainer(restored, test_set, resolution).chunk_maps
     render = functools.partial(
         frame.render_frame_maps, test_set, num_views=8, resolution=resolution
     )
     run = functools.partial(
-        evaluate.run_perturbed, restored, test_set, evaluate.eval_forward(restored)
+        inference.run_perturbed, restored, test_set, inference.eval_forward(restored)
     )
     clean = chunk.Chunk(outputs, render, producer, run)
     assert (outputs.num_masks < 8).all()
@@ -711,7 +709,6 @@ def test_prp_producer_equals_prp_on_hand_made_views(trained):
 
 @pytest.mark.slow
 def test_eval_json_with_prp_matches_metrics_of_independent_maps(trained):
-    from protomask_jax import trainer
 
     records_dir, workdir = trained
     config = tiny_config(records_dir)  # explanation_type "prp", rule "reference": the default
@@ -719,7 +716,7 @@ def test_eval_json_with_prp_matches_metrics_of_independent_maps(trained):
     results = evaluate.evaluate(config, workdir, resolution=resolution, progress=False)
     assert (results["explanation_type"], results["prp_rule"]) == ("prp", "reference")
     test_set = pipeline.RecordSet(records_dir, "test")
-    restored = trainer.restore_trained(config, workdir)
+    restored = inference.restore_trained(config, workdir)
     independent, similarities = _independent(restored, test_set)
     top5 = chunk.top_indices(similarities, 5)
     maps, _ = _independent_prp(restored, test_set, top5, resolution)

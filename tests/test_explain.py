@@ -21,7 +21,7 @@ from _trained_run import (
 )
 from PIL import Image
 
-from protomask_jax import explain, prp
+from protomask_jax import explain, inference, prp
 from protomask_jax.report import (
     curves,
     gallery,
@@ -356,7 +356,6 @@ def report(tmp_path_factory, tiny_records):
 
 @pytest.mark.slow
 def test_report_links_only_existing_files_and_shows_every_prototype_and_image(report):
-    from protomask_jax import trainer
     from protomask_jax.data import pipeline, records
 
     assert report.index == report.workdir / "report" / "index.html"
@@ -372,7 +371,7 @@ def test_report_links_only_existing_files_and_shows_every_prototype_and_image(re
     assert "curves.png" in page.images
 
     # Every prototype has its gallery card with its source picture and view crop (push ran).
-    restored = trainer.restore_trained(report.config, report.workdir)
+    restored = inference.restore_trained(report.config, report.workdir)
     num_prototypes = restored.state.params["prototypes"].shape[0]
     assert sorted(page.cards) == list(range(num_prototypes))
     for j, sources in page.cards.items():
@@ -428,16 +427,15 @@ def test_panels_show_prp_heatmaps_of_the_matched_views(report):
     made by hand."""
     import jax
 
-    from protomask_jax import trainer
     from protomask_jax.data import pipeline
     from protomask_jax.data import views as views_lib
 
     page = _Page()
     page.feed(report.index.read_text())
     root = report.index.parent
-    restored = trainer.restore_trained(report.config, report.workdir)
+    restored = inference.restore_trained(report.config, report.workdir)
     sources = gallery.prototype_sources(restored.meta, len(page.cards))
-    view_relevance = relevance.ViewRelevance(restored)
+    view_relevance = inference.PrpExplainer(restored).view_maps
     state = jax.device_get(restored.state)
     model = prp.canonize((restored.graphdef, state.params, state.batch_stats, state.constants))
     test_set = pipeline.RecordSet(report.records, "test")
@@ -488,10 +486,9 @@ def test_panels_show_prp_heatmaps_of_the_matched_views(report):
 
 def _matched_masks(restored, test_set, image_id, prototypes):
     """The masks of the model's winning views of ``prototypes`` on one test image."""
-    from protomask_jax import evaluate
 
     index = int(np.flatnonzero(test_set.image_ids == image_id)[0])
-    outputs = evaluate.run_model(restored, test_set, [index], progress=False)
+    outputs = inference.run_model(restored, test_set, [index], progress=False)
     return outputs.winning_view[0, prototypes] % outputs.num_masks[0]
 
 

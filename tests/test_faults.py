@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from test_train import TINY_OVERRIDES, final_state_leaves, tiny_config
 
-from protomask_jax import cli, config_checks, trainer
+from protomask_jax import cli, config_checks, inference, trainer
 from protomask_jax.data import pipeline
 from protomask_jax.data import records as records_lib
 from protomask_jax.logs import read_metrics
@@ -418,7 +418,7 @@ def test_a_resumed_run_logs_each_step_once_and_refuses_what_would_go_wrong(
     with pytest.raises(config_checks.ConfigError, match="class 1 is 'renamed' here but 'red-"):
         trainer.train_and_evaluate(config, workdir)
     with pytest.raises(config_checks.ConfigError, match="class 1 is 'renamed' here"):
-        trainer.restore_trained(config, workdir)
+        inference.restore_trained(config, workdir)
     info_path.write_text(original)
 
     # SIGTERM during start-up, then during the final evaluation: stopped, nothing lost.

@@ -17,7 +17,7 @@ import struct
 import numpy as np
 import pytest
 
-from protomask_jax import cli, trainer
+from protomask_jax import base, trainer
 from protomask_jax.data import records as records_lib
 from tests._trained_run import tiny_config
 
@@ -146,7 +146,7 @@ def _outcome(config, damaged, expected, kind) -> str:
     accepts it, but no other record may."""
     try:
         read = _read(config)
-    except cli.UserError as error:
+    except base.UserError as error:
         names = {damaged.name, damaged.name.removesuffix(records_lib.INDEX_SUFFIX)}
         assert any(name in str(error) for name in names), (damaged.name, str(error))
         assert "\n" not in str(error)

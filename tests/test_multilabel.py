@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import demo_multilabel
-from protomask_jax import evaluate, explain, losses, steps, trainer
+from protomask_jax import evaluate, explain, inference, losses, steps, trainer
 from protomask_jax.data import pipeline
 from protomask_jax.data import records as records_lib
 from segmentation import parts_world as pw
@@ -190,7 +190,7 @@ def test_batches_carry_the_label_sets_of_the_generated_images(run):
 @pytest.mark.slow
 def test_threshold_is_the_validation_formula_and_evaluate_uses_it(run):
     config, workdir, results = run
-    trained = trainer.restore_trained(config, workdir)
+    trained = inference.restore_trained(config, workdir)
     train_set = pipeline.RecordSet(config.dataset.records_dir, "train")
     _, val = pipeline.split_train_validation(
         train_set.labels[train_set.good], config.input.validation_fraction, config.seed
@@ -235,7 +235,7 @@ def test_threshold_is_the_validation_formula_and_evaluate_uses_it(run):
 @pytest.mark.slow
 def test_push_lands_on_images_holding_the_class_and_explain_writes_the_report(run):
     config, workdir, _ = run
-    trained = trainer.restore_trained(config, workdir)
+    trained = inference.restore_trained(config, workdir)
     label_sets = _label_sets_from_records(config.dataset.records_dir, "train")
     classes = np.asarray(trained.state.constants["prototype_class"][...])
     for image_id, own in zip(trained.meta["push"]["image_id"], classes, strict=True):

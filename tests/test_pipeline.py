@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from protomask_jax.cli import UserError
+from protomask_jax.base import UserError
 from protomask_jax.data import pipeline
 from protomask_jax.data import records as records_lib
 

@@ -3,6 +3,7 @@ prediction for a test image equals evaluate's for that image's record."""
 
 from __future__ import annotations
 
+import csv
 import io
 import struct
 import zlib
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.special
 from PIL import Image
 
 from protomask_jax.data import images
@@ -77,7 +79,81 @@ def test_sixteen_bit_keeps_the_high_byte(tmp_path):
     assert loaded.notes == ["16-bit grey scaled to 8 bits"]
     rgb = np.stack([grey, 65535 - grey, grey // 3], -1)
     (tmp_path / "rgb.png").write_bytes(_png16(rgb))
-    np.testing.assert_array_equal(images.load_image(tmp_path / "rgb.png").rgb, rgb // 256)
+    loaded = images.load_image(tmp_path / "rgb.png")
+    np.testing.assert_array_equal(loaded.rgb, rgb // 256)
+    assert loaded.notes == ["16-bit RGB converted to 8 bits per channel"]
+    # 16-bit grey as PIL writes it (mode I;16), not only as written by hand above.
+    _save(tmp_path / "pil.png", Image.fromarray(grey))
+    loaded = images.load_image(tmp_path / "pil.png")
+    np.testing.assert_array_equal(loaded.rgb[..., 1], high)
+    assert loaded.notes == ["16-bit grey scaled to 8 bits"]
+    # An 8-bit RGB PNG gets no note.
+    _save(tmp_path / "eight.png", Image.fromarray(high[..., None].repeat(3, -1)))
+    assert images.load_image(tmp_path / "eight.png").notes == []
+
+
+def _two_frame_gif(path: Path) -> Path:
+    """First frame all red, second all blue."""
+    frames = [Image.new("RGB", (8, 6), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100)
+    return path
+
+
+def test_an_animation_is_read_as_its_first_frame_and_says_so(tmp_path):
+    loaded = images.load_image(_two_frame_gif(tmp_path / "anim.gif"))
+    np.testing.assert_array_equal(loaded.rgb, np.broadcast_to([255, 0, 0], (6, 8, 3)))
+    assert loaded.notes == ["animated (2 frames): only the first frame used"]
+    still = _save(tmp_path / "still.gif", Image.new("RGB", (8, 6), (0, 0, 255)))
+    assert images.load_image(still).notes == []
+
+
+def test_small_images_get_a_note_naming_their_size():
+    from protomask_jax import predict
+
+    view = 32  # SMALL_FRACTION 0.5: a shorter side under 16 px is noted
+    note = predict.size_note((8, 8), view)
+    assert note.startswith("small image: 8x8 px, shorter side under 16 px")
+    assert "upscaled at least 4.0x" in note
+    note = predict.size_note((15, 40), view)  # (H, W): the width is given first
+    assert note.startswith("small image: 40x15 px") and "at least 2.1x" in note
+    assert predict.size_note((16, 40), view) is None
+    assert predict.size_note((60, 80), view) is None
+    assert predict.size_note((112, 300), 224) is None  # the default config's views
+    assert predict.size_note((111, 300), 224).startswith("small image: 300x111 px")
+
+
+def test_figures_are_named_by_file_stem_and_collisions_by_path():
+    import hashlib
+    import os
+
+    from protomask_jax import predict
+
+    files = [
+        Path("a/cat.jpg"),
+        Path("b/cat.png"),
+        Path("b/dog.png"),
+        Path("b/Dog.gif"),  # a collision on case-insensitive file systems
+        Path("my photo #1.jpg"),
+        Path("b/dog.png"),  # the same file named twice
+    ]
+
+    def digest(path: Path) -> str:
+        return hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:6]
+
+    dog = f"dog-{digest(files[2])}"
+    expected = [
+        f"cat-{digest(files[0])}",
+        f"cat-{digest(files[1])}",
+        dog,
+        f"Dog-{digest(files[3])}",
+        "my_photo__1",
+        f"{dog}-2",
+    ]
+    assert predict.figure_names(files) == expected
+    assert len({name.lower() for name in expected}) == len(expected)
+    # A name depends on the files, not on their order.
+    assert predict.figure_names(files[:5][::-1]) == expected[:5][::-1]
+    assert predict.figure_names([Path("x/cat.jpg"), Path("dog.png")]) == ["cat", "dog"]
 
 
 def test_cmyk_and_grey_become_rgb(tmp_path):
@@ -216,11 +292,15 @@ def _run_cli(*args: str):
 
 @pytest.mark.slow
 def test_cli_explains_everyday_files_and_skips_a_corrupt_one(slic_run, tmp_path):
+    import hashlib
     import json
+    import os
     import re
 
     workdir, _ = slic_run
     folder = _everyday_folder(tmp_path / "photos")
+    (folder / "more").mkdir()  # a second "normal": its figure's name would collide
+    Image.fromarray(_upright(60, 80)[::-1]).save(folder / "more" / "normal.png")
     out = tmp_path / "out"
     done = _run_cli("--workdir", str(workdir), "--out", str(out), str(folder))
     assert done.returncode == 0, done.stderr
@@ -229,7 +309,33 @@ def test_cli_explains_everyday_files_and_skips_a_corrupt_one(slic_run, tmp_path)
     assert "torch imported: False" in done.stdout  # slic: the torch side stays unloaded
     result = json.loads((out / "predictions.json").read_text())
     explained = {Path(entry["file"]).name: entry for entry in result["images"]}
-    assert sorted(explained) == ["alpha.png", "grey.png", "normal.jpg", "rotated.jpg", "tiny.png"]
+    assert sorted(explained) == [
+        "alpha.png", "grey.png", "normal.jpg", "normal.png", "rotated.jpg", "tiny.png"
+    ]  # fmt: skip
+    # Figures are named by file; the two "normal"s by a digest of their paths.
+    digest = {
+        name: hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:6]
+        for name, path in (("normal.jpg", folder / "normal.jpg"),
+                           ("normal.png", folder / "more" / "normal.png"))
+    }  # fmt: skip
+    figures = {name: f"figures/{Path(name).stem}.png" for name in explained}
+    figures |= {name: f"figures/normal-{digest[name]}.png" for name in digest}
+    assert {name: entry["figure"] for name, entry in explained.items()} == figures
+    assert sorted((out / "figures").iterdir()) == sorted(out / f for f in figures.values())
+    # The table on stdout: a header, a row per image, then the notes.
+    lines = done.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("file "))
+    assert lines[header].split() == ["file", "class", "1", "class", "2", "class", "3", "notes"]
+    rows = {line.split()[0]: line for line in lines[header + 1 : header + 7]}
+    assert sorted(rows) == sorted(explained)
+    for name, entry in explained.items():
+        top = entry["top5"][0]
+        assert f"{top['name']} {100 * top['probability']:.1f}%" in rows[name]
+    assert rows["tiny.png"].endswith(" 1") and rows["grey.png"].endswith("%")
+    notes = lines[lines.index("notes:") + 1 :]
+    assert "  rotated.jpg: EXIF orientation 6 applied" in notes
+    assert any(line.startswith("  tiny.png: small image: 7x5 px") for line in notes)
+    assert (out / "predictions.csv").read_text().startswith("file,class_1,probability_1,")
     assert [Path(s["file"]).name for s in result["skipped"]] == ["corrupt.jpg"]
     assert explained["rotated.jpg"]["image_size"] == [80, 60]
     assert explained["rotated.jpg"]["notes"] == ["EXIF orientation 6 applied"]
@@ -244,12 +350,12 @@ def test_cli_explains_everyday_files_and_skips_a_corrupt_one(slic_run, tmp_path)
             assert 0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1
             assert c["contribution"] == pytest.approx(c["similarity"] * c["weight"], rel=1e-6)
             assert (out / c["mask"]).is_file()
-        assert (out / entry["figure"]).is_file()
     # PRP maps of the matched views (the run's explain.explanation_type), as in the report.
-    assert len(list((out / "images").glob("*_prp.png"))) == 5 * 3
+    assert len(list((out / "images").glob("*_prp.png"))) == 6 * 3
     page = (out / "index.html").read_text()
     linked = re.findall(r'(?:src|href)="([^"#:]+\.png)"', page)
-    assert len(linked) > 5 * 3 and all((out / path).is_file() for path in linked)
+    assert len(linked) > 6 * 3 and all((out / path).is_file() for path in linked)
+    assert set(figures.values()) <= set(linked)
     assert "corrupt.jpg" in page
 
     # An empty folder, and a folder without one readable image: one line each, exit code 2.
@@ -257,11 +363,16 @@ def test_cli_explains_everyday_files_and_skips_a_corrupt_one(slic_run, tmp_path)
     done = _run_cli("--workdir", str(workdir), str(tmp_path / "empty"))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: no files to explain in")
+    done = _run_cli("--workdir", str(workdir), "--top_classes=0", str(folder))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: --top_classes=0: give at least 1 (the default is 5)."
+    )
 
 
 @pytest.mark.slow
 def test_prediction_equals_evaluate_for_a_test_image(slic_run, tmp_path):
-    from protomask_jax import evaluate, predict, trainer
+    from protomask_jax import inference, predict
     from protomask_jax.data import pipeline
     from protomask_jax.data import records as records_lib
 
@@ -273,8 +384,12 @@ def test_prediction_equals_evaluate_for_a_test_image(slic_run, tmp_path):
         record = records_lib.ImageRecord.from_bytes(test_set.reader[index])
         files.append(tmp_path / f"test_{record.image_id}.png")
         files[-1].write_bytes(record.image_bytes)
-    result = predict.predict(config, workdir, files, tmp_path / "out", progress=False)
-    expected = evaluate.run_model(trainer.restore_trained(config, workdir), test_set, chosen)
+    out = tmp_path / "out"
+    # More classes asked for than the run has (4): all of them.
+    result = predict.predict(
+        config, workdir, files, out, top_classes=9, figures=False, progress=False
+    )
+    expected = inference.run_model(inference.restore_trained(config, workdir), test_set, chosen)
     logits = np.asarray([entry["logits"] for entry in result["images"]], np.float32)
     np.testing.assert_array_equal(logits, expected.logits)
     predicted = [entry["predicted"]["class_id"] for entry in result["images"]]
@@ -283,6 +398,54 @@ def test_prediction_equals_evaluate_for_a_test_image(slic_run, tmp_path):
     for entry, similarities in zip(result["images"], expected.similarities, strict=True):
         for c in entry["contributions"]:
             assert c["similarity"] == pytest.approx(float(similarities[c["prototype"]]))
+    # predictions.csv: every class, most probable first, with softmax(evaluate's logits).
+    names = records_lib.load_dataset_info(config.dataset.records_dir)["class_names"]
+    with open(out / "predictions.csv", newline="") as f:
+        table = list(csv.reader(f))
+    header = ["file"] + [f"{key}_{i}" for i in range(1, 5) for key in ("class", "probability")]
+    assert table[0] == [*header, "notes"]
+    assert [row[0] for row in table[1:]] == [str(f) for f in files]
+    for row, logit in zip(table[1:], expected.logits.astype(np.float64), strict=True):
+        probabilities = scipy.special.softmax(logit)
+        order = sorted(range(4), key=lambda c: -probabilities[c])
+        assert row[1:-1:2] == [names[c] for c in order]
+        np.testing.assert_allclose([float(p) for p in row[2:-1:2]], probabilities[order], atol=1e-6)
+        assert row[-1] == ""  # a normal image has no notes
+    # No figures asked for: none drawn, no page.
+    assert sorted(p.name for p in out.iterdir()) == ["masks", "predictions.csv", "predictions.json"]
+    assert all(entry["figure"] is None for entry in result["images"])
+
+
+@pytest.mark.slow
+def test_decoding_and_size_notes_reach_the_csv_and_the_summary(slic_run, tmp_path):
+    from protomask_jax import predict
+
+    workdir, config = slic_run
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    photo = _upright(60, 80)
+    Image.fromarray(photo).save(folder / "normal.png")
+    (folder / "rgb16.png").write_bytes(_png16(photo.astype(np.uint16) * 257))
+    Image.fromarray(photo[..., 0].astype(np.uint16) * 257).save(folder / "grey16.png")  # I;16
+    _two_frame_gif(folder / "anim.gif")
+    Image.fromarray(photo[:8, :8]).save(folder / "tiny.png")
+    out = tmp_path / "out"
+    result = predict.predict(config, workdir, [folder], out, figures=False, progress=False)
+    with open(out / "predictions.csv", newline="") as f:
+        notes = {Path(row["file"]).name: row["notes"] for row in csv.DictReader(f)}
+    # 8x6 GIF: also small for the run's 32 px views.
+    gif = "small image: 8x6 px, shorter side under 16 px"
+    assert notes["normal.png"] == ""
+    assert notes["rgb16.png"] == "16-bit RGB converted to 8 bits per channel"
+    assert notes["grey16.png"] == "16-bit grey scaled to 8 bits"
+    assert notes["anim.gif"].startswith(f"animated (2 frames): only the first frame used; {gif}")
+    assert notes["tiny.png"].startswith("small image: 8x8 px, shorter side under 16 px")
+    assert "upscaled at least 4.0x" in notes["tiny.png"]
+    text = predict.summary(result, out)
+    assert text.splitlines()[0].split()[0] == "file"
+    assert "  tiny.png: small image: 8x8 px" in text and "  rgb16.png: 16-bit RGB" in text
+    assert "normal.png:" not in text  # no note, no line
+    assert "no figures; written:" in text and "index.html" not in text
 
 
 @pytest.mark.slow

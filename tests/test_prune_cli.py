@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from _trained_run import independent_outputs, run_module, tiny_config, trained_workdir
 
-from protomask_jax import prune, trainer
+from protomask_jax import inference, prune, trainer
 from protomask_jax.data import pipeline
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ def run(tmp_path_factory, tiny_records):
     workdir = tmp_path_factory.mktemp("prune") / "run"
     shutil.copytree(source, workdir)
     config = tiny_config(tiny_records)
-    trained = trainer.restore_trained(config, workdir)
+    trained = inference.restore_trained(config, workdir)
     records = pipeline.RecordSet(tiny_records, "train")
     train, _ = pipeline.split_train_validation(
         records.labels[records.good], config.input.validation_fraction, config.seed
@@ -85,7 +85,7 @@ def test_cli_prunes_into_a_new_folder_and_leaves_the_run_untouched(run, cli_prun
     stored = json.loads((out / "config.json").read_text())["config"]["train"]["prune"]
     assert stored == dict(enabled=True, k=K, threshold=threshold, finetune_epochs=2)
     pruned_config = prune.pruned_config(config, K, threshold)
-    trained = trainer.restore_trained(pruned_config, out)
+    trained = inference.restore_trained(pruned_config, out)
     assert trained.meta["kept_prototypes"] == expected.tolist()
     assert trained.checkpoint.startswith("best_prune_finetune")
     np.testing.assert_array_equal(
@@ -104,12 +104,12 @@ def test_an_interrupted_prune_resumes_to_the_same_model(run, cli_pruned, tmp_pat
     # Interrupted one step into the last-layer fine-tune, then the same command again.
     interrupted = tmp_path / "interrupted"
     trainer.start_pruned_run(pruned_config, workdir, interrupted)
-    start = trainer.restore_trained(pruned_config, interrupted, which="latest").meta["step"]
+    start = inference.restore_trained(pruned_config, interrupted, which="latest").meta["step"]
     stopped = trainer.train_and_evaluate(pruned_config, interrupted, max_steps=start + 1)
     assert stopped == {"stopped_at_step": start + 1}
     prune.prune(config, workdir, k=K, threshold=threshold, out_dir=interrupted)
-    a = trainer.restore_trained(pruned_config, whole, which="latest")
-    b = trainer.restore_trained(pruned_config, interrupted, which="latest")
+    a = inference.restore_trained(pruned_config, whole, which="latest")
+    b = inference.restore_trained(pruned_config, interrupted, which="latest")
     assert a.meta["kept_prototypes"] == b.meta["kept_prototypes"]
     np.testing.assert_array_equal(
         np.asarray(a.state.params["last_layer"][...]),

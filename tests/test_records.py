@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import struct
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -180,28 +178,6 @@ def test_serialization_is_identical_across_processes():
         for _ in range(3)
     }
     assert len(digests) == 1
-
-
-def test_write_json_atomic_tolerates_concurrent_writers(tmp_path: Path):
-    # Several export processes may finish together and all write dataset_info.json.
-    target = tmp_path / "dataset_info.json"
-    errors: list[BaseException] = []
-
-    def writer(value: int) -> None:
-        try:
-            for step in range(50):
-                records.write_json_atomic(target, {"writer": value, "step": step})
-        except BaseException as e:  # noqa: BLE001 - collected and asserted below
-            errors.append(e)
-
-    threads = [threading.Thread(target=writer, args=(v,)) for v in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    assert json.loads(target.read_text())["step"] == 49
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset_info.json"]
 
 
 def test_list_shards_names_missing_shards(tmp_path: Path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from test_train import final_state_leaves, tiny_config
 
-from protomask_jax import sharding, trainer
+from protomask_jax import inference, sharding, trainer
 from protomask_jax.config_checks import ConfigError
 
 pytestmark = pytest.mark.slow
@@ -67,7 +67,7 @@ def test_model_axis_splits_prototypes_and_trains_like_one_device(tiny_records, t
         config.train.prune.update(enabled=True, k=5, threshold=2, finetune_epochs=1)
         config.lock()
         runs[name] = trainer.train_and_evaluate(config, tmp_path / name)
-        trained[name] = trainer.restore_trained(config, tmp_path / name, which="latest")
+        trained[name] = inference.restore_trained(config, tmp_path / name, which="latest")
     split = trained["split"].state
     assert dict(trained["split"].mesh.shape) == {"data": 4, "model": 2}
     assert split.params["prototypes"][...].sharding.spec == jax.sharding.PartitionSpec(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from _trained_run import run_module
 
-from protomask_jax import cli, tables
+from protomask_jax import base, tables
 
 # (method, seed, num_workers, top-1 %, faithfulness rate %, test accuracy, VLC or None)
 RUNS = [
@@ -133,5 +133,5 @@ def test_cli_writes_the_tables_and_refuses_mistakes_in_one_line(runs, tmp_path):
 
 def test_damaged_json_is_named(runs):
     (runs[0] / "config.json").write_text("{not json")
-    with pytest.raises(cli.UserError, match="config.json is damaged"):
+    with pytest.raises(base.UserError, match="config.json is damaged"):
         tables.aggregate(runs)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from _trained_run import independent_outputs, tiny_config, trained_workdir
 
-from protomask_jax import evaluate
+from protomask_jax import evaluate, inference
 from protomask_jax.data import pipeline
 from protomask_jax.evaluators import topk
 
@@ -73,7 +73,6 @@ def test_fewer_images_than_k_list_them_all():
 def test_topk_json_of_a_run_equals_an_argsort_of_an_independent_forward(
     tmp_path_factory, tiny_records
 ):
-    from protomask_jax import trainer
 
     workdir = trained_workdir(tmp_path_factory, tiny_records)
     config = tiny_config(tiny_records)
@@ -81,7 +80,7 @@ def test_topk_json_of_a_run_equals_an_argsort_of_an_independent_forward(
     written = json.loads((workdir / evaluate.TOPK_FILE).read_text())
     assert written["k"] == 5 and written["checkpoint"] == results["checkpoint"]
     assert "prototypes" not in results["topk"]  # the lists go to topk.json only
-    restored = trainer.restore_trained(config, workdir)
+    restored = inference.restore_trained(config, workdir)
     eps = config.model.similarity_eps
     for split in ("test", "train"):
         independent = independent_outputs(restored, pipeline.RecordSet(tiny_records, split))

@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import demo
-from protomask_jax import config_checks, trainer
+from protomask_jax import config_checks, inference, trainer
 from protomask_jax.data import pipeline
 
 pytestmark = pytest.mark.slow
@@ -106,7 +106,7 @@ def test_run_writes_outputs_and_resumes_bitwise(tiny_records, tmp_path):
 def test_push_leaves_prototypes_on_training_views(tiny_records, tmp_path):
     config = tiny_config(tiny_records, **{"train.finetune_epochs": 1})
     trainer.train_and_evaluate(config, tmp_path)
-    trained = trainer.restore_trained(config, tmp_path, which="latest")
+    trained = inference.restore_trained(config, tmp_path, which="latest")
     push = trained.meta["push"]
     assert push is not None and trained.meta["pushed"]
     # After push each prototype *is* the embedding of its source view; fine-tuning freezes the
@@ -262,7 +262,7 @@ def test_pruning_drops_prototypes_and_fine_tunes_the_rest(tiny_records, tmp_path
     config.train.prune.finetune_epochs = 1
     config.lock()
     results = trainer.train_and_evaluate(config, tmp_path)
-    trained = trainer.restore_trained(config, tmp_path, which="latest")
+    trained = inference.restore_trained(config, tmp_path, which="latest")
     kept = trained.meta["kept_prototypes"]
     assert trained.meta["pruned"] and trained.meta["phase"] == "prune_finetune"
     assert results["num_prototypes"] == len(kept) <= 4 * 2

@@ -3,7 +3,8 @@ pipeline take (PIL only).
 
 In order: the first frame of an animation is read (a JPEG far over the size limit is decoded
 at a reduced scale); the EXIF orientation is applied, so the image is upright as viewers show
-it; 16-bit channels keep their high byte (what PIL itself does to 16-bit RGB); alpha is
+it; 16-bit channels keep their high byte (what PIL itself does to 16-bit RGB, silently: the
+file's sample format, read before decoding, is what tells); alpha is
 composited over white (transparent areas of cut-outs and logos mean "background", and
 dropping alpha would show whatever colour the transparent pixels happen to hold); CMYK,
 palette and grey become RGB; a longest side over :data:`MAX_SIDE` is scaled down to it
@@ -56,11 +57,18 @@ def load_image(path: str | Path | BinaryIO, full_size: bool = False) -> LoadedIm
 
 
 def _upright_rgb(image: Image.Image, max_side: int | None) -> LoadedImage:
+    notes = []
+    # PIL decodes 16-bit RGB(A) straight to mode RGB(A); only the raw mode of the undecoded
+    # tiles shows it (getexif decodes a PNG, so this comes first).
+    if image.mode in ("RGB", "RGBA") and any(";16" in str(tile.args) for tile in image.tile):
+        notes.append(f"16-bit {image.mode} converted to 8 bits per channel")
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        notes.append(f"animated ({frames} frames): only the first frame used")
     width, height = image.size
     orientation = image.getexif().get(_ORIENTATION, 1)
     if orientation in (5, 6, 7, 8):
         width, height = height, width
-    notes = []
     scale = 1.0 if max_side is None else max_side / max(width, height)
     if scale < 1:
         # JPEG only (elsewhere a no-op): decode at the smallest 1/2^k scale still >= target.

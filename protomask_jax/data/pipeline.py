@@ -32,7 +32,7 @@ import grain
 import numpy as np
 from grain.multiprocessing import SharedMemoryArray
 
-from protomask_jax.cli import UserError
+from protomask_jax.base import UserError
 from protomask_jax.data import records as records_lib
 from protomask_jax.data import views as views_lib
 

@@ -14,7 +14,6 @@ import io
 import json
 import os
 import struct
-import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,10 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from tensorflow_datasets.proto import tf_example_pb2
 
-from protomask_jax.cli import UserError
+from protomask_jax.base import UserError, unique_tmp
 
 SCHEMA_VERSION = 1
 INDEX_SUFFIX = ".index"
-TMP_SUFFIX = ".tmp"
 DATASET_INFO = "dataset_info.json"
 
 _HEADER = struct.Struct("<QI")  # length, masked crc of length
@@ -65,7 +63,7 @@ def write_shard(path: str | os.PathLike, records: Iterable[bytes]) -> int:
     index is renamed into place before the shard, so a visible ``.tfrecord`` is complete and
     has its index."""
     path, index_path = Path(path), Path(f"{path}{INDEX_SUFFIX}")
-    tmp_shard, tmp_index = _unique_tmp(path), _unique_tmp(index_path)
+    tmp_shard, tmp_index = unique_tmp(path), unique_tmp(index_path)
     offsets, offset = [], 0
     with open(tmp_shard, "wb") as f:
         for data in records:
@@ -525,20 +523,6 @@ def _dataset_info_problem(info: dict[str, Any]) -> str | None:
         if not info["multi_label"] and sum(per_class) != images:
             return f"splits.{split}: class_counts sum to {sum(per_class)}, not num_images={images}"
     return None
-
-
-def _unique_tmp(path: Path) -> Path:
-    """A temporary name beside ``path`` that no other process or thread uses."""
-    return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}{TMP_SUFFIX}")
-
-
-def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    """JSON through a temporary file and a rename; the temporary name is unique per process,
-    so several export processes may write one file (the last rename wins)."""
-    path = Path(path)
-    tmp = _unique_tmp(path)
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _main(argv: list[str]) -> None:

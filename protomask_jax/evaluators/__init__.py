@@ -1,6 +1,6 @@
 """Evaluators: one module per metric family (the reference's "techniques").
 
-An ``Evaluator(model: evaluate.ModelArrays)`` sees every ``chunk.Chunk`` once (``update``) and
+An ``Evaluator(model: inference.ModelArrays)`` sees every ``chunk.Chunk`` once (``update``) and
 gives its eval.json group (``result()``, None without its ground truth, which its optional
 ``missing`` names for eval.json's ``not_computed``); optional ``aliases``
 are other names ``--techniques`` accepts, ``every_split`` asks for the chunks of every split.
@@ -10,7 +10,7 @@ Its table is its entry in :data:`TABLES`. A new family: one module here, one ent
 
 from __future__ import annotations
 
-from protomask_jax.cli import UserError
+from protomask_jax.base import UserError
 from protomask_jax.evaluators import (
     classification,
     compactness,

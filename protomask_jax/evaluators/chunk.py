@@ -1,6 +1,6 @@
 """A chunk of evaluated images, built once and read by every evaluator.
 
-A :class:`Chunk` holds the model outputs of its ``n`` rows (``evaluate.EvalOutputs``) and, on
+A :class:`Chunk` holds the model outputs of its ``n`` rows (``inference.EvalOutputs``) and, on
 first use only (a family that needs no pixels costs none): ``top_ids [n, k]``, the
 ``k = min(5, P)`` most similar prototypes (docs/reference.md §7.4); ``maps``, the masks and
 ground truth in the ``R x R`` frame (``frame.FrameMaps``); ``explanations [n, k, R, R]`` of the
@@ -14,7 +14,7 @@ ones asked for) and frame maps, and its ``perturbation`` set, so that an explana
 that reruns the model can rebuild the same input.
 
 Explanation maps pair a relevance map ``A >= 0`` with a region ``S``. ProtoMask explains by the
-winning view's mask, so ``A = S``; a saliency method (PRP, ``evaluate.PrpExplanations``) gives
+winning view's mask, so ``A = S``; a saliency method (PRP, ``inference.PrpExplainer``) gives
 a float map per (image, prototype) in the same frame, post-processed as the reference does
 (§6, §7.7). Either is the chunk's ``explain`` function; :meth:`Chunk.for_prototypes` asks it
 about other prototypes of the same images.
@@ -159,7 +159,7 @@ def mask_explanations(chunk: Chunk) -> ExplanationMaps:
 
 @dataclasses.dataclass
 class Chunk:
-    outputs: Any  # evaluate.EvalOutputs of the chunk's rows
+    outputs: Any  # inference.EvalOutputs of the chunk's rows
     render: Callable[[np.ndarray], frame.FrameMaps]  # record indices -> their frame maps
     explain: Callable[[Chunk], ExplanationMaps] = mask_explanations
     # (chunk, top_ids [n, k], perturbation) -> EvalOutputs of its images perturbed

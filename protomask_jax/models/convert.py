@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from protomask_jax.cli import UserError
+from protomask_jax.base import UserError
 from protomask_jax.models.protomask import ProtoMask
 from protomask_jax.models.resnet import ResNet
 

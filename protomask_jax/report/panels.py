@@ -1,19 +1,20 @@
 """Report section "This looks like that": per test image, the prototypes adding most to the
 predicted class's logit, each with the image's matched view beside the prototype's source.
 
-Per image ``n`` (``evaluate.EvalOutputs`` row): the prototypes' contributions
+Per image ``n`` (``inference.EvalOutputs`` row): the prototypes' contributions
 ``s_j W[pred, j]`` rank them (ties to the lower index, as the faithfulness metric); a
 prototype's match is its winning view, whose mask is ``view % num_masks``. Pictures:
 ``images/{id}.png``, ``images/{id}_r{rank}_mask.png`` and ``_view.png`` (with PRP heatmaps
 ``_prp.png``, see ``relevance.py``), and one self-contained figure per image,
-``figures/explanation_{id}.png``. An image whose label is -1 (a new image,
-``protomask_jax.predict``) is named by its file and gets no verdict.
+``figures/explanation_{id}.png`` unless the caller names the figures (predict names them by
+file). An image whose label is -1 (a new image, ``protomask_jax.predict``) is named by its
+file and gets no verdict.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +138,7 @@ def _match_row(rank: int, match: Match, own: int, canvas, drawn, logit: float) -
     )
 
 
-def _panel(canvas, image_id: int, name: str, predicted: int, true: int, logits, rows):
+def _panel(canvas, image_id: int, name: str, predicted: int, true: int, logits, rows, figure):
     names, colours = canvas.class_names, canvas.colours
     correct = predicted == true
     probabilities = np.exp(logits - logits.max())
@@ -156,7 +157,7 @@ def _panel(canvas, image_id: int, name: str, predicted: int, true: int, logits, 
         f"predicted {html.chip(colours[predicted])} "
         f'<span class="name">{html_name(names[predicted])}</span>{truth}'
         f"<br>probability {probability * 100:.1f}%, logit {logits[predicted]:.2f}</div>"
-        f'<div><a class="figure" href="figures/explanation_{image_id}.png">figure (PNG)</a>'
+        f'<div><a class="figure" href="{html.e(figure)}">figure (PNG)</a>'
         f'</div></div><div class="matches">{"".join(rows)}</div></div>'
     ), probability
 
@@ -165,8 +166,11 @@ def _read(canvas, name: str | None) -> np.ndarray | None:
     return None if name is None else np.asarray(Image.open(canvas.out_dir / name).convert("RGB"))
 
 
-def _explain_image(canvas, outputs, n, arrays, images, prototype_pictures, top_k, heatmaps):
+def _explain_image(
+    canvas, outputs, n, arrays, images, prototype_pictures, top_k, heatmaps, figure_names
+):
     image_id, logits = int(outputs.image_ids[n]), outputs.logits[n]
+    figure = (figure_names or {}).get(image_id, f"figures/explanation_{image_id}.png")
     decoded = images.get(image_id)
     predicted, true = int(np.argmax(logits)), int(outputs.labels[n])
     matches = top_contributions(
@@ -209,14 +213,14 @@ def _explain_image(canvas, outputs, n, arrays, images, prototype_pictures, top_k
         caption += f"\nsimilarity {match.similarity:.2f}\n"
         caption += f"x weight {match.weight:.2f} = {match.contribution:.2f}"
         figure_rows.append((this, that, f"#{rank}: prototype {j}", caption))
-    panel, probability = _panel(canvas, image_id, name, predicted, true, logits, rows)
+    panel, probability = _panel(canvas, image_id, name, predicted, true, logits, rows, figure)
     file_lines = wrap_name(name, 26, max_lines=3, keep_underscores=True)
     details = "\n".join([f"probability {100 * probability:.1f}%", *file_lines])
     if true >= 0:
         truth = wrap_name(f"true: {canvas.class_names[true]}", 26, max_lines=3)
         details = "\n".join([*truth, details])
     explanation_figure(
-        canvas.out_dir / f"figures/explanation_{image_id}.png",
+        canvas.out_dir / figure,
         whole,
         f"predicted: {canvas.class_names[predicted]}",
         predicted == true if true >= 0 else None,
@@ -235,14 +239,27 @@ def section(
     top_k: int,
     tick: Callable[[], Any],
     heatmaps: relevance.Heatmaps | None = None,
+    figure_names: Mapping[int, str] | None = None,
 ):
     """The panels of every image of ``outputs`` (``images``: their ``RecordImages``, or any
     object whose ``get(image_id)`` gives a ``pictures.DecodedImage``; ``prototype_pictures``:
-    ``gallery.section``'s; ``heatmaps``: PRP maps drawn in the views, else plain crops)."""
+    ``gallery.section``'s; ``heatmaps``: PRP maps drawn in the views, else plain crops;
+    ``figure_names``: image id -> figure path under the output folder, where not the
+    default ``figures/explanation_{id}.png``)."""
     panels = []
     for n in range(len(outputs.image_ids)):
         panels.append(
-            _explain_image(canvas, outputs, n, arrays, images, prototype_pictures, top_k, heatmaps)
+            _explain_image(
+                canvas,
+                outputs,
+                n,
+                arrays,
+                images,
+                prototype_pictures,
+                top_k,
+                heatmaps,
+                figure_names,
+            )
         )
         tick()
     view = "the view as the network saw it"
