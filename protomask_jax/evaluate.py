@@ -180,7 +180,7 @@ def write_eval(workdir: str | Path, results: dict[str, Any]) -> dict[str, Any]:
         kept = [name for name in evaluators.TECHNIQUES if name in merged and name not in results]
         if kept:
             log.info("%s: kept the earlier %s groups", path, ", ".join(kept))
-    records_lib.write_json_atomic(path, merged)
+    base.write_json_atomic(path, merged)
     return merged
 
 

@@ -154,7 +154,7 @@ def explain(
         "duplicate_groups": duplicates,
         "num_redundant_prototypes": sum(len(group) - 1 for group in duplicates),
     }
-    records_lib.write_json_atomic(out_dir / SUMMARY, summary)
+    base.write_json_atomic(out_dir / SUMMARY, summary)
     return _write_page(config, workdir, out_dir, trained.checkpoint, config_name, sections)
 
 

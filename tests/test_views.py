@@ -478,3 +478,31 @@ def test_box_fitting_follows_the_resized_pixels_and_inverts():
     boxes = np.random.default_rng(14).uniform(0, 1, (5, 3, 4)).astype(np.float32)
     back = views.canvas_box_to_image(views.fit_box_to_canvas(boxes, 375, 500, 448), 375, 500, 448)
     np.testing.assert_allclose(back, boxes, atol=1e-6)
+
+
+def test_warping_one_view_slot_at_a_time_gives_the_same_views(monkeypatch):
+    """Large batches warp one view slot at a time (lax.map over K, for memory); the values
+    equal the all-slots-at-once warp, masks and jitter included."""
+    rng = np.random.default_rng(21)
+    canvas = random_canvas(2, 24, seed=21)
+    corner = rng.uniform(0.0, 0.5, (2, 5, 2))
+    boxes = np.concatenate([corner, corner + 0.45], -1).astype(np.float32)
+    masks = rng.integers(0, 2, (2, 5, 12, 12), dtype=np.uint8)
+    key = jax.random.key(4)
+    whole = make(canvas, boxes, key, 7, MEDIUM, masks)  # 2 x 5 x 7^2 views: all at once
+    monkeypatch.setattr(views, "_WHOLE_BATCH_WARP_BYTES", 0)
+    views.make_views.clear_cache()
+    per_slot = make(canvas, boxes, key, 7, MEDIUM, masks)
+    views.make_views.clear_cache()
+    # Only float rounding differs (XLA fuses the loop body differently).
+    np.testing.assert_allclose(np.asarray(per_slot), np.asarray(whole), rtol=0, atol=1e-5)
+
+
+def test_bfloat16_unaugmented_views_are_the_float32_views_rounded():
+    canvas = random_canvas(2, 40, seed=22)
+    boxes = np.asarray([[[0.1, 0.2, 0.9, 0.7], [0.0, 0.0, 0.31, 0.45]]] * 2, np.float32)
+    exact = np.asarray(make(canvas, boxes, view_size=11))
+    low = views.make_views(jnp.asarray(canvas), jnp.asarray(boxes), None, view_size=11)
+    assert low.dtype == jnp.bfloat16
+    # bfloat16 keeps 8 significant bits: at most half a unit in the last place apart.
+    np.testing.assert_allclose(np.asarray(low, np.float32), exact, rtol=2.0**-8, atol=1e-6)

@@ -141,6 +141,9 @@ def make_views(
     params = _sample_params(key, boxes.shape[:2], augment)
     packed = _pack_neighbourhoods(canvas)
 
+    if boxes.size * view_size**2 * 3 * 4 <= _WHOLE_BATCH_WARP_BYTES:
+        return _warped_views(packed, boxes, params, masks, view_size, dtype)
+
     # One view slot at a time: the warp and the jitter keep a few dozen float32 [B, V, V, 3]
     # intermediates alive, which at 64 images x 11 views of 224^2 per chip took 9 GB of a
     # 16 GB TPU; one slot takes 1/K of that. The batch axis stays whole (and sharded).
@@ -153,6 +156,11 @@ def make_views(
 
     slots = (slot_first(boxes), jax.tree.map(slot_first, params), _map_optional(slot_first, masks))
     return jnp.moveaxis(jax.lax.map(one_slot, slots)[:, :, 0], 0, 1)
+
+
+# Up to this many bytes of float32 views (global batch), all view slots are warped at once;
+# beyond, one slot at a time (same values; small programs compile faster without the loop).
+_WHOLE_BATCH_WARP_BYTES = 1 << 28
 
 
 def _map_optional(fn, x):
