@@ -400,6 +400,10 @@ def analyse_hlo(text: str) -> dict[str, Any]:
             if kind and not op.endswith("-done"):
                 entry_ = collectives.setdefault(kind, {"count": 0, "bytes": 0})
                 entry_["count"] += multiplier
+                # An async start's tuple holds (operand, result[, context]): count the result.
+                shapes = _SHAPE.findall(result_shape)
+                if op.endswith("-start") and len(shapes) > 1:
+                    result_shape = "{}[{}]".format(*shapes[1])
                 entry_["bytes"] += multiplier * _shape_bytes(result_shape)
             if cycles:
                 n = int(cycles.group(1)) * multiplier

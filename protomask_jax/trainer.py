@@ -156,7 +156,7 @@ def records_segmentation(config, info: dict[str, Any]):
     params = seg.get(seg.method)  # gt has no parameters
     if params is not None:
         stored = segmenter.get("params") or {}
-        params.update({k: v for k, v in stored.items() if k in params and k not in cli.PATH_KEYS})
+        params.update({k: v for k, v in stored.items() if k in params and k not in base.PATH_KEYS})
     config.lock()
     return config
 

@@ -1,0 +1,111 @@
+"""The TPU compiler on a CPU host: the trainer's joint step compiled for a v5e:2x2 slice
+(benchmarks/aot.py, deviceless) fits a chip and reduces across chips only what data
+parallelism must: the trainable parameters' gradients and the BatchNorm batch statistics.
+
+Expected byte counts come from the model's own parameter shapes, not from the compiler."""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# libtpu is in the dev extra for Linux x86-64; there the test must run, never skip.
+if not (sys.platform == "linux" and platform.machine() == "x86_64"):
+    pytest.skip("libtpu ships for Linux x86-64 only", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def joint_step(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aot") / "aot.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.aot", "--topology", "v5e:2x2", "--shape", "tiny",
+         "--per_chip_batch", "4", "--programs", "train/joint", "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text()), done.stderr
+
+
+def _expected_reduction_bytes():
+    """Bytes of the joint phase's trainable parameters' gradients (convolution kernels in
+    bfloat16, the compute dtype the convolutions run in; the rest float32) and of the
+    BatchNorm statistics (forward mean and mean of squares, backward two sums per channel)."""
+    import jax
+    from flax import nnx
+
+    from benchmarks import aot
+    from protomask_jax import inference
+
+    config = aot.SHAPES["tiny"].config()
+    assert config.model.compute_dtype == "bfloat16"
+    model = nnx.eval_shape(lambda: inference.build_model(config, 0))
+    params = nnx.state(model, nnx.Param)
+    trainable = ("backbone", "add_on", "prototypes")  # the last layer is frozen in joint
+    gradients = sum(
+        (2 if leaf.ndim == 4 else 4) * int(np.prod(leaf.shape))
+        for group in trainable
+        for leaf in jax.tree.leaves(params[group])
+    )
+    stats = nnx.state(model, nnx.BatchStat)
+    channels = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(stats)) // 2
+    return gradients, 4 * 4 * channels
+
+
+@pytest.mark.slow
+def test_joint_step_fits_a_v5e_chip_and_reduces_only_gradients_and_statistics(joint_step):
+    payload, stderr = joint_step
+    assert payload["chips"] == 4 and payload["chip"]["name"] == "v5e"
+    joint = payload["programs"]["train/joint"]
+    memory = joint["memory_per_chip"]
+    assert joint["fits"] and memory["total_bytes"] < memory["hbm_bytes"] == 16 * 1024**3
+    # The donated state comes back in place: outputs alias the arguments.
+    assert memory["alias_bytes"] > 0.9 * memory["output_bytes"]
+
+    assert set(joint["collectives"]) == {"all-reduce"}, joint["collectives"]
+    gradients, statistics = _expected_reduction_bytes()
+    reduced = joint["collectives"]["all-reduce"]["bytes"]
+    # Gradients and statistics, plus a few scalars (loss terms, accuracy, sample counts).
+    assert gradients <= reduced <= gradients + statistics + 1024, (reduced, gradients)
+
+    # The compiler counts the FLOPs our analytic formula does (same model, same batch).
+    assert 0.8 < joint["flops_per_chip"]["compiler_over_analytic"] < 1.3
+    assert joint["compiler_estimate"]["cycles"] > 0
+    # libtpu starts quietly: no metadata-server warnings.
+    assert "metadata" not in stderr.lower() and "Failed to get" not in stderr, stderr[-2000:]
+
+
+def test_hlo_analysis_on_a_hand_written_module():
+    """Cycle sums, while-loop trip counts and collective bytes on a hand-built HLO text."""
+    from benchmarks import aot
+
+    text = """HloModule m
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]) parameter(0)
+  %f = f32[8]{0} fusion(%p), kind=kLoop, calls=%fc, metadata={op_name="jit(step)/jit(make_views)/mul"}, backend_config={"estimated_cycles":"10"}
+  ROOT %t = (s32[], f32[8]) tuple(%p, %f)
+}
+ENTRY %main (a: f32[1024]) -> f32[1024] {
+  %a = f32[1024]{0} parameter(0)
+  %c = bf16[16,16]{1,0} convolution(%a), metadata={op_name="jit(step)/conv_general_dilated"}, backend_config={"estimated_cycles":"100"}
+  %w = (s32[], f32[8]) while(%a), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %r = f32[1024]{0} all-reduce(%a), channel_id=1, to_apply=%add
+  %g = (bf16[4,4]{1,0}, bf16[4,4]{1,0}) all-gather-start(%a), channel_id=2
+  %gd = bf16[4,4]{1,0} all-gather-done(%g)
+  ROOT %o = f32[1024]{0} copy(%r)
+}
+"""
+    result = aot.analyse_hlo(text)
+    assert result["estimated_cycles"] == 100 + 3 * 10
+    assert result["cycles_by_category"] == {"convolutions": 100, "crop and augment": 30}
+    assert result["collectives"] == {
+        "all-reduce": {"count": 1, "bytes": 4096},
+        "all-gather": {"count": 1, "bytes": 4 * 4 * 2},  # the result, not the operand
+    }
