@@ -9,7 +9,7 @@ CONFIG ?= configs/demo.py
 
 SEEDS ?= 0 1 2
 
-.PHONY: demo seeds test install lint bench bench-gpu wheelhouse wheelhouse-check clean screenshot
+.PHONY: demo seeds test install lint bench bench-gpu aot wheelhouse wheelhouse-check clean screenshot
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,17 @@ bench: $(STAMP)
 	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.export
 	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.scaling
 	$(PY) -m benchmarks.report --update
+
+# Every jitted program compiled for TPU slices on this CPU host (libtpu, deviceless): the
+# committed benchmarks/results/aot_*.json and benchmarks/README.md's TPU tables. ~40 min on 2 cores.
+aot: $(STAMP)
+	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v5e:2x4 --per_chip_batch 64
+	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v5e:2x4 --per_chip_batch 64 \
+		--programs train/joint --set model.remat=blocks --fit_search \
+		--out benchmarks/results/aot_v5e_2x4_remat.json
+	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v5e:2x4 --per_chip_batch 64 \
+		--programs none --scaling v5e:2x4,v5e:8x8,v5e:16x16 \
+		--out benchmarks/results/aot_v5e_scaling.json
 
 # On a GPU machine with jax[cuda] and torch already installed (no venv, no network needed);
 # carry .whl/ along (make wheelhouse) for what the host lacks.

@@ -665,6 +665,63 @@ def run(args) -> dict[str, Any]:
     return payload
 
 
+def markdown(payload: dict) -> str:
+    """The README table of one result file (per-chip figures)."""
+
+    def gb(n):
+        return f"{n / 1e9:.2f}"
+
+    lines = [
+        f"{payload['topology']} ({payload['chips']} x {payload['chip']['name']}, "
+        f"{payload['chip']['hbm_bytes'] / 2**30:.0f} GiB HBM), shape {payload['shape']}"
+        + (f", {', '.join(payload['config_overrides'])}" if payload["config_overrides"] else ""),
+    ]
+    if payload["programs"]:
+        lines += [
+            "",
+            "| program | images/chip | args GB | outputs GB | temps GB | of HBM | compiler TFLOP "
+            "| analytic TFLOP | est. compute ms | est. MFU | collectives |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+    for name, r in payload["programs"].items():
+        if "memory_per_chip" not in r:
+            lines.append(f"| {name} | {r['images_per_chip']} | does not fit: "
+                         f"{r['compile_error']} |||||||||")  # fmt: skip
+            continue
+        m, f = r["memory_per_chip"], r["flops_per_chip"]
+        collectives = ", ".join(
+            f"{kind} x{c['count']} ({c['bytes'] / 1e6:.1f} MB)"
+            for kind, c in r["collectives"].items()
+        )
+        cells = [
+            name, r["images_per_chip"], gb(m["argument_bytes"]), gb(m["output_bytes"]),
+            gb(m["temp_bytes"]), f"{m['hbm_fraction']:.0%}",
+            f"{f['compiler'] / 1e12:.2f}" if f["compiler"] else "",
+            f"{f['analytic'] / 1e12:.2f}" if f["analytic"] else "",
+            f"{r['compiler_estimate']['compute_s'] * 1e3:.1f}",
+            f"{r['estimated_mfu']:.1%}" if r["estimated_mfu"] else "", collectives or "none",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    if "largest_fitting_batch" in payload:
+        fit = payload["largest_fitting_batch"]
+        tried = ", ".join(
+            f"{b}: {'fits' if t['fits'] else 'no'}" for b, t in fit["tried"].items()
+        )
+        lines += ["", f"Largest joint-step batch that fits: {fit['largest_fitting']} "
+                  f"images/chip (tried {tried})."]  # fmt: skip
+    if "weak_scaling" in payload:
+        lines += ["", "| topology | chips | est. step ms | all-reduce MB | ring-model ms "
+                  "| est. images/s | efficiency |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for row in payload["weak_scaling"]:
+            reduced = sum(c["bytes"] for c in row["collectives"].values()) / 1e6
+            lines.append(
+                f"| {row['topology']} | {row['chips']} | {row['estimated_step_s'] * 1e3:.1f} "
+                f"| {reduced:.1f} | {row['collective_s_ring_model'] * 1e3:.2f} "
+                f"| {row['estimated_images_per_s']:.0f} | {row['efficiency_vs_first']:.1%} |"
+            )
+    return "\n".join(lines)
+
+
 def _libtpu_version() -> str | None:
     from importlib import metadata
 
@@ -694,7 +751,11 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--hlo_dir", type=Path, default=None, help="save the optimised HLO")
+    parser.add_argument("--table", type=Path, nargs="+", help="print these results as tables")
     args = parser.parse_args(argv)
+    if args.table:
+        print("\n\n".join(markdown(json.loads(p.read_text())) for p in args.table))
+        return 0
     payload = run(args)
     out = args.out or common.RESULTS_DIR / f"aot_{args.topology.replace(':', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
