@@ -4,7 +4,9 @@ From one canvas per image (``uint8 [S, S, 3]``) and K boxes, inside the jitted s
 
 1. one sampling grid per view (output pixel -> box-relative point), with the random flip,
    perspective and rotation + shear (wrap-around border) folded in;
-2. one bilinear sample of the canvas per output pixel, clamped to the box's pixels;
+2. one bilinear sample of the canvas per output pixel, clamped to the box's pixels: without
+   augmentation as two matmuls per view (``Wy @ canvas @ Wx^T``, separable), with it a
+   gather of each pixel's packed neighbourhood, one view slot at a time for large batches;
 3. photometric jitter (brightness, contrast, saturation, hue) on [0, 1] values;
 4. optionally zero outside the view's segmentation mask;
 5. ImageNet normalisation and the cast to the compute dtype.
