@@ -474,7 +474,9 @@ def test_perturbed_passes_match_an_independent_forward(trained):
     whole = clean.perturbed(
         completeness.OutsideBoxNoise(np.tile([0.0, 0, 1, 1], (n, 1))), outputs.top_ids[:, :1]
     )
-    np.testing.assert_allclose(whole.outputs.logits, outputs.logits, rtol=1e-5, atol=1e-6)
+    # Equal up to float rounding: the noise pass is another program, whose crop matmuls XLA
+    # may split and sum in another order.
+    np.testing.assert_allclose(whole.outputs.logits, outputs.logits, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(whole.outputs.top_ids, outputs.top_ids[:, :1])
     everywhere = clean.perturbed(
         completeness.OutsideBoxNoise(np.zeros((n, 4))), outputs.top_ids[:, :1]

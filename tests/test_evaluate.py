@@ -284,7 +284,7 @@ def test_faithfulness_without_deciding_parts_is_recorded_as_not_computed(tmp_pat
 
     cub_like = _rewritten(_hand_records(tmp_path), tmp_path / "cub_like", as_cub)
     outputs = _outputs([[1.0, 0.0], [0.0, 1.0]], [[3.0, 2.0], [1.0, 4.0]], [[1, 2], [0, 1]])
-    arrays = evaluate.ModelArrays(np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32), [0, 1])
+    arrays = inference.ModelArrays(np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32), [0, 1])
     metrics = evaluate.compute_metrics(
         outputs,
         arrays,

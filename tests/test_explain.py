@@ -90,7 +90,7 @@ def test_prp_thumbnails_outline_the_views_mask():
     side = pictures.rendered("match_view")
     assert side == 192
     maps = lambda record, masks, ids: np.zeros((len(masks), 8, 8), np.float32)  # noqa: E731
-    heatmaps = relevance.Heatmaps(maps, None, [], None)
+    heatmaps = relevance.Heatmaps(SimpleNamespace(view_maps=maps), None, [], None)
     (drawn,) = heatmaps.views(decoded, [0], [0], "match_view")
     plain = relevance.heatmap_overlay(decoded.view(0, "match_view"), np.zeros((8, 8)))
     cyan = np.all(drawn == relevance.MASK_OUTLINE, axis=-1)
