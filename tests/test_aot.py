@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (the hand-written HLO keeps the compiler's one-line instructions)
 """The TPU compiler on a CPU host: the trainer's joint step compiled for a v5e:2x2 slice
 (benchmarks/aot.py, deviceless) fits a chip and reduces across chips only what data
 parallelism must: the trainable parameters' gradients and the BatchNorm batch statistics.
