@@ -27,15 +27,17 @@ from __future__ import annotations
 
 import os
 
-# Deviceless: jax runs on the CPU and only the TPU compiler is loaded. The two TPU_* values
-# answer the questions libtpu would otherwise ask the (absent) TPU VM metadata server,
-# printing a warning per question.
-os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # parallel processes each load it
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if __name__ == "__main__":
+    # Deviceless: jax runs on the CPU and only the TPU compiler is loaded. The TPU_* values
+    # answer the questions libtpu would otherwise ask the (absent) TPU VM metadata server,
+    # printing a warning per question. Only as a program: imported (tests), the process's
+    # environment is left alone (TPU_WORKER_HOSTNAMES would make training join a TPU pod).
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # parallel processes each load it
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse  # noqa: E402
 import collections  # noqa: E402

@@ -83,6 +83,14 @@ def test_joint_step_fits_a_v5e_chip_and_reduces_only_gradients_and_statistics(jo
     assert "metadata" not in stderr.lower() and "Failed to get" not in stderr, stderr[-2000:]
 
 
+def test_importing_the_harness_leaves_the_environment_alone():
+    # In a fresh interpreter: TPU_WORKER_HOSTNAMES set by an import would make a later
+    # training in the same process try to join a TPU pod.
+    code = "import os; b = dict(os.environ); import benchmarks.aot; assert dict(os.environ) == b"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_hlo_analysis_on_a_hand_written_module():
     """Cycle sums, while-loop trip counts and collective bytes on a hand-built HLO text."""
     from benchmarks import aot
