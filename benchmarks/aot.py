@@ -111,13 +111,27 @@ class Shape:
         config = cub.get_config()
         with config.unlocked():
             for dotted, value in self.overrides.items():
-                node = config
-                *parents, leaf = dotted.split(".")
-                for part in parents:
-                    node = node[part]
+                node, leaf = _config_node(config, dotted)
                 node[leaf] = value
             config.mesh.data, config.mesh.model = -1, 1
         return config
+
+
+class UsageError(Exception):
+    """A bad flag: ``main`` prints the message as one line and exits with 2."""
+
+
+def _config_node(config, dotted: str):
+    """``("model.remat")`` -> ``(config.model, "remat")``."""
+    *parents, leaf = dotted.split(".")
+    node = config
+    try:
+        for part in parents:
+            node = node[part]
+        node[leaf]
+    except (KeyError, AttributeError, TypeError):
+        raise UsageError(f"aot: no config key {dotted!r} (see configs/common.py)") from None
+    return node, leaf
 
 
 SHAPES = {
@@ -523,10 +537,14 @@ def topology_mesh(topology: str, config):
 
     from protomask_jax import sharding as sharding_lib
 
-    devices = topologies.get_topology_desc(topology, "tpu").devices
+    try:
+        devices = topologies.get_topology_desc(topology, "tpu").devices
+    except Exception as error:  # libtpu's message names what it could not parse
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(f"aot: --topology {topology}: {first} (e.g. v5e:2x4, v4:2x2x1)") from None
     kind = devices[0].device_kind
     if kind not in CHIPS:
-        raise SystemExit(f"aot: no chip figures for {kind!r} ({topology}); known: {sorted(CHIPS)}")
+        raise UsageError(f"aot: no chip figures for {kind!r} ({topology}); known: {sorted(CHIPS)}")
     return sharding_lib.make_mesh(config, devices), CHIPS[kind]
 
 
@@ -597,15 +615,16 @@ def weak_scaling(config, per_chip_batch: int, topologies: tuple[str, ...]) -> li
 
 def _set(config, dotted: str, text: str) -> None:
     """``--set model.remat=blocks``: the value parsed as the key's current type."""
-    *parents, leaf = dotted.split(".")
-    node = config
-    for part in parents:
-        node = node[part]
+    node, leaf = _config_node(config, dotted)
     current = node[leaf]
     if isinstance(current, bool):
         value = text.lower() in ("1", "true", "yes")
     elif isinstance(current, (int, float)):
-        value = type(current)(text)
+        try:
+            value = type(current)(text)
+        except ValueError:
+            expected = type(current).__name__
+            raise UsageError(f"aot: --set {dotted}={text}: expected a {expected}") from None
     else:
         value = text
     with config.unlocked():
@@ -758,13 +777,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         print("\n\n".join(markdown(json.loads(p.read_text())) for p in args.table))
         return 0
-    payload = run(args)
+    try:
+        payload = run(args)
+    except UsageError as error:
+        print(error, file=sys.stderr)
+        return 2
     out = args.out or common.RESULTS_DIR / f"aot_{args.topology.replace(':', '_')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    tmp.replace(out)
-    print(f"aot: wrote {out}")
+    common.write_json(out, payload)
     return 0
 
 

@@ -423,9 +423,12 @@ def parse_flags(
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
-    """Writes ``payload`` as indented JSON (creating the folder) and prints the path."""
+    """Writes ``payload`` as indented JSON (creating the folder; atomically, so an
+    interrupted run leaves the previous results whole) and prints the path."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
     print(f"wrote {path}", flush=True)
     return path
 

@@ -95,6 +95,26 @@ def test_importing_the_harness_leaves_the_environment_alone():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--topology", "v9x:1x1"], "aot: --topology v9x:1x1: "),
+        (["--set", "model.nope=1"], "aot: no config key 'model.nope'"),
+        (["--set", "model.prototype_dim=abc"], "aot: --set model.prototype_dim=abc: expected"),
+    ],
+)
+def test_bad_flags_end_in_one_line_and_exit_code_2(flags, message, tmp_path):
+    out = tmp_path / "aot.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.aot", "--shape", "tiny", *flags, "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), done.stderr[-2000:]
+    assert not out.exists()
+
+
 def test_hlo_analysis_on_a_hand_written_module():
     """Cycle sums, while-loop trip counts and collective bytes on a hand-built HLO text."""
     from benchmarks import aot
