@@ -156,17 +156,14 @@ def make_views(
         slot_boxes, slot_params, slot_masks = slot
         return _warped_views(packed, slot_boxes, slot_params, slot_masks, view_size, dtype)
 
-    slots = (slot_first(boxes), jax.tree.map(slot_first, params), _map_optional(slot_first, masks))
+    slot_masks = None if masks is None else slot_first(masks)
+    slots = (slot_first(boxes), jax.tree.map(slot_first, params), slot_masks)
     return jnp.moveaxis(jax.lax.map(one_slot, slots)[:, :, 0], 0, 1)
 
 
 # Up to this many bytes of float32 views (global batch), all view slots are warped at once;
 # beyond, one slot at a time (same values; small programs compile faster without the loop).
 _WHOLE_BATCH_WARP_BYTES = 1 << 28
-
-
-def _map_optional(fn, x):
-    return None if x is None else fn(x)
 
 
 def _output_grid(views_shape: tuple[int, int], view_size: int, offset: float = 0.0):
