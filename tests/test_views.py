@@ -60,6 +60,18 @@ def numpy_crop_resize(canvas: np.ndarray, box, view_size: int) -> np.ndarray:
     return out / 255.0
 
 
+def random_views_inputs(batch: int, num_views: int, size: int, mask_size: int, seed: int,
+                        side: float = 0.4):  # fmt: skip
+    """uint8 canvases ``[B, S, S, 3]``, boxes ``[B, K, 4]`` of side ``side`` at random corners
+    in the top-left half, random binary masks ``[B, K, M, M]``."""
+    rng = np.random.default_rng(seed)
+    canvas = random_canvas(batch, size, seed=seed)
+    corner = rng.uniform(0.0, 0.5, (batch, num_views, 2))
+    boxes = np.concatenate([corner, corner + side], -1).astype(np.float32)
+    masks = rng.integers(0, 2, (batch, num_views, mask_size, mask_size), dtype=np.uint8)
+    return canvas, boxes, masks
+
+
 def make(canvas, boxes, key=None, view_size=16, augment=None, masks=None):
     """make_views with float32 output (exact comparisons) and numpy inputs."""
     return views.make_views(
@@ -420,11 +432,7 @@ def test_batch_sharded_over_a_mesh_gives_the_same_views():
     sharding = jax.sharding.NamedSharding(
         jax.make_mesh((8,), ("data",)), jax.sharding.PartitionSpec("data")
     )
-    rng = np.random.default_rng(15)
-    canvas = random_canvas(8, 32, seed=15)
-    corner = rng.uniform(0.0, 0.5, (8, 3, 2))
-    boxes = np.concatenate([corner, corner + 0.4], -1).astype(np.float32)
-    masks = rng.integers(0, 2, (8, 3, 16, 16), dtype=np.uint8)
+    canvas, boxes, masks = random_views_inputs(8, 3, 32, 16, seed=15)
     key = jax.random.key(7)
     local = make(canvas, boxes, key, 8, MEDIUM, masks)
     sharded = views.make_views(
@@ -483,11 +491,7 @@ def test_box_fitting_follows_the_resized_pixels_and_inverts():
 def test_warping_one_view_slot_at_a_time_gives_the_same_views(monkeypatch):
     """Large batches warp one view slot at a time (lax.map over K, for memory); the values
     equal the all-slots-at-once warp, masks and jitter included."""
-    rng = np.random.default_rng(21)
-    canvas = random_canvas(2, 24, seed=21)
-    corner = rng.uniform(0.0, 0.5, (2, 5, 2))
-    boxes = np.concatenate([corner, corner + 0.45], -1).astype(np.float32)
-    masks = rng.integers(0, 2, (2, 5, 12, 12), dtype=np.uint8)
+    canvas, boxes, masks = random_views_inputs(2, 5, 24, 12, seed=21, side=0.45)
     key = jax.random.key(4)
     whole = make(canvas, boxes, key, 7, MEDIUM, masks)  # 2 x 5 x 7^2 views: all at once
     monkeypatch.setattr(views, "_WHOLE_BATCH_WARP_BYTES", 0)
