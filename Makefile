@@ -55,12 +55,18 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.report --update
 
 # Every jitted program compiled for TPU slices on this CPU host (libtpu, deviceless): the
-# committed benchmarks/results/aot_*.json and benchmarks/README.md's TPU tables. ~40 min on 2 cores.
+# committed benchmarks/results/aot_*.json and benchmarks/README.md's TPU tables. ~90 min on 2 cores.
 aot: $(STAMP)
 	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v5e:2x4 --per_chip_batch 64
 	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v5e:2x4 --per_chip_batch 64 \
 		--programs train/joint --set model.remat=blocks --fit_search \
 		--out benchmarks/results/aot_v5e_2x4_remat.json
+	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v5e:2x4 --per_chip_batch 128 \
+		--programs train/joint --set train.micro_batches=2 \
+		--out benchmarks/results/aot_v5e_2x4_micro2_128.json
+	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v5e:2x4 --per_chip_batch 64 \
+		--programs train/joint --set mesh.fsdp=true \
+		--out benchmarks/results/aot_v5e_2x4_fsdp.json
 	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v5e:2x4 --per_chip_batch 64 \
 		--programs none --scaling v5e:2x4,v5e:8x8,v5e:16x16 \
 		--out benchmarks/results/aot_v5e_scaling.json

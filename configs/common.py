@@ -106,6 +106,9 @@ def _train() -> ConfigDict:
         warmup_lr=1e-3, backbone_lr=6e-5, addon_lr=3e-3, prototype_lr=3e-3, finetune_lr=3e-4,
         lr_step_epochs=35, lr_gamma=0.5,  # joint-phase StepLR
         accumulate_steps=4,
+        # Slices each batch is run in, one after another, to fit a larger batch in memory
+        # (one more forward pass; BatchNorm sees each slice alone; docs/tpu.md).
+        micro_batches=1,
         reference_frozen_addon=False,  # §9.2: the add-on is never optimised
         push=True,  # project prototypes onto training views before fine-tune
         reference_push_per_batch=False,  # §9.1: running min reset every batch
@@ -142,8 +145,8 @@ def get_base_config() -> ConfigDict:
     c.train = _train()
     c.explain = _explain()
     # data: -1 takes every device the other axes leave; model > 1 shards the prototypes
-    # and the last layer.
-    c.mesh = ConfigDict(dict(data=-1, model=1))
+    # and the last layer; fsdp splits parameters and optimizer state over data (memory).
+    c.mesh = ConfigDict(dict(data=-1, model=1, fsdp=False))
     return c
 
 

@@ -61,12 +61,17 @@ class ModelOnMesh:
     mesh: Any
     step_config: steps_lib.StepConfig
     spec: pipeline.PipelineSpec
+    # One jitted function per return_views, kept: validation, push, pruning and the final
+    # test would otherwise each compile the forward again.
+    _eval_fns: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     def eval_fn(self, return_views: bool = False):
         """A jitted ``(params, batch_stats, constants, batch) -> ProtoMaskOutput``."""
-        return steps_lib.jit_eval_step(
-            self.graphdef, self.step_config, self.mesh, return_views=return_views
-        )
+        if return_views not in self._eval_fns:
+            self._eval_fns[return_views] = steps_lib.jit_eval_step(
+                self.graphdef, self.step_config, self.mesh, return_views=return_views
+            )
+        return self._eval_fns[return_views]
 
     def eval_batches(self, record_set, indices) -> Iterator[dict[str, jax.Array]]:
         """Device batches of one unaugmented pass over ``indices`` (zero-weight filler last)."""

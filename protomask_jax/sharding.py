@@ -1,7 +1,8 @@
 """One device mesh from the config, the shardings built on it, and multi-host helpers.
 
-Axes: ``data`` splits batches; ``model`` (when > 1, for very large prototype sets) splits
-the prototype axis; all else is replicated. jit with explicit shardings does the rest (no
+Axes: ``data`` splits batches (and, with ``mesh.fsdp``, the large parameters and their
+optimizer state); ``model`` (when > 1, for very large prototype sets) splits the prototype
+axis; all else is replicated. jit with explicit shardings does the rest (no
 pmap): XLA inserts the gradient all-reduce over ``data``.
 """
 
@@ -94,21 +95,36 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def param_sharding(mesh: Mesh, path: tuple, leaf: Any) -> NamedSharding:
+# Under FSDP, leaves smaller than this stay replicated: their memory is not worth a gather.
+FSDP_MIN_SIZE = 2**14
+
+
+def param_sharding(mesh: Mesh, path: tuple, leaf: Any, fsdp: bool = False) -> NamedSharding:
     """Prototypes, last layer and class identity split over their P axis when ``model > 1``
-    divides P (pruning can leave any count); everything else replicated."""
+    divides P (pruning can leave any count). With ``fsdp`` (``config.mesh.fsdp``) every other
+    leaf of at least ``FSDP_MIN_SIZE`` elements is split over ``data`` along its largest axis
+    that ``data`` divides: parameters and optimizer state then take 1/data of the memory,
+    and XLA gathers each parameter where the step uses it. Everything else is replicated."""
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    shape = getattr(leaf, "shape", ())
+    shape = tuple(getattr(leaf, "shape", ()))
     split = ("prototypes" in names or "last_layer" in names) and len(shape) == 2
     split = split or ("prototype_class" in names and len(shape) == 1)
     if mesh.shape[MODEL] > 1 and split and shape[0] % mesh.shape[MODEL] == 0:
         return NamedSharding(mesh, PartitionSpec(MODEL, *[None] * (len(shape) - 1)))
+    data = mesh.shape[DATA]
+    if fsdp and data > 1 and int(np.prod(shape)) >= FSDP_MIN_SIZE:
+        divisible = [axis for axis, n in enumerate(shape) if n % data == 0]
+        if divisible:
+            axis = max(divisible, key=lambda a: shape[a])
+            spec = [None] * len(shape)
+            spec[axis] = DATA
+            return NamedSharding(mesh, PartitionSpec(*spec))
     return replicated(mesh)
 
 
-def tree_shardings(mesh: Mesh, tree: Any) -> Any:
+def tree_shardings(mesh: Mesh, tree: Any, fsdp: bool = False) -> Any:
     """A pytree of shardings matching ``tree`` (arrays or ShapeDtypeStructs)."""
-    return jax.tree_util.tree_map_with_path(lambda p, x: param_sharding(mesh, p, x), tree)
+    return jax.tree_util.tree_map_with_path(lambda p, x: param_sharding(mesh, p, x, fsdp), tree)
 
 
 def global_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -117,10 +133,18 @@ def global_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, ja
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
-def check_batch_divisible(global_batch_size: int, mesh: Mesh, what: str) -> None:
+def check_batch_divisible(
+    global_batch_size: int, mesh: Mesh, what: str, micro_batches: int = 1
+) -> None:
     data = mesh.shape[DATA]
     if global_batch_size % data:
         raise ConfigError(
             f"config.{what}={global_batch_size} must be divisible by the data-parallel mesh size "
             f"({data}); change the batch size or config.mesh.data."
+        )
+    if (global_batch_size // data) % micro_batches:
+        raise ConfigError(
+            f"config.{what}={global_batch_size} gives {global_batch_size // data} images per "
+            f"device, which config.train.micro_batches={micro_batches} does not divide; change "
+            "either."
         )

@@ -65,6 +65,8 @@ class StepConfig:
     seed: int
     loss: LossConfig
     max_prototypes_per_class: int
+    micro_batches: int = 1
+    fsdp: bool = False  # parameters and optimizer state split over ``data``
 
     @classmethod
     def from_config(cls, config, max_prototypes_per_class: int | None = None) -> StepConfig:
@@ -76,6 +78,8 @@ class StepConfig:
             seed=config.seed,
             loss=LossConfig(**config.loss.to_dict()),
             max_prototypes_per_class=max_prototypes_per_class or config.model.prototypes_per_class,
+            micro_batches=config.train.micro_batches,
+            fsdp=config.mesh.fsdp,
         )
 
 
@@ -104,6 +108,41 @@ def device_views(
     )
 
 
+def apply_in_micro_batches(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    batch_stats: nnx.State,
+    constants: nnx.State,
+    views: jax.Array,
+    *,
+    train: bool,
+    micro_batches: int,
+) -> tuple[model_lib.ProtoMaskOutput, nnx.State]:
+    """:func:`model_lib.apply` over ``micro_batches`` slices of the batch, one after another,
+    for memory: the outputs are the whole batch's, in its order, so the loss is computed
+    once over all of it (exact). Each slice's forward is recomputed in the backward pass,
+    which then holds one slice's activations instead of the batch's (one more forward pass
+    of compute). BatchNorm normalises each slice with its own statistics, and the running
+    averages move by the mean of the slices' updates (one update per step)."""
+    if micro_batches == 1:
+        return model_lib.apply(graphdef, params, batch_stats, constants, views, train=train)
+    size = views.shape[0]
+    # Image i goes to slice i % M: the batch is split over chips in contiguous blocks, so
+    # every chip holds its share of every slice and nothing moves between chips.
+    slices = views.reshape(size // micro_batches, micro_batches, *views.shape[1:]).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def forward(slice_views):
+        return model_lib.apply(graphdef, params, batch_stats, constants, slice_views, train=train)
+
+    outputs, slice_stats = jax.lax.map(forward, slices)
+    outputs = jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(size, *x.shape[2:]), outputs)
+    if not train:
+        return outputs, batch_stats
+    new_stats = jax.tree.map(lambda s: jnp.mean(s, axis=0).astype(s.dtype), slice_stats)
+    return outputs, new_stats
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     phase: Phase,
@@ -126,8 +165,14 @@ def make_train_step(
             # when nothing upstream trains, no backward pass through the backbone at all.
             frozen = {k: jax.lax.stop_gradient(v) for k, v in params.items() if k not in trainable}
             params = nnx.State({**params, **frozen})
-            outputs, new_batch_stats = model_lib.apply(
-                graphdef, params, state.batch_stats, state.constants, views, train=phase.bn_train
+            outputs, new_batch_stats = apply_in_micro_batches(
+                graphdef,
+                params,
+                state.batch_stats,
+                state.constants,
+                views,
+                train=phase.bn_train,
+                micro_batches=step_config.micro_batches,
             )
             total, terms = losses.protomask_loss(
                 outputs,
@@ -195,7 +240,7 @@ def jit_train_step(
     """``phase``'s step jitted as training runs it: the state keeps its shardings (and is
     donated), the batch is split over ``data``, class weights and metrics replicated.
     ``state`` (arrays or ShapeDtypeStructs) gives the tree the shardings follow."""
-    state_shardings = sharding_lib.tree_shardings(mesh, state)
+    state_shardings = sharding_lib.tree_shardings(mesh, state, step_config.fsdp)
     replicated = sharding_lib.replicated(mesh)
     step = make_train_step(graphdef, phase, phases_lib.make_optimizer(phase), step_config)
     return jax.jit(

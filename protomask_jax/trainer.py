@@ -61,7 +61,7 @@ def _abstract_train_state(config, mesh, phase: Phase, num_prototypes: int):
         return TrainState.create(*state, tx=phases_lib.make_optimizer(phase))
 
     abstract = jax.eval_shape(build)
-    shardings = sharding_lib.tree_shardings(mesh, abstract)
+    shardings = sharding_lib.tree_shardings(mesh, abstract, config.mesh.fsdp)
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
     )
@@ -101,11 +101,11 @@ def _initial_state(config, mesh, fresh: bool) -> tuple[TrainState, np.ndarray | 
         model = inference.build_model(config, key)
         imported_weights = convert.load_pretrained(model, config)
         state = model_lib.split_model(model)[1:]
-        state = jax.device_put(state, sharding_lib.tree_shardings(mesh, state))
+        state = jax.device_put(state, sharding_lib.tree_shardings(mesh, state, config.mesh.fsdp))
     else:
         if fresh:
             convert.warn_without_pretrained(config)
-        shardings = sharding_lib.tree_shardings(mesh, jax.eval_shape(init, key))
+        shardings = sharding_lib.tree_shardings(mesh, jax.eval_shape(init, key), config.mesh.fsdp)
         state = jax.jit(init, out_shardings=shardings)(key)
     return TrainState.create(*state), imported_weights
 
@@ -202,7 +202,9 @@ def _set_up(
     convert.check_weights(config)
     sharding_lib.maybe_initialize_distributed()
     mesh = sharding_lib.make_mesh(config)
-    sharding_lib.check_batch_divisible(config.input.batch_size, mesh, "input.batch_size")
+    sharding_lib.check_batch_divisible(
+        config.input.batch_size, mesh, "input.batch_size", config.train.micro_batches
+    )
     sharding_lib.check_batch_divisible(config.input.eval_batch_size, mesh, "input.eval_batch_size")
     info, train_records, test_records = scan_records(config)
     config = records_segmentation(config, info)
@@ -472,7 +474,9 @@ def enter_phase(ctx: RunContext, phase: Phase, state: TrainState) -> TrainState:
     if phase.name == phases_lib.PRUNE_FINETUNE and not ctx.meta["pruned"]:
         state = prune_prototypes(ctx, state)
     state = state.replace(opt_state=phases_lib.make_optimizer(phase).init(state.params))
-    state = jax.device_put(state, sharding_lib.tree_shardings(ctx.mesh, state))
+    state = jax.device_put(
+        state, sharding_lib.tree_shardings(ctx.mesh, state, ctx.config.mesh.fsdp)
+    )
     if phase.name == phases_lib.FINETUNE and ctx.config.train.push and not ctx.meta["pushed"]:
         state = push_prototypes(ctx, state)
     _save(ctx, state, phase.name)

@@ -142,3 +142,37 @@ ENTRY %main (a: f32[1024]) -> f32[1024] {
         "all-reduce": {"count": 1, "bytes": 4096},
         "all-gather": {"count": 1, "bytes": 4 * 4 * 2},  # the result, not the operand
     }
+
+
+def test_hlo_analysis_reads_trip_counts_from_loop_conditions():
+    """TPU's optimised HLO drops known_trip_count: lax.map over 11 view slots lowers to a
+    loop whose condition is ``i < 11``; its body counts 11 times, and a loop no rule reads
+    is reported."""
+    from benchmarks import aot
+
+    text = """HloModule m
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]) parameter(0)
+  %f = f32[8]{0} fusion(%p), kind=kLoop, calls=%fc, metadata={op_name="jit(step)/jit(make_views)/mul"}, backend_config={"estimated_cycles":"10"}
+  ROOT %t = (s32[], f32[8]) tuple(%p, %f)
+}
+%cond (q: (s32[], f32[8])) -> pred[] {
+  %k = s32[]{:T(128)} constant(11)
+  %q = (s32[], f32[8]) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%q), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %k), direction=LT, metadata={op_name="jit(step)/while/cond/lt"}
+}
+%odd (q: (s32[], f32[8])) -> pred[] {
+  %q = (s32[], f32[8]) parameter(0)
+  ROOT %b = pred[] get-tuple-element(%q), index=1
+}
+ENTRY %main (a: f32[1024]) -> f32[1024] {
+  %a = f32[1024]{0} parameter(0)
+  %w = (s32[], f32[8]) while(%a), condition=%cond, body=%body, metadata={op_name="jit(step)/jit(make_views)/while"}
+  %v = (s32[], f32[8]) while(%a), condition=%odd, body=%body, metadata={op_name="jit(step)/other/while"}
+  ROOT %o = f32[1024]{0} copy(%a)
+}
+"""
+    result = aot.analyse_hlo(text)
+    assert result["estimated_cycles"] == 11 * 10 + 10
+    assert result["loops_of_unknown_trip_count"] == ["jit(step)/other/while"]

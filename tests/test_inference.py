@@ -93,3 +93,17 @@ def test_one_explainer_per_kind_for_chunks_and_views(run, tiny_records):
     unknown = SimpleNamespace(config=_with_explanation(config, explanation_type="gradcam"))
     with pytest.raises(config_checks.ConfigError, match="explain.explanation_type"):
         inference.explainer(unknown)
+
+
+def test_the_evaluation_forward_compiles_once_per_run(run, tiny_records):
+    # Validation, push, pruning and the final test all ask for it: one compile, not four.
+    config, workdir = run
+    trained = inference.restore_trained(config, workdir)
+    test_set = pipeline.RecordSet(tiny_records, "test")
+    for _ in range(2):
+        forward = trained.eval_fn()
+        for batch in trained.eval_batches(test_set, test_set.good):
+            forward(trained.state.params, trained.state.batch_stats, trained.state.constants, batch)
+    assert trained.eval_fn() is forward
+    assert forward._cache_size() == 1
+    assert trained.eval_fn(return_views=True) is not forward

@@ -33,27 +33,34 @@ def test_mesh_from_config():
         sharding.check_batch_divisible(12, mesh, "input.batch_size")
 
 
-def test_eight_device_run_matches_one_device(tiny_records, tmp_path):
+def test_eight_device_run_matches_one_device(tiny_records, tmp_path, monkeypatch):
     assert jax.device_count() == 8, "conftest asks XLA for 8 CPU devices"
+    # fsdp: parameters and optimizer state split over the 8 devices too (resnet_micro's
+    # leaves are small: every leaf of 64 elements or more)
+    monkeypatch.setattr(sharding, "FSDP_MIN_SIZE", 64)
     runs = {}
-    for devices in (1, 8):
-        config = tiny_config(tiny_records, **{"mesh.data": devices})
-        runs[devices] = trainer.train_and_evaluate(config, tmp_path / f"d{devices}")
-    # Same predictions on the test set and on validation (evaluation is sharded too) ...
-    assert runs[8]["final"] == runs[1]["final"]
-    assert runs[8]["best_val_accuracy"] == runs[1]["best_val_accuracy"]
-    # ... the same push (a sharded streaming reduction) ...
-    push = {d: json.loads((tmp_path / f"d{d}" / "push.json").read_text()) for d in (1, 8)}
-    assert push[8]["image_id"] == push[1]["image_id"]
-    assert push[8]["view_index"] == push[1]["view_index"]
-    np.testing.assert_allclose(push[8]["distance"], push[1]["distance"], rtol=1e-4, atol=1e-6)
-    # ... and the same parameters, up to the order of floating-point sums in the all-reduce
-    # of gradients and BatchNorm statistics. Adam divides by sqrt(v), which amplifies those
-    # last-bit differences in small gradients: tolerance rtol 1e-3, atol 5e-5 (values ~0.1).
-    _, one = final_state_leaves(tmp_path / "d1")
-    _, eight = final_state_leaves(tmp_path / "d8")
-    for a, b in zip(one, eight, strict=True):
-        np.testing.assert_allclose(b, a, rtol=1e-3, atol=5e-5)
+    for name, devices, fsdp in (("d1", 1, False), ("d8", 8, False), ("fsdp", 8, True)):
+        config = tiny_config(tiny_records, **{"mesh.data": devices, "mesh.fsdp": fsdp})
+        runs[name] = trainer.train_and_evaluate(config, tmp_path / name)
+    for name in ("d8", "fsdp"):
+        # Same predictions on the test set and on validation (evaluation is sharded too) ...
+        assert runs[name]["final"] == runs["d1"]["final"], name
+        assert runs[name]["best_val_accuracy"] == runs["d1"]["best_val_accuracy"], name
+        # ... the same push (a sharded streaming reduction) ...
+        push = {d: json.loads((tmp_path / d / "push.json").read_text()) for d in ("d1", name)}
+        assert push[name]["image_id"] == push["d1"]["image_id"]
+        assert push[name]["view_index"] == push["d1"]["view_index"]
+        np.testing.assert_allclose(
+            push[name]["distance"], push["d1"]["distance"], rtol=1e-4, atol=1e-6
+        )
+        # ... and the same parameters, up to the order of floating-point sums in the
+        # all-reduce of gradients and BatchNorm statistics. Adam divides by sqrt(v), which
+        # amplifies those last-bit differences in small gradients: tolerance rtol 1e-3,
+        # atol 5e-5 (values ~0.1).
+        _, one = final_state_leaves(tmp_path / "d1")
+        _, other = final_state_leaves(tmp_path / name)
+        for a, b in zip(one, other, strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-3, atol=5e-5)
 
 
 def test_model_axis_splits_prototypes_and_trains_like_one_device(tiny_records, tmp_path):

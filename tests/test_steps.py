@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -165,3 +166,163 @@ def test_augmentation_keys_are_not_the_parameter_initialisation_keys():
         for s in range(500)
     }
     assert len(init_keys) == len(augment_keys) == 500 and not init_keys & augment_keys
+
+
+def _micro_batch_setup(micro_batches):
+    """A joint-phase step with plain SGD at rate 1 (the update is minus the gradient) and no
+    augmentation (views depend on the image alone)."""
+    config = small_config(accumulate_steps=1, micro_batches=micro_batches)
+    phase = {p.name: p for p in phases.plan_phases(config, 100)}["joint"]
+    model = model_lib.build_model(config, NUM_CLASSES, nnx.Rngs(params=0))
+    graphdef, params, batch_stats, constants = model_lib.split_model(model)
+    tx = optax.sgd(1.0)
+    state = steps.TrainState.create(params, batch_stats, constants, tx)
+    step_config = dataclasses.replace(
+        steps.StepConfig.from_config(config, config.model.prototypes_per_class), augment=None
+    )
+    return graphdef, state, steps.make_train_step(graphdef, phase, tx, step_config), step_config
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def test_micro_batches_match_separate_forwards_of_the_interleaved_slices():
+    graphdef, state, _, step_config = _micro_batch_setup(2)
+    views = steps.device_views(make_batch(3, batch_size=6), None, step_config)
+    args = (graphdef, state.params, state.batch_stats, state.constants)
+    outputs, stats = steps.apply_in_micro_batches(*args, views, train=True, micro_batches=2)
+    # slice m holds images m, m + 2, m + 4
+    (even, even_stats), (odd, odd_stats) = (
+        model_lib.apply(*args, views[m::2], train=True) for m in (0, 1)
+    )
+    for name in ("logits", "min_distances", "winning_view"):
+        whole = np.asarray(getattr(outputs, name))
+        np.testing.assert_allclose(whole[0::2], getattr(even, name), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(whole[1::2], getattr(odd, name), rtol=1e-5, atol=1e-6)
+    for got, a, b in zip(_leaves(stats), _leaves(even_stats), _leaves(odd_stats), strict=True):
+        np.testing.assert_allclose(got, (a + b) / 2, rtol=1e-5, atol=1e-7)
+
+    # and the gradient of a function of all outputs is the same through either path
+    weights = jax.random.normal(jax.random.key(0), outputs.logits.shape)
+
+    def through_slices(params):
+        out, _ = steps.apply_in_micro_batches(
+            graphdef, params, state.batch_stats, state.constants, views, train=True, micro_batches=2
+        )
+        return jnp.sum(out.logits * weights)
+
+    def by_hand(params):
+        halves = [
+            model_lib.apply(
+                graphdef, params, state.batch_stats, state.constants, views[m::2], train=True
+            )[0].logits
+            for m in (0, 1)
+        ]
+        return jnp.sum(halves[0] * weights[0::2]) + jnp.sum(halves[1] * weights[1::2])
+
+    for got, want in zip(
+        _leaves(jax.grad(through_slices)(state.params)),
+        _leaves(jax.grad(by_hand)(state.params)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_micro_batches_of_equal_halves_train_exactly_like_the_whole_batch():
+    # Images 2j and 2j + 1 are equal, so each slice's BatchNorm statistics are the batch's:
+    # loss and gradient must then be the whole batch's, which holds only if the loss is
+    # computed once over all slices' outputs.
+    batch = make_batch(4, batch_size=4)
+    batch = {k: jnp.repeat(v[:2], 2, axis=0) for k, v in batch.items()}
+    results = {}
+    for m in (1, 2):
+        _, state, step, _ = _micro_batch_setup(m)
+        before = state.params
+        new_state, metrics = jax.jit(step)(state, batch, jnp.ones(NUM_CLASSES))
+        gradient = jax.tree.map(lambda a, b: a - b, before, new_state.params)
+        results[m] = (metrics, _leaves(gradient), _leaves(new_state.batch_stats))
+    (metrics_1, grad_1, _), (metrics_2, grad_2, _) = results[1], results[2]
+    for key in ("loss", "ce", "cluster", "separation", "diversity"):
+        np.testing.assert_allclose(float(metrics_2[key]), float(metrics_1[key]), rtol=1e-5)
+    assert any(np.abs(g).max() > 1e-4 for g in grad_1)
+    for got, want in zip(grad_2, grad_1, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-6)
+
+
+def test_micro_batched_step_on_four_devices_matches_one_device():
+    from protomask_jax import sharding
+
+    config = small_config(accumulate_steps=1, micro_batches=2)
+    phase = {p.name: p for p in phases.plan_phases(config, 100)}["joint"]
+    graphdef, state, _ = init_state(config, phase)
+    step_config = steps.StepConfig.from_config(config, config.model.prototypes_per_class)
+    batch = make_batch(5, batch_size=8)
+    results = []
+    for devices in (1, 4):
+        config.unlock()
+        config.mesh.data = devices
+        mesh = sharding.make_mesh(config)
+        fresh = jax.tree.map(jnp.copy, state)
+        step = steps.jit_train_step(graphdef, phase, step_config, mesh, fresh)
+        fresh = jax.device_put(fresh, sharding.tree_shardings(mesh, fresh))
+        placed = jax.device_put(batch, sharding.batch_sharding(mesh))
+        new_state, metrics = step(fresh, placed, jnp.ones(NUM_CLASSES))
+        results.append((float(metrics["loss"]), _leaves(new_state.params)))
+    # Adam's first step divides by |g|, amplifying the all-reduce's last-bit differences
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    for got, want in zip(results[1][1], results[0][1], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=5e-5)
+
+
+def test_micro_batches_must_divide_the_batch_per_device():
+    from protomask_jax import config_checks, sharding
+
+    config = small_config(micro_batches=3)
+    config.unlock()
+    config.mesh.data = 4
+    mesh = sharding.make_mesh(config)
+    with pytest.raises(config_checks.ConfigError, match="train.micro_batches=3"):
+        sharding.check_batch_divisible(8, mesh, "input.batch_size", 3)
+
+
+def test_fsdp_splits_parameters_and_optimizer_state_and_trains_like_replicated(monkeypatch):
+    from protomask_jax import sharding
+
+    # resnet_micro's leaves are small: split every leaf of 64 elements or more
+    monkeypatch.setattr(sharding, "FSDP_MIN_SIZE", 64)
+    config = small_config(accumulate_steps=1)
+    phase = {p.name: p for p in phases.plan_phases(config, 100)}["joint"]
+    graphdef, state, _ = init_state(config, phase)
+    batches = [make_batch(seed, batch_size=8) for seed in (6, 7)]
+    config.unlock()
+    config.mesh.data = 4
+    mesh = sharding.make_mesh(config)
+    results = {}
+    for fsdp in (False, True):
+        step_config = dataclasses.replace(
+            steps.StepConfig.from_config(config, config.model.prototypes_per_class), fsdp=fsdp
+        )
+        fresh = jax.tree.map(jnp.copy, state)
+        fresh = jax.device_put(fresh, sharding.tree_shardings(mesh, fresh, fsdp))
+        step = steps.jit_train_step(graphdef, phase, step_config, mesh, fresh)
+        for batch in batches:
+            fresh, metrics = step(
+                fresh, jax.device_put(batch, sharding.batch_sharding(mesh)), jnp.ones(NUM_CLASSES)
+            )
+        results[fsdp] = (fresh, float(metrics["loss"]))
+    sharded, replicated = results[True][0], results[False][0]
+    # every leaf of >= 64 elements with an axis 4 divides is held a quarter per device
+    kernel = sharded.params["backbone"]["layer1"][0]["conv1"]["kernel"][...]
+    assert kernel.shape == (3, 3, 8, 8)
+    assert kernel.addressable_shards[0].data.size == kernel.size // 4
+    adam_moments = [x for x in jax.tree.leaves(sharded.opt_state) if x.size == kernel.size]
+    assert adam_moments and all(
+        x.addressable_shards[0].data.size == x.size // 4 for x in adam_moments
+    )
+    assert all(
+        x.addressable_shards[0].data.size == x.size for x in jax.tree.leaves(replicated.params)
+    )
+    assert results[True][1] == pytest.approx(results[False][1], rel=1e-5)
+    for got, want in zip(_leaves(sharded), _leaves(replicated), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=5e-5)
