@@ -55,7 +55,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.report --update
 
 # Every jitted program compiled for TPU slices on this CPU host (libtpu, deviceless): the
-# committed benchmarks/results/aot_*.json and benchmarks/README.md's TPU tables. ~90 min on 2 cores.
+# committed benchmarks/results/aot_*.json and benchmarks/README.md's TPU tables. ~2 h on 2 cores.
 aot: $(STAMP)
 	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v5e:2x4 --per_chip_batch 64
 	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v5e:2x4 --per_chip_batch 64 \
@@ -67,6 +67,10 @@ aot: $(STAMP)
 	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v5e:2x4 --per_chip_batch 64 \
 		--programs train/joint --set mesh.fsdp=true \
 		--out benchmarks/results/aot_v5e_2x4_fsdp.json
+	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v4:2x2x1 --per_chip_batch 128 \
+		--programs train/joint --out benchmarks/results/aot_v4_2x2x1.json
+	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v5p:2x2x1 --per_chip_batch 128 \
+		--programs train/joint --out benchmarks/results/aot_v5p_2x2x1.json
 	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v5e:2x4 --per_chip_batch 64 \
 		--programs none --scaling v5e:2x4,v5e:8x8,v5e:16x16 \
 		--out benchmarks/results/aot_v5e_scaling.json

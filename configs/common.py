@@ -145,8 +145,9 @@ def get_base_config() -> ConfigDict:
     c.train = _train()
     c.explain = _explain()
     # data: -1 takes every device the other axes leave; model > 1 shards the prototypes
-    # and the last layer; fsdp splits parameters and optimizer state over data (memory).
-    c.mesh = ConfigDict(dict(data=-1, model=1, fsdp=False))
+    # and the last layer; fsdp splits parameters and optimizer state over data (memory),
+    # those of at least fsdp_min_size elements.
+    c.mesh = ConfigDict(dict(data=-1, model=1, fsdp=False, fsdp_min_size=2**14))
     return c
 
 

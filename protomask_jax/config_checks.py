@@ -21,7 +21,7 @@ _AT_LEAST = {
     0: "train.warmup_lr train.backbone_lr train.addon_lr train.prototype_lr train.finetune_lr "
     "train.warmup_epochs train.joint_epochs train.finetune_epochs train.prune.finetune_epochs",
     1: "input.num_views input.batch_size input.eval_batch_size train.accumulate_steps "
-    "train.micro_batches "
+    "train.micro_batches mesh.fsdp_min_size "
     "train.lr_step_epochs train.eval_every_epochs train.log_every_steps "
     "train.checkpoint_every_steps model.prototypes_per_class model.prototype_dim "
     "train.prune.k train.prune.threshold "

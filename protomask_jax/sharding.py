@@ -95,16 +95,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-# Under FSDP, leaves smaller than this stay replicated: their memory is not worth a gather.
-FSDP_MIN_SIZE = 2**14
+def fsdp_min_size(config) -> int:
+    """The ``fsdp`` argument of :func:`tree_shardings` for ``config``: 0 (off) unless
+    ``mesh.fsdp``; then ``mesh.fsdp_min_size`` (smaller leaves are not worth a gather)."""
+    return int(config.mesh.fsdp_min_size) if config.mesh.fsdp else 0
 
 
-def param_sharding(mesh: Mesh, path: tuple, leaf: Any, fsdp: bool = False) -> NamedSharding:
+def param_sharding(mesh: Mesh, path: tuple, leaf: Any, fsdp: int = 0) -> NamedSharding:
     """Prototypes, last layer and class identity split over their P axis when ``model > 1``
-    divides P (pruning can leave any count). With ``fsdp`` (``config.mesh.fsdp``) every other
-    leaf of at least ``FSDP_MIN_SIZE`` elements is split over ``data`` along its largest axis
-    that ``data`` divides: parameters and optimizer state then take 1/data of the memory,
-    and XLA gathers each parameter where the step uses it. Everything else is replicated."""
+    divides P (pruning can leave any count). With ``fsdp`` > 0 every other leaf of at least
+    ``fsdp`` elements is split over ``data`` along its largest axis that ``data`` divides:
+    parameters and optimizer state then take 1/data of the memory, and XLA gathers each
+    parameter where the step uses it. Everything else is replicated."""
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
     shape = tuple(getattr(leaf, "shape", ()))
     split = ("prototypes" in names or "last_layer" in names) and len(shape) == 2
@@ -112,7 +114,7 @@ def param_sharding(mesh: Mesh, path: tuple, leaf: Any, fsdp: bool = False) -> Na
     if mesh.shape[MODEL] > 1 and split and shape[0] % mesh.shape[MODEL] == 0:
         return NamedSharding(mesh, PartitionSpec(MODEL, *[None] * (len(shape) - 1)))
     data = mesh.shape[DATA]
-    if fsdp and data > 1 and int(np.prod(shape)) >= FSDP_MIN_SIZE:
+    if fsdp > 0 and data > 1 and int(np.prod(shape)) >= fsdp:
         divisible = [axis for axis, n in enumerate(shape) if n % data == 0]
         if divisible:
             axis = max(divisible, key=lambda a: shape[a])
@@ -122,7 +124,7 @@ def param_sharding(mesh: Mesh, path: tuple, leaf: Any, fsdp: bool = False) -> Na
     return replicated(mesh)
 
 
-def tree_shardings(mesh: Mesh, tree: Any, fsdp: bool = False) -> Any:
+def tree_shardings(mesh: Mesh, tree: Any, fsdp: int = 0) -> Any:
     """A pytree of shardings matching ``tree`` (arrays or ShapeDtypeStructs)."""
     return jax.tree_util.tree_map_with_path(lambda p, x: param_sharding(mesh, p, x, fsdp), tree)
 

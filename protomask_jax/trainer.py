@@ -61,7 +61,7 @@ def _abstract_train_state(config, mesh, phase: Phase, num_prototypes: int):
         return TrainState.create(*state, tx=phases_lib.make_optimizer(phase))
 
     abstract = jax.eval_shape(build)
-    shardings = sharding_lib.tree_shardings(mesh, abstract, config.mesh.fsdp)
+    shardings = sharding_lib.tree_shardings(mesh, abstract, sharding_lib.fsdp_min_size(config))
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
     )
@@ -101,11 +101,13 @@ def _initial_state(config, mesh, fresh: bool) -> tuple[TrainState, np.ndarray | 
         model = inference.build_model(config, key)
         imported_weights = convert.load_pretrained(model, config)
         state = model_lib.split_model(model)[1:]
-        state = jax.device_put(state, sharding_lib.tree_shardings(mesh, state, config.mesh.fsdp))
+        fsdp = sharding_lib.fsdp_min_size(config)
+        state = jax.device_put(state, sharding_lib.tree_shardings(mesh, state, fsdp))
     else:
         if fresh:
             convert.warn_without_pretrained(config)
-        shardings = sharding_lib.tree_shardings(mesh, jax.eval_shape(init, key), config.mesh.fsdp)
+        fsdp = sharding_lib.fsdp_min_size(config)
+        shardings = sharding_lib.tree_shardings(mesh, jax.eval_shape(init, key), fsdp)
         state = jax.jit(init, out_shardings=shardings)(key)
     return TrainState.create(*state), imported_weights
 
@@ -475,7 +477,7 @@ def enter_phase(ctx: RunContext, phase: Phase, state: TrainState) -> TrainState:
         state = prune_prototypes(ctx, state)
     state = state.replace(opt_state=phases_lib.make_optimizer(phase).init(state.params))
     state = jax.device_put(
-        state, sharding_lib.tree_shardings(ctx.mesh, state, ctx.config.mesh.fsdp)
+        state, sharding_lib.tree_shardings(ctx.mesh, state, sharding_lib.fsdp_min_size(ctx.config))
     )
     if phase.name == phases_lib.FINETUNE and ctx.config.train.push and not ctx.meta["pushed"]:
         state = push_prototypes(ctx, state)

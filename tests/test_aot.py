@@ -22,17 +22,21 @@ if not (sys.platform == "linux" and platform.machine() == "x86_64"):
     pytest.skip("libtpu ships for Linux x86-64 only", allow_module_level=True)
 
 
-@pytest.fixture(scope="module")
-def joint_step(tmp_path_factory):
+def _compile_joint_step(tmp_path_factory, *flags):
     out = tmp_path_factory.mktemp("aot") / "aot.json"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.aot", "--topology", "v5e:2x2", "--shape", "tiny",
-         "--per_chip_batch", "4", "--programs", "train/joint", "--out", str(out)],
+         "--per_chip_batch", "4", "--programs", "train/joint", "--out", str(out), *flags],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text()), done.stderr
+
+
+@pytest.fixture(scope="module")
+def joint_step(tmp_path_factory):
+    return _compile_joint_step(tmp_path_factory)
 
 
 def _expected_reduction_bytes():
@@ -176,3 +180,35 @@ ENTRY %main (a: f32[1024]) -> f32[1024] {
     result = aot.analyse_hlo(text)
     assert result["estimated_cycles"] == 11 * 10 + 10
     assert result["loops_of_unknown_trip_count"] == ["jit(step)/other/while"]
+
+
+@pytest.mark.slow
+def test_fsdp_holds_a_quarter_of_the_large_parameters_per_chip(joint_step, tmp_path_factory):
+    """mesh.fsdp on 4 chips: every parameter of >= fsdp_min_size elements (and its Adam
+    moments) is held a quarter per chip, gathered where used; gradients are reduce-scattered."""
+    import jax
+    from flax import nnx
+
+    from benchmarks import aot
+    from protomask_jax import inference
+
+    min_size = 256  # the tiny shape's leaves are small
+    fsdp, _ = _compile_joint_step(
+        tmp_path_factory, "--set", "mesh.fsdp=true", "--set", f"mesh.fsdp_min_size={min_size}"
+    )
+    plain = joint_step[0]["programs"]["train/joint"]
+    split = fsdp["programs"]["train/joint"]
+    assert split["fits"]
+    config = aot.SHAPES["tiny"].config()
+    params = nnx.state(nnx.eval_shape(lambda: inference.build_model(config, 0)), nnx.Param)
+    large = sum(
+        4 * leaf.size
+        for leaf in jax.tree.leaves(params)
+        if leaf.size >= min_size and any(n % 4 == 0 for n in leaf.shape)
+    )
+    assert large > 0
+    saved = plain["memory_per_chip"]["argument_bytes"] - split["memory_per_chip"]["argument_bytes"]
+    # at least the parameters' own three quarters (the Adam moments save more)
+    assert saved >= 0.75 * large, (saved, large)
+    kinds = set(split["collectives"])
+    assert "all-gather" in kinds and kinds & {"reduce-scatter", "all-reduce"}, kinds

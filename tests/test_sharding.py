@@ -33,14 +33,14 @@ def test_mesh_from_config():
         sharding.check_batch_divisible(12, mesh, "input.batch_size")
 
 
-def test_eight_device_run_matches_one_device(tiny_records, tmp_path, monkeypatch):
+def test_eight_device_run_matches_one_device(tiny_records, tmp_path):
     assert jax.device_count() == 8, "conftest asks XLA for 8 CPU devices"
     # fsdp: parameters and optimizer state split over the 8 devices too (resnet_micro's
     # leaves are small: every leaf of 64 elements or more)
-    monkeypatch.setattr(sharding, "FSDP_MIN_SIZE", 64)
     runs = {}
     for name, devices, fsdp in (("d1", 1, False), ("d8", 8, False), ("fsdp", 8, True)):
-        config = tiny_config(tiny_records, **{"mesh.data": devices, "mesh.fsdp": fsdp})
+        mesh = {"mesh.data": devices, "mesh.fsdp": fsdp, "mesh.fsdp_min_size": 64}
+        config = tiny_config(tiny_records, **mesh)
         runs[name] = trainer.train_and_evaluate(config, tmp_path / name)
     for name in ("d8", "fsdp"):
         # Same predictions on the test set and on validation (evaluation is sharded too) ...

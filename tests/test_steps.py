@@ -286,11 +286,9 @@ def test_micro_batches_must_divide_the_batch_per_device():
         sharding.check_batch_divisible(8, mesh, "input.batch_size", 3)
 
 
-def test_fsdp_splits_parameters_and_optimizer_state_and_trains_like_replicated(monkeypatch):
+def test_fsdp_splits_parameters_and_optimizer_state_and_trains_like_replicated():
     from protomask_jax import sharding
 
-    # resnet_micro's leaves are small: split every leaf of 64 elements or more
-    monkeypatch.setattr(sharding, "FSDP_MIN_SIZE", 64)
     config = small_config(accumulate_steps=1)
     phase = {p.name: p for p in phases.plan_phases(config, 100)}["joint"]
     graphdef, state, _ = init_state(config, phase)
@@ -299,7 +297,8 @@ def test_fsdp_splits_parameters_and_optimizer_state_and_trains_like_replicated(m
     config.mesh.data = 4
     mesh = sharding.make_mesh(config)
     results = {}
-    for fsdp in (False, True):
+    # resnet_micro's leaves are small: split every leaf of 64 elements or more
+    for fsdp in (0, 64):
         step_config = dataclasses.replace(
             steps.StepConfig.from_config(config, config.model.prototypes_per_class), fsdp=fsdp
         )
@@ -311,7 +310,7 @@ def test_fsdp_splits_parameters_and_optimizer_state_and_trains_like_replicated(m
                 fresh, jax.device_put(batch, sharding.batch_sharding(mesh)), jnp.ones(NUM_CLASSES)
             )
         results[fsdp] = (fresh, float(metrics["loss"]))
-    sharded, replicated = results[True][0], results[False][0]
+    sharded, replicated = results[64][0], results[0][0]
     # every leaf of >= 64 elements with an axis 4 divides is held a quarter per device
     kernel = sharded.params["backbone"]["layer1"][0]["conv1"]["kernel"][...]
     assert kernel.shape == (3, 3, 8, 8)
@@ -323,6 +322,6 @@ def test_fsdp_splits_parameters_and_optimizer_state_and_trains_like_replicated(m
     assert all(
         x.addressable_shards[0].data.size == x.size for x in jax.tree.leaves(replicated.params)
     )
-    assert results[True][1] == pytest.approx(results[False][1], rel=1e-5)
+    assert results[64][1] == pytest.approx(results[0][1], rel=1e-5)
     for got, want in zip(_leaves(sharded), _leaves(replicated), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=5e-5)
