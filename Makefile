@@ -67,7 +67,7 @@ aot: $(STAMP)
 	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v5e:2x4 --per_chip_batch 64 \
 		--programs train/joint --set mesh.fsdp=true \
 		--out benchmarks/results/aot_v5e_2x4_fsdp.json
-	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v4:2x2x1 --per_chip_batch 128 \
+	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v4:2x2x1 --per_chip_batch 64 \
 		--programs train/joint --out benchmarks/results/aot_v4_2x2x1.json
 	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v5p:2x2x1 --per_chip_batch 128 \
 		--programs train/joint --out benchmarks/results/aot_v5p_2x2x1.json

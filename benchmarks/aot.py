@@ -69,6 +69,22 @@ class Chip:
     peak_bf16_flops: float
     mxus: int  # 128 x 128 MXUs per chip (all TensorCores)
     ici_bytes_per_s: float  # all links of one chip, one direction
+    tensor_cores: int = 1
+
+    def per_device(self, cores: int) -> Chip:
+        """The share of one jax device that drives ``cores`` of the chip's TensorCores
+        (a v4 slice without megacore is one device per TensorCore): same clock."""
+        if cores >= self.tensor_cores:
+            return self
+        share = cores / self.tensor_cores
+        return Chip(
+            f"{self.name} TensorCore",
+            int(self.hbm_bytes * share),
+            self.peak_bf16_flops * share,
+            max(1, round(self.mxus * share)),
+            self.ici_bytes_per_s * share,
+            cores,
+        )
 
     @property
     def clock_hz(self) -> float:
@@ -80,9 +96,9 @@ CHIPS = {
     # 16 GB HBM2, 197 TFLOP/s bf16, 4 MXUs, ICI 1,600 Gbit/s.
     "TPU v5 lite": Chip("v5e", 16 * GIB, 197e12, 4, 1600e9 / 8),
     # 32 GiB HBM2, 275 TFLOP/s bf16, 2 TensorCores x 4 MXUs, ICI 2,400 Gbit/s.
-    "TPU v4": Chip("v4", 32 * GIB, 275e12, 8, 2400e9 / 8),
+    "TPU v4": Chip("v4", 32 * GIB, 275e12, 8, 2400e9 / 8, tensor_cores=2),
     # 95 GB HBM2e, 459 TFLOP/s bf16, 2 TensorCores x 4 MXUs, ICI 4,800 Gbit/s.
-    "TPU v5": Chip("v5p", 95 * 10**9, 459e12, 8, 4800e9 / 8),
+    "TPU v5": Chip("v5p", 95 * 10**9, 459e12, 8, 4800e9 / 8, tensor_cores=2),
 }
 
 # The weak-scaling series (v5e slices: chips = product of the grid).
@@ -572,7 +588,8 @@ def topology_mesh(topology: str, config):
     kind = devices[0].device_kind
     if kind not in CHIPS:
         raise UsageError(f"aot: no chip figures for {kind!r} ({topology}); known: {sorted(CHIPS)}")
-    return sharding_lib.make_mesh(config, devices), CHIPS[kind]
+    chip = CHIPS[kind].per_device(getattr(devices[0], "num_cores", CHIPS[kind].tensor_cores))
+    return sharding_lib.make_mesh(config, devices), chip
 
 
 def largest_fitting_batch(

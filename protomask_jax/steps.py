@@ -1,8 +1,10 @@
 """The jitted device steps: train (one per phase), evaluate, and the state they carry.
 
 Per batch, one compiled function crops and augments the views from the canvas
-(``data/views.py``), runs the network on all B·K views, and computes loss, gradients and
-the update. Shapes are fixed (one compile); state buffers are donated; metrics stay on device.
+(``data/views.py``), runs the network on all B·K views (in ``train.micro_batches`` slices,
+one after another, when memory asks), and computes loss, gradients and the update. Shapes
+are fixed (one compile); state buffers are donated; metrics stay on device. Under
+``mesh.fsdp`` the state is split over ``data`` and each parameter gathered where used.
 """
 
 from __future__ import annotations

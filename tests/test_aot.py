@@ -212,3 +212,16 @@ def test_fsdp_holds_a_quarter_of_the_large_parameters_per_chip(joint_step, tmp_p
     assert saved >= 0.75 * large, (saved, large)
     kinds = set(split["collectives"])
     assert "all-gather" in kinds and kinds & {"reduce-scatter", "all-reduce"}, kinds
+
+
+def test_a_device_per_tensor_core_gets_its_share_of_the_chip():
+    # v4 slices without megacore show one device per TensorCore: 16 of the chip's 32 GiB
+    from benchmarks import aot
+
+    v4 = aot.CHIPS["TPU v4"]
+    core = v4.per_device(1)
+    assert core.hbm_bytes == 16 * 1024**3 and core.peak_bf16_flops == 137.5e12
+    assert core.clock_hz == v4.clock_hz and core.name == "v4 TensorCore"
+    assert (
+        v4.per_device(2) is v4 and aot.CHIPS["TPU v5 lite"].per_device(1).hbm_bytes == 16 * 1024**3
+    )
