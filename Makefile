@@ -58,6 +58,9 @@ bench: $(STAMP)
 # committed benchmarks/results/aot_*.json and benchmarks/README.md's TPU tables. ~2 h on 2 cores.
 aot: $(STAMP)
 	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v5e:2x4 --per_chip_batch 64
+	for n in 16 32 48; do PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v5e:2x4 \
+		--per_chip_batch $$n --programs train/joint \
+		--out benchmarks/results/aot_v5e_2x4_batch$$n.json || exit 1; done
 	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v5e:2x4 --per_chip_batch 64 \
 		--programs train/joint --set model.remat=blocks --fit_search \
 		--out benchmarks/results/aot_v5e_2x4_remat.json

@@ -563,6 +563,8 @@ def compile_program(
             "compute_s": compute_s,
             "cycles_by_category": hlo["cycles_by_category"],
             "largest_ops": hlo["largest_ops"],
+            "loops": hlo["loops"],
+            "loops_of_unknown_trip_count": hlo["loops_of_unknown_trip_count"],
         },
         "collectives": hlo["collectives"],
         "collective_s_ring_model": collective_s,

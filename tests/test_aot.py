@@ -83,6 +83,8 @@ def test_joint_step_fits_a_v5e_chip_and_reduces_only_gradients_and_statistics(jo
     # The compiler counts the FLOPs our analytic formula does (same model, same batch).
     assert 0.8 < joint["flops_per_chip"]["compiler_over_analytic"] < 1.3
     assert joint["compiler_estimate"]["cycles"] > 0
+    # every loop's trip count was read, so no loop body is counted only once
+    assert joint["compiler_estimate"]["loops_of_unknown_trip_count"] == []
     # libtpu starts quietly: no metadata-server warnings.
     assert "metadata" not in stderr.lower() and "Failed to get" not in stderr, stderr[-2000:]
 
