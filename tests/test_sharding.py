@@ -36,11 +36,14 @@ def test_mesh_from_config():
 def test_eight_device_run_matches_one_device(tiny_records, tmp_path):
     assert jax.device_count() == 8, "conftest asks XLA for 8 CPU devices"
     # fsdp: parameters and optimizer state split over the 8 devices too (resnet_micro's
-    # leaves are small: every leaf of 64 elements or more)
+    # leaves are small: every leaf of 64 elements or more), stopped and resumed
     runs = {}
     for name, devices, fsdp in (("d1", 1, False), ("d8", 8, False), ("fsdp", 8, True)):
         mesh = {"mesh.data": devices, "mesh.fsdp": fsdp, "mesh.fsdp_min_size": 64}
         config = tiny_config(tiny_records, **mesh)
+        if fsdp:  # stopped and resumed: the checkpoint is restored into the split state
+            stopped = trainer.train_and_evaluate(config, tmp_path / name, max_steps=3)
+            assert stopped == {"stopped_at_step": 3}
         runs[name] = trainer.train_and_evaluate(config, tmp_path / name)
     for name in ("d8", "fsdp"):
         # Same predictions on the test set and on validation (evaluation is sharded too) ...
