@@ -149,7 +149,7 @@ def absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     for key, value in config.items():
         if isinstance(value, ml_collections.ConfigDict):
             absolute_paths(value)
-        elif key in PATH_KEYS and isinstance(value, str) and value:
+        elif key in PATH_KEYS and isinstance(value, str) and value and "://" not in value:
             config[key] = os.path.abspath(os.path.expanduser(value))
     return config
 

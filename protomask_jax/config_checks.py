@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from protomask_jax.base import UserError
-from protomask_jax.data.records import DATASET_INFO, RecordError
+from protomask_jax.data.records import DATASET_INFO, RecordError, as_path
 from protomask_jax.models.resnet import resnet_spec
 
 # The smallest value each key accepts.
@@ -83,7 +82,7 @@ def validate(config: Any) -> None:
 
 def check_dataset_info(config: Any, info: dict[str, Any]) -> None:
     """The records must be of the dataset the config describes."""
-    path = Path(config.dataset.records_dir) / DATASET_INFO
+    path = as_path(config.dataset.records_dir) / DATASET_INFO
     found = info.get("num_classes")
     if found != config.dataset.num_classes:
         raise ConfigError(
@@ -100,7 +99,7 @@ def check_dataset_info(config: Any, info: dict[str, Any]) -> None:
 
 def check_scanned_split(info: dict[str, Any], record_set: Any) -> None:
     """A split's shards must hold what ``dataset_info.json`` says (count, shards, classes)."""
-    path = Path(record_set.records_dir) / DATASET_INFO
+    path = as_path(record_set.records_dir) / DATASET_INFO
     split, found = record_set.split, len(record_set)
     counts = info["splits"].get(split)
     redo = "re-run the export to rewrite it, or restore the file"
@@ -154,7 +153,7 @@ def check_same_records(
     unless ``names_only``, their images and masks. ``run`` None (an older run): unchecked."""
     if not run:
         return
-    path = Path(records_dir) / DATASET_INFO
+    path = as_path(records_dir) / DATASET_INFO
     fix = "point config.dataset.records_dir at the records the run was trained on"
     ours, theirs = info["class_names"], run["class_names"]
     if ours != theirs:

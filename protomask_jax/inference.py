@@ -177,7 +177,7 @@ def restore_trained(config, workdir: str | Path, which: str = "best") -> Trained
             break
     meta = ckpt.read_meta(manager, step)
     records_dir = config.dataset.records_dir
-    if (Path(records_dir) / records_lib.DATASET_INFO).is_file():
+    if (records_lib.as_path(records_dir) / records_lib.DATASET_INFO).is_file():
         info = records_lib.load_dataset_info(records_dir)
         config_checks.check_same_records(meta.get("records"), info, records_dir, names_only=True)
     mesh = sharding_lib.make_mesh(config)

@@ -92,6 +92,7 @@ def _initial_state(config, mesh, fresh: bool) -> tuple[TrainState, np.ndarray | 
     the class weights an imported ProtoMask brings (None otherwise). ``fresh``: no
     checkpoint will replace them, so say where they come from."""
     key = jax.random.key(config.seed)
+    fsdp = sharding_lib.fsdp_min_size(config)
 
     def init(key):
         return model_lib.split_model(inference.build_model(config, key))[1:]
@@ -101,12 +102,10 @@ def _initial_state(config, mesh, fresh: bool) -> tuple[TrainState, np.ndarray | 
         model = inference.build_model(config, key)
         imported_weights = convert.load_pretrained(model, config)
         state = model_lib.split_model(model)[1:]
-        fsdp = sharding_lib.fsdp_min_size(config)
         state = jax.device_put(state, sharding_lib.tree_shardings(mesh, state, fsdp))
     else:
         if fresh:
             convert.warn_without_pretrained(config)
-        fsdp = sharding_lib.fsdp_min_size(config)
         shardings = sharding_lib.tree_shardings(mesh, jax.eval_shape(init, key), fsdp)
         state = jax.jit(init, out_shardings=shardings)(key)
     return TrainState.create(*state), imported_weights
@@ -630,6 +629,12 @@ def train_and_evaluate(
     SIGTERM. ``source`` (the config file and overrides of the command) goes to
     ``config.json`` with the config.
     """
+    if records_lib.is_remote(workdir):
+        raise base.UserError(
+            f"--workdir {workdir}: the workdir must be a local or mounted folder (records may "
+            "be on gs://, checkpoints and logs not yet); mount the bucket with gcsfuse and "
+            "give the mount (docs/tpu.md)."
+        )
     workdir = Path(workdir)
     with _StopFlag() as stop:
         try:

@@ -380,6 +380,12 @@ def export(
         raise ExportError(
             "config.dataset.records_dir is empty; set it to the folder the records are written to."
         )
+    if records.is_remote(config.dataset.records_dir):
+        raise ExportError(
+            f"config.dataset.records_dir={config.dataset.records_dir}: the export writes to a "
+            "local or mounted folder; export there, then copy the folder to the bucket "
+            "(gsutil -m cp -r) and train with records_dir on gs://."
+        )
     started = time.perf_counter()
     source = sources.get_source(config)
     _check_config(config, source, source.splits())

@@ -77,3 +77,20 @@ def test_write_json_atomic_tolerates_concurrent_writers(tmp_path: Path):
     assert not errors
     assert json.loads(target.read_text())["step"] == 49
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset_info.json"]
+
+
+def test_commands_start_quietly_on_a_machine_without_a_tpu():
+    """libtpu (dev extra) is installed here and no TPU is: importing the package first must
+    keep jax from probing for one (a page of metadata-server errors on every command)."""
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed (it ships for Linux x86-64 only)")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    done = subprocess.run(
+        [sys.executable, "-c", "import protomask_jax, jax; print(jax.devices()[0].platform)"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "cpu"
+    assert "TPU_WORKER_HOSTNAMES" not in done.stderr and "libtpu" not in done.stderr, done.stderr

@@ -189,3 +189,52 @@ def test_list_shards_names_missing_shards(tmp_path: Path):
     assert [p.name for p in records.list_shards(tmp_path, "train")] == [
         records.shard_name("train", j, 3) for j in range(3)
     ]
+
+
+def test_records_in_a_bucket_are_read_through_epath(tiny_records):
+    """``gs://`` records: every file operation goes through etils.epath (mocked here onto
+    the local export), and the records read are the local ones, byte for byte."""
+    from etils.epath import testing as epath_testing
+
+    from protomask_jax.data import pipeline
+
+    bucket, local = "gs://protomask-test", str(tiny_records.parent)
+    seen = []
+
+    def to_local(path):
+        seen.append(str(path))
+        return str(path).replace(bucket, local)
+
+    def mapped(original, path, *args, **kwargs):
+        return original(to_local(path), *args, **kwargs)
+
+    def glob(original, pattern):
+        return [p.replace(local, bucket) for p in original(to_local(pattern))]
+
+    remote_dir = f"{bucket}/{tiny_records.name}"
+    with epath_testing.mock_epath(open=mapped, exists=mapped, stat=mapped, glob=glob):
+        remote = pipeline.RecordSet(remote_dir, "test")
+        remote_records = [remote.reader[i] for i in range(len(remote.reader))]
+        info = records.load_dataset_info(remote_dir)
+        remote.reader.close()
+    here = pipeline.RecordSet(tiny_records, "test")
+    assert remote_records == [here.reader[i] for i in range(len(here.reader))]
+    np.testing.assert_array_equal(remote.image_ids, here.image_ids)
+    assert info == records.load_dataset_info(tiny_records)
+    assert all(p.startswith("gs://") for p in remote.reader.paths)
+    assert any(p.endswith(".tfrecord") for p in seen)  # the shard itself, not only its index
+    assert any(p.endswith(".tfrecord.index") for p in seen)
+
+
+def test_a_bucket_workdir_or_export_target_is_refused_saying_what_to_do(tiny_records):
+    from configs import demo
+    from protomask_jax import base, trainer
+    from segmentation import export
+
+    config = demo.get_config()
+    config.dataset.records_dir = str(tiny_records)
+    with pytest.raises(base.UserError, match="gcsfuse"):
+        trainer.train_and_evaluate(config, "gs://protomask-test/runs/demo")
+    config.dataset.records_dir = "gs://protomask-test/records"
+    with pytest.raises(base.UserError, match="gsutil -m cp -r"):
+        export.export(config, progress=False)

@@ -89,7 +89,7 @@ class RecordSet:
         skip_bad_records: bool = False,
         num_classes: int | None = None,
     ):
-        self.records_dir = Path(records_dir)
+        self.records_dir = records_lib.as_path(records_dir)
         self.num_classes = num_classes
         self.split = split
         self.reader = records_lib.ShardedRecords(

@@ -25,6 +25,54 @@ from tensorflow_datasets.proto import tf_example_pb2
 
 from protomask_jax.base import UserError, unique_tmp
 
+# Schemes read through etils.epath (tf.io.gfile / fsspec underneath): records on Cloud
+# Storage without a FUSE mount. Writing (the export) stays on local or mounted file systems.
+REMOTE_SCHEMES = ("gs://", "s3://")
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    return str(path).startswith(REMOTE_SCHEMES)
+
+
+def as_path(path: str | os.PathLike):
+    """``pathlib.Path`` for a local name, ``etils.epath.Path`` for a ``gs://`` or ``s3://``
+    URL (both offer ``/``, ``glob``, ``exists``, ``read_bytes``, ``open``, ``name``)."""
+    if is_remote(path):
+        from etils import epath
+
+        return epath.Path(str(path))
+    return Path(path)
+
+
+def _size(path) -> int:
+    stat = path.stat()
+    return int(getattr(stat, "st_size", getattr(stat, "length", 0)))
+
+
+def _open_for_reading(path: str):
+    """``(read_at(offset, n) -> bytes, size, close)`` of a shard: ``os.pread`` on a local
+    file (no shared position, so grain's reader threads can share the descriptor); a
+    locked seek-and-read on a remote one."""
+    if not is_remote(path):
+        fd = os.open(path, os.O_RDONLY)
+        return (
+            (lambda offset, n: os.pread(fd, n, offset)),
+            os.fstat(fd).st_size,
+            (lambda: os.close(fd)),
+        )
+    import threading
+
+    handle = as_path(path).open("rb")
+    lock = threading.Lock()
+
+    def read_at(offset: int, n: int) -> bytes:
+        with lock:
+            handle.seek(offset)
+            return handle.read(n)
+
+    return read_at, _size(as_path(path)), handle.close
+
+
 SCHEMA_VERSION = 1
 INDEX_SUFFIX = ".index"
 DATASET_INFO = "dataset_info.json"
@@ -84,10 +132,10 @@ def write_shard(path: str | os.PathLike, records: Iterable[bytes]) -> int:
 
 def build_index(path: str | os.PathLike) -> np.ndarray:
     """The ``[N, 2]`` index of a shard (e.g. one written by TensorFlow), by scanning it."""
-    path = Path(path)
+    path = as_path(path)
     offsets = []
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    size = _size(path)
+    with path.open("rb") as f:
         offset = 0
         while offset < size:
             header = f.read(_HEADER.size)
@@ -109,7 +157,7 @@ def build_index(path: str | os.PathLike) -> np.ndarray:
 
 def read_index(path: str | os.PathLike) -> np.ndarray:
     """Reads ``<shard>.index`` as a ``[N, 2]`` uint64 array of (offset, length)."""
-    index_path = Path(str(path) + INDEX_SUFFIX)
+    index_path = as_path(str(path) + INDEX_SUFFIX)
     if not index_path.exists():
         raise RecordError(
             f"{index_path}: offset index missing for shard {path}. Rebuild it with "
@@ -126,7 +174,7 @@ def read_index(path: str | os.PathLike) -> np.ndarray:
     ends = None if lengths is None else np.cumsum(lengths + _HEADER.size + _FOOTER.size)
     if ends is None or not np.array_equal(index[:, 0], np.concatenate([[0], ends])[:-1]):
         raise RecordError(f"{index_path}: the offsets are not those of the shard; {rebuild}")
-    size = Path(path).stat().st_size
+    size = _size(as_path(path))
     if (int(ends[-1]) if len(ends) else 0) < size:
         raise RecordError(f"{index_path} does not cover all of {path} ({size} bytes); {rebuild}")
     return index
@@ -170,13 +218,11 @@ class ShardedRecords(Sequence):
         shard = int(np.searchsorted(self._starts, i, side="right") - 1)
         offset, length = (int(v) for v in self._index[i])
         if shard not in self._files:
-            fd = os.open(self.paths[shard], os.O_RDONLY)
-            self._files[shard] = fd, os.fstat(fd).st_size
-        fd, size = self._files[shard]
+            self._files[shard] = _open_for_reading(self.paths[shard])
+        read_at, size, _ = self._files[shard]
         where = f"{self.paths[shard]} at byte offset {offset} (record {i - self._starts[shard]})"
         total = _HEADER.size + length + _FOOTER.size
-        # pread: no shared file position, so grain's reader threads can share the descriptor.
-        raw = os.pread(fd, total, offset) if offset + total <= size else b""
+        raw = read_at(offset, total) if offset + total <= size else b""
         if len(raw) != total:
             raise RecordError(f"{where}: truncated record; re-run the export for this shard.")
         stored_length, length_crc = _HEADER.unpack_from(raw)
@@ -202,8 +248,8 @@ class ShardedRecords(Sequence):
         return state
 
     def close(self) -> None:
-        for fd, _ in self._files.values():
-            os.close(fd)
+        for _, _, close in self._files.values():
+            close()
         self._files.clear()
 
 
@@ -436,9 +482,9 @@ def decode_image(data: bytes, where: str = "record") -> np.ndarray:
         raise RecordError(f"{where}: image bytes cannot be decoded ({e}).") from e
 
 
-def list_shards(records_dir: str | os.PathLike, split: str) -> list[Path]:
+def list_shards(records_dir: str | os.PathLike, split: str) -> list:
     """The shards of ``split`` in ``records_dir``, sorted; all of them must be there."""
-    records_dir = Path(records_dir)
+    records_dir = as_path(records_dir)
     shards = sorted(records_dir.glob(f"{split}-*-of-*.tfrecord"))
     if not shards:
         raise RecordError(
@@ -460,7 +506,7 @@ def list_shards(records_dir: str | os.PathLike, split: str) -> list[Path]:
 
 def load_dataset_info(records_dir: str | os.PathLike) -> dict[str, Any]:
     """Reads ``dataset_info.json`` and checks its schema: version, types and counts."""
-    path = Path(records_dir) / DATASET_INFO
+    path = as_path(records_dir) / DATASET_INFO
     if not path.exists():
         raise RecordError(
             f"{path} not found. Run `python -m segmentation.export --config <config>` first."
