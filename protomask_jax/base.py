@@ -19,6 +19,13 @@ from typing import Any
 PATH_KEYS = ("root", "records_dir", "tfds_data_dir", "pretrained", "import_protomask",
              "checkpoint", "model_config")  # fmt: skip
 TMP_SUFFIX = ".tmp"  # every temporary file of an atomic write ends so (cleanups glob for it)
+# URL schemes that records may be read from (through etils.epath, ``data.records.as_path``);
+# such names are kept as given, never made absolute. Writing stays on local or mounted paths.
+REMOTE_SCHEMES = ("gs://", "s3://")
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    return str(path).startswith(REMOTE_SCHEMES)
 
 
 class UserError(ValueError):

@@ -23,7 +23,7 @@ from typing import Any
 
 import ml_collections
 
-from protomask_jax.base import PATH_KEYS, UserError, write_json_atomic
+from protomask_jax.base import PATH_KEYS, UserError, is_remote, write_json_atomic
 
 RUN_CONFIG = "config.json"
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "common.py")
@@ -149,7 +149,7 @@ def absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     for key, value in config.items():
         if isinstance(value, ml_collections.ConfigDict):
             absolute_paths(value)
-        elif key in PATH_KEYS and isinstance(value, str) and value and "://" not in value:
+        elif key in PATH_KEYS and isinstance(value, str) and value and not is_remote(value):
             config[key] = os.path.abspath(os.path.expanduser(value))
     return config
 

@@ -629,7 +629,7 @@ def train_and_evaluate(
     SIGTERM. ``source`` (the config file and overrides of the command) goes to
     ``config.json`` with the config.
     """
-    if records_lib.is_remote(workdir):
+    if base.is_remote(workdir):
         raise base.UserError(
             f"--workdir {workdir}: the workdir must be a local or mounted folder (records may "
             "be on gs://, checkpoints and logs not yet); mount the bucket with gcsfuse and "

@@ -380,7 +380,7 @@ def export(
         raise ExportError(
             "config.dataset.records_dir is empty; set it to the folder the records are written to."
         )
-    if records.is_remote(config.dataset.records_dir):
+    if base.is_remote(config.dataset.records_dir):
         raise ExportError(
             f"config.dataset.records_dir={config.dataset.records_dir}: the export writes to a "
             "local or mounted folder; export there, then copy the folder to the bucket "

@@ -59,6 +59,10 @@ def test_absolute_paths_and_misspelt_keys_of_a_locked_config():
     assert config.dataset.records_dir.startswith("/")
     assert config.dataset.records_dir.endswith("data/parts_world/records_gt")
     assert config.model.pretrained == ""  # empty stays empty
+    bucket = demo.get_config()
+    bucket.dataset.records_dir = "gs://protomask-test/records"
+    # a bucket URL is kept as given (made absolute it would name a local "gs:" folder)
+    assert cli.absolute_paths(bucket).dataset.records_dir == "gs://protomask-test/records"
     argv = ["--config", "configs/demo.py", "--config.model.backbone_x=1"]
     assert "model has no key 'backbone_x'" in cli.config_key_error(argv)
     assert cli.config_key_error(["--config", "configs/demo.py", "--config.seed=3"]) is None

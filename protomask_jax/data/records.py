@@ -23,15 +23,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from tensorflow_datasets.proto import tf_example_pb2
 
-from protomask_jax.base import UserError, unique_tmp
-
-# Schemes read through etils.epath (tf.io.gfile / fsspec underneath): records on Cloud
-# Storage without a FUSE mount. Writing (the export) stays on local or mounted file systems.
-REMOTE_SCHEMES = ("gs://", "s3://")
-
-
-def is_remote(path: str | os.PathLike) -> bool:
-    return str(path).startswith(REMOTE_SCHEMES)
+from protomask_jax.base import UserError, is_remote, unique_tmp
 
 
 def as_path(path: str | os.PathLike):
@@ -62,7 +54,8 @@ def _open_for_reading(path: str):
         )
     import threading
 
-    handle = as_path(path).open("rb")
+    remote = as_path(path)
+    handle = remote.open("rb")
     lock = threading.Lock()
 
     def read_at(offset: int, n: int) -> bytes:
@@ -70,7 +63,7 @@ def _open_for_reading(path: str):
             handle.seek(offset)
             return handle.read(n)
 
-    return read_at, _size(as_path(path)), handle.close
+    return read_at, _size(remote), handle.close
 
 
 SCHEMA_VERSION = 1
