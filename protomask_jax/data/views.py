@@ -144,7 +144,7 @@ def make_views(
     packed = _pack_neighbourhoods(canvas)
 
     if boxes.size * view_size**2 * 3 * 4 <= _WHOLE_BATCH_WARP_BYTES:
-        return _warped_views(packed, boxes, params, masks, view_size, dtype)
+        return _warped_views(packed, canvas_size, boxes, params, masks, view_size, dtype)
 
     # One view slot at a time: the warp and the jitter keep a few dozen float32 [B, V, V, 3]
     # intermediates alive, which at 64 images x 11 views of 224^2 per chip took 9 GB of a
@@ -154,7 +154,9 @@ def make_views(
 
     def one_slot(slot):
         slot_boxes, slot_params, slot_masks = slot
-        return _warped_views(packed, slot_boxes, slot_params, slot_masks, view_size, dtype)
+        return _warped_views(
+            packed, canvas_size, slot_boxes, slot_params, slot_masks, view_size, dtype
+        )
 
     slot_masks = None if masks is None else slot_first(masks)
     slots = (slot_first(boxes), jax.tree.map(slot_first, params), slot_masks)
@@ -174,13 +176,16 @@ def _output_grid(views_shape: tuple[int, int], view_size: int, offset: float = 0
     return jnp.broadcast_to(centred[:, None], shape), jnp.broadcast_to(centred[None, :], shape)
 
 
-def _warped_views(packed, boxes, params, masks, view_size: int, dtype) -> jax.Array:
+def _warped_views(
+    packed, canvas_size: int, boxes, params, masks, view_size: int, dtype
+) -> jax.Array:
     """``[B, k, V, V, 3]`` augmented views of ``k`` view slots: the grid warped, one bilinear
-    sample per output pixel from the packed canvas ``[B, S, S, 12]``, jitter, normalise."""
-    batch, canvas_size = packed.shape[:2]
+    sample per output pixel from the packed canvas ``[B, S * S, 12]``, jitter, normalise."""
+    batch = packed.shape[0]
     rel_y, rel_x = _augmented_grid(*_output_grid(boxes.shape[:2], view_size), params)
     canvas_y, canvas_x = _box_to_canvas_coords(rel_y, rel_x, boxes, canvas_size)
-    images = jax.vmap(_bilinear)(packed, canvas_y.reshape(batch, -1), canvas_x.reshape(batch, -1))
+    sample = functools.partial(_bilinear, width=canvas_size)
+    images = jax.vmap(sample)(packed, y=canvas_y.reshape(batch, -1), x=canvas_x.reshape(batch, -1))
     images = images.reshape(*canvas_y.shape, 3) / 255.0
     keep = None
     if masks is not None:
@@ -372,23 +377,28 @@ def _axis_aligned_crop(canvas: jax.Array, boxes: jax.Array, view_size: int, dtyp
 # 0.46 ms, 0.95 ms with the "medium" augmentation, 1.2 ms with mask fill too. One gather of
 # the packed 12-byte neighbourhood, a uint32 bitcast and four 3-byte gathers timed the
 # same; one gather matters more on TPUs.
+#
+# The pixel axes come out flattened, once, outside the slot loop: flattened in the loop body,
+# the TPU compiler relaid the whole packed canvas out for the gather on every slot (11 copies
+# of 38 MB at 16 images per chip, 6 % of the compiled CUB joint step; benchmarks/README.md).
 def _pack_neighbourhoods(images: jax.Array) -> jax.Array:
-    """``[..., H, W, C]`` -> ``[..., H, W, 4C]``: pixel, right, below, below-right
+    """``[..., H, W, C]`` -> ``[..., H * W, 4C]``: pixel, right, below, below-right
     (edge-clamped), so that one gather fetches a whole bilinear neighbourhood."""
     right = jnp.concatenate([images[..., :, 1:, :], images[..., :, -1:, :]], axis=-2)
     below = jnp.concatenate([images[..., 1:, :, :], images[..., -1:, :, :]], axis=-3)
     below_right = jnp.concatenate([right[..., 1:, :, :], right[..., -1:, :, :]], axis=-3)
-    return jnp.concatenate([images, right, below, below_right], axis=-1)
+    packed = jnp.concatenate([images, right, below, below_right], axis=-1)
+    return packed.reshape(*packed.shape[:-3], -1, packed.shape[-1])
 
 
-def _bilinear(packed: jax.Array, y: jax.Array, x: jax.Array) -> jax.Array:
-    """``float32 [P, C]`` bilinear samples of one packed image ``[H, W, 4C]`` at in-range
-    coordinates ``[P]``."""
-    height, width, channels4 = packed.shape
+def _bilinear(packed: jax.Array, width: int, y: jax.Array, x: jax.Array) -> jax.Array:
+    """``float32 [P, C]`` bilinear samples of one packed image ``[H * W, 4C]`` (row length
+    ``width``) at in-range coordinates ``[P]``."""
+    channels4 = packed.shape[-1]
     y_floor, x_floor = jnp.floor(y), jnp.floor(x)
     wy, wx = (y - y_floor)[:, None], (x - x_floor)[:, None]
     index = y_floor.astype(jnp.int32) * width + x_floor.astype(jnp.int32)
-    corners = jnp.take(packed.reshape(height * width, channels4), index, axis=0, mode="clip")
+    corners = jnp.take(packed, index, axis=0, mode="clip")
     corners = corners.astype(jnp.float32).reshape(-1, 4, channels4 // 4)
     top = corners[:, 0] + (corners[:, 1] - corners[:, 0]) * wx
     bottom = corners[:, 2] + (corners[:, 3] - corners[:, 2]) * wx
@@ -407,7 +417,8 @@ def _mask_keep(
         return jnp.clip((flat + 0.5) * scale - 0.5, 0.0, mask_size - 1.0)
 
     packed = _pack_neighbourhoods((masks > 0).astype(jnp.uint8)[..., None])
-    sampled = jax.vmap(jax.vmap(_bilinear))(packed, to_mask(canvas_y), to_mask(canvas_x))
+    sample = functools.partial(_bilinear, width=mask_size)
+    sampled = jax.vmap(jax.vmap(sample))(packed, y=to_mask(canvas_y), x=to_mask(canvas_x))
     return (sampled[..., 0] > 0.5).astype(jnp.float32).reshape(canvas_y.shape)
 
 
