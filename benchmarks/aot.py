@@ -69,6 +69,7 @@ class Chip:
     peak_bf16_flops: float
     mxus: int  # 128 x 128 MXUs per chip (all TensorCores)
     ici_bytes_per_s: float  # all links of one chip, one direction
+    hbm_bytes_per_s: float
     tensor_cores: int = 1
 
     def per_device(self, cores: int) -> Chip:
@@ -83,6 +84,7 @@ class Chip:
             self.peak_bf16_flops * share,
             max(1, round(self.mxus * share)),
             self.ici_bytes_per_s * share,
+            self.hbm_bytes_per_s * share,
             cores,
         )
 
@@ -93,12 +95,12 @@ class Chip:
 
 # Keyed by jax's device_kind.
 CHIPS = {
-    # 16 GB HBM2, 197 TFLOP/s bf16, 4 MXUs, ICI 1,600 Gbit/s.
-    "TPU v5 lite": Chip("v5e", 16 * GIB, 197e12, 4, 1600e9 / 8),
-    # 32 GiB HBM2, 275 TFLOP/s bf16, 2 TensorCores x 4 MXUs, ICI 2,400 Gbit/s.
-    "TPU v4": Chip("v4", 32 * GIB, 275e12, 8, 2400e9 / 8, tensor_cores=2),
-    # 95 GB HBM2e, 459 TFLOP/s bf16, 2 TensorCores x 4 MXUs, ICI 4,800 Gbit/s.
-    "TPU v5": Chip("v5p", 95 * 10**9, 459e12, 8, 4800e9 / 8, tensor_cores=2),
+    # 16 GB HBM2 at 819 GB/s, 197 TFLOP/s bf16, 4 MXUs, ICI 1,600 Gbit/s.
+    "TPU v5 lite": Chip("v5e", 16 * GIB, 197e12, 4, 1600e9 / 8, 819e9),
+    # 32 GiB HBM2 at 1,200 GB/s, 275 TFLOP/s bf16, 2 TensorCores x 4 MXUs, ICI 2,400 Gbit/s.
+    "TPU v4": Chip("v4", 32 * GIB, 275e12, 8, 2400e9 / 8, 1200e9, tensor_cores=2),
+    # 95 GB HBM2e at 2,765 GB/s, 459 TFLOP/s bf16, 2 TensorCores x 4 MXUs, ICI 4,800 Gbit/s.
+    "TPU v5": Chip("v5p", 95 * 10**9, 459e12, 8, 4800e9 / 8, 2765e9, tensor_cores=2),
 }
 
 # The weak-scaling series (v5e slices: chips = product of the grid).
@@ -353,6 +355,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9-]*)\((.*)
 _SHAPE = re.compile(r"\b(pred|[suf](?:8|16|32|64)|bf16)\[([0-9,]*)\]")
 _CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CUSTOM_TARGET = re.compile(r'custom_call_target="([^"]*)"')
 _CALLEES = re.compile(r"(?:to_apply|calls|branch_computations)=\{?%([\w.-]+)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
@@ -405,10 +408,36 @@ def _trip_count(while_line: str, computations: dict[str, list[str]]) -> int | No
     return None
 
 
+# Instructions that move no data of their own (or are accounted elsewhere: loops and calls
+# by their bodies, collectives by the ring model).
+_FREE_OPS = frozenset({
+    "parameter", "constant", "bitcast", "get-tuple-element", "tuple", "while", "call",
+    "conditional", "after-all", "partition-id", "replica-id", "copy-done", "opt-barrier",
+    "async-done", "add-dependency",
+})  # fmt: skip
+# Custom calls that only allocate, reinterpret or annotate.
+_FREE_CUSTOM_CALLS = ("AllocateBuffer", "ConcatBitcast", "AssumeGatherIndicesInBound")
+
+
+def _moves_data(op: str, line: str) -> bool:
+    if op in _FREE_OPS or op.endswith(("-start", "-done")):
+        return False
+    target = _CUSTOM_TARGET.search(line) if op == "custom-call" else None
+    return not (target and target.group(1) in _FREE_CUSTOM_CALLS)
+
+
+def _operand_bytes(arguments: str, shapes: dict[str, str]) -> int:
+    """Bytes of an instruction's operands, looked up by name in its computation."""
+    operands = arguments.split(")", 1)[0]
+    return sum(_shape_bytes(shapes.get(name, "")) for name in re.findall(r"%([\w.-]+)", operands))
+
+
 def analyse_hlo(text: str) -> dict[str, Any]:
     """Sums the compiler's ``estimated_cycles`` over the instructions the program runs (the
     entry computation, while bodies times their known trip counts; fusion bodies are parts
-    of their fusion's estimate) and lists the cross-chip collectives."""
+    of their fusion's estimate) and lists the cross-chip collectives. Instructions the
+    cost model gives no estimate (on TPU: custom fusions such as gathers and scatters) are
+    listed with the bytes they read and write, for a bandwidth bound."""
     computations: dict[str, list[str]] = {}
     entry = None
     current = None
@@ -430,14 +459,16 @@ def analyse_hlo(text: str) -> dict[str, Any]:
     visited: set[str] = set()
     unknown_trips: list[str] = []
     loops: list[dict[str, Any]] = []
+    uncosted: dict[str, Any] = {"count": 0, "bytes": 0, "largest": []}
 
     def walk(name: str, multiplier: int) -> None:
         visited.add(name)
-        for line in computations.get(name, ()):
-            match = _INSTRUCTION.match(line)
-            if not match:
-                continue
-            _, result_shape, op, _ = match.groups()
+        parsed = [
+            (line, m) for line in computations.get(name, ()) if (m := _INSTRUCTION.match(line))
+        ]
+        defined = {match.group(1): match.group(2) for _, match in parsed}
+        for line, match in parsed:
+            _, result_shape, op, arguments = match.groups()
             op_name = (_OP_NAME.search(line) or [None, ""])[1]
             cycles = _CYCLES.search(line)
             if op == "while":
@@ -465,6 +496,11 @@ def analyse_hlo(text: str) -> dict[str, Any]:
                 category = _category(op, op_name)
                 cycles_by_category[category] += n
                 largest.append((n, op, op_name))
+            elif not kind and _moves_data(op, line):
+                n = multiplier * (_shape_bytes(result_shape) + _operand_bytes(arguments, defined))
+                uncosted["count"] += multiplier
+                uncosted["bytes"] += n
+                uncosted["largest"].append({"bytes": n, "op": op, "op_name": op_name[-160:]})
 
     if entry is None:
         raise ValueError("no ENTRY computation in the compiled HLO text")
@@ -481,6 +517,8 @@ def analyse_hlo(text: str) -> dict[str, Any]:
         "loops": loops,
         # loops whose body was counted once: their share is underestimated
         "loops_of_unknown_trip_count": unknown_trips,
+        "ops_without_estimate": uncosted
+        | {"largest": sorted(uncosted["largest"], key=lambda op: -op["bytes"])[:8]},
     }
 
 
@@ -534,7 +572,9 @@ def compile_program(
     hlo = analyse_hlo(text)
     compute_s = hlo["estimated_cycles"] / chip.clock_hz
     collective_s = _ring_seconds(hlo["collectives"], chips, chip)
-    step_s = compute_s + collective_s
+    uncosted = hlo["ops_without_estimate"]
+    uncosted_s = uncosted["bytes"] / chip.hbm_bytes_per_s
+    step_s = compute_s + collective_s + uncosted_s
     analytic = program.analytic_flops_per_chip
     return {
         "images_per_chip": program.images_per_chip,
@@ -566,6 +606,9 @@ def compile_program(
             "loops": hlo["loops"],
             "loops_of_unknown_trip_count": hlo["loops_of_unknown_trip_count"],
         },
+        # No cycle estimate: counted in the step at HBM bandwidth (a lower bound; a gather
+        # of 12-byte rows is likely far slower).
+        "ops_without_estimate": uncosted | {"hbm_bound_s": uncosted_s},
         "collectives": hlo["collectives"],
         "collective_s_ring_model": collective_s,
         "estimated_step_s": step_s,
@@ -696,6 +739,7 @@ def run(args) -> dict[str, Any]:
     ):
         results[program.name] = compile_program(program, chip, chips, args.hlo_dir)
         r = results[program.name]
+        r["git"] = common.git_revision()
         line = f"  {program.name}: {r['compile_s']:.0f} s to compile, fits={r['fits']}"
         if "estimated_mfu" in r and r["estimated_mfu"]:
             line += f", est. MFU {r['estimated_mfu']:.1%}"
@@ -730,6 +774,23 @@ def run(args) -> dict[str, Any]:
         topologies = tuple(args.scaling.split(","))
         payload["weak_scaling"] = weak_scaling(config, args.per_chip_batch, topologies)
     return payload
+
+
+_SAME_RUN_KEYS = ("topology", "shape", "config_overrides", "per_chip_batch", "per_chip_eval_batch",
+                  "per_chip_prp_batch")  # fmt: skip
+
+
+def merged(previous: dict, update: dict) -> dict:
+    """``previous`` with ``update``'s programs and searches in place of its own; both must
+    describe the same run (topology, shape, overrides, batches)."""
+    differing = [k for k in _SAME_RUN_KEYS if previous.get(k) != update.get(k)]
+    if differing:
+        raise UsageError(
+            "--update needs the same run as the file: "
+            + ", ".join(f"{k} {previous.get(k)!r} there, {update.get(k)!r} here" for k in differing)
+        )
+    programs = {**previous["programs"], **update["programs"]}
+    return {**previous, **update, "programs": programs}
 
 
 def markdown(payload: dict) -> str:
@@ -785,6 +846,19 @@ def markdown(payload: dict) -> str:
         )  # fmt: skip
         lines += ["", "Compiler TFLOP count each loop body once; the estimated times count "
                   f"every trip ({described})."]  # fmt: skip
+    uncosted = {
+        name: r["ops_without_estimate"]
+        for name, r in payload["programs"].items()
+        if r.get("ops_without_estimate", {}).get("count")
+    }
+    if uncosted:
+        described = "; ".join(
+            f"{name}: {u['bytes'] / 1e9:.2f} GB, {u['hbm_bound_s'] * 1e3:.1f} ms"
+            for name, u in uncosted.items()
+        )
+        lines += ["", "Ops the cost model gives no cycles (gathers, select-and-scatter, "
+                  "relayouts) count in est. MFU at HBM bandwidth, a lower bound "
+                  f"({described})."]  # fmt: skip
     if "largest_fitting_batch" in payload:
         fit = payload["largest_fitting_batch"]
         tried = ", ".join(f"{b}: {'fits' if t['fits'] else 'no'}" for b, t in fit["tried"].items())
@@ -831,6 +905,10 @@ def main(argv: list[str] | None = None) -> int:
         help="the joint step on these topologies (default: v5e from 8 to 256 chips)",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--update", action="store_true",
+        help="replace only the compiled programs (and searches) in an existing --out file",
+    )  # fmt: skip
     parser.add_argument("--hlo_dir", type=Path, default=None, help="save the optimised HLO")
     parser.add_argument("--table", type=Path, nargs="+", help="print these results as tables")
     args = parser.parse_args(argv)
@@ -843,6 +921,12 @@ def main(argv: list[str] | None = None) -> int:
         print(error, file=sys.stderr)
         return 2
     out = args.out or common.RESULTS_DIR / f"aot_{args.topology.replace(':', '_')}.json"
+    if args.update and out.exists():
+        try:
+            payload = merged(json.loads(out.read_text()), payload)
+        except UsageError as error:
+            print(f"{out}: {error}", file=sys.stderr)
+            return 2
     common.write_json(out, payload)
     return 0
 

@@ -129,10 +129,13 @@ def test_hlo_analysis_on_a_hand_written_module():
 %body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
   %p = (s32[], f32[8]) parameter(0)
   %f = f32[8]{0} fusion(%p), kind=kLoop, calls=%fc, metadata={op_name="jit(step)/jit(make_views)/mul"}, backend_config={"estimated_cycles":"10"}
+  %i = s32[8]{0} parameter(1)
+  %g = u8[8,12]{1,0} fusion(%f, %i), kind=kCustom, calls=%gc, metadata={op_name="jit(step)/jit(make_views)/gather"}
   ROOT %t = (s32[], f32[8]) tuple(%p, %f)
 }
 ENTRY %main (a: f32[1024]) -> f32[1024] {
   %a = f32[1024]{0} parameter(0)
+  %cb = f32[2048]{0} custom-call(%a, %a), custom_call_target="ConcatBitcast"
   %c = bf16[16,16]{1,0} convolution(%a), metadata={op_name="jit(step)/conv_general_dilated"}, backend_config={"estimated_cycles":"100"}
   %w = (s32[], f32[8]) while(%a), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
   %r = f32[1024]{0} all-reduce(%a), channel_id=1, to_apply=%add
@@ -148,6 +151,12 @@ ENTRY %main (a: f32[1024]) -> f32[1024] {
         "all-reduce": {"count": 1, "bytes": 4096},
         "all-gather": {"count": 1, "bytes": 4 * 4 * 2},  # the result, not the operand
     }
+    # Without a cycle estimate: the loop's gather, 3 trips x (result 96 + operands 32 + 32
+    # bytes), and the final copy (4096 + 4096); not the ConcatBitcast, a reinterpretation.
+    uncosted = result["ops_without_estimate"]
+    assert uncosted["count"] == 3 + 1
+    assert uncosted["bytes"] == 3 * (8 * 12 + 8 * 4 + 8 * 4) + 2 * 4096
+    assert [op["op"] for op in uncosted["largest"]] == ["copy", "fusion"]
 
 
 def test_hlo_analysis_reads_trip_counts_from_loop_conditions():
@@ -227,3 +236,18 @@ def test_a_device_per_tensor_core_gets_its_share_of_the_chip():
     assert (
         v4.per_device(2) is v4 and aot.CHIPS["TPU v5 lite"].per_device(1).hbm_bytes == 16 * 1024**3
     )
+
+
+def test_update_replaces_only_the_recompiled_programs_of_the_same_run():
+    from benchmarks import aot
+
+    run = {"topology": "v5e:2x4", "shape": "cub", "config_overrides": [], "per_chip_batch": 64,
+           "per_chip_eval_batch": 64, "per_chip_prp_batch": 2}  # fmt: skip
+    previous = run | {"programs": {"train/joint": {"git": "old"}, "eval": {"git": "old"}},
+                      "weak_scaling": [{"chips": 8}]}  # fmt: skip
+    update = run | {"programs": {"train/joint": {"git": "new"}}}
+    out = aot.merged(previous, update)
+    assert out["programs"] == {"train/joint": {"git": "new"}, "eval": {"git": "old"}}
+    assert out["weak_scaling"] == [{"chips": 8}]
+    with pytest.raises(aot.UsageError, match="per_chip_batch 64 there, 16 here"):
+        aot.merged(previous, update | {"per_chip_batch": 16})
