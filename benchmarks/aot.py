@@ -409,11 +409,10 @@ def _trip_count(while_line: str, computations: dict[str, list[str]]) -> int | No
 
 
 # Instructions that move no data of their own (or are accounted elsewhere: loops and calls
-# by their bodies, collectives by the ring model).
+# by their bodies, collectives by the ring model); async pairs (``-start``/``-done``) too.
 _FREE_OPS = frozenset({
     "parameter", "constant", "bitcast", "get-tuple-element", "tuple", "while", "call",
-    "conditional", "after-all", "partition-id", "replica-id", "copy-done", "opt-barrier",
-    "async-done", "add-dependency",
+    "conditional", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency",
 })  # fmt: skip
 # Custom calls that only allocate, reinterpret or annotate.
 _FREE_CUSTOM_CALLS = ("AllocateBuffer", "ConcatBitcast", "AssumeGatherIndicesInBound")
@@ -732,6 +731,7 @@ def run(args) -> dict[str, Any]:
     chips = int(mesh.devices.size)
     print(f"aot: {args.topology} ({chips} x {chip.name}), shape {shape.name}", flush=True)
     results = {}
+    revision = common.git_revision()
     eval_batch = args.per_chip_eval_batch or args.per_chip_batch
     only = tuple(args.programs.split(",")) if args.programs else None  # "none": no programs
     for program in programs(
@@ -739,7 +739,7 @@ def run(args) -> dict[str, Any]:
     ):
         results[program.name] = compile_program(program, chip, chips, args.hlo_dir)
         r = results[program.name]
-        r["git"] = common.git_revision()
+        r["git"] = revision
         line = f"  {program.name}: {r['compile_s']:.0f} s to compile, fits={r['fits']}"
         if "estimated_mfu" in r and r["estimated_mfu"]:
             line += f", est. MFU {r['estimated_mfu']:.1%}"
@@ -758,7 +758,7 @@ def run(args) -> dict[str, Any]:
         "environment": {
             "jax": jax.__version__,
             "libtpu": _libtpu_version(),
-            "git": common.git_revision(),
+            "git": revision,
         },
     }
     if args.fit_search:
