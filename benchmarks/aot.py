@@ -425,10 +425,23 @@ def _moves_data(op: str, line: str) -> bool:
     return not (target and target.group(1) in _FREE_CUSTOM_CALLS)
 
 
-def _operand_bytes(arguments: str, shapes: dict[str, str]) -> int:
-    """Bytes of an instruction's operands, looked up by name in its computation."""
+def _operand_sizes(arguments: str, shapes: dict[str, str]) -> list[int]:
+    """Bytes of each of an instruction's operands, looked up by name in its computation."""
     operands = arguments.split(")", 1)[0]
-    return sum(_shape_bytes(shapes.get(name, "")) for name in re.findall(r"%([\w.-]+)", operands))
+    return [_shape_bytes(shapes.get(name, "")) for name in re.findall(r"%([\w.-]+)", operands)]
+
+
+def _traffic_bytes(op: str, op_name: str, result_shape: str, arguments: str, shapes) -> int:
+    """HBM bytes an instruction reads and writes, taken as its operands' and result's sizes
+    (an overestimate for ops that read part of an operand). A dynamic-update-slice updates
+    its buffer in place: it moves its update (read, then written), not the buffer."""
+    result = _shape_bytes(result_shape)
+    operands = _operand_sizes(arguments, shapes)
+    if op == "dynamic-update-slice" or (op == "fusion" and "dynamic_update_slice" in op_name):
+        if result in operands:
+            operands.remove(result)
+            return 2 * sum(operands)
+    return result + sum(operands)
 
 
 def analyse_hlo(text: str) -> dict[str, Any]:
@@ -459,6 +472,7 @@ def analyse_hlo(text: str) -> dict[str, Any]:
     unknown_trips: list[str] = []
     loops: list[dict[str, Any]] = []
     uncosted: dict[str, Any] = {"count": 0, "bytes": 0, "largest": []}
+    traffic: collections.Counter = collections.Counter()
 
     def walk(name: str, multiplier: int) -> None:
         visited.add(name)
@@ -490,16 +504,19 @@ def analyse_hlo(text: str) -> dict[str, Any]:
                 if op.endswith("-start") and len(shapes) > 1:
                     result_shape = "{}[{}]".format(*shapes[1])
                 entry_["bytes"] += multiplier * _shape_bytes(result_shape)
+            category = _category(op, op_name)
+            moved = 0
+            if not kind and _moves_data(op, line):
+                moved = multiplier * _traffic_bytes(op, op_name, result_shape, arguments, defined)
+                traffic[category] += moved
             if cycles:
                 n = int(cycles.group(1)) * multiplier
-                category = _category(op, op_name)
                 cycles_by_category[category] += n
                 largest.append((n, op, op_name))
-            elif not kind and _moves_data(op, line):
-                n = multiplier * (_shape_bytes(result_shape) + _operand_bytes(arguments, defined))
+            elif moved:
                 uncosted["count"] += multiplier
-                uncosted["bytes"] += n
-                uncosted["largest"].append({"bytes": n, "op": op, "op_name": op_name[-160:]})
+                uncosted["bytes"] += moved
+                uncosted["largest"].append({"bytes": moved, "op": op, "op_name": op_name[-160:]})
 
     if entry is None:
         raise ValueError("no ENTRY computation in the compiled HLO text")
@@ -518,6 +535,10 @@ def analyse_hlo(text: str) -> dict[str, Any]:
         "loops_of_unknown_trip_count": unknown_trips,
         "ops_without_estimate": uncosted
         | {"largest": sorted(uncosted["largest"], key=lambda op: -op["bytes"])[:8]},
+        "hbm_traffic": {
+            "bytes": int(sum(traffic.values())),
+            "bytes_by_category": dict(traffic.most_common()),
+        },
     }
 
 
@@ -608,6 +629,23 @@ def compile_program(
         # No cycle estimate: counted in the step at HBM bandwidth (a lower bound; a gather
         # of 12-byte rows is likely far slower).
         "ops_without_estimate": uncosted | {"hbm_bound_s": uncosted_s},
+        # What XLA's fusion boundaries leave to HBM: the step cannot be faster than moving
+        # it at full bandwidth, whatever the MXU does; MFU ceiling = analytic FLOPs at peak
+        # against that floor (or the FLOPs themselves where those take longer).
+        "hbm_traffic": hlo["hbm_traffic"]
+        | {
+            "floor_s": hlo["hbm_traffic"]["bytes"] / chip.hbm_bytes_per_s,
+            "mfu_ceiling": (
+                analytic
+                / (
+                    max(hlo["hbm_traffic"]["bytes"] / chip.hbm_bytes_per_s,
+                        analytic / chip.peak_bf16_flops)
+                    * chip.peak_bf16_flops
+                )
+                if analytic and hlo["hbm_traffic"]["bytes"]
+                else None
+            ),
+        },
         "collectives": hlo["collectives"],
         "collective_s_ring_model": collective_s,
         "estimated_step_s": step_s,
@@ -808,15 +846,16 @@ def markdown(payload: dict) -> str:
         lines += [
             "",
             "| program | images/chip | args GB | outputs GB | temps GB | of HBM | compiler TFLOP "
-            "| analytic TFLOP | est. compute ms | est. MFU | collectives |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| analytic TFLOP | est. compute ms | est. MFU | HBM GB moved (floor ms) "
+            "| MFU ceiling | collectives |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
     for name, r in payload["programs"].items():
         if "memory_per_chip" not in r:
             lines.append(f"| {name} | {r['images_per_chip']} | does not fit: "
-                         f"{r['compile_error']} |||||||||")  # fmt: skip
+                         f"{r['compile_error']} |||||||||||")  # fmt: skip
             continue
-        m, f = r["memory_per_chip"], r["flops_per_chip"]
+        m, f, t = r["memory_per_chip"], r["flops_per_chip"], r.get("hbm_traffic")
         collectives = ", ".join(
             f"{kind} x{c['count']} ({c['bytes'] / 1e6:.1f} MB)"
             for kind, c in r["collectives"].items()
@@ -827,7 +866,9 @@ def markdown(payload: dict) -> str:
             f"{f['compiler'] / 1e12:.2f}" if f["compiler"] else "",
             f"{f['analytic'] / 1e12:.2f}" if f["analytic"] else "",
             f"{r['compiler_estimate']['compute_s'] * 1e3:.1f}",
-            f"{r['estimated_mfu']:.1%}" if r["estimated_mfu"] else "", collectives or "none",
+            f"{r['estimated_mfu']:.1%}" if r["estimated_mfu"] else "",
+            f"{t['bytes'] / 1e9:.1f} ({t['floor_s'] * 1e3:.1f})" if t else "",
+            f"{t['mfu_ceiling']:.0%}" if t and t["mfu_ceiling"] else "", collectives or "none",
         ]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     looped = {
@@ -859,6 +900,11 @@ def markdown(payload: dict) -> str:
         lines += ["", "Ops the cost model gives no cycles (gathers, select-and-scatter, "
                   "relayouts) count in est. MFU at HBM bandwidth, a lower bound "
                   f"({described})."]  # fmt: skip
+    if any("hbm_traffic" in r for r in payload["programs"].values()):
+        lines += ["", "HBM GB moved: every op's operands and result (read and written once, "
+                  "as XLA fused them; an overestimate for ops that read part of an operand); "
+                  "floor: that at full HBM bandwidth; MFU ceiling: analytic FLOPs at peak "
+                  "against the floor."]  # fmt: skip
     if "largest_fitting_batch" in payload:
         fit = payload["largest_fitting_batch"]
         tried = ", ".join(f"{b}: {'fits' if t['fits'] else 'no'}" for b, t in fit["tried"].items())

@@ -83,6 +83,10 @@ def test_joint_step_fits_a_v5e_chip_and_reduces_only_gradients_and_statistics(jo
     # The compiler counts the FLOPs our analytic formula does (same model, same batch).
     assert 0.8 < joint["flops_per_chip"]["compiler_over_analytic"] < 1.3
     assert joint["compiler_estimate"]["cycles"] > 0
+    # Every argument is read and every output written at least once.
+    traffic = joint["hbm_traffic"]
+    assert traffic["bytes"] >= memory["argument_bytes"] + memory["output_bytes"]
+    assert 0 < traffic["mfu_ceiling"] <= 1
     # every loop's trip count was read, so no loop body is counted only once
     assert joint["compiler_estimate"]["loops_of_unknown_trip_count"] == []
     # libtpu starts quietly: no metadata-server warnings.
@@ -141,6 +145,9 @@ ENTRY %main (a: f32[1024]) -> f32[1024] {
   %r = f32[1024]{0} all-reduce(%a), channel_id=1, to_apply=%add
   %g = (bf16[4,4]{1,0}, bf16[4,4]{1,0}) all-gather-start(%a), channel_id=2
   %gd = bf16[4,4]{1,0} all-gather-done(%g)
+  %s = f32[8]{0} parameter(1)
+  %z = s32[] constant(0)
+  %u = f32[1024]{0} dynamic-update-slice(%r, %s, %z)
   ROOT %o = f32[1024]{0} copy(%r)
 }
 """
@@ -152,11 +159,22 @@ ENTRY %main (a: f32[1024]) -> f32[1024] {
         "all-gather": {"count": 1, "bytes": 4 * 4 * 2},  # the result, not the operand
     }
     # Without a cycle estimate: the loop's gather, 3 trips x (result 96 + operands 32 + 32
-    # bytes), and the final copy (4096 + 4096); not the ConcatBitcast, a reinterpretation.
+    # bytes), the in-place update (its 32 + 4 byte update read and written, not the 4 KB
+    # buffer) and the final copy (4096 + 4096); not the ConcatBitcast, a reinterpretation.
     uncosted = result["ops_without_estimate"]
-    assert uncosted["count"] == 3 + 1
-    assert uncosted["bytes"] == 3 * (8 * 12 + 8 * 4 + 8 * 4) + 2 * 4096
-    assert [op["op"] for op in uncosted["largest"]] == ["copy", "fusion"]
+    assert uncosted["count"] == 3 + 1 + 1
+    assert uncosted["bytes"] == 3 * (8 * 12 + 8 * 4 + 8 * 4) + 2 * (32 + 4) + 2 * 4096
+    assert [op["op"] for op in uncosted["largest"]] == ["copy", "fusion", "dynamic-update-slice"]
+    # HBM traffic counts every op that moves data, with or without an estimate: the
+    # convolution (512 + 4096), the loop's fusion (3 x (32 + the 36-byte tuple)) and gather,
+    # the update, the copy; collectives are the ring model's.
+    assert result["hbm_traffic"]["bytes_by_category"] == {
+        "convolutions": 512 + 4096,
+        "crop and augment": 3 * (32 + 36) + 3 * (96 + 32 + 32),
+        "elementwise and other": 2 * (32 + 4),
+        "data movement": 2 * 4096,
+    }
+    assert result["hbm_traffic"]["bytes"] == 4608 + 684 + 72 + 8192
 
 
 def test_hlo_analysis_reads_trip_counts_from_loop_conditions():

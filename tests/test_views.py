@@ -510,3 +510,26 @@ def test_bfloat16_unaugmented_views_are_the_float32_views_rounded():
     assert low.dtype == jnp.bfloat16
     # bfloat16 keeps 8 significant bits: at most half a unit in the last place apart.
     np.testing.assert_allclose(np.asarray(low, np.float32), exact, rtol=2.0**-8, atol=1e-6)
+
+
+def test_packed_bilinear_samples_match_numpy_with_clamped_edges():
+    """The augmented path's sampler: one gathered row per pixel (itself, right, below,
+    below-right, edge-clamped) interpolated as plain numpy does, up to the last row and
+    column, where the missing neighbours repeat the edge."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    y = np.array([0.0, 0.25, 3.5, 4.0, 4.0, 3.75, 2.0], np.float32)
+    x = np.array([0.0, 6.0, 5.5, 0.5, 6.0, 6.0, 3.25], np.float32)
+    padded = np.pad(image.astype(np.float64), ((0, 1), (0, 1), (0, 0)), mode="edge")
+    y0, x0 = np.floor(y).astype(int), np.floor(x).astype(int)
+    wy, wx = (y - y0)[:, None], (x - x0)[:, None]
+    want = (
+        padded[y0, x0] * (1 - wy) * (1 - wx)
+        + padded[y0, x0 + 1] * (1 - wy) * wx
+        + padded[y0 + 1, x0] * wy * (1 - wx)
+        + padded[y0 + 1, x0 + 1] * wy * wx
+    )
+    packed = views._pack_neighbourhoods(jnp.asarray(image))
+    assert packed.shape == (5 * 7, 12)
+    got = views._bilinear(packed, 7, jnp.asarray(y), jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
