@@ -181,12 +181,10 @@ def _warped_views(
 ) -> jax.Array:
     """``[B, k, V, V, 3]`` augmented views of ``k`` view slots: the grid warped, one bilinear
     sample per output pixel from the packed canvas ``[B, S * S, 12]``, jitter, normalise."""
-    batch = packed.shape[0]
     rel_y, rel_x = _augmented_grid(*_output_grid(boxes.shape[:2], view_size), params)
     canvas_y, canvas_x = _box_to_canvas_coords(rel_y, rel_x, boxes, canvas_size)
     sample = functools.partial(_bilinear, width=canvas_size)
-    images = jax.vmap(sample)(packed, y=canvas_y.reshape(batch, -1), x=canvas_x.reshape(batch, -1))
-    images = images.reshape(*canvas_y.shape, 3) / 255.0
+    images = jax.vmap(sample)(packed, y=canvas_y, x=canvas_x) / 255.0
     keep = None
     if masks is not None:
         keep = _mask_keep(masks, canvas_y, canvas_x, canvas_size)[..., None]
@@ -402,21 +400,22 @@ def _pack_neighbourhoods(images: jax.Array) -> jax.Array:
 
 
 def _bilinear(packed: jax.Array, width: int, y: jax.Array, x: jax.Array) -> jax.Array:
-    """``float32 [P, C]`` bilinear samples of one packed image ``[H * W, 4C]`` (row length
-    ``width``) at in-range coordinates ``[P]``."""
+    """``float32 [..., C]`` bilinear samples of one packed image ``[H * W, 4C]`` (row length
+    ``width``) at in-range coordinates ``[...]``."""
     channels4 = packed.shape[-1]
     y_floor, x_floor = jnp.floor(y), jnp.floor(x)
-    wy, wx = (y - y_floor)[:, None], (x - x_floor)[:, None]
+    wy, wx = (y - y_floor)[..., None], (x - x_floor)[..., None]
     index = y_floor.astype(jnp.int32) * width + x_floor.astype(jnp.int32)
-    # The gathered rows [P, 4C] go [4C, P] while still uint8, then each corner back to
-    # [P, C] as float32. Not a reshape to [P, 4, C] (on TPU a relayout of the float32
-    # samples, 850 MB per view slot at 16 images per chip), nor float32 column slices of
-    # [P, 4C], which the TPU compiler relays out in float32 (the crop of the compiled CUB
-    # step: 14.9 -> 11.9 M cycles, 5.9 -> 3.5 GB moved; benchmarks/README.md).
-    corners = jnp.take(packed, index, axis=0, mode="clip").T
+    # The coordinates keep their [.., V, V] shape: gathered for a flat [V * V] index, the
+    # samples needed a relayout to [V, V] afterwards. The gathered rows go channel-first
+    # while still uint8, then each corner back to channel-last as float32: not a reshape
+    # to [..., 4, C] nor float32 slices of [..., 4C], which the TPU compiler relays out in
+    # float32. (The augmented crop of the compiled CUB step, 16 images x 11 views per v5e
+    # chip: 14.9 -> 7.9 M cycles, 5.9 -> 3.0 GB moved; benchmarks/README.md.)
+    corners = jnp.moveaxis(jnp.take(packed, index, axis=0, mode="clip"), -1, 0)
     c = channels4 // 4
     top_left, top_right, bottom_left, bottom_right = (
-        corners[i * c : (i + 1) * c].T.astype(jnp.float32) for i in range(4)
+        jnp.moveaxis(corners[i * c : (i + 1) * c], 0, -1).astype(jnp.float32) for i in range(4)
     )
     top = top_left + (top_right - top_left) * wx
     bottom = bottom_left + (bottom_right - bottom_left) * wx
@@ -430,6 +429,10 @@ def _mask_keep(
     mask_size = masks.shape[-1]
     scale = mask_size / canvas_size
 
+    # Flat [B, K, V * V] coordinates here (unlike the canvas samples): with [B, K, V, V]
+    # ones the views warped one slot at a time and jittered came out different from the
+    # all-slots warp at some pixels on XLA:CPU (test_views.py), unexplained; masks are
+    # off by default and the mask is a uint8 map, cheap to sample either way.
     def to_mask(coord):
         flat = coord.reshape(*coord.shape[:2], -1)
         return jnp.clip((flat + 0.5) * scale - 0.5, 0.0, mask_size - 1.0)
