@@ -269,3 +269,16 @@ def test_update_replaces_only_the_recompiled_programs_of_the_same_run():
     assert out["weak_scaling"] == [{"chips": 8}]
     with pytest.raises(aot.UsageError, match="per_chip_batch 64 there, 16 here"):
         aot.merged(previous, update | {"per_chip_batch": 16})
+
+
+def test_micro_variants_compute_what_their_baselines_do():
+    """benchmarks/aot_micro.py compares rewrites by the compiler's estimate; each must be
+    the same function: space-to-depth stem against the strided convolution, the pool of
+    nine strided slices against reduce_window (exact), the hand-written BatchNorm backward
+    against jax's gradient."""
+    from benchmarks import aot_micro
+
+    differences = aot_micro.check_equivalences()
+    assert differences["stem_space_to_depth"] < 1e-4
+    assert differences["max_pool_slices"] == 0.0
+    assert differences["batch_norm_manual_grad"] < 1e-5
