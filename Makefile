@@ -77,6 +77,7 @@ aot: $(STAMP)
 	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v5e:2x4 --per_chip_batch 64 \
 		--programs none --scaling v5e:2x4,v5e:8x8,v5e:16x16 \
 		--out benchmarks/results/aot_v5e_scaling.json
+	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot_micro
 
 # On a GPU machine with jax[cuda] and torch already installed (no venv, no network needed);
 # carry .whl/ along (make wheelhouse) for what the host lacks.

@@ -596,6 +596,11 @@ def compile_program(
     uncosted_s = uncosted["bytes"] / chip.hbm_bytes_per_s
     step_s = compute_s + collective_s + uncosted_s
     analytic = program.analytic_flops_per_chip
+    floor_s = hlo["hbm_traffic"]["bytes"] / chip.hbm_bytes_per_s
+    ceiling = None
+    if analytic and floor_s:
+        peak_s = analytic / chip.peak_bf16_flops
+        ceiling = peak_s / max(floor_s, peak_s)
     return {
         "images_per_chip": program.images_per_chip,
         "fits": bool(total <= chip.hbm_bytes),
@@ -632,20 +637,7 @@ def compile_program(
         # What XLA's fusion boundaries leave to HBM: the step cannot be faster than moving
         # it at full bandwidth, whatever the MXU does; MFU ceiling = analytic FLOPs at peak
         # against that floor (or the FLOPs themselves where those take longer).
-        "hbm_traffic": hlo["hbm_traffic"]
-        | {
-            "floor_s": hlo["hbm_traffic"]["bytes"] / chip.hbm_bytes_per_s,
-            "mfu_ceiling": (
-                analytic
-                / (
-                    max(hlo["hbm_traffic"]["bytes"] / chip.hbm_bytes_per_s,
-                        analytic / chip.peak_bf16_flops)
-                    * chip.peak_bf16_flops
-                )
-                if analytic and hlo["hbm_traffic"]["bytes"]
-                else None
-            ),
-        },
+        "hbm_traffic": hlo["hbm_traffic"] | {"floor_s": floor_s, "mfu_ceiling": ceiling},
         "collectives": hlo["collectives"],
         "collective_s_ring_model": collective_s,
         "estimated_step_s": step_s,

@@ -162,8 +162,11 @@ def _weighted_sum(fn):
 
 def bottleneck_shapes(blocks: int, channels: int = 256, planes: int = 64):
     return [
-        [((1, 1, channels, planes), planes), ((3, 3, planes, planes), planes),
-         ((1, 1, planes, channels), channels)]  # fmt: skip
+        [
+            ((1, 1, channels, planes), planes),
+            ((3, 3, planes, planes), planes),
+            ((1, 1, planes, channels), channels),
+        ]
         for _ in range(blocks)
     ]
 
@@ -184,8 +187,10 @@ def check_equivalences(seed: int = 0) -> dict[str, float]:
     features = normal(2, 16, 16, 8)
     pool = float(jnp.abs(max_pool(features) - max_pool_slices(features)).max())
     params = [
-        [(normal(*shape, scale=0.3), 1 + normal(c, scale=0.1), normal(c, scale=0.1))
-         for shape, c in block]  # fmt: skip
+        [
+            (normal(*shape, scale=0.3), 1 + normal(c, scale=0.1), normal(c, scale=0.1))
+            for shape, c in block
+        ]
         for block in bottleneck_shapes(1, channels=8, planes=4)
     ]
     x, weights = normal(3, 6, 6, 8), normal(3, 6, 6, 8)
@@ -276,8 +281,11 @@ def run(views: int = VIEWS_PER_CHIP) -> dict:
         "chip": chip.name,
         "views_per_chip": views,
         **results,
-        "environment": {"jax": jax.__version__, "libtpu": aot._libtpu_version(),
-                        "git": common.git_revision()},  # fmt: skip
+        "environment": {
+            "jax": jax.__version__,
+            "libtpu": aot._libtpu_version(),
+            "git": common.git_revision(),
+        },
     }
 
 
