@@ -282,3 +282,37 @@ def test_micro_variants_compute_what_their_baselines_do():
     assert differences["stem_space_to_depth"] < 1e-4
     assert differences["max_pool_slices"] == 0.0
     assert differences["batch_norm_manual_grad"] < 1e-5
+
+
+def test_the_table_shows_hbm_traffic_and_leaves_it_blank_for_older_files():
+    """A row with HBM traffic shows GB moved, the floor in ms and the MFU ceiling; a row
+    from a file compiled before the harness measured it shows blanks, not zeros."""
+    from benchmarks import aot
+
+    def program(traffic):
+        row = {
+            "images_per_chip": 16,
+            "memory_per_chip": {"argument_bytes": 5e8, "output_bytes": 4e8, "temp_bytes": 7e9,
+                                "hbm_fraction": 0.43},
+            "flops_per_chip": {"compiler": 4.2e12, "analytic": 4.3e12},
+            "compiler_estimate": {"compute_s": 0.12},
+            "estimated_mfu": 0.18,
+            "collectives": {},
+        }  # fmt: skip
+        return row | ({"hbm_traffic": traffic} if traffic else {})
+
+    payload = {
+        "topology": "v5e:2x4", "chips": 8, "chip": {"name": "v5e", "hbm_bytes": 16 * 2**30},
+        "shape": "cub", "config_overrides": [],
+        "programs": {
+            "new": program({"bytes": 50.2e9, "floor_s": 0.0613, "mfu_ceiling": 0.358}),
+            "old": program(None),
+        },
+    }  # fmt: skip
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in
+            aot.markdown(payload).splitlines() if line.startswith("| new") or
+            line.startswith("| old")}  # fmt: skip
+    header = next(line for line in aot.markdown(payload).splitlines() if "MFU ceiling" in line)
+    moved = header.split(" | ").index("HBM GB moved (floor ms)")
+    assert rows["new"][moved : moved + 2] == ["50.2 (61.3)", "36%"]
+    assert rows["old"][moved : moved + 2] == ["", ""]
