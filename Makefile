@@ -55,7 +55,8 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.report --update
 
 # Every jitted program compiled for TPU slices on this CPU host (libtpu, deviceless): the
-# committed benchmarks/results/aot_*.json and benchmarks/README.md's TPU tables. ~2 h on 2 cores.
+# committed benchmarks/results/aot_*.json and benchmarks/README.md's TPU tables; ~50 min
+# on 2 cores (the tables are pasted from `python -m benchmarks.aot --table FILE`).
 aot: $(STAMP)
 	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v5e:2x4 --per_chip_batch 64
 	for n in 16 32 48; do PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v5e:2x4 \
