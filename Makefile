@@ -58,7 +58,7 @@ bench: $(STAMP)
 # committed benchmarks/results/aot_*.json and benchmarks/README.md's TPU tables; ~50 min
 # on 2 cores (the tables are pasted from `python -m benchmarks.aot --table FILE`).
 aot: $(STAMP)
-	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v5e:2x4 --per_chip_batch 64
+	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v5e:2x4 --per_chip_batch 64 --fit_search
 	for n in 12 16 24 32 48; do PYTHONUNBUFFERED=1 $(PY) -m benchmarks.aot --topology v5e:2x4 \
 		--per_chip_batch $$n --programs train/joint \
 		--out benchmarks/results/aot_v5e_2x4_batch$$n.json || exit 1; done
