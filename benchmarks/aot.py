@@ -25,19 +25,10 @@ Output: ``benchmarks/results/aot_<topology>.json`` (``--out`` elsewhere);
 
 from __future__ import annotations
 
-import os
+from benchmarks import common
 
 if __name__ == "__main__":
-    # Deviceless: jax runs on the CPU and only the TPU compiler is loaded. The TPU_* values
-    # answer the questions libtpu would otherwise ask the (absent) TPU VM metadata server,
-    # printing a warning per question. Only as a program: imported (tests), the process's
-    # environment is left alone (TPU_WORKER_HOSTNAMES would make training join a TPU pod).
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # parallel processes each load it
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    common.use_deviceless_tpu()
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
@@ -51,8 +42,6 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
-
-from benchmarks import common  # noqa: E402
 
 GIB = 1024**3
 

@@ -16,24 +16,18 @@ on the CPU that every variant computes what the baseline does:
 - ``batch_norm``: two stage-1 bottleneck blocks ([176, 56, 56, 256]) with BatchNorm
   differentiated by jax against a hand-written backward (``jax.custom_vjp``: two reductions,
   one elementwise pass).
-- ``views_per_chip``: the same two blocks at 128 to 352 views per chip (8 to 32 images of
+- ``views_per_chip``: the same two blocks at 88 to 352 views per chip (8 to 32 images of
   11 views, and multiples of 64 and 128).
 """
 
 from __future__ import annotations
 
-import os
+from benchmarks import common
 
-if __name__ == "__main__":  # deviceless, as benchmarks/aot.py (which see)
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if __name__ == "__main__":
+    common.use_deviceless_tpu()
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -91,13 +85,19 @@ def max_pool_slices(x):
     return out
 
 
+def _statistics(x32):
+    """Per-channel mean and reciprocal standard deviation, one pass as ``models/resnet``."""
+    axes = tuple(range(x32.ndim - 1))
+    mean = x32.mean(axes)
+    var = jnp.maximum(jnp.square(x32).mean(axes) - jnp.square(mean), 0.0)
+    return mean, jax.lax.rsqrt(var + 1e-5)
+
+
 def batch_norm(x, scale, bias):
     """Training-mode BatchNorm as ``models/resnet.BatchNorm`` (float32 arithmetic)."""
     x32 = x.astype(jnp.float32)
-    axes = tuple(range(x.ndim - 1))
-    mean = x32.mean(axes)
-    var = jnp.maximum(jnp.square(x32).mean(axes) - jnp.square(mean), 0.0)
-    multiplier = scale * jax.lax.rsqrt(var + 1e-5)
+    mean, rstd = _statistics(x32)
+    multiplier = scale * rstd
     return (x32 * multiplier + (bias - mean * multiplier)).astype(x.dtype)
 
 
@@ -108,9 +108,7 @@ def batch_norm_manual(x, scale, bias):
 
 def _bn_forward(x, scale, bias):
     x32 = x.astype(jnp.float32)
-    axes = tuple(range(x.ndim - 1))
-    mean = x32.mean(axes)
-    rstd = jax.lax.rsqrt(jnp.maximum(jnp.square(x32).mean(axes) - jnp.square(mean), 0.0) + 1e-5)
+    mean, rstd = _statistics(x32)
     y = (x32 - mean) * (scale * rstd) + bias
     return y.astype(x.dtype), (x, mean, rstd, scale)
 
@@ -230,7 +228,7 @@ def run(views: int = VIEWS_PER_CHIP) -> dict:
     from jax.experimental import topologies
     from jax.sharding import SingleDeviceSharding
 
-    from benchmarks import aot, common
+    from benchmarks import aot
 
     device = topologies.get_topology_desc("v5e:2x2", "tpu").devices[0]
     chip = aot.CHIPS[device.device_kind]
@@ -293,12 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/aot_micro_v5e.json"))
     args = parser.parse_args(argv)
-    payload = run()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    tmp.replace(args.out)
-    print(f"wrote {args.out}")
+    common.write_json(args.out, run())
     return 0
 
 

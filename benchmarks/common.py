@@ -326,6 +326,21 @@ def versions(with_torch: bool) -> dict[str, Any]:
     return found
 
 
+def use_deviceless_tpu() -> None:
+    """Environment for compiling TPU programs on a CPU host (``aot``, ``aot_micro``): jax runs
+    on the CPU and only the TPU compiler is loaded. The TPU_* values answer the questions
+    libtpu would otherwise ask the (absent) TPU VM metadata server, printing a warning per
+    question. Call it only as a program, before jax starts a backend: imported (tests), the
+    process's environment is left alone (TPU_WORKER_HOSTNAMES would make training join a
+    TPU pod)."""
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # parallel processes each load it
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
 def git_revision() -> dict[str, Any] | None:
     """The checkout's commit and whether it has uncommitted changes (None outside git)."""
     try:
