@@ -410,8 +410,8 @@ def _bilinear(packed: jax.Array, width: int, y: jax.Array, x: jax.Array) -> jax.
     # samples needed a relayout to [V, V] afterwards. The gathered rows go channel-first
     # while still uint8, then each corner back to channel-last as float32: not a reshape
     # to [..., 4, C] nor float32 slices of [..., 4C], which the TPU compiler relays out in
-    # float32. (The augmented crop of the compiled CUB step, 16 images x 11 views per v5e
-    # chip: 14.9 -> 7.9 M cycles, 5.9 -> 3.0 GB moved; benchmarks/README.md.)
+    # float32. (The crop in the compiled CUB joint step at 16 images per v5e chip: 13.0 ->
+    # 7.8 M cycles, aot_v5e_2x4_batch16.json; benchmarks/README.md.)
     corners = jnp.moveaxis(jnp.take(packed, index, axis=0, mode="clip"), -1, 0)
     c = channels4 // 4
     top_left, top_right, bottom_left, bottom_right = (
