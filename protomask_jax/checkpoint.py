@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from protomask_jax import base
 from protomask_jax.base import PATH_KEYS
 
 # The parts of a saved TrainState that inference reads (not opt_state).
@@ -41,9 +42,10 @@ def manager(directory: str | Path, *, max_to_keep: int | None, best: bool = Fals
         best_mode="max",
         keep_checkpoints_without_metrics=False if best else True,
     )
-    return ocp.CheckpointManager(
-        Path(directory).absolute(), options=options, item_names=("state", "meta")
-    )
+    directory = base.as_path(directory)
+    if not base.is_remote(directory):
+        directory = directory.absolute()
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
 
 def save(mngr, step: int, state, meta: dict[str, Any], metrics: dict | None = None) -> None:

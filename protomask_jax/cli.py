@@ -23,7 +23,7 @@ from typing import Any
 
 import ml_collections
 
-from protomask_jax.base import PATH_KEYS, UserError, is_remote, write_json_atomic
+from protomask_jax.base import PATH_KEYS, UserError, as_path, is_remote, write_json_atomic
 
 RUN_CONFIG = "config.json"
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "common.py")
@@ -155,7 +155,7 @@ def absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 
 def save_run_config(workdir: Path, config, source: Mapping[str, Any] | None) -> None:
-    path = Path(workdir) / RUN_CONFIG
+    path = as_path(workdir) / RUN_CONFIG
     if source is None and path.is_file():  # a library call resuming a CLI run keeps its source
         source = json.loads(path.read_text()).get("source")
     payload = {"config": json.loads(config.to_json()), "source": dict(source or {})}
@@ -212,7 +212,7 @@ def run_config(workdir: str | Path, config_flag) -> ml_collections.ConfigDict:
 
     from configs import common
 
-    stored, source = _stored(Path(workdir))
+    stored, source = _stored(as_path(workdir))
     config = common.get_base_config()
     _merge(config, stored)
     file_name = config_flags.get_config_filename(config_flag)

@@ -26,7 +26,6 @@ import itertools
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -156,7 +155,7 @@ def write_eval(workdir: str | Path, results: dict[str, Any]) -> dict[str, Any]:
     """Merges ``results`` into ``workdir/eval.json`` (:func:`merge_eval`) and returns what it
     wrote. An eval.json of another evaluation (or one that does not parse) is first copied
     to ``eval.replaced-<time>.json`` beside it, so no result is lost."""
-    path = Path(workdir) / EVAL_FILE
+    path = base.as_path(workdir) / EVAL_FILE
     old, readable = None, True
     if path.exists():
         try:
@@ -172,7 +171,7 @@ def write_eval(workdir: str | Path, results: dict[str, Any]) -> dict[str, Any]:
             if not backup.exists():
                 break
             backup = path.with_name(f"eval.replaced-{stamp}-{n}.json")
-        shutil.copy2(path, backup)
+        backup.write_bytes(path.read_bytes())
         what = "another evaluation" if readable else "a damaged file"
         log.warning("%s held %s; kept as %s, written anew", path, what, backup.name)
         merged = results
@@ -209,7 +208,7 @@ def evaluate(
     :func:`write_eval`) and returns that file's content; with the ``topk`` technique also
     writes ``workdir/topk.json`` (over the train and the test split)."""
     inference.check_explain_config(config)
-    workdir, resolution = Path(workdir), int(resolution)
+    workdir, resolution = base.as_path(workdir), int(resolution)
     if resolution < 4:
         raise base.UserError(f"--resolution must be >= 4 pixels, got {resolution}")
     techniques = evaluators.check(techniques)  # before the slow part
@@ -276,7 +275,7 @@ def evaluate(
 
 def load_eval(workdir: str | Path) -> dict[str, Any] | None:
     """``workdir/eval.json`` if it exists."""
-    path = Path(workdir) / EVAL_FILE
+    path = base.as_path(workdir) / EVAL_FILE
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -361,7 +360,7 @@ def run_tool(argv: list[str], tool: Callable[[Any, str], str]) -> None:
     config = cli.run_config(workdir, flags.FLAGS["config"])
     name = config_flags.get_config_filename(flags.FLAGS["config"])
     if Path(name).resolve() == Path(cli.DEFAULT_CONFIG):
-        name = str(Path(workdir) / cli.RUN_CONFIG)
+        name = str(base.as_path(workdir) / cli.RUN_CONFIG)
     print(tool(config, name))
 
 
@@ -378,7 +377,7 @@ def _evaluate_tool(config, config_name: str) -> str:
         techniques=FLAGS.techniques,
         config_name=config_name,
     )
-    return f"{format_table(results)}\n\nwritten: {Path(FLAGS.workdir) / EVAL_FILE}"
+    return f"{format_table(results)}\n\nwritten: {base.as_path(FLAGS.workdir) / EVAL_FILE}"
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import json
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -99,14 +100,13 @@ def explain(
     """Writes ``workdir/report/index.html`` and its pictures and returns its path: the
     ``top_k`` prototypes of ``image_ids`` of ``split`` (default: see :func:`select_images`)."""
     inference.check_explain_config(config)
-    workdir, records_dir = Path(workdir), config.dataset.records_dir
+    workdir, records_dir = base.as_path(workdir), config.dataset.records_dir
     info = records_lib.load_dataset_info(records_dir)
     config_checks.check_dataset_info(config, info)
     num_classes = config.dataset.num_classes
     class_names = list(info.get("class_names") or [f"class {c}" for c in range(num_classes)])
     trained = inference.restore_trained(config, workdir, which=checkpoint)
     arrays = inference.model_arrays(trained)
-    num_prototypes = arrays.last_layer.shape[1]
     skip = config.input.skip_bad_records
     test_set = pipeline.RecordSet(records_dir, split, skip_bad_records=skip)
     chosen = select_images(test_set, image_ids, num_images)
@@ -119,6 +119,29 @@ def explain(
     out_dir = workdir / REPORT_DIR
     if jax.process_index() != 0:
         return out_dir / "index.html"  # every process joins the forward pass; process 0 writes
+    if base.is_remote(workdir):  # drawn here, then uploaded (matplotlib and PIL write files)
+        with tempfile.TemporaryDirectory(prefix="protomask-report-") as local:
+            index = _render(
+                config, workdir, Path(local) / REPORT_DIR, trained, arrays, outputs, chosen,
+                test_set, split, top_k, class_names, config_name, progress,
+            )  # fmt: skip
+            if out_dir.exists():  # an earlier report's pictures would linger beside the new
+                out_dir.rmtree()
+            base.upload_tree(index.parent, out_dir)
+        return out_dir / index.name
+    return _render(
+        config, workdir, out_dir, trained, arrays, outputs, chosen, test_set, split, top_k,
+        class_names, config_name, progress,
+    )  # fmt: skip
+
+
+def _render(
+    config, workdir, out_dir: Path, trained, arrays, outputs, chosen, test_set, split: str,
+    top_k: int, class_names, config_name, progress: bool,
+) -> Path:  # fmt: skip
+    """The report of :func:`explain` written into the local ``out_dir``."""
+    records_dir, skip = config.dataset.records_dir, config.input.skip_bad_records
+    num_classes, num_prototypes = config.dataset.num_classes, arrays.last_layer.shape[1]
     sources = gallery.prototype_sources(trained.meta, num_prototypes)
     duplicates = gallery.duplicate_groups(sources, arrays.prototypes)
     record_sets = {split: test_set}  # the train images are the prototypes' sources
@@ -206,7 +229,7 @@ def _explain_tool(config, config_name: str) -> str:
         checkpoint=FLAGS.checkpoint,
         config_name=config_name,
     )
-    return f"report: {index.resolve()}"
+    return f"report: {index if base.is_remote(index) else index.resolve()}"
 
 
 if __name__ == "__main__":

@@ -162,7 +162,7 @@ def restore_trained(config, workdir: str | Path, which: str = "best") -> Trained
     of the last phase that has one (what the test accuracy reports), else the latest."""
     if which not in ("best", "latest"):
         raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
-    workdir = Path(workdir)
+    workdir = base.as_path(workdir)
     manager = ckpt.manager(workdir / "checkpoints", max_to_keep=None)
     step, source = manager.latest_step(), "checkpoints"
     if step is None:

@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import json
-import os
+import tempfile
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from protomask_jax.base import as_path, is_remote, write_text_atomic
 
 
 class MetricsWriter:
@@ -18,12 +21,28 @@ class MetricsWriter:
 
     ``resumed_step``: a run resumed from that step's checkpoint redoes the steps after it,
     so their rows (and the test rows of an unfinished final evaluation) are removed from
-    ``metrics.jsonl`` and hidden in TensorBoard (its ``purge_step``)."""
+    ``metrics.jsonl`` and hidden in TensorBoard (its ``purge_step``).
 
-    def __init__(self, workdir: str | Path, enabled: bool = True, resumed_step: int | None = None):
+    In a ``gs://`` workdir objects cannot be appended to: the rows are kept here, the events
+    written to a local folder, and both uploaded whole (through etils.epath) at most every
+    ``upload_every_s`` seconds and on :meth:`close`."""
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        enabled: bool = True,
+        resumed_step: int | None = None,
+        upload_every_s: float = 30.0,
+    ):
         self.enabled = enabled
-        self.path = Path(workdir) / "metrics.jsonl"
+        self.remote = is_remote(workdir)
+        self.path = as_path(workdir) / "metrics.jsonl"
+        self.upload_every_s = upload_every_s
         self._tensorboard = None
+        self._rows: list[dict] = []  # a bucket's rows, all of them
+        self._uploaded = time.monotonic()
+        self._events_dir = as_path(workdir) / "tensorboard"
+        self._staging = None  # a bucket's events, written here first
         if enabled:
             from tensorboardX import SummaryWriter
 
@@ -33,32 +52,61 @@ class MetricsWriter:
                     for row in read_metrics(workdir)
                     if row.get("step", 0) <= resumed_step and row.get("phase") != "test"
                 ]
-                tmp = self.path.with_name(self.path.name + ".tmp")
-                tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-                os.replace(tmp, self.path)
+                if self.remote:
+                    self._rows = kept
+                write_text_atomic(self.path, _lines(kept))
             purge = None if resumed_step is None else resumed_step + 1
-            self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=purge)
+            events_dir, suffix = self._events_dir, ""
+            if self.remote:
+                self._staging = tempfile.TemporaryDirectory(prefix="protomask-tensorboard-")
+                # Named by the second and host: a restart within the second would overwrite
+                # the earlier run's events in the bucket.
+                events_dir, suffix = self._staging.name, f".{uuid.uuid4().hex[:8]}"
+            self._tensorboard = SummaryWriter(
+                str(events_dir), purge_step=purge, filename_suffix=suffix
+            )
 
     def write(self, step: int, scalars: dict[str, float], phase: str) -> None:
         if not self.enabled:
             return
         row = {"step": int(step), "phase": phase, "time": round(time.time(), 3)}
         row.update({key: float(value) for key, value in scalars.items()})
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
         for key, value in scalars.items():
             self._tensorboard.add_scalar(key, float(value), int(step))
+        if not self.remote:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self._tensorboard.flush()
+            return
+        self._rows.append(row)
+        if time.monotonic() - self._uploaded >= self.upload_every_s:
+            self._upload()
+
+    def _upload(self) -> None:
+        write_text_atomic(self.path, _lines(self._rows))
         self._tensorboard.flush()
+        for events in Path(self._staging.name).iterdir():
+            (self._events_dir / events.name).write_bytes(events.read_bytes())
+        self._uploaded = time.monotonic()
 
     def close(self) -> None:
         if self._tensorboard is not None:
+            if self.remote:
+                self._upload()
             self._tensorboard.close()
             self._tensorboard = None
+        if self._staging is not None:
+            self._staging.cleanup()
+            self._staging = None
+
+
+def _lines(rows: list[dict]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
     """The rows of ``workdir/metrics.jsonl`` (empty if it does not exist)."""
-    path = Path(workdir) / "metrics.jsonl"
+    path = as_path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
     rows = []

@@ -263,7 +263,8 @@ def predict(
                 sections = _draw(config, trained, arrays, names, new, top_k, staging, progress)
                 seconds["pictures"] = lap()
         described = segmenters.segmenter_description(seg_config) | {"note": note}
-        result = {"workdir": str(Path(workdir).absolute()), "checkpoint": trained.checkpoint}
+        run = str(workdir) if base.is_remote(workdir) else str(Path(workdir).absolute())
+        result = {"workdir": run, "checkpoint": trained.checkpoint}
         result |= {"segmenter": described, "top_classes": top_classes}
         result |= {"images": entries, "skipped": skipped, "seconds": seconds}
         base.write_json_atomic(staging / PREDICTIONS, result)
@@ -404,6 +405,11 @@ def main(argv: list[str]) -> None:
     if not FLAGS.workdir or not inputs:
         raise PredictError("usage: --workdir RUN_FOLDER [flags] IMAGE_OR_FOLDER...")
     setup_cli_logging()
+    if base.is_remote(FLAGS.out or FLAGS.workdir):
+        raise PredictError(
+            f"--out {FLAGS.out or '(default: WORKDIR/predictions)'}: predictions are written to "
+            "a local or mounted folder; give one with --out (the run may stay in its bucket)."
+        )
     out_dir = Path(FLAGS.out or Path(FLAGS.workdir) / "predictions").absolute()
     result = predict(
         cli.run_config(FLAGS.workdir, FLAGS["config"]),
@@ -425,7 +431,9 @@ if __name__ == "__main__":
 
     cli.define_config_flag(cli.DEFAULT_CONFIG, "Leave out: the run's own config.")
     flags.DEFINE_string("workdir", None, "The training run's output folder.")
-    flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/predictions).")
+    flags.DEFINE_string(
+        "out", None, "Output folder (default: WORKDIR/predictions; a local folder)."
+    )
     flags.DEFINE_integer("top_k", 3, "Prototypes shown per image.")
     flags.DEFINE_integer("top_classes", 5, "Most probable classes per file in predictions.csv.")
     flags.DEFINE_boolean(

@@ -49,14 +49,15 @@ def prune(
 
     config = pruned_config(config, k, threshold)
     prune = config.train.prune
-    workdir = Path(workdir)
+    workdir = base.as_path(workdir)
     if not (workdir / "results.json").is_file():
         raise base.UserError(
             f"{workdir} holds no finished run (no results.json); finish its training first"
         )
-    out_dir = Path(out_dir or workdir / f"pruned_k{prune.k}_t{prune.threshold}")
+    out_dir = base.as_path(out_dir or workdir / f"pruned_k{prune.k}_t{prune.threshold}")
     trainer.start_pruned_run(config, workdir, out_dir, checkpoint)
-    source = {"pruned_from": str(workdir.resolve()), "checkpoint": checkpoint}
+    origin = workdir if base.is_remote(workdir) else workdir.resolve()
+    source = {"pruned_from": str(origin), "checkpoint": checkpoint}
     trainer.train_and_evaluate(config, out_dir, source=source)
     results = evaluate_lib.evaluate(
         config, out_dir, config_name=str(out_dir / cli.RUN_CONFIG), progress=progress

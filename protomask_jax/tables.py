@@ -64,7 +64,7 @@ def load_run(workdir: str | Path) -> dict[str, Any]:
     number), "evaluation" (eval.json)}``."""
     from protomask_jax import checkpoint
 
-    workdir = Path(workdir)
+    workdir = base.as_path(workdir)
     if not workdir.is_dir():
         raise base.UserError(f"{workdir}: no such run folder")
     evaluate = f"run `python -m protomask_jax.evaluate --workdir {workdir}` first"

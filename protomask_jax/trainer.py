@@ -111,8 +111,11 @@ def _initial_state(config, mesh, fresh: bool) -> tuple[TrainState, np.ndarray | 
     return TrainState.create(*state), imported_weights
 
 
-def _check_workdir(workdir: Path) -> None:
+def _check_workdir(workdir) -> None:
     """Refuses a workdir that cannot hold a run, before anything is written."""
+    if base.is_remote(workdir):
+        _check_bucket_workdir(workdir)
+        return
     existing = workdir.absolute()
     while not existing.exists():
         existing = existing.parent
@@ -122,6 +125,32 @@ def _check_workdir(workdir: Path) -> None:
         raise base.UserError(
             f"--workdir {workdir}: {existing} is read-only; give a folder you can write to."
         )
+
+
+def _check_bucket_workdir(workdir) -> None:
+    """A ``gs://`` workdir: its bucket must exist and be readable with this machine's
+    credentials; an object of the workdir's name would hide the run."""
+    if not str(workdir).startswith("gs://"):
+        raise base.UserError(
+            f"--workdir {workdir}: only gs:// buckets are supported as a workdir; mount other "
+            "stores (s3fs, NFS) and give the mount."
+        )
+    bucket = base.as_path("gs://" + str(workdir)[len("gs://") :].split("/", 1)[0])
+    try:
+        found, is_file = bucket.exists(), workdir.is_file()
+    except Exception as e:  # auth, network: gcsfs raises many types
+        raise base.UserError(
+            f"--workdir {workdir}: cannot reach {bucket} ({type(e).__name__}: {e}); check the "
+            "machine's credentials (gcloud auth application-default login, or the TPU VM's "
+            "service account) and its access to the bucket."
+        ) from None
+    if not found:
+        raise base.UserError(
+            f"--workdir {workdir}: bucket {bucket} does not exist or is not visible with these "
+            f"credentials; create it (gcloud storage buckets create {bucket}) or fix the name."
+        )
+    if is_file:
+        raise base.UserError(f"--workdir {workdir}: is an object, not a folder; give a folder.")
 
 
 def scan_records(config) -> tuple[dict, pipeline.RecordSet, pipeline.RecordSet]:
@@ -629,13 +658,7 @@ def train_and_evaluate(
     SIGTERM. ``source`` (the config file and overrides of the command) goes to
     ``config.json`` with the config.
     """
-    if base.is_remote(workdir):
-        raise base.UserError(
-            f"--workdir {workdir}: the workdir must be a local or mounted folder (records may "
-            "be on gs://, checkpoints and logs not yet); mount the bucket with gcsfuse and "
-            "give the mount (docs/tpu.md)."
-        )
-    workdir = Path(workdir)
+    workdir = base.as_path(workdir)
     with _StopFlag() as stop:
         try:
             return _run(config, workdir, max_steps, source, stop)
@@ -685,7 +708,7 @@ def start_pruned_run(config, workdir: str | Path, out_dir: str | Path, which: st
     before pruning, holding ``which`` checkpoint of the finished, unpruned run in ``workdir``
     (only read). Training ``out_dir`` then prunes, fine-tunes the last layer and evaluates
     (``python -m protomask_jax.prune``); one already started is left to resume."""
-    out_manager = ckpt.manager(Path(out_dir) / "checkpoints", max_to_keep=None)
+    out_manager = ckpt.manager(base.as_path(out_dir) / "checkpoints", max_to_keep=None)
     try:
         if out_manager.latest_step() is not None:
             return

@@ -23,17 +23,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from tensorflow_datasets.proto import tf_example_pb2
 
-from protomask_jax.base import UserError, is_remote, unique_tmp
-
-
-def as_path(path: str | os.PathLike):
-    """``pathlib.Path`` for a local name, ``etils.epath.Path`` for a ``gs://`` or ``s3://``
-    URL (both offer ``/``, ``glob``, ``exists``, ``read_bytes``, ``open``, ``name``)."""
-    if is_remote(path):
-        from etils import epath
-
-        return epath.Path(str(path))
-    return Path(path)
+from protomask_jax.base import UserError, as_path, is_remote, unique_tmp
 
 
 def _size(path) -> int:

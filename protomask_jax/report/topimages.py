@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from protomask_jax import evaluate
+from protomask_jax.base import as_path
 from protomask_jax.report import html, pictures
 from protomask_jax.report.html import e
 from protomask_jax.report.names import html_name
@@ -33,7 +34,7 @@ def _cell(canvas, images, split: str, entry: dict, own: int) -> str:
 def section(canvas, workdir: Path, prototypes, images: dict, checkpoint: str) -> html.Section:
     """The rows of ``prototypes`` (ids), ``images[split]`` their ``pictures.RecordImages``."""
     key, nav, heading = "topk", "Top images", "Top images per prototype"
-    path = Path(workdir) / evaluate.TOPK_FILE
+    path = as_path(workdir) / evaluate.TOPK_FILE
     top = json.loads(path.read_text()) if path.exists() else {}
     if top.get("checkpoint") != checkpoint:
         made = f"{path.name} is of {top['checkpoint']}" if top else f"No {path.name} yet"
