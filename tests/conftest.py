@@ -84,8 +84,11 @@ def gcs_bucket():
     inherit the environment. Shared by the session: give each test its own prefix.
 
     The emulator leaves out the ``x-goog-generation`` header of a download, which tensorstore
-    reads to make its next write conditional (OCDBT's manifest), so it is added here. It does
-    not enforce write preconditions: concurrent writers are not tested by it."""
+    reads to make its next write conditional (OCDBT's manifest), so it is added here. Its
+    server is single-threaded, so one client's idle keep-alive connection would stall every
+    other process (a multi-process run hung on it); here each connection gets a thread and
+    requests reach the store one at a time. It does not enforce write preconditions:
+    concurrent writes to one object are not tested by it."""
     import socket
 
     server_lib = pytest.importorskip("gcp_storage_emulator.server")
@@ -96,6 +99,7 @@ def gcs_bucket():
     server = server_lib.create_server(
         "127.0.0.1", port, in_memory=True, default_bucket="protomask-test"
     )
+    server._api = _threaded_api(server_lib, "127.0.0.1", port, server._storage)
     server.start()
     url = f"http://127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in _GCS_ENV}
@@ -144,3 +148,36 @@ def _add_generation_headers(server_lib) -> None:
         for method, handler in list(handlers.items()):
             if handler is original:
                 handlers[method] = download
+
+
+def _threaded_api(server_lib, host, port, storage):
+    """The emulator's API thread serving each connection on a thread of its own; a lock
+    keeps its store's requests one at a time, as its own server does."""
+    import threading
+    from functools import partial
+    from http.server import ThreadingHTTPServer
+
+    lock = threading.Lock()
+
+    def locked(method):
+        def handle(self):
+            with lock:  # the wait for a request line stays outside: only dispatch is serial
+                method(self)
+
+        return handle
+
+    class Handler(server_lib.RequestHandler):
+        pass
+
+    for verb in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+        name = f"do_{verb}"
+        setattr(Handler, name, locked(getattr(server_lib.RequestHandler, name)))
+
+    class API(server_lib.APIThread):
+        def run(self):
+            self._httpd = ThreadingHTTPServer((host, port), partial(Handler, storage))
+            self._httpd.daemon_threads = True  # idle keep-alive connections do not block stop
+            self.is_running.set()
+            self._httpd.serve_forever()
+
+    return API(host, port, storage, daemon=True)

@@ -209,3 +209,19 @@ def test_a_missing_bucket_or_another_store_is_refused_saying_what_to_do(tiny_rec
         trainer.train_and_evaluate(config, "gs://no-such-bucket/runs/a")
     with pytest.raises(base.UserError, match="only gs:// buckets"):
         trainer.train_and_evaluate(config, "s3://somewhere/runs/a")
+    with pytest.raises(base.UserError, match="is an object, not a folder"):
+        base.as_path(f"{gcs_bucket}/runs/an_object").write_text("not a run")
+        trainer.train_and_evaluate(config, f"{gcs_bucket}/runs/an_object")
+
+
+def test_a_bucket_that_cannot_be_reached_is_refused_naming_credentials(
+    tiny_records, gcs_bucket, monkeypatch
+):
+    from etils import epath
+
+    def forbidden(self):  # what gcsfs raises for a 403 from the bucket
+        raise PermissionError(f"{self}: 403 Forbidden")
+
+    monkeypatch.setattr(type(epath.Path(gcs_bucket)), "exists", forbidden)
+    with pytest.raises(base.UserError, match=r"cannot reach gs://protomask-test .*credentials"):
+        trainer.train_and_evaluate(tiny_config(tiny_records), f"{gcs_bucket}/runs/b")
