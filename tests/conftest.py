@@ -175,7 +175,9 @@ def _threaded_api(server_lib, host, port, storage):
 
     class API(server_lib.APIThread):
         def run(self):
-            self._httpd = ThreadingHTTPServer((host, port), partial(Handler, storage))
+            self._httpd = ThreadingHTTPServer(
+                (self._host, self._port), partial(Handler, self._storage)
+            )
             self._httpd.daemon_threads = True  # idle keep-alive connections do not block stop
             self.is_running.set()
             self._httpd.serve_forever()

@@ -209,8 +209,8 @@ def test_a_missing_bucket_or_another_store_is_refused_saying_what_to_do(tiny_rec
         trainer.train_and_evaluate(config, "gs://no-such-bucket/runs/a")
     with pytest.raises(base.UserError, match="only gs:// buckets"):
         trainer.train_and_evaluate(config, "s3://somewhere/runs/a")
+    base.as_path(f"{gcs_bucket}/runs/an_object").write_text("not a run")
     with pytest.raises(base.UserError, match="is an object, not a folder"):
-        base.as_path(f"{gcs_bucket}/runs/an_object").write_text("not a run")
         trainer.train_and_evaluate(config, f"{gcs_bucket}/runs/an_object")
 
 
