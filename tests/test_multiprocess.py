@@ -10,6 +10,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -31,6 +32,9 @@ def _launch(records_dir, workdir, processes, devices_per_process, *args):
     command = [*_command(records_dir, workdir, **{"mesh.data": -1}), *args]
     base = dict(_env(), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
     port = _free_port()
+    # Output goes to files, not pipes: reading one process's pipes to its end while the other
+    # fills its own 64 KiB pipe buffer blocks the writer, and its peer then waits for it in a
+    # collective forever (the bucket runs log enough to hit this).
     running = []
     for rank in range(processes):
         env = dict(base)
@@ -40,20 +44,22 @@ def _launch(records_dir, workdir, processes, devices_per_process, *args):
                 JAX_NUM_PROCESSES=str(processes),
                 JAX_PROCESS_ID=str(rank),
             )
-        running.append(
-            subprocess.Popen(
-                command,
-                cwd=REPO,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=err, text=True)
+        running.append((process, out, err))
     results = []
-    for process in running:
-        out, err = process.communicate(timeout=900)
-        results.append((process.returncode, out, err))
+    try:
+        for process, out, err in running:
+            process.wait(timeout=900)
+            out.seek(0)
+            err.seek(0)
+            results.append((process.returncode, out.read(), err.read()))
+    finally:
+        for process, out, err in running:
+            if process.poll() is None:
+                process.kill()
+            out.close()
+            err.close()
     for code, _, err in results:
         assert code == 0, err[-3000:]
     return results
@@ -116,6 +122,37 @@ def test_a_two_process_run_resumes_on_one_process(tiny_records, one_process_run,
     assert not (moved / "results.json").exists()
     _launch(tiny_records, moved, 1, 4)
     _assert_same_training(full, moved)
+
+
+def _download(url, local):
+    """Copies the bucket folder ``url`` into ``local`` (a new folder) and returns it."""
+    from etils import epath
+
+    local.mkdir(parents=True)
+    for path in epath.Path(url).iterdir():
+        if path.is_dir():
+            _download(path, local / path.name)
+        else:
+            (local / path.name).write_bytes(path.read_bytes())
+    return local
+
+
+def test_two_processes_checkpoint_into_one_bucket_and_resume(
+    tiny_records, one_process_run, gcs_bucket, tmp_path
+):
+    """Two hosts writing their shards of one checkpoint into a ``gs://`` workdir, stopped and
+    resumed there, train what one process on local disk trains."""
+    url = f"{gcs_bucket}/runs/two_processes"
+    results = _launch(tiny_records, url, 2, 2, "--max_steps=3")
+    assert all("stopped at step 3" in out for _, out, _ in results)
+    resumed = _launch(tiny_records, url, 2, 2)
+    assert all("resuming from step 3" in err for _, _, err in resumed)
+    downloaded = _download(url, tmp_path / "downloaded")
+    # Each process wrote its own shards of every checkpoint into the bucket.
+    for step in ("3", "6"):
+        state = downloaded / "checkpoints" / step / "state"
+        assert (state / "ocdbt.process_0").is_dir() and (state / "ocdbt.process_1").is_dir()
+    _assert_same_training(one_process_run, downloaded)
 
 
 if __name__ == "__main__":  # pragma: no cover
