@@ -14,6 +14,7 @@ import tempfile
 
 import numpy as np
 import pytest
+from test_bucket_workdir import _walk
 from test_faults import REPO, _command, _env
 from test_train import final_state_leaves
 
@@ -128,12 +129,11 @@ def _download(url, local):
     """Copies the bucket folder ``url`` into ``local`` (a new folder) and returns it."""
     from etils import epath
 
-    local.mkdir(parents=True)
-    for path in epath.Path(url).iterdir():
-        if path.is_dir():
-            _download(path, local / path.name)
-        else:
-            (local / path.name).write_bytes(path.read_bytes())
+    root = epath.Path(url)
+    for path in _walk(root):
+        target = local / path.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
     return local
 
 
